@@ -1,0 +1,192 @@
+"""The ``canpipe`` command: wires the stages together, owns no pipeline logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.config import Settings
+from engine.errors import CanpipeError, ConfigError
+
+log = logging.getLogger("canpipe")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if getattr(args, "data_dir", None):
+        env["CANPIPE_DATA_DIR"] = str(args.data_dir)
+    if getattr(args, "queue_url", None):
+        env["CANPIPE_QUEUE_URL"] = args.queue_url
+    if getattr(args, "insecure_no_auth", False):
+        env["CANPIPE_INSECURE_NO_AUTH"] = "1"
+    return Settings.from_env(env)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    settings = _settings(args)
+    settings.require_auth()  # fail here, with the setting's name, not inside a worker
+    if args.insecure_no_auth:
+        os.environ["CANPIPE_INSECURE_NO_AUTH"] = "1"
+    os.environ["CANPIPE_QUEUE_URL"] = settings.queue_url
+    os.environ["CANPIPE_DATA_DIR"] = str(settings.data_dir)
+    Granian(
+        "engine.receiver:create_app",
+        factory=True,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        loop=Loops.uvloop,
+        backlog=2048,
+        log_access=False,
+    ).serve()
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from engine.supervisor import Supervisor
+
+    settings = _settings(args)
+    if args.batch_seconds is not None:
+        settings = dataclasses.replace(settings, batch_seconds=args.batch_seconds)
+    return Supervisor(settings, args.workers).run()
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from engine.simulator import Simulator, describe
+
+    key = args.api_key or os.environ.get("CANPIPE_API_KEY")
+    sim = Simulator(
+        args.url, api_key=key, vehicles=args.vehicles, rate_ms=args.rate_ms, duration_s=args.duration, batch=args.batch,
+        seed=args.seed,
+    )
+    result = asyncio.run(sim.run())
+    print(describe(result))
+    return 0 if result.failed == 0 and result.rejected == 0 else 1
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from engine.queues import QueueAttributes, open_queue
+
+    settings = _settings(args)
+
+    async def main() -> int:
+        queue = open_queue(settings.queue_url)
+        try:
+            if args.action == "create":
+                await queue.create(QueueAttributes(
+                    visibility_timeout_s=args.visibility_timeout, max_receive_count=args.max_receive_count))
+                print(f"created {settings.queue_url} (visibility {args.visibility_timeout} s, "
+                      f"dead-letter after {args.max_receive_count} receives)")
+            elif args.action == "stats":
+                stats = await queue.stats()
+                print(f"visible {stats.visible}  in_flight {stats.in_flight}  delayed {stats.delayed}  "
+                      f"dead_letter {stats.dead_letter}")
+            elif args.action == "purge":
+                print(f"purged {await queue.purge()} messages")
+            else:
+                print(f"redrove {await queue.redrive()} messages from the dead-letter queue")
+        finally:
+            await queue.close()
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from engine.checks import run_checks
+
+    problems = run_checks(_settings(args), serving=not args.consumer_only)
+    for line in problems:
+        print(f"FAIL {line}")
+    print("ok" if not problems else f"{len(problems)} check(s) failed")
+    return 1 if problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.run import RunOptions, run_pipeline
+
+    settings = _settings(args)
+    options = RunOptions(vehicles=args.vehicles, rate_ms=args.rate_ms, duration_s=args.duration,
+                         consumers=args.consumers, batch=args.batch, receiver_workers=args.receiver_workers,
+                         timeout_s=args.timeout)
+    return run_pipeline(settings, options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canpipe", description="CAN battery telemetry pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, help="root of raw/ and aggregated/ (CANPIPE_DATA_DIR, ./data)")
+        p.add_argument("--queue-url", help="sqlite:///PATH or an SQS queue URL (CANPIPE_QUEUE_URL)")
+
+    p = sub.add_parser("run", help="the whole pipeline on one machine: receiver + consumers + simulator")
+    common(p)
+    p.add_argument("--vehicles", type=int, default=10)
+    p.add_argument("--rate-ms", type=float, default=200.0, help="sampling period per vehicle, ms")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of simulated driving")
+    p.add_argument("--consumers", type=int, default=2, help="consumer processes")
+    p.add_argument("--batch", type=int, default=1, help="records per HTTP request")
+    p.add_argument("--receiver-workers", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the files after the simulator ends")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="the receiver (Granian)")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--insecure-no-auth", action="store_true", help="serve without API keys (development only)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("consume", help="the consumers")
+    common(p)
+    p.add_argument("--workers", type=int, default=2, help="consumer processes")
+    p.add_argument("--batch-seconds", type=float, help="flush a batch this long after its first record (CANPIPE_BATCH_SECONDS)")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("simulate", help="the battery simulator posting to a receiver")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="key_id:secret (or CANPIPE_API_KEY)")
+    p.add_argument("--vehicles", type=int, default=10)
+    p.add_argument("--rate-ms", type=float, default=200.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("queue", help="queue administration")
+    common(p)
+    p.add_argument("action", choices=["create", "stats", "purge", "redrive"])
+    p.add_argument("--visibility-timeout", type=int, default=30)
+    p.add_argument("--max-receive-count", type=int, default=5)
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("check", help="start-up checks: queue reachable, data dir writable, keys configured")
+    common(p)
+    p.add_argument("--consumer-only", action="store_true", help="skip the API key check")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"canpipe: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except CanpipeError as exc:
+        print(f"canpipe: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,91 @@
+"""Settings: one small frozen object built from CANPIPE_* variables (each has a CLI flag twin)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    secret_sha256: bytes
+
+
+def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
+    """Parse ``key_id:secret,key_id:secret``; only SHA-256 digests of the secrets are kept."""
+    keys = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key_id, sep, secret = item.partition(":")
+        if not sep or not key_id or not secret:
+            raise ConfigError("CANPIPE_API_KEYS: each key must be 'key_id:secret' (got an entry without ':')")
+        keys.append(ApiKey(key_id, hashlib.sha256(secret.encode()).digest()))
+    ids = [k.key_id for k in keys]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("CANPIPE_API_KEYS: key ids must be unique")
+    return tuple(keys)
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum:g}, got {raw!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Build with ``Settings.from_env()``; override with ``dataclasses.replace``."""
+
+    data_dir: Path = Path("./data")
+    queue_url: str = ""
+    api_keys: tuple[ApiKey, ...] = ()
+    insecure_no_auth: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_future_skew_s: float = 300.0
+    max_age_s: float = 7 * 86400.0
+    publish_timeout_s: float = 5.0
+    max_pending_records: int = 200_000
+    batch_records: int = 100
+    batch_seconds: float = 2.0
+    visibility_timeout_s: float = 30.0
+    rotate_bytes: int = 5 * 1024 * 1024
+    dbc: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("CANPIPE_DATA_DIR") or "./data")
+        queue_url = env.get("CANPIPE_QUEUE_URL") or f"sqlite:///{(data_dir / 'queue.db').resolve()}"
+        return cls(
+            data_dir=data_dir,
+            queue_url=queue_url,
+            api_keys=parse_api_keys(env.get("CANPIPE_API_KEYS", "")),
+            insecure_no_auth=env.get("CANPIPE_INSECURE_NO_AUTH", "") == "1",
+            max_body_bytes=int(_number(env, "CANPIPE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024)),
+            max_future_skew_s=_number(env, "CANPIPE_MAX_FUTURE_SKEW_S", cls.max_future_skew_s),
+            max_age_s=_number(env, "CANPIPE_MAX_AGE_S", cls.max_age_s),
+            publish_timeout_s=_number(env, "CANPIPE_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.01),
+            max_pending_records=int(_number(env, "CANPIPE_MAX_PENDING_RECORDS", cls.max_pending_records, minimum=1)),
+            batch_records=int(_number(env, "CANPIPE_BATCH_RECORDS", cls.batch_records, minimum=1)),
+            batch_seconds=_number(env, "CANPIPE_BATCH_SECONDS", cls.batch_seconds, minimum=0.01),
+            visibility_timeout_s=_number(env, "CANPIPE_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
+            rotate_bytes=int(_number(env, "CANPIPE_ROTATE_BYTES", cls.rotate_bytes, minimum=1024)),
+            dbc=env.get("CANPIPE_DBC", ""),
+        )
+
+    def require_auth(self) -> None:
+        """Refuse to serve without keys unless explicitly told to (``--insecure-no-auth``)."""
+        if not self.api_keys and not self.insecure_no_auth:
+            raise ConfigError("CANPIPE_API_KEYS is not set: configure 'key_id:secret' keys or pass --insecure-no-auth")

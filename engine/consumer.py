@@ -1,0 +1,215 @@
+"""A consumer process: receive -> batch -> append to the hour's file -> fsync -> delete (at-least-once).
+
+Batches flush at ``batch_records`` records or ``batch_seconds`` after the first record arrived, whichever
+comes first; the time trigger is a deadline on the long poll, so it fires with no new arrivals. The
+delivery rule: a message is deleted only after every record in it is fsynced. Record bytes go to disk
+exactly as the receiver encoded them; only the two timestamps are read, for the hour and the latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from engine.config import Settings
+from engine.errors import QueueError, StorageError
+from engine.metrics import Metrics, write_snapshot
+from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
+from engine.schema import Stamps
+from engine.storage import PartitionWriter
+
+log = logging.getLogger("canpipe.consumer")
+_stamps = msgspec.json.Decoder(Stamps)
+
+Hour = tuple[int, int, int, int]
+
+
+@dataclass
+class _Held:
+    """A received message, parsed: its bytes per hour and its records' timestamps (epoch seconds)."""
+
+    message: Received
+    received_s: float
+    parts: dict[Hour, list[memoryview]]
+    client_s: np.ndarray
+    ingest_s: np.ndarray
+    records: int = field(init=False)
+    visible_since_s: float = field(init=False)  # last receive or visibility extension
+
+    def __post_init__(self) -> None:
+        self.records = len(self.client_s)
+        self.visible_since_s = self.received_s
+
+
+def parse_message(message: Received, received_s: float) -> _Held:
+    """Split a message body (NDJSON) by the hour of ``ingest_received_at``; no copy of the record bytes."""
+    body = message.body
+    stamps = _stamps.decode_lines(body)
+    hours = [(s.ingest_received_at.year, s.ingest_received_at.month, s.ingest_received_at.day,
+              s.ingest_received_at.hour) for s in stamps]
+    view = memoryview(body)
+    if len(set(hours)) == 1:
+        parts = {hours[0]: [view]}
+    else:  # a batch that straddles an hour is split line by line
+        parts = {}
+        start = 0
+        for hour in hours:
+            end = body.index(b"\n", start) + 1
+            parts.setdefault(hour, []).append(view[start:end])
+            start = end
+    client_s = np.fromiter((s.timestamp.timestamp() for s in stamps), np.float64, len(stamps))
+    ingest_s = np.fromiter((s.ingest_received_at.timestamp() for s in stamps), np.float64, len(stamps))
+    return _Held(message, received_s, parts, client_s, ingest_s)
+
+
+def writer_id() -> str:
+    """Unique across processes and machines: host, pid and a random tag."""
+    host = socket.gethostname().split(".")[0].replace("-", "") or "host"
+    return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class Consumer:
+    def __init__(self, settings: Settings, queue: Queue, writer: PartitionWriter, *, snapshot: Path | None = None):
+        self.settings = settings
+        self.queue = queue
+        self.writer = writer
+        self.metrics = Metrics()
+        self.snapshot = snapshot
+        self.held: list[_Held] = []
+        self.held_records = 0
+        self.first_at: float | None = None
+        self._flushing: list[_Held] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then flush what is held and return."""
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        stop_wait = asyncio.get_running_loop().create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                wait_s = 20.0 if self.first_at is None else max(0.0, self.first_at + self.settings.batch_seconds - time.monotonic())
+                receive = asyncio.get_running_loop().create_task(self.queue.receive(MAX_BATCH_ENTRIES, wait_s))
+                await asyncio.wait({receive, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()  # stopping: what it was fetching becomes visible again after the timeout
+                    with contextlib.suppress(asyncio.CancelledError, QueueError):
+                        await receive
+                    break
+                try:
+                    messages = receive.result()
+                except QueueError as exc:
+                    self.metrics.inc('canpipe_consumer_errors_total{stage="receive"}')
+                    log.warning("receive failed (stage=receive): %s; backing off", exc)
+                    await asyncio.wait({stop_wait}, timeout=1.0)
+                    messages = []
+                self._hold(messages)
+                if self.held and (
+                    self.held_records >= self.settings.batch_records
+                    or time.monotonic() >= (self.first_at or 0) + self.settings.batch_seconds
+                ):
+                    await self.flush()
+            await self.flush()
+        finally:
+            heartbeat.cancel()
+            stop_wait.cancel()
+            self.write_snapshot()
+
+    def _hold(self, messages: list[Received]) -> None:
+        now = time.time()
+        for message in messages:
+            try:
+                held = parse_message(message, now)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                # Not ours to drop: leave it; after max receives it lands in the dead-letter queue.
+                self.metrics.inc('canpipe_consumer_errors_total{stage="parse"}')
+                log.error("message %s is not canpipe NDJSON (stage=parse): %s", message.message_id, exc)
+                continue
+            if message.receive_count > 1:
+                self.metrics.inc("canpipe_consumer_redelivered_messages_total")
+            if self.first_at is None:
+                self.first_at = time.monotonic()
+            self.held.append(held)
+            self.held_records += held.records
+
+    async def flush(self) -> None:
+        """Write every held message durably, then delete it from the queue."""
+        batch, self.held, self.held_records, self.first_at = self.held, [], 0, None
+        if not batch:
+            return
+        self._flushing = batch
+        try:
+            by_hour: dict[Hour, list[memoryview]] = {}
+            for held in batch:
+                for hour, parts in held.parts.items():
+                    by_hour.setdefault(hour, []).extend(parts)
+            try:
+                await asyncio.to_thread(self._write, by_hour)
+            except StorageError as exc:
+                self.metrics.inc('canpipe_consumer_errors_total{stage="storage"}')
+                log.error("write failed twice (stage=storage): %s; %d messages left for redelivery", exc, len(batch))
+                return
+            durable_s = time.time()
+            receipts = [held.message.receipt for held in batch]
+            for i in range(0, len(receipts), MAX_BATCH_ENTRIES):
+                try:
+                    failed = await self.queue.delete_batch(receipts[i : i + MAX_BATCH_ENTRIES])
+                except QueueError as exc:
+                    failed = receipts[i : i + MAX_BATCH_ENTRIES]
+                    log.warning("delete failed (stage=delete): %s", exc)
+                if failed:  # written but not deleted: they come back and become duplicates, never loss
+                    self.metrics.inc('canpipe_consumer_errors_total{stage="delete"}', len(failed))
+            self._record(batch, durable_s)
+        finally:
+            self._flushing = []
+
+    def _write(self, by_hour: dict[Hour, list[memoryview]]) -> None:
+        for hour, parts in sorted(by_hour.items()):
+            try:
+                self.writer.append(hour, parts)
+            except StorageError as exc:
+                log.warning("write failed, retrying once (stage=storage): %s", exc)
+                self.writer.append(hour, parts)
+
+    def _record(self, batch: list[_Held], durable_s: float) -> None:
+        """Latencies and counters once per batch, in arrays (no per-record Python loop)."""
+        client_s = np.concatenate([h.client_s for h in batch])
+        ingest_s = np.concatenate([h.ingest_s for h in batch])
+        counts = [h.records for h in batch]
+        queue_ms = np.repeat([h.message.first_receive_ms - h.message.sent_at_ms for h in batch], counts)
+        received_s = np.repeat([h.received_s for h in batch], counts)
+        latency = self.metrics.latency
+        latency["ingest"].record_many((ingest_s - client_s) * 1000.0)
+        latency["queue"].record_many(queue_ms.astype(np.float64))
+        latency["processing"].record_many((durable_s - received_s) * 1000.0)
+        latency["end_to_end"].record_many((durable_s - client_s) * 1000.0)
+        self.metrics.inc("canpipe_consumer_records_written_total", len(client_s))
+        self.metrics.inc("canpipe_consumer_messages_deleted_total", len(batch))
+        self.metrics.inc("canpipe_consumer_batches_total")
+
+    async def _heartbeat(self) -> None:
+        """Keep held messages invisible while a batch is held long, and publish metrics snapshots."""
+        timeout = self.settings.visibility_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 3))
+            self.write_snapshot()
+            old = [h.message.receipt for h in self.held + self._flushing if time.time() - h.visible_since_s > timeout / 2]
+            if old:
+                with contextlib.suppress(QueueError):
+                    for i in range(0, len(old), MAX_BATCH_ENTRIES):
+                        await self.queue.change_visibility(old[i : i + MAX_BATCH_ENTRIES], timeout)
+                    for h in self.held + self._flushing:
+                        if h.message.receipt in old:
+                            h.visible_since_s = time.time()
+
+    def write_snapshot(self) -> None:
+        if self.snapshot is not None:
+            with contextlib.suppress(OSError):
+                write_snapshot(self.snapshot, self.metrics)

@@ -1,0 +1,3 @@
+import numpy as np
+
+def record_into(counts: np.ndarray, values_ms: np.ndarray) -> tuple[int, float, float, float]: ...

@@ -1,0 +1,198 @@
+"""Group commit: concurrent requests coalesce into queue batches.
+
+Every request hands over its stored bytes (NDJSON) and waits. One flusher packs whatever is pending
+into entries of up to the queue's message size, at most 10 entries a call, and sends. While a call is
+in flight new requests pile up and ride the next one, so the batch grows with the load. A request is
+acknowledged only when every entry holding its records was stored; exactly the failed entries of a
+partial batch are retried with jittered backoff. Work in flight is bounded: past the bound, publish
+raises QueueSaturated at once (the receiver answers 503) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+
+from engine.errors import QueueError, QueueSaturated
+from engine.queues import MAX_BATCH_ENTRIES, Queue
+
+log = logging.getLogger("canpipe.publisher")
+
+
+class _Request:
+    __slots__ = ("chunk", "records", "future", "entries_left")
+
+    def __init__(self, chunk: bytes, records: int, future: asyncio.Future[None]) -> None:
+        self.chunk = chunk
+        self.records = records
+        self.future = future
+        self.entries_left = 0
+
+
+class _Entry:
+    __slots__ = ("parts", "size", "requests")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.requests: list[_Request] = []
+
+    def add(self, request: _Request, part: bytes) -> None:
+        self.parts.append(part)
+        self.size += len(part)
+        if not self.requests or self.requests[-1] is not request:
+            self.requests.append(request)
+            request.entries_left += 1
+
+
+def _split_lines(chunk: bytes, limit: int) -> list[bytes]:
+    """Cut an NDJSON chunk larger than ``limit`` at line ends into pieces of at most ``limit`` bytes."""
+    pieces, start = [], 0
+    while len(chunk) - start > limit:
+        cut = chunk.rfind(b"\n", start, start + limit) + 1
+        if cut <= start:
+            raise QueueError(f"one record is larger than the queue's message limit of {limit} bytes")
+        pieces.append(chunk[start:cut])
+        start = cut
+    pieces.append(chunk[start:])
+    return pieces
+
+
+def pack(requests: Sequence[_Request], limit: int) -> list[_Entry]:
+    """Pack requests into entries of at most ``limit`` bytes, keeping a request whole when it fits."""
+    entries: list[_Entry] = []
+    current = _Entry()
+    for request in requests:
+        for part in _split_lines(request.chunk, limit) if len(request.chunk) > limit else (request.chunk,):
+            if current.size + len(part) > limit:
+                entries.append(current)
+                current = _Entry()
+            current.add(request, part)
+    if current.parts:
+        entries.append(current)
+    return entries
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class Publisher:
+    """Coalesces ``publish`` calls into ``send_batch`` calls on ``queue``."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        max_pending_records: int = 200_000,
+        timeout_s: float = 5.0,
+        max_attempts: int = 5,
+        backoff_s: float = 0.05,
+        concurrency: int = 1,
+    ) -> None:
+        self.queue = queue
+        self.max_pending_records = max_pending_records
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.pending_records = 0
+        self.calls = 0
+        self._pending: list[_Request] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._flusher: asyncio.Task[None] | None = None
+        self._calls_in_flight: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def close(self) -> None:
+        """Finish what was handed over, then stop."""
+        while self._pending or self._calls_in_flight:
+            await asyncio.sleep(0.01)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+
+    async def publish(self, chunk: bytes, records: int) -> None:
+        """Return once all ``records`` in ``chunk`` are stored in the queue; raise QueueError otherwise."""
+        if self.pending_records + records > self.max_pending_records:
+            raise QueueSaturated(f"{self.pending_records} records already in flight")
+        request = _Request(chunk, records, asyncio.get_running_loop().create_future())
+        request.future.add_done_callback(_retrieve)  # a caller that timed out never reads the outcome
+        self.pending_records += records
+        self._pending.append(request)
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise QueueError(f"queue did not acknowledge within {self.timeout_s:g} s") from None
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await self._slots.acquire()
+            self._wakeup.clear()
+            requests, self._pending = self._pending, []
+            if not requests:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._send(requests))
+            self._calls_in_flight.add(task)
+            task.add_done_callback(self._calls_in_flight.discard)
+
+    async def _send(self, requests: list[_Request]) -> None:
+        try:
+            try:
+                entries = pack(requests, self.queue.max_message_bytes)
+            except QueueError as exc:
+                for request in requests:
+                    self._finish(request, exc)
+                return
+            calls = [entries[i : i + MAX_BATCH_ENTRIES] for i in range(0, len(entries), MAX_BATCH_ENTRIES)]
+            await asyncio.gather(*(self._send_call(call) for call in calls))
+        finally:
+            self._slots.release()
+            if self._pending:
+                self._wakeup.set()
+
+    async def _send_call(self, entries: list[_Entry]) -> None:
+        todo = entries
+        error: Exception = QueueError("send failed")
+        for attempt in range(self.max_attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            self.calls += 1
+            try:
+                failed = set(await self.queue.send_batch([b"".join(entry.parts) for entry in todo]))
+            except QueueError as exc:
+                error, failed = exc, set(range(len(todo)))
+                log.warning("send_batch failed (attempt %d of %d): %s", attempt + 1, self.max_attempts, exc)
+            for index, entry in enumerate(todo):
+                if index not in failed:
+                    for request in entry.requests:
+                        request.entries_left -= 1
+                        if request.entries_left == 0:
+                            self._finish(request, None)
+            todo = [todo[i] for i in sorted(failed)]
+            if not todo:
+                return
+            if len(failed) != len(entries):
+                error = QueueError(f"{len(todo)} entries of a batch failed")
+        for entry in todo:
+            for request in entry.requests:
+                self._finish(request, error)
+
+    def _finish(self, request: _Request, error: Exception | None) -> None:
+        if request.future.done():
+            return
+        self.pending_records -= request.records
+        if error is None:
+            request.future.set_result(None)
+        else:
+            request.future.set_exception(error)

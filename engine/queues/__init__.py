@@ -1,0 +1,95 @@
+"""The queue protocol: the one thing the receiver and the consumers share.
+
+Two backends with the same semantics (visibility timeout, receive count, dead-letter queue, long poll):
+``sqlite:///PATH`` (embedded, the default) and SQS queue URLs (``https://...``, ``http://HOST:PORT/...``).
+A backend knows nothing of HTTP or files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from engine.errors import ConfigError
+
+DEFAULT_VISIBILITY_TIMEOUT_S = 30
+DEFAULT_RETENTION_S = 345_600  # 4 days, as SQS
+DEFAULT_DLQ_RETENTION_S = 1_209_600  # 14 days: longer than the source queue's, as AWS advises
+DEFAULT_RECEIVE_WAIT_S = 20
+DEFAULT_MAX_RECEIVE_COUNT = 5
+MAX_BATCH_ENTRIES = 10  # SendMessageBatch / DeleteMessageBatch limit
+
+
+@dataclasses.dataclass(slots=True)
+class Received:
+    """A message handed to a consumer; ``receipt`` deletes it or changes its visibility."""
+
+    message_id: str
+    receipt: str
+    body: bytes
+    sent_at_ms: int
+    first_receive_ms: int
+    receive_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    visible: int
+    in_flight: int
+    delayed: int
+    dead_letter: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueAttributes:
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    retention_s: int = DEFAULT_RETENTION_S
+    receive_wait_s: int = DEFAULT_RECEIVE_WAIT_S
+    max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT
+    dlq_retention_s: int = DEFAULT_DLQ_RETENTION_S
+
+
+class Queue(Protocol):
+    """What every backend offers. Bodies are bytes; each may hold many telemetry records."""
+
+    max_message_bytes: int
+
+    async def send_batch(self, bodies: Sequence[bytes]) -> list[int]:
+        """Send up to 10 bodies; return the indices of the entries that failed (empty: all stored).
+        Raises QueueError when the queue cannot be reached at all."""
+
+    async def receive(self, max_messages: int = 10, wait_s: float = 20.0) -> list[Received]:
+        """Up to ``max_messages``, waiting up to ``wait_s`` for the first one (long poll)."""
+
+    async def delete_batch(self, receipts: Sequence[str]) -> list[str]:
+        """Delete by receipt; return the receipts that could not be deleted."""
+
+    async def change_visibility(self, receipts: Sequence[str], timeout_s: float) -> None: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def create(self, attributes: QueueAttributes = QueueAttributes()) -> None: ...
+
+    async def purge(self) -> int: ...
+
+    async def redrive(self) -> int:
+        """Move every dead-lettered message back to the queue; return how many."""
+
+    async def ping(self) -> None:
+        """Raise QueueError unless the queue is reachable."""
+
+    async def close(self) -> None: ...
+
+
+def open_queue(url: str, *, visibility_timeout_s: float | None = None) -> Queue:
+    """The backend for ``url``: ``sqlite:///PATH`` or an SQS queue URL."""
+    if url.startswith("sqlite://"):
+        from engine.queues.sqlite import SqliteQueue
+
+        return SqliteQueue(url.removeprefix("sqlite://"), visibility_timeout_s=visibility_timeout_s)
+    if url.startswith(("https://", "http://")):
+        from engine.queues.sqs import SqsQueue
+
+        return SqsQueue(url, visibility_timeout_s=visibility_timeout_s)
+    raise ConfigError(f"CANPIPE_QUEUE_URL: expected sqlite:///PATH or an SQS queue URL, got {url!r}")

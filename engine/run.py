@@ -1,0 +1,169 @@
+"""``canpipe run``: receiver, consumers and simulator on one machine, then a report.
+
+Starts ``canpipe serve`` (Granian) and ``canpipe consume`` as child processes on the embedded queue (or
+whatever CANPIPE_QUEUE_URL says), drives them with the simulator over HTTP, waits until every accepted
+record is in the raw files, and verifies that by reading the files back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import msgspec
+
+from engine.config import Settings
+from engine.errors import CanpipeError
+from engine.metrics import STAGES, read_snapshots
+from engine.queues import open_queue
+from engine.simulator import Simulator, describe
+from engine.storage import iter_raw_files
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    vehicles: int = 10
+    rate_ms: float = 200.0
+    duration_s: float = 10.0
+    consumers: int = 2
+    batch: int = 1
+    receiver_workers: int = 1
+    timeout_s: float = 60.0
+
+
+class _Key(msgspec.Struct):
+    vehicle_id: str
+    can_id: str
+    timestamp: dt.datetime
+
+
+_key_decoder = msgspec.json.Decoder(_Key)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``condition`` until it is true or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return bool(condition())
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.datetime]]:
+    """Every record key in the raw files modified after ``since_ns`` (complete lines only)."""
+    keys = []
+    for path in iter_raw_files(raw_dir):
+        if path.stat().st_mtime_ns < since_ns:
+            continue
+        data = path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]  # a torn tail is never a record
+        keys.extend((k.vehicle_id, k.can_id, k.timestamp) for k in _key_decoder.decode_lines(data))
+    return keys
+
+
+def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine", *args], env=env)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 40.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def run_pipeline(settings: Settings, options: RunOptions) -> int:
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    metrics_dir = data_dir / "metrics"
+    metrics_dir.mkdir(exist_ok=True)
+    for old in metrics_dir.glob("*.metrics"):
+        old.unlink()  # the report covers this run only
+    started_ns = time.time_ns()
+    key = f"run:{secrets.token_urlsafe(16)}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {
+        "CANPIPE_DATA_DIR": str(data_dir),
+        "CANPIPE_QUEUE_URL": settings.queue_url,
+        "CANPIPE_API_KEYS": ",".join(filter(None, [os.environ.get("CANPIPE_API_KEYS", ""), key])),
+    }
+    print(f"canpipe run: receiver on {url}, {options.consumers} consumers, queue {settings.queue_url}", flush=True)
+    server = _child(["serve", "--port", str(port), "--workers", str(options.receiver_workers)], env)
+    consumers = _child(["consume", "--workers", str(options.consumers)], env)
+    try:
+        if not wait_until(lambda: healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
+            raise CanpipeError("the receiver did not become healthy within 30 s")
+        sim = Simulator(url, api_key=key, vehicles=options.vehicles, rate_ms=options.rate_ms,
+                        duration_s=options.duration_s, batch=options.batch, track_keys=True)
+        result = asyncio.run(sim.run())
+        print(f"simulator: {describe(result)}", flush=True)
+        accepted = {(v, c, dt.datetime.fromisoformat(t)) for v, c, t in result.accepted_keys}
+
+        def on_disk() -> bool:
+            return read_snapshots(metrics_dir).counters["canpipe_consumer_records_written_total"] >= len(accepted)
+
+        wait_until(on_disk, options.timeout_s, 0.2)
+        wait_until(lambda: _queue_empty(settings.queue_url), 10, 0.2)
+    finally:
+        consumer_code = _stop(consumers)
+        _stop(server)
+    keys = stored_keys(data_dir / "raw", started_ns - 1)
+    unique = set(keys)
+    missing = accepted - unique
+    metrics = read_snapshots(metrics_dir)
+    written = metrics.counters["canpipe_consumer_records_written_total"]
+    print(f"records: sent {result.sent}, accepted {len(accepted)}, written {written}, "
+          f"unique on disk {len(unique & accepted)}, duplicates {len(keys) - len(unique)}, missing {len(missing)}")
+    print(f"{'stage':<12}{'count':>9}{'P50 ms':>10}{'P95 ms':>10}{'P99 ms':>10}{'max ms':>10}")
+    for stage in STAGES:
+        s = metrics.summary(stage)
+        print(f"{stage:<12}{s['count']:>9}{s['p50']:>10.1f}{s['p95']:>10.1f}{s['p99']:>10.1f}{s['max']:>10.1f}")
+    print(f"files: {data_dir / 'raw'} (hour-partitioned JSONL), metrics snapshots: {metrics_dir}")
+    if missing:
+        print(f"FAILED: {len(missing)} accepted records are not on disk", file=sys.stderr)
+        return 1
+    if consumer_code != 0:
+        print(f"FAILED: consumers exited with {consumer_code}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _queue_empty(url: str) -> bool:
+    async def check() -> bool:
+        queue = open_queue(url)
+        try:
+            stats = await queue.stats()
+        finally:
+            await queue.close()
+        return stats.visible == 0 and stats.in_flight == 0
+
+    return asyncio.run(check())

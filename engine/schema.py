@@ -1,0 +1,143 @@
+"""The telemetry record: msgspec Structs, validation at the door, and codecs built once at import.
+
+The ground floor of canpipe: imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import msgspec
+
+UTC = dt.timezone.utc
+
+SOC = Annotated[float, msgspec.Meta(ge=0.0, le=100.0, description="state of charge, percent")]
+PackVoltage = Annotated[float, msgspec.Meta(ge=0.0, le=1500.0, description="pack voltage, V")]
+PackCurrent = Annotated[float, msgspec.Meta(ge=-3000.0, le=3000.0, description="pack current, A (+ discharge)")]
+CellVoltage = Annotated[float, msgspec.Meta(ge=0.0, le=5.0, description="cell voltage, V")]
+CellTemp = Annotated[float, msgspec.Meta(ge=-50.0, le=150.0, description="cell temperature, degC")]
+VehicleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", description="vehicle id")]
+CanId = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9A-Fa-f]{1,8}$", description="CAN arbitration id, hex")]
+Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True, description="ISO 8601 with a UTC offset")]
+
+SIGNALS = (
+    "battery_soc",
+    "battery_voltage",
+    "battery_current",
+    "cell_voltage_min",
+    "cell_voltage_max",
+    "cell_temp_min",
+    "cell_temp_max",
+)
+
+
+class Payload(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Decoded battery signals; a single CAN frame may carry only some of them."""
+
+    battery_soc: SOC | None = None
+    battery_voltage: PackVoltage | None = None
+    battery_current: PackCurrent | None = None
+    cell_voltage_min: CellVoltage | None = None
+    cell_voltage_max: CellVoltage | None = None
+    cell_temp_min: CellTemp | None = None
+    cell_temp_max: CellTemp | None = None
+
+    def __post_init__(self) -> None:
+        if self.cell_voltage_min is not None and self.cell_voltage_max is not None:
+            if self.cell_voltage_min > self.cell_voltage_max:
+                raise ValueError("cell_voltage_min must be <= cell_voltage_max")
+        if self.cell_temp_min is not None and self.cell_temp_max is not None:
+            if self.cell_temp_min > self.cell_temp_max:
+                raise ValueError("cell_temp_min must be <= cell_temp_max")
+        if all(getattr(self, name) is None for name in SIGNALS):
+            raise ValueError("payload must carry at least one signal")
+
+
+class Telemetry(msgspec.Struct, forbid_unknown_fields=True):
+    """One telemetry record as a client sends it."""
+
+    timestamp: Timestamp
+    vehicle_id: VehicleId
+    can_id: CanId
+    payload: Payload
+
+
+class Stamps(msgspec.Struct):
+    """The fields a consumer reads from a stored line (everything else passes through as bytes)."""
+
+    timestamp: dt.datetime
+    ingest_received_at: dt.datetime
+
+
+class SkewError(ValueError):
+    """A record's client timestamp is too far from the server clock; ``path`` names the record."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(f"{message} - at `{path}`")
+        self.path = path
+
+
+_one = msgspec.json.Decoder(Telemetry)
+_many = msgspec.json.Decoder(list[Telemetry])
+_encoder = msgspec.json.Encoder()
+stamps_decoder = msgspec.json.Decoder(Stamps)
+
+
+def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
+    """Decode one object, an array, or NDJSON lines; raise ``msgspec.ValidationError`` / ``DecodeError``
+    carrying the path of the first bad field (``$[2].payload.battery_soc``)."""
+    if ndjson:
+        out = []
+        for index, line in enumerate(body.splitlines()):
+            if line.strip():
+                try:
+                    out.append(_one.decode(line))
+                except msgspec.ValidationError as exc:
+                    message = str(exc)
+                    if "`$" in message:
+                        message = message.replace("`$", f"`$[{index}]", 1)
+                    else:
+                        message = f"{message} - at `$[{index}]`"
+                    raise msgspec.ValidationError(message) from None
+                except msgspec.DecodeError as exc:
+                    raise msgspec.DecodeError(f"line {index + 1}: {exc}") from None
+        return out
+    stripped = body.lstrip()
+    if stripped[:1] == b"[":
+        return _many.decode(body)
+    return [_one.decode(body)]
+
+
+def check_clock(records: list[Telemetry], now: dt.datetime, *, max_future_s: float, max_age_s: float) -> None:
+    """Reject client clocks too far ahead of or behind ``now``; normalise every timestamp to UTC."""
+    latest = now + dt.timedelta(seconds=max_future_s)
+    earliest = now - dt.timedelta(seconds=max_age_s)
+    for index, record in enumerate(records):
+        ts = record.timestamp
+        if ts > latest:
+            raise SkewError(f"timestamp is more than {max_future_s:g} s ahead of server time", f"$[{index}].timestamp")
+        if ts < earliest:
+            raise SkewError(f"timestamp is more than {max_age_s:g} s old", f"$[{index}].timestamp")
+        if ts.utcoffset():
+            record.timestamp = ts.astimezone(UTC)
+
+
+def format_timestamp(moment: dt.datetime) -> str:
+    """Server timestamps: UTC, microseconds, ``Z`` (the same form msgspec writes)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_stored(records: list[Telemetry], received_at: dt.datetime) -> bytes:
+    """NDJSON of the records, each with ``ingest_received_at`` appended: the exact bytes stored on disk.
+
+    Done as one C-level encode plus one replace: a line of compact JSON ends in ``}\\n`` and JSON strings
+    cannot hold a raw newline, so ``}\\n`` occurs only at line ends.
+    """
+    suffix = b',"ingest_received_at":"' + format_timestamp(received_at).encode() + b'"}\n'
+    return _encoder.encode_lines(records).replace(b"}\n", suffix)
+
+
+def json_schema() -> dict:
+    """JSON Schema of one record (for the OpenAPI document)."""
+    return msgspec.json.schema(Telemetry)
