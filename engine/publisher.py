@@ -131,6 +131,9 @@ class Publisher:
         try:
             await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
         except asyncio.TimeoutError:
+            if request in self._pending:  # never handed to the queue: withdraw it
+                self._pending.remove(request)
+                self._finish(request, QueueError("withdrawn"))
             raise QueueError(f"queue did not acknowledge within {self.timeout_s:g} s") from None
 
     async def _flush_forever(self) -> None:

@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-zn496z29/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-e6y4rhy1/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._histogram_c",
         "sources": [
