@@ -1,0 +1,116 @@
+"""Raw storage on real files: partitions, fsync'd appends, rotation, torn tails."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from engine.errors import StorageError
+from engine.storage import PartitionWriter, hour_path, iter_raw_files, repair_torn_tails
+
+HOUR = (2025, 10, 19, 17)
+
+
+def lines(n: int, start: int = 0, width: int = 0) -> list[bytes]:
+    return [b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * width) for i in range(start, start + n)]
+
+
+def test_append_writes_whole_lines_into_the_hour_folder(tmp_path):
+    writer = PartitionWriter(tmp_path, "w1")
+    path = writer.append(HOUR, lines(3))
+    writer.append(HOUR, [memoryview(b"".join(lines(2, 3)))])
+    writer.close()
+    assert path.parent == tmp_path / "raw/year=2025/month=10/day=19/hour=17"
+    assert path.name.startswith("batch-") and path.name.endswith("-w1.jsonl")
+    assert path.read_bytes() == b"".join(lines(5))
+
+
+def test_two_writers_never_share_a_file(tmp_path):
+    a, b = PartitionWriter(tmp_path, "a"), PartitionWriter(tmp_path, "b")
+    pa, pb = a.append(HOUR, lines(1)), b.append(HOUR, lines(1, 1))
+    assert pa != pb
+    a.close(), b.close()
+
+
+def test_rotates_at_the_size_limit(tmp_path):
+    writer = PartitionWriter(tmp_path, "w", rotate_bytes=5 * 1024 * 1024)
+    batch = lines(1000, width=1000)  # about 1 MB a batch
+    for i in range(12):
+        writer.append(HOUR, batch)
+    writer.close()
+    files = list(iter_raw_files(tmp_path / "raw"))
+    assert len(files) == 3
+    assert all(f.stat().st_size <= 5 * 1024 * 1024 for f in files)
+    assert sum(f.read_bytes().count(b"\n") for f in files) == 12_000
+
+
+def test_many_open_hours_are_closed_oldest_first(tmp_path):
+    writer = PartitionWriter(tmp_path, "w")
+    for hh in range(8):
+        writer.append((2025, 10, 19, hh), lines(1))
+    writer.append((2025, 10, 19, 0), lines(1, 1))  # reopened: a new file, never the old one
+    writer.close()
+    assert len(list(hour_path(tmp_path / "raw", (2025, 10, 19, 0)).iterdir())) == 2
+
+
+def test_failed_write_leaves_no_partial_batch(tmp_path, monkeypatch):
+    writer = PartitionWriter(tmp_path, "w")
+    path = writer.append(HOUR, lines(2))
+
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match="Input/output error"):
+        writer.append(HOUR, lines(5, 2))
+    monkeypatch.undo()
+    assert path.read_bytes() == b"".join(lines(2))  # cut back to where it was
+    writer.append(HOUR, lines(1, 7))  # the writer goes on, in a new file
+    writer.close()
+    assert sum(len(p.read_bytes().splitlines()) for p in iter_raw_files(tmp_path / "raw")) == 3
+
+
+def test_torn_tail_is_cut_and_live_files_are_left_alone(tmp_path):
+    writer = PartitionWriter(tmp_path, "dead")
+    dead = writer.append(HOUR, lines(3))
+    writer.close()
+    with open(dead, "ab") as f:
+        f.write(b'{"i":3,"pa')  # a crash mid-write
+    live_writer = PartitionWriter(tmp_path, "live")
+    live = live_writer.append(HOUR, lines(1))
+    with open(live, "ab") as f:  # looks torn, but its writer holds the lock
+        f.write(b'{"partial')
+    repaired = repair_torn_tails(tmp_path / "raw")
+    assert repaired == [(dead, len(b'{"i":3,"pa'))]
+    assert dead.read_bytes() == b"".join(lines(3))
+    assert live.read_bytes().endswith(b'{"partial')
+    live_writer.close()
+
+
+def test_file_with_no_complete_line_is_emptied(tmp_path):
+    directory = hour_path(tmp_path / "raw", HOUR)
+    directory.mkdir(parents=True)
+    path = directory / "batch-1-x.jsonl"
+    path.write_bytes(b"x" * 200_000)
+    assert repair_torn_tails(tmp_path / "raw") == [(path, 200_000)]
+    assert path.read_bytes() == b""
+
+
+def test_writer_holds_an_exclusive_lock(tmp_path):
+    writer = PartitionWriter(tmp_path, "w")
+    path = writer.append(HOUR, lines(1))
+    fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+    writer.close()
+
+
+def test_large_vectored_write_beyond_iov_max(tmp_path):
+    writer = PartitionWriter(tmp_path, "w")
+    many = lines(5000)  # more buffers than one writev takes
+    path = writer.append(HOUR, many)
+    writer.close()
+    assert path.read_bytes() == b"".join(many)
