@@ -123,10 +123,11 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         if not wait_until(lambda: healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
             raise CanpipeError("the receiver did not become healthy within 30 s")
         sim = Simulator(url, api_key=key, vehicles=options.vehicles, rate_ms=options.rate_ms,
-                        duration_s=options.duration_s, batch=options.batch, track_keys=True)
+                        duration_s=options.duration_s, batch=options.batch, keep_accepted=True)
         result = asyncio.run(sim.run())
         print(f"simulator: {describe(result)}", flush=True)
-        accepted = {(v, c, dt.datetime.fromisoformat(t)) for v, c, t in result.accepted_keys}
+        accepted = {(r["vehicle_id"], r["can_id"], dt.datetime.fromisoformat(r["timestamp"]))
+                    for r in result.accepted_records}
 
         def on_disk() -> bool:
             return read_snapshots(metrics_dir).counters["canpipe_consumer_records_written_total"] >= len(accepted)

@@ -67,7 +67,7 @@ class SimulationResult:
     retries: int = 0
     requests: int = 0
     http_ms: LatencyHistogram = dataclasses.field(default_factory=LatencyHistogram)
-    accepted_keys: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    accepted_records: list[dict] = dataclasses.field(default_factory=list)
 
 
 def vehicle_ids(count: int) -> list[str]:
@@ -86,12 +86,12 @@ class Simulator:
         batch: int = 1,
         seed: int = 0,
         max_attempts: int = 6,
-        track_keys: bool = False,
+        keep_accepted: bool = False,
     ) -> None:
         self.url = url.rstrip("/") + "/ingest"
         self.headers = {"Content-Type": "application/json"} | ({"X-API-Key": api_key} if api_key else {})
         self.vehicles, self.rate_ms, self.duration_s, self.batch = vehicles, rate_ms, duration_s, max(1, batch)
-        self.seed, self.max_attempts, self.track_keys = seed, max_attempts, track_keys
+        self.seed, self.max_attempts, self.keep_accepted = seed, max_attempts, keep_accepted
         self.result = SimulationResult()
 
     async def run(self) -> SimulationResult:
@@ -142,8 +142,8 @@ class Simulator:
             result.http_ms.record((time.perf_counter() - t0) * 1000.0)
             if status == 202:
                 result.accepted += len(records)
-                if self.track_keys:
-                    result.accepted_keys.extend((r["vehicle_id"], r["can_id"], r["timestamp"]) for r in records)
+                if self.keep_accepted:
+                    result.accepted_records.extend(records)
                 return
             if status and status not in RETRY_STATUSES:
                 result.rejected += len(records)
