@@ -88,9 +88,10 @@ def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
     """Decode one object, an array, or NDJSON lines; raise ``msgspec.ValidationError`` / ``DecodeError``
     carrying the path of the first bad field (``$[2].payload.battery_soc``)."""
     if ndjson:
-        out = []
-        for index, line in enumerate(body.splitlines()):
+        out: list[Telemetry] = []
+        for number, line in enumerate(body.splitlines(), 1):
             if line.strip():
+                index = len(out)  # paths count records; blank lines are not records
                 try:
                     out.append(_one.decode(line))
                 except msgspec.ValidationError as exc:
@@ -101,7 +102,7 @@ def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
                         message = f"{message} - at `$[{index}]`"
                     raise msgspec.ValidationError(message) from None
                 except msgspec.DecodeError as exc:
-                    raise msgspec.DecodeError(f"line {index + 1}: {exc}") from None
+                    raise msgspec.DecodeError(f"line {number}: {exc}") from None
         return out
     stripped = body.lstrip()
     if stripped[:1] == b"[":

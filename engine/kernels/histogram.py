@@ -79,6 +79,8 @@ class LatencyHistogram:
         if self.count == 0:
             return math.nan
         rank = max(1, math.ceil(q * self.count))
+        if rank == 1:  # the smallest and largest values are known exactly
+            return self.min
         if rank >= self.count:
             return self.max
         index = int(np.searchsorted(np.cumsum(self.counts), rank))

@@ -1,0 +1,83 @@
+"""The canpipe command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def canpipe(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_drives_the_whole_pipeline_and_reports(env, data_dir):
+    done = canpipe("run", "--data-dir", str(data_dir), "--duration", "2", "--vehicles", "5", "--rate-ms", "50", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "missing 0" in out and "accepted 0" not in out
+    for stage in ("ingest", "queue", "processing", "end_to_end"):
+        assert f"\n{stage} " in out
+    assert str(data_dir / "raw") in out
+    assert list((data_dir / "raw").glob("year=*/month=*/day=*/hour=*/batch-*.jsonl"))
+
+
+def test_help_on_every_command(env):
+    for command in ("run", "serve", "consume", "simulate", "queue", "check"):
+        done = canpipe(command, "--help", env=env)
+        assert done.returncode == 0 and "usage: canpipe" in done.stdout
+
+
+def test_serve_refuses_to_start_without_keys(env):
+    done = canpipe("serve", env=env | {"CANPIPE_API_KEYS": ""}, timeout=30)
+    assert done.returncode == 1
+    assert "CANPIPE_API_KEYS" in done.stderr
+
+
+def test_bad_setting_is_named(env):
+    done = canpipe("check", env=env | {"CANPIPE_BATCH_SECONDS": "soon"}, timeout=30)
+    assert done.returncode == 1 and "CANPIPE_BATCH_SECONDS" in done.stderr
+
+
+def test_check_passes_and_fails_with_reasons(env, data_dir, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+    monkeypatch.setenv("CANPIPE_API_KEYS", "")
+    monkeypatch.setenv("CANPIPE_QUEUE_URL", f"sqlite:///{data_dir / 'nope' / 'q.db'}")
+    (data_dir / "nope").write_text("a file where a folder should be")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL CANPIPE_API_KEYS" in out and "FAIL CANPIPE_QUEUE_URL" in out
+    assert main(["check", "--consumer-only", "--data-dir", str(data_dir / "nope")]) == 1
+    assert "FAIL CANPIPE_DATA_DIR" in capsys.readouterr().out
+
+
+def test_queue_admin_commands(env, data_dir, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["queue", "create", "--visibility-timeout", "45", "--max-receive-count", "4"]) == 0
+    assert "dead-letter after 4 receives" in capsys.readouterr().out
+    assert main(["queue", "stats"]) == 0
+    assert "visible 0  in_flight 0  delayed 0  dead_letter 0" in capsys.readouterr().out
+    assert main(["queue", "purge"]) == 0
+    assert "purged 0 messages" in capsys.readouterr().out
+    assert main(["queue", "redrive"]) == 0
+    assert "redrove 0 messages" in capsys.readouterr().out
+
+
+def test_simulate_command_against_a_receiver(serve, env):
+    url = serve(env)
+    done = canpipe("simulate", "--url", url, "--api-key", "test:s3cret-test-key", "--vehicles", "3", "--duration", "1",
+                   "--batch", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "failed 0" in done.stdout and "rejected 0" in done.stdout
+    wrong = canpipe("simulate", "--url", url, "--api-key", "test:wrong", "--vehicles", "1", "--duration", "0.5", env=env)
+    assert wrong.returncode == 1 and "rejected 0" not in wrong.stdout

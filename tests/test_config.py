@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from engine.config import Settings, parse_api_keys
+from engine.errors import ConfigError
+
+
+def test_defaults_put_the_queue_in_the_data_dir(tmp_path):
+    settings = Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path)})
+    assert settings.queue_url == f"sqlite:///{tmp_path / 'queue.db'}"
+    assert (settings.batch_records, settings.batch_seconds, settings.visibility_timeout_s) == (100, 2.0, 30.0)
+    assert settings.rotate_bytes == 5 * 1024 * 1024
+
+
+def test_keys_are_kept_as_digests_only():
+    (key,) = parse_api_keys("ops:hunter2")
+    assert key.key_id == "ops" and key.secret_sha256 == hashlib.sha256(b"hunter2").digest()
+    assert "hunter2" not in repr(key)
+
+
+@pytest.mark.parametrize("raw", ["nocolon", ":secret", "id:", "a:1,a:2"])
+def test_bad_keys_name_the_setting(raw):
+    with pytest.raises(ConfigError, match="CANPIPE_API_KEYS"):
+        parse_api_keys(raw)
+
+
+@pytest.mark.parametrize(("name", "value"), [("CANPIPE_BATCH_SECONDS", "x"), ("CANPIPE_ROTATE_BYTES", "10")])
+def test_bad_numbers_name_the_setting(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_serving_without_keys_needs_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match="--insecure-no-auth"):
+        Settings.from_env({}).require_auth()
+    Settings.from_env({"CANPIPE_INSECURE_NO_AUTH": "1"}).require_auth()

@@ -1,0 +1,94 @@
+"""Validation at the door and the stored line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import msgspec
+import pytest
+
+from engine.schema import SkewError, check_clock, decode_records, encode_stored, json_schema
+
+from conftest import make_record
+
+UTC = dt.timezone.utc
+
+
+def body(*records: dict) -> bytes:
+    return json.dumps(list(records)).encode()
+
+
+def test_stored_line_is_the_input_plus_server_stamp():
+    record = make_record(battery_soc=12.25)
+    received = dt.datetime(2025, 10, 19, 17, 0, 0, 1234, tzinfo=UTC)
+    line = encode_stored(decode_records(json.dumps(record).encode(), ndjson=False), received)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    stored = json.loads(line)
+    assert stored.pop("ingest_received_at") == "2025-10-19T17:00:00.001234Z"
+    assert stored["payload"] == record["payload"]
+    assert dt.datetime.fromisoformat(stored["timestamp"]) == dt.datetime.fromisoformat(record["timestamp"])
+
+
+def test_partial_payload_is_stored_without_nulls():
+    record = make_record()
+    record["payload"] = {"battery_soc": 50.0}
+    line = encode_stored(decode_records(body(record), ndjson=False), dt.datetime.now(UTC))
+    assert json.loads(line)["payload"] == {"battery_soc": 50.0}
+
+
+def test_non_utc_offsets_are_normalised_to_utc():
+    record = make_record()
+    record["timestamp"] = "2026-11-28T03:00:00.5+02:00"
+    records = decode_records(body(record), ndjson=False)
+    check_clock(records, dt.datetime(2026, 11, 28, 1, 0, tzinfo=UTC), max_future_s=300, max_age_s=3600)
+    assert records[0].timestamp == dt.datetime(2026, 11, 28, 1, 0, 0, 500000, tzinfo=UTC)
+    assert records[0].timestamp.utcoffset() == dt.timedelta(0)
+
+
+def test_clock_skew_bounds():
+    now = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    records = decode_records(body(make_record()), ndjson=False)
+    records[0].timestamp = now + dt.timedelta(seconds=301)
+    with pytest.raises(SkewError) as info:
+        check_clock(records, now, max_future_s=300, max_age_s=60)
+    assert info.value.path == "$[0].timestamp"
+    records[0].timestamp = now - dt.timedelta(seconds=61)
+    with pytest.raises(SkewError, match="old"):
+        check_clock(records, now, max_future_s=300, max_age_s=60)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"battery_soc": -0.1}, ">= 0.0"),
+        ({"battery_soc": 100.01}, "<= 100.0"),
+        ({"cell_voltage_min": 4.2, "cell_voltage_max": 4.1}, "cell_voltage_min must be <= cell_voltage_max"),
+        ({"cell_temp_min": 40, "cell_temp_max": 30}, "cell_temp_min must be <= cell_temp_max"),
+        ({"cell_temp_max": 151}, "<= 150.0"),
+        ({"battery_current": 3001}, "<= 3000.0"),
+        ({"battery_soc": "50"}, "Expected `float | null`, got `str`"),
+        ({"soc": 50}, "unknown field"),
+    ],
+)
+def test_physical_limits(payload, message):
+    record = make_record()
+    record["payload"] = payload
+    with pytest.raises(msgspec.ValidationError, match=message):
+        decode_records(body(record), ndjson=False)
+
+
+def test_ndjson_errors_carry_the_line_index():
+    lines = json.dumps(make_record()).encode() + b"\n\n" + json.dumps(make_record(battery_soc=-5)).encode()
+    with pytest.raises(msgspec.ValidationError, match=r"\$\[1\]\.payload\.battery_soc"):
+        decode_records(lines, ndjson=True)
+    with pytest.raises(msgspec.DecodeError, match="line 1"):
+        decode_records(b"{nope", ndjson=True)
+    with pytest.raises(msgspec.ValidationError, match=r"`\$\[0\]`"):
+        decode_records(b'{"x": 1}', ndjson=True)
+
+
+def test_schema_lists_every_signal():
+    schema = json.dumps(json_schema())
+    for name in ("battery_soc", "battery_voltage", "battery_current", "cell_voltage_min", "cell_temp_max"):
+        assert name in schema
