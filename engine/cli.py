@@ -67,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("CANPIPE_API_KEY")
     sim = Simulator(
         args.url, api_key=key, vehicles=args.vehicles, rate_ms=args.rate_ms, duration_s=args.duration, batch=args.batch,
-        seed=args.seed,
+        seed=args.seed, count=args.count,
     )
     result = asyncio.run(sim.run())
     print(describe(result))
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=0, help="stop after this many records (0: run for --duration)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("queue", help="queue administration")

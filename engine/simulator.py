@@ -87,11 +87,14 @@ class Simulator:
         seed: int = 0,
         max_attempts: int = 6,
         keep_accepted: bool = False,
+        count: int = 0,
     ) -> None:
         self.url = url.rstrip("/") + "/ingest"
         self.headers = {"Content-Type": "application/json"} | ({"X-API-Key": api_key} if api_key else {})
         self.vehicles, self.rate_ms, self.duration_s, self.batch = vehicles, rate_ms, duration_s, max(1, batch)
         self.seed, self.max_attempts, self.keep_accepted = seed, max_attempts, keep_accepted
+        self.count = count  # stop after this many records in all (0: run for duration_s)
+        self.generated = 0
         self.result = SimulationResult()
 
     async def run(self) -> SimulationResult:
@@ -108,7 +111,8 @@ class Simulator:
         await asyncio.sleep(rng.uniform(0, period))  # vehicles do not tick in lock-step
         pending: list[dict] = []
         tick = 0
-        while (now := time.monotonic()) - start < self.duration_s:
+        while time.monotonic() - start < self.duration_s and not (self.count and self.generated >= self.count):
+            self.generated += 1
             pending.append({
                 "timestamp": dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
                 "vehicle_id": vehicle_id,
