@@ -121,6 +121,51 @@ def serve(start: Callable[..., Proc]) -> Callable[..., str]:
     return _serve
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory) -> Iterator[str]:
+    """moto's SQS server over real HTTP on 127.0.0.1, started for this test session and stopped by PID."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return http("GET", endpoint + "/moto-api/", timeout=1)[0] < 500
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(lambda: up() or proc.poll() is not None, 60), log.read_text()
+        assert proc.poll() is None, log.read_text()
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
+    """A fresh SQS queue (with its DLQ) on the emulator; the AWS variables set for this process too."""
+    import uuid
+
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    url = f"{moto_endpoint}/123456789012/canpipe-{uuid.uuid4().hex[:12]}"
+    return AWS_TEST_ENV | {"CANPIPE_QUEUE_URL": url}
+
+
 def shared_file(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

@@ -1,0 +1,126 @@
+"""Throughput of the whole pipeline on this machine: receiver + consumers + load generator.
+
+Starts ``canpipe serve`` and ``canpipe consume`` on a fresh data dir (embedded queue), drives them with
+bench/loadgen.py in its own process at a target rate, then waits until every accepted record is on disk.
+Reports sustained records/s, HTTP P50/P99, end-to-end P95 and CPU seconds per component (from
+/proc/<pid>/stat of each process tree), as one JSON line and a table.
+
+    python bench/pipeline.py --rate 5000 --batch 1 --duration 20
+    python bench/pipeline.py --rate 50000 --batch 100 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.metrics import read_snapshots  # noqa: E402
+from engine.run import free_port, healthy, wait_until  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / TICKS
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=5000, help="target records/s")
+    parser.add_argument("--batch", type=int, default=1, help="records per HTTP request")
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--receiver-workers", type=int, default=1)
+    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument("--queue-url", help="default: an embedded queue in a fresh temp dir")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="canpipe-bench-"))
+    key = f"bench:{secrets.token_hex(8)}"
+    port = free_port()
+    env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_API_KEYS": key,
+                        "CANPIPE_QUEUE_URL": args.queue_url or f"sqlite:///{data_dir / 'queue.db'}"}
+    py = [sys.executable, "-m", "engine"]
+    server = subprocess.Popen([*py, "serve", "--port", str(port), "--workers", str(args.receiver_workers)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    consumers = subprocess.Popen([*py, "consume", "--workers", str(args.consumers)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: healthy(url), 30), "receiver did not start"
+        time.sleep(1.0)  # let the consumer workers finish importing before the clock starts
+        before = {name: cpu_seconds(tree(p.pid)) for name, p in (("receiver", server), ("consumers", consumers))}
+        t0 = time.monotonic()
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        gen = subprocess.run([sys.executable, str(ROOT / "bench/loadgen.py"), "--url", url, "--key", key,
+                              "--rate", str(args.rate), "--duration", str(args.duration), "--batch", str(args.batch),
+                              "--connections", str(args.connections)], capture_output=True, text=True, env=env,
+                             cwd=ROOT)
+        load_s = time.monotonic() - t0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the generator was reaped meanwhile
+        gen_cpu = usage.ru_utime + usage.ru_stime - reaped.ru_utime - reaped.ru_stime
+        load = json.loads(gen.stdout.strip().splitlines()[-1])
+        during = {name: cpu_seconds(tree(p.pid)) - before[name] for name, p in
+                  (("receiver", server), ("consumers", consumers))}
+        accepted = load.get("accepted", 0)
+
+        def written() -> int:
+            return read_snapshots(data_dir / "metrics").counters["canpipe_consumer_records_written_total"]
+
+        drained = wait_until(lambda: written() >= accepted, 120, 0.25)
+        drain_s = time.monotonic() - t0 - load_s
+    finally:
+        for proc in (consumers, server):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    metrics = read_snapshots(data_dir / "metrics")
+    e2e = metrics.summary("end_to_end")
+    report = {
+        "target_rate": args.rate, "batch": args.batch, "duration_s": round(load_s, 2),
+        "sent": load.get("sent", 0), "accepted": accepted, "written": written(), "drained": drained,
+        "drain_after_load_s": round(drain_s, 2),
+        "accepted_per_s": round(accepted / load_s), "written_per_s": round(written() / (load_s + drain_s)),
+        "statuses": {k: v for k, v in load.items() if k.startswith("status_")}, "generator_behind": load.get("behind", 0),
+        "http_p50_ms": round(load["http_p50_ms"], 2), "http_p99_ms": round(load["http_p99_ms"], 2),
+        "e2e_p50_ms": round(e2e["p50"], 1), "e2e_p95_ms": round(e2e["p95"], 1), "e2e_p99_ms": round(e2e["p99"], 1),
+        "cpu_s": {**{k: round(v, 1) for k, v in during.items()}, "loadgen": round(gen_cpu, 1)},
+        "cpu_cores_during_load": {**{k: round(v / load_s, 2) for k, v in during.items()},
+                                  "loadgen": round(gen_cpu / load_s, 2)},
+    }
+    print(json.dumps(report))
+    return 0 if drained else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
