@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.config import Settings
 from engine.errors import QueueError, StorageError
-from engine.metrics import Metrics, write_snapshot
+from engine.metrics import Metrics, queue_usage, write_snapshot
 from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
 from engine.schema import Stamps
 from engine.storage import PartitionWriter
@@ -88,39 +88,65 @@ class Consumer:
         self.held_records = 0
         self.first_at: float | None = None
         self._flushing: list[_Held] = []
+        self._arrived = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, then flush what is held and return."""
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
-        stop_wait = asyncio.get_running_loop().create_task(stop.wait())
+        """Consume until ``stop`` is set, then flush what is held and return.
+
+        A receive loop long-polls in the background and hands messages over; this loop flushes when the
+        batch is full or its timer runs out, so a slow long poll never delays the timer, and receiving
+        goes on while a batch is being written.
+        """
+        loop = asyncio.get_running_loop()
+        receiving = loop.create_task(self._receive_forever())
+        heartbeat = loop.create_task(self._heartbeat())
+        stop_wait = loop.create_task(stop.wait())
         try:
             while not stop.is_set():
-                wait_s = 20.0 if self.first_at is None else max(0.0, self.first_at + self.settings.batch_seconds - time.monotonic())
-                receive = asyncio.get_running_loop().create_task(self.queue.receive(MAX_BATCH_ENTRIES, wait_s))
-                await asyncio.wait({receive, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
-                    receive.cancel()  # stopping: what it was fetching becomes visible again after the timeout
-                    with contextlib.suppress(asyncio.CancelledError, QueueError):
-                        await receive
-                    break
-                try:
-                    messages = receive.result()
-                except QueueError as exc:
-                    self.metrics.inc('canpipe_consumer_errors_total{stage="receive"}')
-                    log.warning("receive failed (stage=receive): %s; backing off", exc)
-                    await asyncio.wait({stop_wait}, timeout=1.0)
-                    messages = []
-                self._hold(messages)
+                timeout = None if self.first_at is None else self.first_at + self.settings.batch_seconds - time.monotonic()
+                arrived = loop.create_task(self._arrived.wait())
+                await asyncio.wait({arrived, stop_wait}, timeout=None if timeout is None else max(0.0, timeout),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                arrived.cancel()
+                self._arrived.clear()
                 if self.held and (
                     self.held_records >= self.settings.batch_records
                     or time.monotonic() >= (self.first_at or 0) + self.settings.batch_seconds
                 ):
                     await self.flush()
-            await self.flush()
         finally:
+            # stopping: a receive in flight is abandoned; what it fetched becomes visible again after the
+            # visibility timeout (redelivered, never lost)
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+            await self.flush()
             heartbeat.cancel()
             stop_wait.cancel()
             self.write_snapshot()
+
+    async def _receive_forever(self) -> None:
+        pace = getattr(self.queue, "min_receive_interval_s", 0.0)  # SQS bills every call: gather more per call
+        backoff = 0.5
+        while True:
+            if self.held_records >= 10 * self.settings.batch_records:  # the writer is behind: stop fetching
+                await asyncio.sleep(0.05)
+                continue
+            started = time.monotonic()
+            try:
+                messages = await self.queue.receive(MAX_BATCH_ENTRIES, 20.0)
+            except QueueError as exc:
+                self.metrics.inc('canpipe_consumer_errors_total{stage="receive"}')
+                log.warning("receive failed (stage=receive): %s; retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            if messages:
+                self._hold(messages)
+                self._arrived.set()
+            if len(messages) < MAX_BATCH_ENTRIES and pace:
+                await asyncio.sleep(max(0.0, started + pace - time.monotonic()))
 
     def _hold(self, messages: list[Received]) -> None:
         now = time.time()
@@ -210,6 +236,8 @@ class Consumer:
                             h.visible_since_s = time.time()
 
     def write_snapshot(self) -> None:
+        for name, value in queue_usage(self.queue).items():
+            self.metrics.counters[name] = value
         if self.snapshot is not None:
             with contextlib.suppress(OSError):
                 write_snapshot(self.snapshot, self.metrics)

@@ -97,3 +97,31 @@ def read_snapshots(directory: Path) -> Metrics:
     for path in sorted(directory.glob("*.metrics")):
         total.merge(Metrics.from_bytes(path.read_bytes()))
     return total
+
+
+def queue_usage(queue: object) -> dict[str, int]:
+    """API calls by action and billed requests of an SQS client, as counter names (empty for SQLite)."""
+    calls = getattr(queue, "calls", None)
+    if calls is None:
+        return {}
+    usage = {f'canpipe_sqs_requests_total{{action="{action}"}}': n for action, n in sorted(calls.items())}
+    usage["canpipe_sqs_billed_requests_total"] = getattr(queue, "billed_requests", 0)
+    return usage
+
+
+def render_queue_usage(queue: object) -> str:
+    usage = queue_usage(queue)
+    if not usage:
+        return ""
+    head = "# TYPE canpipe_sqs_requests_total counter\n# TYPE canpipe_sqs_billed_requests_total counter\n"
+    return head + "".join(f"{name} {value}\n" for name, value in usage.items())
+
+
+def parse_counters(text: str, prefix: str) -> dict[str, float]:
+    """The samples of Prometheus ``text`` whose names start with ``prefix``."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -23,13 +23,14 @@ log = logging.getLogger("canpipe.publisher")
 
 
 class _Request:
-    __slots__ = ("chunk", "records", "future", "entries_left")
+    __slots__ = ("chunk", "records", "future", "entries_left", "enqueued_at")
 
     def __init__(self, chunk: bytes, records: int, future: asyncio.Future[None]) -> None:
         self.chunk = chunk
         self.records = records
         self.future = future
         self.entries_left = 0
+        self.enqueued_at = future.get_loop().time() if future is not None else 0.0
 
 
 class _Entry:
@@ -93,12 +94,14 @@ class Publisher:
         max_attempts: int = 5,
         backoff_s: float = 0.05,
         concurrency: int = 1,
+        linger_s: float = 0.0,
     ) -> None:
         self.queue = queue
         self.max_pending_records = max_pending_records
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.linger_s = linger_s
         self.pending_records = 0
         self.calls = 0
         self._pending: list[_Request] = []
@@ -137,8 +140,13 @@ class Publisher:
             raise QueueError(f"queue did not acknowledge within {self.timeout_s:g} s") from None
 
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
+            if self.linger_s and self._pending:
+                # gather for up to linger_s after the oldest request, unless a message is full already
+                if sum(len(r.chunk) for r in self._pending) < self.queue.max_message_bytes:
+                    await asyncio.sleep(max(0.0, self._pending[0].enqueued_at + self.linger_s - loop.time()))
             await self._slots.acquire()
             self._wakeup.clear()
             requests, self._pending = self._pending, []

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
-from engine.metrics import Metrics
+from engine.metrics import Metrics, render_queue_usage
 from engine.publisher import Publisher
 from engine.queues import Queue, open_queue
 from engine.schema import UTC, SkewError, Telemetry, check_clock, decode_records, encode_stored, json_schema
@@ -112,6 +112,7 @@ class Receiver:
             max_pending_records=settings.max_pending_records,
             timeout_s=settings.publish_timeout_s,
             concurrency=getattr(queue, "send_concurrency", 1),
+            linger_s=getattr(queue, "send_linger_s", 0.0),
         )
 
     def _count(self, status: int) -> None:
@@ -172,6 +173,7 @@ class Receiver:
         text = self.metrics.render_prometheus()
         text += f"# TYPE canpipe_publisher_pending_records gauge\ncanpipe_publisher_pending_records {self.publisher.pending_records}\n"
         text += f"# TYPE canpipe_queue_send_calls_total counter\ncanpipe_queue_send_calls_total {self.publisher.calls}\n"
+        text += render_queue_usage(self.queue)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:

@@ -142,3 +142,18 @@ def test_pack_keeps_requests_whole_and_splits_only_oversized_ones():
     assert requests[1].entries_left == sum(requests[1] in e.requests for e in entries)
     with pytest.raises(QueueError, match="larger than"):
         pack([_Request(b"x" * 2000 + b"\n", 1, None)], 1000)
+
+
+def test_linger_gathers_requests_into_fewer_calls():
+    queue = RecordingQueue()
+
+    async def body(publisher):
+        async def trickle(i):
+            await asyncio.sleep(i * 0.002)  # one request every 2 ms
+            await publisher.publish(lines(f"t{i}-", 1), 1)
+
+        await asyncio.gather(*(trickle(i) for i in range(40)))
+
+    run(with_publisher(queue, body, linger_s=0.03, concurrency=4))
+    assert len(queue.calls) <= 6  # about 80 ms of requests in calls that each gathered 30 ms
+    assert b"".join(queue.stored).count(b"\n") == 40

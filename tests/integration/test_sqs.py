@@ -1,0 +1,164 @@
+"""The pipeline on SQS over the real wire protocol: aiobotocore against moto's server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.metrics import read_snapshots
+from engine.queues import QueueAttributes, open_queue
+from engine.simulator import Simulator
+
+from conftest import API_KEY, make_record, post_json, wait_for
+from integration.test_pipeline import key, on_disk
+from sqs_proxy import FaultProxy
+
+pytestmark = pytest.mark.slow
+
+
+def create_queue(url: str, **attributes) -> None:
+    async def go():
+        queue = open_queue(url)
+        await queue.create(QueueAttributes(**attributes))
+        await queue.close()
+
+    asyncio.run(go())
+
+
+def queue_stats(url: str):
+    async def go():
+        queue = open_queue(url)
+        try:
+            return await queue.stats()
+        finally:
+            await queue.close()
+
+    return asyncio.run(go())
+
+
+def drain_bodies(url: str) -> list[bytes]:
+    async def go():
+        queue = open_queue(url)
+        out = []
+        while messages := await queue.receive(10, 1):
+            out += [m.body for m in messages]
+        await queue.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def _empty(url: str) -> bool:
+    stats = queue_stats(url)
+    return stats.visible == stats.in_flight == 0
+
+
+@pytest.fixture
+def sqs(env, sqs_env):
+    create_queue(sqs_env["CANPIPE_QUEUE_URL"])
+    return env | sqs_env
+
+
+def test_seed_integration_on_sqs_with_two_consumers(serve, start, sqs, data_dir):
+    url = serve(sqs)
+    consumers = start(["consume", "--workers", "2"], sqs)
+    sim = Simulator(url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True,
+                    seed=3)
+    result = asyncio.run(sim.run())
+    assert result.accepted == 1000 and result.failed == result.rejected == 0
+    sent = {key(r): r for r in result.accepted_records}
+    wait_for(lambda: set(sent) <= {key(r) for r in on_disk(data_dir)}, 90, "every accepted record on disk")
+    stored = {key(r): r for r in on_disk(data_dir)}
+    assert all(stored[k]["payload"] == r["payload"] for k, r in sent.items())
+    assert consumers.stop() == 0
+    metrics = read_snapshots(data_dir / "metrics")
+    assert metrics.latency["end_to_end"].quantile(0.95) < 5000
+    writers = {p.name.split("-", 2)[2] for p in (data_dir / "raw").rglob("*.jsonl")}
+    assert len(writers) >= 2  # both consumer processes took part
+    stats = queue_stats(sqs["CANPIPE_QUEUE_URL"])
+    assert (stats.visible, stats.in_flight) == (0, 0)
+
+
+def test_canpipe_run_on_sqs_reports_cost(sqs, data_dir):
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--data-dir", str(data_dir), "--duration", "2",
+                           "--vehicles", "5", "--rate-ms", "50"], env=sqs, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "missing 0" in done.stdout
+    assert "SQS: " in done.stdout and "per 1,000" in done.stdout and "SendMessageBatch" in done.stdout
+
+
+def test_partial_send_failure_retries_exactly_the_failed_entries(serve, sqs, moto_endpoint):
+    with FaultProxy(moto_endpoint) as proxy:
+        url = serve(sqs | {"AWS_ENDPOINT_URL_SQS": proxy.url})
+        assert post_json(url, make_record(0))[0] == 202  # the receiver has read the queue's limits
+        proxy.fail_send = 1
+        # one request larger than a message: split into several entries of one call
+        records = [make_record(i, vehicle_id=f"EV-{i % 7}") for i in range(4000)]
+        assert post_json(url, records)[0] == 202
+        sends = [bodies for action, bodies in proxy.calls if action == "SendMessageBatch"][1:]
+        (failed,) = proxy.failed
+        assert len(sends[0]) >= 2 and failed in sends[0]
+        assert sends[1:] == [[failed]]  # the retry carried exactly the failed entry, nothing else
+    lines = [line for body in drain_bodies(sqs["CANPIPE_QUEUE_URL"]) for line in body.splitlines()]
+    assert len(lines) == 4001 and len(set(lines)) == 4001  # every record once
+
+
+def test_partial_delete_failure_becomes_a_duplicate_never_a_loss(serve, start, sqs, data_dir, moto_endpoint):
+    with FaultProxy(moto_endpoint) as proxy:
+        env = sqs | {"AWS_ENDPOINT_URL_SQS": proxy.url, "CANPIPE_VISIBILITY_TIMEOUT_S": "2"}
+        url = serve(env)
+        proxy.fail_delete = 1
+        consumers = start(["consume", "--workers", "1"], env)
+        records = [make_record(i) for i in range(30)]
+        assert post_json(url, records)[0] == 202
+        wait_for(lambda: len(on_disk(data_dir)) >= 60, 60, "the redelivered copy")
+        wait_for(lambda: _empty(sqs["CANPIPE_QUEUE_URL"]), 30, "an empty queue")
+        assert consumers.stop() == 0
+    keys = [key(r) for r in on_disk(data_dir)]
+    assert set(keys) == {key(r) for r in records} and len(keys) == 60
+    counters = read_snapshots(data_dir / "metrics").counters
+    assert counters['canpipe_consumer_errors_total{stage="delete"}'] == 1
+    assert counters["canpipe_consumer_redelivered_messages_total"] == 1
+
+
+def test_sqs_outage_gives_503_in_bounded_time_then_recovers(serve, sqs, moto_endpoint):
+    with FaultProxy(moto_endpoint) as proxy:
+        url = serve(sqs | {"AWS_ENDPOINT_URL_SQS": proxy.url, "CANPIPE_PUBLISH_TIMEOUT_S": "3"})
+        assert post_json(url, make_record(1))[0] == 202
+        proxy.down = True
+        started = time.monotonic()
+        status, headers, _ = post_json(url, make_record(2))
+        assert status == 503 and headers["retry-after"]
+        assert time.monotonic() - started < 10
+        from conftest import http
+
+        assert http("GET", url + "/health")[0] == 503
+        proxy.down = False
+        wait_for(lambda: http("GET", url + "/health")[0] == 200, 20, "health to recover")
+        assert post_json(url, make_record(3))[0] == 202
+
+
+def test_timestamps_survive_the_sqs_round_trip(sqs):
+    """Compressed bodies come back byte for byte."""
+    from engine.schema import decode_records, encode_stored
+    import json
+
+    body = encode_stored(decode_records(json.dumps([make_record(i) for i in range(50)]).encode(), ndjson=False),
+                         dt.datetime.now(dt.timezone.utc))
+    assert len(body) > 2048  # large enough to be compressed on the way
+
+    async def go():
+        queue = open_queue(sqs["CANPIPE_QUEUE_URL"])
+        await queue.send_batch([body, b'{"small":1}\n'])
+        got = []
+        while len(got) < 2:
+            got += await queue.receive(10, 2)
+        await queue.close()
+        return sorted(m.body for m in got)
+
+    assert asyncio.run(go()) == sorted([body, b'{"small":1}\n'])
