@@ -21,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.metrics import read_snapshots  # noqa: E402
+from engine import cost  # noqa: E402
+from engine.metrics import parse_counters, read_snapshots  # noqa: E402
 from engine.run import free_port, healthy, wait_until  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -100,6 +102,8 @@ def main() -> int:
 
         drained = wait_until(lambda: written() >= accepted, 120, 0.25)
         drain_s = time.monotonic() - t0 - load_s
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            receiver_sqs = parse_counters(response.read().decode(), "canpipe_sqs_")
     finally:
         for proc in (consumers, server):
             proc.send_signal(signal.SIGTERM)
@@ -110,14 +114,26 @@ def main() -> int:
         "target_rate": args.rate, "batch": args.batch, "duration_s": round(load_s, 2),
         "sent": load.get("sent", 0), "accepted": accepted, "written": written(), "drained": drained,
         "drain_after_load_s": round(drain_s, 2),
-        "accepted_per_s": round(accepted / load_s), "written_per_s": round(written() / (load_s + drain_s)),
+        "accepted_per_s": round(accepted / load["elapsed_s"]), "written_per_s": round(written() / (load_s + drain_s)),
         "statuses": {k: v for k, v in load.items() if k.startswith("status_")}, "generator_behind": load.get("behind", 0),
         "http_p50_ms": round(load["http_p50_ms"], 2), "http_p99_ms": round(load["http_p99_ms"], 2),
+        "ingest_p50_ms": round(metrics.summary("ingest")["p50"], 1),
+        "ingest_p99_ms": round(metrics.summary("ingest")["p99"], 1),
         "e2e_p50_ms": round(e2e["p50"], 1), "e2e_p95_ms": round(e2e["p95"], 1), "e2e_p99_ms": round(e2e["p99"], 1),
         "cpu_s": {**{k: round(v, 1) for k, v in during.items()}, "loadgen": round(gen_cpu, 1)},
         "cpu_cores_during_load": {**{k: round(v / load_s, 2) for k, v in during.items()},
                                   "loadgen": round(gen_cpu / load_s, 2)},
     }
+    consumer_sqs = {k: v for k, v in metrics.counters.items() if k.startswith("canpipe_sqs_")}
+    if receiver_sqs or consumer_sqs:
+        billed = receiver_sqs.get("canpipe_sqs_billed_requests_total", 0) + consumer_sqs.get(
+            "canpipe_sqs_billed_requests_total", 0)
+        per_1000 = cost.requests_per_1000(int(billed), accepted)
+        report["sqs"] = {
+            "receiver": receiver_sqs, "consumers": consumer_sqs, "billed_requests": int(billed),
+            "requests_per_1000_records": round(per_1000, 2),
+            "monthly_usd": {rate: round(cost.monthly_bill_usd(rate, per_1000), 2) for rate in cost.RATES_PER_S},
+        }
     print(json.dumps(report))
     return 0 if drained else 1
 

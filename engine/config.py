@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ConfigError
 
@@ -31,7 +32,7 @@ def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def _number(env: Mapping[str, str], name: str, default: Any, *, minimum: float = 0.0) -> Any:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -61,6 +62,8 @@ class Settings:
     batch_seconds: float = 2.0
     visibility_timeout_s: float = 30.0
     rotate_bytes: int = 5 * 1024 * 1024
+    send_linger_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 50)
+    receive_interval_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 200)
     dbc: str = ""
 
     @classmethod
@@ -82,8 +85,14 @@ class Settings:
             batch_seconds=_number(env, "CANPIPE_BATCH_SECONDS", cls.batch_seconds, minimum=0.01),
             visibility_timeout_s=_number(env, "CANPIPE_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
             rotate_bytes=int(_number(env, "CANPIPE_ROTATE_BYTES", cls.rotate_bytes, minimum=1024)),
+            send_linger_ms=_number(env, "CANPIPE_SEND_LINGER_MS", None),
+            receive_interval_ms=_number(env, "CANPIPE_RECEIVE_INTERVAL_MS", None),
             dbc=env.get("CANPIPE_DBC", ""),
         )
+
+    def backend_default(self, value_ms: float | None, queue: object, attribute: str) -> float:
+        """A pacing setting in seconds: the configured one, else the queue backend's own default."""
+        return value_ms / 1000.0 if value_ms is not None else float(getattr(queue, attribute, 0.0))
 
     def require_auth(self) -> None:
         """Refuse to serve without keys unless explicitly told to (``--insecure-no-auth``)."""

@@ -31,6 +31,7 @@ log = logging.getLogger("canpipe.consumer")
 _stamps = msgspec.json.Decoder(Stamps)
 
 Hour = tuple[int, int, int, int]
+MAX_HELD_RECORDS = 50_000  # received but not yet flushed; past this the receive loop waits for the writer
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Consumer:
         self.first_at: float | None = None
         self._flushing: list[_Held] = []
         self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then flush what is held and return.
@@ -126,12 +128,13 @@ class Consumer:
             self.write_snapshot()
 
     async def _receive_forever(self) -> None:
-        pace = getattr(self.queue, "min_receive_interval_s", 0.0)  # SQS bills every call: gather more per call
+        # SQS bills every call: poll less often and gather more per call (unless a receive came back full)
+        pace = self.settings.backend_default(self.settings.receive_interval_ms, self.queue, "min_receive_interval_s")
         backoff = 0.5
         while True:
-            if self.held_records >= 10 * self.settings.batch_records:  # the writer is behind: stop fetching
-                await asyncio.sleep(0.05)
-                continue
+            while self.held_records >= MAX_HELD_RECORDS:  # the writer is behind: stop fetching until it flushed
+                self._room.clear()
+                await self._room.wait()
             started = time.monotonic()
             try:
                 messages = await self.queue.receive(MAX_BATCH_ENTRIES, 20.0)
@@ -168,6 +171,7 @@ class Consumer:
     async def flush(self) -> None:
         """Write every held message durably, then delete it from the queue."""
         batch, self.held, self.held_records, self.first_at = self.held, [], 0, None
+        self._room.set()
         if not batch:
             return
         self._flushing = batch

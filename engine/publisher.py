@@ -23,13 +23,14 @@ log = logging.getLogger("canpipe.publisher")
 
 
 class _Request:
-    __slots__ = ("chunk", "records", "future", "entries_left", "enqueued_at")
+    __slots__ = ("chunk", "records", "future", "entries_left", "enqueued_at", "settled")
 
     def __init__(self, chunk: bytes, records: int, future: asyncio.Future[None]) -> None:
         self.chunk = chunk
         self.records = records
         self.future = future
         self.entries_left = 0
+        self.settled = False
         self.enqueued_at = future.get_loop().time() if future is not None else 0.0
 
 
@@ -131,13 +132,22 @@ class Publisher:
         self.pending_records += records
         self._pending.append(request)
         self._wakeup.set()
+        # a timer instead of asyncio.wait_for: no extra task per request on the hot path
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, request)
         try:
-            await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
-        except asyncio.TimeoutError:
-            if request in self._pending:  # never handed to the queue: withdraw it
-                self._pending.remove(request)
-                self._finish(request, QueueError("withdrawn"))
-            raise QueueError(f"queue did not acknowledge within {self.timeout_s:g} s") from None
+            await request.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, request: _Request) -> None:
+        """The request waited too long: fail it, and withdraw it when not yet handed to the queue. One
+        already handed over stays counted as in flight until the queue answers."""
+        error = QueueError(f"queue did not acknowledge within {self.timeout_s:g} s")
+        if request in self._pending:
+            self._pending.remove(request)
+            self._finish(request, error)
+        elif not request.future.done():
+            request.future.set_exception(error)
 
     async def _flush_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -200,9 +210,12 @@ class Publisher:
                 self._finish(request, error)
 
     def _finish(self, request: _Request, error: Exception | None) -> None:
+        if request.settled:
+            return
+        request.settled = True
+        self.pending_records -= request.records
         if request.future.done():
             return
-        self.pending_records -= request.records
         if error is None:
             request.future.set_result(None)
         else:

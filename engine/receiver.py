@@ -112,7 +112,7 @@ class Receiver:
             max_pending_records=settings.max_pending_records,
             timeout_s=settings.publish_timeout_s,
             concurrency=getattr(queue, "send_concurrency", 1),
-            linger_s=getattr(queue, "send_linger_s", 0.0),
+            linger_s=settings.backend_default(settings.send_linger_ms, queue, "send_linger_s"),
         )
 
     def _count(self, status: int) -> None:

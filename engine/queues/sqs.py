@@ -53,7 +53,7 @@ class SqsQueue:
     """The SQS backend. One aiobotocore client per instance, created on first use."""
 
     send_concurrency = 16  # concurrent SendMessageBatch calls per publisher
-    send_linger_s = 0.02  # a publisher gathers requests this long: fewer, fuller (cheaper) calls
+    send_linger_s = 0.05  # a publisher gathers requests this long: fewer, fuller (cheaper) calls
     min_receive_interval_s = 0.2  # a consumer polls at most this often unless a receive came back full
 
     def __init__(self, url: str, *, visibility_timeout_s: float | None = None) -> None:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Profile the receiver (and the consumers) under load with py-spy; writes flame graphs and top lists.
+# Usage: bench/profile_receiver.sh [rate] [seconds]   (needs: pip install py-spy; run as root or with ptrace)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rate=${1:-4000}
+secs=${2:-10}
+out=${OUT:-/tmp/canpipe-profile}
+mkdir -p "$out"
+data=$(mktemp -d)
+port=$(.venv/bin/python -c "from engine.run import free_port; print(free_port())")
+export CANPIPE_DATA_DIR=$data CANPIPE_API_KEYS=prof:secret
+.venv/bin/python -m engine serve --port "$port" > "$out/serve.log" 2>&1 &
+serve=$!
+.venv/bin/python -m engine consume --workers 1 > "$out/consume.log" 2>&1 &
+consume=$!
+trap 'kill $serve $consume 2>/dev/null; wait $serve $consume 2>/dev/null; rm -rf "$data"' EXIT
+until curl -fs "http://127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
+sleep 1
+worker=$(cat /proc/$serve/task/$serve/children | awk '{print $1}')
+consumer=$(cat /proc/$consume/task/$consume/children | tr ' ' '\n' | while read -r p; do
+  grep -q spawn_main /proc/$p/cmdline 2>/dev/null && echo "$p"; done | head -n 1)
+.venv/bin/python bench/loadgen.py --url "http://127.0.0.1:$port" --key prof:secret --rate "$rate" \
+  --duration "$((secs + 4))" > "$out/loadgen.json" &
+gen=$!
+sleep 2
+.venv/bin/py-spy record --pid "$worker" --duration "$secs" --rate 200 --format raw -o "$out/receiver.txt" --nonblocking &
+.venv/bin/py-spy record --pid "$consumer" --duration "$secs" --rate 200 --format raw -o "$out/consumer.txt" --nonblocking &
+wait $gen
+wait
+for role in receiver consumer; do
+  echo "== $role: self time by function (top 25)"
+  .venv/bin/python bench/fold_top.py "$out/$role.txt" | head -n 25
+done
