@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-e6y4rhy1/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-fj83_mfi/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._histogram_c",
         "sources": [
@@ -1278,8 +1278,9 @@ static int __Pyx_init_tpflags_variables(void) {
 #define __PYX_HAVE_API__engine__kernels___histogram_c
 /* Early includes */
 #include <math.h>
-#include "pythread.h"
+#include <stdint.h>
 #include <string.h>
+#include "pythread.h"
 
     typedef int (*__pyx_memoryview_to_dtype_func_type)(char*, PyObject*);
     
@@ -3412,6 +3413,10 @@ static PyObject *__pyx_memoryviewslice__get_base(struct __pyx_memoryviewslice_ob
 
 /* Module declarations from "libc.math" */
 
+/* Module declarations from "libc.stdint" */
+
+/* Module declarations from "libc.string" */
+
 /* Module declarations from "engine.kernels._histogram_c" */
 static PyObject *__pyx_collections_abc_Sequence = 0;
 static PyObject *generic = 0;
@@ -3479,7 +3484,7 @@ static const char __pyx_k_fortran[] = "fortran";
 static const char __pyx_k_Dimension_d_is_not_direct[] = "Dimension %d is not direct";
 static const char __pyx_k_Cannot_index_with_type_200U[] = "Cannot index with type \047%.200U\047";
 static const char __pyx_k_itemsize_0_for_cython_array[] = "itemsize <= 0 for cython.array";
-static const char __pyx_k_Compiled_twin_of_engine_kernels[] = "Compiled twin of engine/kernels/_histogram_py.py: one pass, no temporaries, no GIL.";
+static const char __pyx_k_Compiled_twin_of_engine_kernels[] = "Compiled twin of engine/kernels/_histogram_py.py: one pass, no temporaries, no GIL.\n\nThe bucket index comes straight from the IEEE-754 bits: for a normal double v = (0.5 + f/2) * 2**(E-1022),\nwhich is frexp\047s (mantissa, exponent), so the exponent is E - 1022 and the 64 linear sub-buckets are the\ntop 6 bits of the fraction f. Same buckets as the numpy twin, without a libm call.\n";
 static const char __pyx_k_Buffer_view_does_not_expose_stri[] = "Buffer view does not expose strides";
 static const char __pyx_k_Can_only_create_a_buffer_that_is[] = "Can only create a buffer that is contiguous in memory.";
 static const char __pyx_k_Cannot_create_writable_memory_vi[] = "Cannot create writable memory view from read-only memoryview";
@@ -3780,17 +3785,17 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_ascontiguousarray __pyx_string_tab[60]
 #define __pyx_n_u_asyncio_coroutines __pyx_string_tab[61]
 #define __pyx_n_u_base __pyx_string_tab[62]
-#define __pyx_n_u_c __pyx_string_tab[63]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[64]
-#define __pyx_n_u_count __pyx_string_tab[65]
-#define __pyx_n_u_counts __pyx_string_tab[66]
-#define __pyx_n_u_dtype __pyx_string_tab[67]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[68]
-#define __pyx_n_u_encode __pyx_string_tab[69]
-#define __pyx_n_u_engine_kernels__histogram_c __pyx_string_tab[70]
-#define __pyx_n_u_enumerate __pyx_string_tab[71]
-#define __pyx_n_u_error __pyx_string_tab[72]
-#define __pyx_n_u_exponent __pyx_string_tab[73]
+#define __pyx_n_u_bits __pyx_string_tab[63]
+#define __pyx_n_u_c __pyx_string_tab[64]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[65]
+#define __pyx_n_u_count __pyx_string_tab[66]
+#define __pyx_n_u_counts __pyx_string_tab[67]
+#define __pyx_n_u_dtype __pyx_string_tab[68]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[69]
+#define __pyx_n_u_encode __pyx_string_tab[70]
+#define __pyx_n_u_engine_kernels__histogram_c __pyx_string_tab[71]
+#define __pyx_n_u_enumerate __pyx_string_tab[72]
+#define __pyx_n_u_error __pyx_string_tab[73]
 #define __pyx_n_u_flags __pyx_string_tab[74]
 #define __pyx_n_u_float64 __pyx_string_tab[75]
 #define __pyx_n_u_format __pyx_string_tab[76]
@@ -3803,36 +3808,36 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_items __pyx_string_tab[83]
 #define __pyx_n_u_itemsize __pyx_string_tab[84]
 #define __pyx_n_u_lo __pyx_string_tab[85]
-#define __pyx_n_u_mantissa __pyx_string_tab[86]
-#define __pyx_n_u_memview __pyx_string_tab[87]
-#define __pyx_n_u_mode __pyx_string_tab[88]
-#define __pyx_n_u_n __pyx_string_tab[89]
-#define __pyx_n_u_name __pyx_string_tab[90]
-#define __pyx_n_u_ndim __pyx_string_tab[91]
-#define __pyx_n_u_np __pyx_string_tab[92]
-#define __pyx_n_u_numpy __pyx_string_tab[93]
-#define __pyx_n_u_obj __pyx_string_tab[94]
-#define __pyx_n_u_pack __pyx_string_tab[95]
-#define __pyx_n_u_pop __pyx_string_tab[96]
-#define __pyx_n_u_record_into __pyx_string_tab[97]
-#define __pyx_n_u_recorded __pyx_string_tab[98]
-#define __pyx_n_u_register __pyx_string_tab[99]
-#define __pyx_n_u_setdefault __pyx_string_tab[100]
-#define __pyx_n_u_shape __pyx_string_tab[101]
-#define __pyx_n_u_size __pyx_string_tab[102]
-#define __pyx_n_u_start __pyx_string_tab[103]
-#define __pyx_n_u_step __pyx_string_tab[104]
-#define __pyx_n_u_stop __pyx_string_tab[105]
-#define __pyx_n_u_struct __pyx_string_tab[106]
-#define __pyx_n_u_total __pyx_string_tab[107]
-#define __pyx_n_u_unpack __pyx_string_tab[108]
-#define __pyx_n_u_update __pyx_string_tab[109]
+#define __pyx_n_u_memview __pyx_string_tab[86]
+#define __pyx_n_u_mode __pyx_string_tab[87]
+#define __pyx_n_u_n __pyx_string_tab[88]
+#define __pyx_n_u_name __pyx_string_tab[89]
+#define __pyx_n_u_ndim __pyx_string_tab[90]
+#define __pyx_n_u_np __pyx_string_tab[91]
+#define __pyx_n_u_numpy __pyx_string_tab[92]
+#define __pyx_n_u_obj __pyx_string_tab[93]
+#define __pyx_n_u_pack __pyx_string_tab[94]
+#define __pyx_n_u_pop __pyx_string_tab[95]
+#define __pyx_n_u_record_into __pyx_string_tab[96]
+#define __pyx_n_u_recorded __pyx_string_tab[97]
+#define __pyx_n_u_register __pyx_string_tab[98]
+#define __pyx_n_u_setdefault __pyx_string_tab[99]
+#define __pyx_n_u_shape __pyx_string_tab[100]
+#define __pyx_n_u_size __pyx_string_tab[101]
+#define __pyx_n_u_start __pyx_string_tab[102]
+#define __pyx_n_u_step __pyx_string_tab[103]
+#define __pyx_n_u_stop __pyx_string_tab[104]
+#define __pyx_n_u_struct __pyx_string_tab[105]
+#define __pyx_n_u_total __pyx_string_tab[106]
+#define __pyx_n_u_unpack __pyx_string_tab[107]
+#define __pyx_n_u_update __pyx_string_tab[108]
+#define __pyx_n_u_us __pyx_string_tab[109]
 #define __pyx_n_u_v __pyx_string_tab[110]
 #define __pyx_n_u_values __pyx_string_tab[111]
 #define __pyx_n_u_values_ms __pyx_string_tab[112]
 #define __pyx_n_u_x __pyx_string_tab[113]
 #define __pyx_n_b_O __pyx_string_tab[114]
-#define __pyx_kp_b_iso88591_B_8_F_A_6_q_a_q_U_LA_vV1Cs_j_E __pyx_string_tab[115]
+#define __pyx_kp_b_iso88591_B_8_F_A_6_q_a_E_uA5Fa_vV1Cs_j_E __pyx_string_tab[115]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_136983863 __pyx_number_tab[2]
@@ -18089,7 +18094,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "ext/histogram.pyx":13
+/* "ext/histogram.pyx":20
  * 
  * 
  * def record_into(long long[::1] counts, values_ms):             # <<<<<<<<<<<<<<
@@ -18138,39 +18143,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_counts,&__pyx_mstate_global->__pyx_n_u_values_ms,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 13, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 20, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 13, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 20, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 13, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 20, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "record_into", 0) < (0)) __PYX_ERR(0, 13, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "record_into", 0) < (0)) __PYX_ERR(0, 20, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("record_into", 1, 2, 2, i); __PYX_ERR(0, 13, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("record_into", 1, 2, 2, i); __PYX_ERR(0, 20, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 13, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 20, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 13, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 20, __pyx_L3_error)
     }
-    __pyx_v_counts = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(values[0], PyBUF_WRITABLE); if (unlikely(!__pyx_v_counts.memview)) __PYX_ERR(0, 13, __pyx_L3_error)
+    __pyx_v_counts = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(values[0], PyBUF_WRITABLE); if (unlikely(!__pyx_v_counts.memview)) __PYX_ERR(0, 20, __pyx_L3_error)
     __pyx_v_values_ms = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("record_into", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 13, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("record_into", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 20, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18199,9 +18204,9 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
   Py_ssize_t __pyx_v_n;
   PY_LONG_LONG __pyx_v_recorded;
   PY_LONG_LONG __pyx_v_index;
-  int __pyx_v_exponent;
+  uint64_t __pyx_v_bits;
   double __pyx_v_v;
-  double __pyx_v_mantissa;
+  double __pyx_v_us;
   double __pyx_v_lo;
   double __pyx_v_hi;
   double __pyx_v_total;
@@ -18226,7 +18231,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("record_into", 0);
 
-  /* "ext/histogram.pyx":15
+  /* "ext/histogram.pyx":22
  * def record_into(long long[::1] counts, values_ms):
  *     """Add the finite ``values_ms`` to ``counts``; return (how many, min, max, sum) of them."""
  *     cdef const double[::1] values = np.ascontiguousarray(values_ms, dtype=np.float64)             # <<<<<<<<<<<<<<
@@ -18234,14 +18239,14 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
  *     cdef long long recorded = 0
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 22, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 15, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 22, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 22, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 15, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 22, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -18262,13 +18267,13 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_values_ms, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 22, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 22, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -18279,16 +18284,16 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 15, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 22, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 15, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 22, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_values = __pyx_t_7;
   __pyx_t_7.memview = NULL;
   __pyx_t_7.data = NULL;
 
-  /* "ext/histogram.pyx":16
+  /* "ext/histogram.pyx":23
  *     """Add the finite ``values_ms`` to ``counts``; return (how many, min, max, sum) of them."""
  *     cdef const double[::1] values = np.ascontiguousarray(values_ms, dtype=np.float64)
  *     cdef Py_ssize_t i, n = values.shape[0]             # <<<<<<<<<<<<<<
@@ -18297,31 +18302,31 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
   __pyx_v_n = (__pyx_v_values.shape[0]);
 
-  /* "ext/histogram.pyx":17
+  /* "ext/histogram.pyx":24
  *     cdef const double[::1] values = np.ascontiguousarray(values_ms, dtype=np.float64)
  *     cdef Py_ssize_t i, n = values.shape[0]
  *     cdef long long recorded = 0             # <<<<<<<<<<<<<<
  *     cdef long long index
- *     cdef int exponent
+ *     cdef uint64_t bits
 */
   __pyx_v_recorded = 0;
 
-  /* "ext/histogram.pyx":20
+  /* "ext/histogram.pyx":27
  *     cdef long long index
- *     cdef int exponent
- *     cdef double v, mantissa, lo = float("inf"), hi = float("-inf"), total = 0.0             # <<<<<<<<<<<<<<
+ *     cdef uint64_t bits
+ *     cdef double v, us, lo = float("inf"), hi = float("-inf"), total = 0.0             # <<<<<<<<<<<<<<
  *     if counts.shape[0] != N_BUCKETS:
  *         raise ValueError("counts must have one slot per bucket")
 */
-  __pyx_t_8 = __Pyx_PyUnicode_AsDouble(__pyx_mstate_global->__pyx_n_u_inf); if (unlikely(__PYX_CHECK_FLOAT_EXCEPTION(__pyx_t_8, ((double)((double)-1))) && PyErr_Occurred())) __PYX_ERR(0, 20, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyUnicode_AsDouble(__pyx_mstate_global->__pyx_n_u_inf); if (unlikely(__PYX_CHECK_FLOAT_EXCEPTION(__pyx_t_8, ((double)((double)-1))) && PyErr_Occurred())) __PYX_ERR(0, 27, __pyx_L1_error)
   __pyx_v_lo = __pyx_t_8;
-  __pyx_t_8 = __Pyx_PyUnicode_AsDouble(__pyx_mstate_global->__pyx_kp_u_inf_2); if (unlikely(__PYX_CHECK_FLOAT_EXCEPTION(__pyx_t_8, ((double)((double)-1))) && PyErr_Occurred())) __PYX_ERR(0, 20, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyUnicode_AsDouble(__pyx_mstate_global->__pyx_kp_u_inf_2); if (unlikely(__PYX_CHECK_FLOAT_EXCEPTION(__pyx_t_8, ((double)((double)-1))) && PyErr_Occurred())) __PYX_ERR(0, 27, __pyx_L1_error)
   __pyx_v_hi = __pyx_t_8;
   __pyx_v_total = 0.0;
 
-  /* "ext/histogram.pyx":21
- *     cdef int exponent
- *     cdef double v, mantissa, lo = float("inf"), hi = float("-inf"), total = 0.0
+  /* "ext/histogram.pyx":28
+ *     cdef uint64_t bits
+ *     cdef double v, us, lo = float("inf"), hi = float("-inf"), total = 0.0
  *     if counts.shape[0] != N_BUCKETS:             # <<<<<<<<<<<<<<
  *         raise ValueError("counts must have one slot per bucket")
  *     with nogil:
@@ -18331,8 +18336,8 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "ext/histogram.pyx":22
- *     cdef double v, mantissa, lo = float("inf"), hi = float("-inf"), total = 0.0
+    /* "ext/histogram.pyx":29
+ *     cdef double v, us, lo = float("inf"), hi = float("-inf"), total = 0.0
  *     if counts.shape[0] != N_BUCKETS:
  *         raise ValueError("counts must have one slot per bucket")             # <<<<<<<<<<<<<<
  *     with nogil:
@@ -18344,23 +18349,23 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_counts_must_have_one_slot_per_bu};
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 22, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 29, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 22, __pyx_L1_error)
+    __PYX_ERR(0, 29, __pyx_L1_error)
 
-    /* "ext/histogram.pyx":21
- *     cdef int exponent
- *     cdef double v, mantissa, lo = float("inf"), hi = float("-inf"), total = 0.0
+    /* "ext/histogram.pyx":28
+ *     cdef uint64_t bits
+ *     cdef double v, us, lo = float("inf"), hi = float("-inf"), total = 0.0
  *     if counts.shape[0] != N_BUCKETS:             # <<<<<<<<<<<<<<
  *         raise ValueError("counts must have one slot per bucket")
  *     with nogil:
 */
   }
 
-  /* "ext/histogram.pyx":23
+  /* "ext/histogram.pyx":30
  *     if counts.shape[0] != N_BUCKETS:
  *         raise ValueError("counts must have one slot per bucket")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18373,7 +18378,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "ext/histogram.pyx":24
+        /* "ext/histogram.pyx":31
  *         raise ValueError("counts must have one slot per bucket")
  *     with nogil:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -18387,7 +18392,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
         for (__pyx_t_12 = 0; __pyx_t_12 < __pyx_t_11; __pyx_t_12+=1) {
           __pyx_v_i = __pyx_t_12;
 
-          /* "ext/histogram.pyx":25
+          /* "ext/histogram.pyx":32
  *     with nogil:
  *         for i in range(n):
  *             v = values[i]             # <<<<<<<<<<<<<<
@@ -18397,7 +18402,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
           __pyx_t_13 = __pyx_v_i;
           __pyx_v_v = (*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_values.data) + __pyx_t_13)) )));
 
-          /* "ext/histogram.pyx":26
+          /* "ext/histogram.pyx":33
  *         for i in range(n):
  *             v = values[i]
  *             if not isfinite(v):             # <<<<<<<<<<<<<<
@@ -18409,7 +18414,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
           if (__pyx_t_9) {
 
 
-            /* "ext/histogram.pyx":27
+            /* "ext/histogram.pyx":34
  *             v = values[i]
  *             if not isfinite(v):
  *                 continue             # <<<<<<<<<<<<<<
@@ -18418,7 +18423,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
             goto __pyx_L7_continue;
 
-            /* "ext/histogram.pyx":26
+            /* "ext/histogram.pyx":33
  *         for i in range(n):
  *             v = values[i]
  *             if not isfinite(v):             # <<<<<<<<<<<<<<
@@ -18427,7 +18432,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
           }
 
-          /* "ext/histogram.pyx":28
+          /* "ext/histogram.pyx":35
  *             if not isfinite(v):
  *                 continue
  *             recorded += 1             # <<<<<<<<<<<<<<
@@ -18436,7 +18441,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
           __pyx_v_recorded = (__pyx_v_recorded + 1);
 
-          /* "ext/histogram.pyx":29
+          /* "ext/histogram.pyx":36
  *                 continue
  *             recorded += 1
  *             total += v             # <<<<<<<<<<<<<<
@@ -18445,7 +18450,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
           __pyx_v_total = (__pyx_v_total + __pyx_v_v);
 
-          /* "ext/histogram.pyx":30
+          /* "ext/histogram.pyx":37
  *             recorded += 1
  *             total += v
  *             if v < lo:             # <<<<<<<<<<<<<<
@@ -18457,7 +18462,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
           if (__pyx_t_9) {
 
 
-            /* "ext/histogram.pyx":31
+            /* "ext/histogram.pyx":38
  *             total += v
  *             if v < lo:
  *                 lo = v             # <<<<<<<<<<<<<<
@@ -18466,7 +18471,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
             __pyx_v_lo = __pyx_v_v;
 
-            /* "ext/histogram.pyx":30
+            /* "ext/histogram.pyx":37
  *             recorded += 1
  *             total += v
  *             if v < lo:             # <<<<<<<<<<<<<<
@@ -18475,96 +18480,96 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
           }
 
-          /* "ext/histogram.pyx":32
+          /* "ext/histogram.pyx":39
  *             if v < lo:
  *                 lo = v
  *             if v > hi:             # <<<<<<<<<<<<<<
  *                 hi = v
- *             v = v * 1000.0
+ *             us = v * 1000.0
 */
           __pyx_t_9 = (__pyx_v_v > __pyx_v_hi);
 
           if (__pyx_t_9) {
 
 
-            /* "ext/histogram.pyx":33
+            /* "ext/histogram.pyx":40
  *                 lo = v
  *             if v > hi:
  *                 hi = v             # <<<<<<<<<<<<<<
- *             v = v * 1000.0
- *             if v < 1.0:
+ *             us = v * 1000.0
+ *             if us < 1.0:
 */
             __pyx_v_hi = __pyx_v_v;
 
-            /* "ext/histogram.pyx":32
+            /* "ext/histogram.pyx":39
  *             if v < lo:
  *                 lo = v
  *             if v > hi:             # <<<<<<<<<<<<<<
  *                 hi = v
- *             v = v * 1000.0
+ *             us = v * 1000.0
 */
           }
 
-          /* "ext/histogram.pyx":34
+          /* "ext/histogram.pyx":41
  *             if v > hi:
  *                 hi = v
- *             v = v * 1000.0             # <<<<<<<<<<<<<<
- *             if v < 1.0:
- *                 v = 1.0
+ *             us = v * 1000.0             # <<<<<<<<<<<<<<
+ *             if us < 1.0:
+ *                 us = 1.0
 */
-          __pyx_v_v = (__pyx_v_v * 1000.0);
+          __pyx_v_us = (__pyx_v_v * 1000.0);
 
-          /* "ext/histogram.pyx":35
+          /* "ext/histogram.pyx":42
  *                 hi = v
- *             v = v * 1000.0
- *             if v < 1.0:             # <<<<<<<<<<<<<<
- *                 v = 1.0
- *             mantissa = frexp(v, &exponent)
+ *             us = v * 1000.0
+ *             if us < 1.0:             # <<<<<<<<<<<<<<
+ *                 us = 1.0
+ *             memcpy(&bits, &us, 8)
 */
-          __pyx_t_9 = (__pyx_v_v < 1.0);
+          __pyx_t_9 = (__pyx_v_us < 1.0);
 
           if (__pyx_t_9) {
 
 
-            /* "ext/histogram.pyx":36
- *             v = v * 1000.0
- *             if v < 1.0:
- *                 v = 1.0             # <<<<<<<<<<<<<<
- *             mantissa = frexp(v, &exponent)
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))
+            /* "ext/histogram.pyx":43
+ *             us = v * 1000.0
+ *             if us < 1.0:
+ *                 us = 1.0             # <<<<<<<<<<<<<<
+ *             memcpy(&bits, &us, 8)
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)
 */
-            __pyx_v_v = 1.0;
+            __pyx_v_us = 1.0;
 
-            /* "ext/histogram.pyx":35
+            /* "ext/histogram.pyx":42
  *                 hi = v
- *             v = v * 1000.0
- *             if v < 1.0:             # <<<<<<<<<<<<<<
- *                 v = 1.0
- *             mantissa = frexp(v, &exponent)
+ *             us = v * 1000.0
+ *             if us < 1.0:             # <<<<<<<<<<<<<<
+ *                 us = 1.0
+ *             memcpy(&bits, &us, 8)
 */
           }
 
-          /* "ext/histogram.pyx":37
- *             if v < 1.0:
- *                 v = 1.0
- *             mantissa = frexp(v, &exponent)             # <<<<<<<<<<<<<<
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))
+          /* "ext/histogram.pyx":44
+ *             if us < 1.0:
+ *                 us = 1.0
+ *             memcpy(&bits, &us, 8)             # <<<<<<<<<<<<<<
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)
  *             if index >= N_BUCKETS:
 */
-          __pyx_v_mantissa = frexp(__pyx_v_v, (&__pyx_v_exponent));
+          (void)(memcpy((&__pyx_v_bits), (&__pyx_v_us), 8));
 
-          /* "ext/histogram.pyx":38
- *                 v = 1.0
- *             mantissa = frexp(v, &exponent)
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))             # <<<<<<<<<<<<<<
+          /* "ext/histogram.pyx":45
+ *                 us = 1.0
+ *             memcpy(&bits, &us, 8)
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)             # <<<<<<<<<<<<<<
  *             if index >= N_BUCKETS:
  *                 index = N_BUCKETS - 1
 */
-          __pyx_v_index = ((((PY_LONG_LONG)__pyx_v_exponent) * 64) + ((PY_LONG_LONG)((__pyx_v_mantissa - 0.5) * 128.0)));
+          __pyx_v_index = (((((PY_LONG_LONG)((__pyx_v_bits >> 52) & 0x7FF)) - 0x3FE) * 64) + ((PY_LONG_LONG)((__pyx_v_bits >> 46) & 63)));
 
-          /* "ext/histogram.pyx":39
- *             mantissa = frexp(v, &exponent)
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))
+          /* "ext/histogram.pyx":46
+ *             memcpy(&bits, &us, 8)
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)
  *             if index >= N_BUCKETS:             # <<<<<<<<<<<<<<
  *                 index = N_BUCKETS - 1
  *             counts[index] += 1
@@ -18574,8 +18579,8 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
           if (__pyx_t_9) {
 
 
-            /* "ext/histogram.pyx":40
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))
+            /* "ext/histogram.pyx":47
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)
  *             if index >= N_BUCKETS:
  *                 index = N_BUCKETS - 1             # <<<<<<<<<<<<<<
  *             counts[index] += 1
@@ -18583,16 +18588,16 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 */
             __pyx_v_index = 0x8bf;
 
-            /* "ext/histogram.pyx":39
- *             mantissa = frexp(v, &exponent)
- *             index = <long long>exponent * SUB_BUCKETS + <long long>((mantissa - 0.5) * (2 * SUB_BUCKETS))
+            /* "ext/histogram.pyx":46
+ *             memcpy(&bits, &us, 8)
+ *             index = (<long long>((bits >> 52) & 0x7FF) - 1022) * SUB_BUCKETS + <long long>((bits >> 46) & 63)
  *             if index >= N_BUCKETS:             # <<<<<<<<<<<<<<
  *                 index = N_BUCKETS - 1
  *             counts[index] += 1
 */
           }
 
-          /* "ext/histogram.pyx":41
+          /* "ext/histogram.pyx":48
  *             if index >= N_BUCKETS:
  *                 index = N_BUCKETS - 1
  *             counts[index] += 1             # <<<<<<<<<<<<<<
@@ -18605,7 +18610,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
 
       }
 
-      /* "ext/histogram.pyx":23
+      /* "ext/histogram.pyx":30
  *     if counts.shape[0] != N_BUCKETS:
  *         raise ValueError("counts must have one slot per bucket")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18622,29 +18627,29 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
       }
   }
 
-  /* "ext/histogram.pyx":42
+  /* "ext/histogram.pyx":49
  *                 index = N_BUCKETS - 1
  *             counts[index] += 1
  *     return recorded, lo, hi, total             # <<<<<<<<<<<<<<
 */
-  __pyx_t_1 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_recorded); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_recorded); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 49, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = PyFloat_FromDouble(__pyx_v_lo); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_4 = PyFloat_FromDouble(__pyx_v_lo); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 49, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_3 = PyFloat_FromDouble(__pyx_v_hi); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_3 = PyFloat_FromDouble(__pyx_v_hi); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 49, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = PyFloat_FromDouble(__pyx_v_total); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_5 = PyFloat_FromDouble(__pyx_v_total); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 49, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_2 = PyTuple_New(4); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_2 = PyTuple_New(4); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 49, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 42, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 49, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_4);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 42, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 49, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_3);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 2, __pyx_t_3) != (0)) __PYX_ERR(0, 42, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 2, __pyx_t_3) != (0)) __PYX_ERR(0, 49, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_5);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 3, __pyx_t_5) != (0)) __PYX_ERR(0, 42, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 3, __pyx_t_5) != (0)) __PYX_ERR(0, 49, __pyx_L1_error);
   __pyx_t_1 = 0;
   __pyx_t_4 = 0;
   __pyx_t_3 = 0;
@@ -18660,7 +18665,7 @@ static PyObject *__pyx_pf_6engine_7kernels_12_histogram_c_record_into(CYTHON_UNU
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "ext/histogram.pyx":13
+  /* "ext/histogram.pyx":20
  * 
  * 
  * def record_into(long long[::1] counts, values_ms):             # <<<<<<<<<<<<<<
@@ -20842,37 +20847,37 @@ __Pyx_RefNannySetupContext("PyInit__histogram_c", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "ext/histogram.pyx":6
- * from libc.math cimport frexp, isfinite
+  /* "ext/histogram.pyx":13
+ * from libc.string cimport memcpy
  * 
  * import numpy as np             # <<<<<<<<<<<<<<
  * 
  * DEF SUB_BUCKETS = 64
 */
-  __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_numpy, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 6, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_numpy, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 13, __pyx_L1_error)
   __pyx_t_4 = __pyx_t_1;
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_np, __pyx_t_4) < (0)) __PYX_ERR(0, 6, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_np, __pyx_t_4) < (0)) __PYX_ERR(0, 13, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "ext/histogram.pyx":13
+  /* "ext/histogram.pyx":20
  * 
  * 
  * def record_into(long long[::1] counts, values_ms):             # <<<<<<<<<<<<<<
  *     """Add the finite ``values_ms`` to ``counts``; return (how many, min, max, sum) of them."""
  *     cdef const double[::1] values = np.ascontiguousarray(values_ms, dtype=np.float64)
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6engine_7kernels_12_histogram_c_1record_into, 0, __pyx_mstate_global->__pyx_n_u_record_into, NULL, __pyx_mstate_global->__pyx_n_u_engine_kernels__histogram_c, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6engine_7kernels_12_histogram_c_1record_into, 0, __pyx_mstate_global->__pyx_n_u_record_into, NULL, __pyx_mstate_global->__pyx_n_u_engine_kernels__histogram_c, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 20, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_record_into, __pyx_t_4) < (0)) __PYX_ERR(0, 13, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_record_into, __pyx_t_4) < (0)) __PYX_ERR(0, 20, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "ext/histogram.pyx":1
  * # cython: language_level=3             # <<<<<<<<<<<<<<
- * """Compiled twin of engine/kernels/_histogram_py.py: one pass, no temporaries, no GIL."""
+ * """Compiled twin of engine/kernels/_histogram_py.py: one pass, no temporaries, no GIL.
  * 
 */
   __pyx_t_4 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 1, __pyx_L1_error)
@@ -20985,7 +20990,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "ext/histogram.pyx":15
+  /* "ext/histogram.pyx":22
  * def record_into(long long[::1] counts, values_ms):
  *     """Add the finite ``values_ms`` to ``counts``; return (how many, min, max, sum) of them."""
  *     cdef const double[::1] values = np.ascontiguousarray(values_ms, dtype=np.float64)             # <<<<<<<<<<<<<<
@@ -20994,7 +20999,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 15, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 22, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
@@ -21058,31 +21063,31 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{4},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{36},{7},{6},{17},{2},{9},{50},{30},{37},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{17},{18},{4},{1},{18},{5},{6},{5},{15},{6},{27},{9},{5},{8},{5},{7},{6},{7},{2},{1},{2},{5},{3},{5},{8},{2},{8},{7},{4},{1},{4},{4},{2},{5},{3},{4},{3},{11},{8},{8},{10},{5},{4},{5},{4},{4},{6},{5},{6},{6},{1},{6},{9},{1}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{1},{253}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{4},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{36},{7},{6},{17},{2},{9},{50},{30},{37},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{17},{18},{4},{4},{1},{18},{5},{6},{5},{15},{6},{27},{9},{5},{5},{7},{6},{7},{2},{1},{2},{5},{3},{5},{8},{2},{7},{4},{1},{4},{4},{2},{5},{3},{4},{3},{11},{8},{8},{10},{5},{4},{5},{4},{4},{6},{5},{6},{6},{2},{1},{6},{9},{1}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{269}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (990 bytes) */
-static const char cstring[] = "x\332}TMo\0345\030f\253PZH!\255\322\202T\t9\341c/\311@\244\250\212BU\024B*E@I\010\251D9X\036\373\235]7\036{\342\217e\207S\2179\316q\216{\314\261\307\034{\3141\3079\362\023\370\t\274\236\311n\002\252Xi=\257\375~\370\361\343\3475a\236|=&&}\t\334?Y\225:K6\311\343\237 7\266|.\341\017b2\362\230\033\355\345 \230\340\010\323\202\010ic\360\177\227\245\236:\234\267R\200\270\026L\214\375_\377\277\327f\221O\276\335fZ\033O\230sr\240\2117\304\002\023\253F\253\222\344-\310\021\202\334\325#\246\244 \271\021\260B`\\`.\226\352\363~\334\267\237\031\353-\323\375\0252\300R\323`7d\005\340V\204\215\245#\317\214\007\342\207\310\306v\351\207F\023\\\023\240d\n\226y\300\335\">\254jc\220&{;{\253\353\033\353-Z\013\221;G\\H\271B\240\340\"ii\220\312cu_\026\340\022\262\233\221\322\004\242\001q\341)\n\214\273\236\340\207\240\211\003\037\r\322o\317\314\2744\232b\272\324\203\376%Mr\0041\373)S\016\022&\004\3058\340F\251\3503\332%,\345\334\004\215h\362\340<\0312L0\032\210Sx\362\002\321\247\201\037\201\027\322\261T\001\350v\034\373\257\206\322y3\260,O\212r<\340\322u.\241\r\262\220\261\240<\241\324\202\010\034(%\"\2640\264\321\253\310\312H2\205^.\265\364\224\20661\272\231R\206#y\204Y\313J\"\230g\311[\274\335=D\";\t\270d\353`{wwG)Y8\351\016\3408\200\346\020\305\230\\\351\222\322\275r\214\377\357\361R\3503<\302/\220QzI\034bD<\221\332+c\000^z\310\343\202\2109\370\313\202\346\361\213.7\315\222y\201j\211V\316\244n\277F\004\325\3724\313\273o\334\236Rd\212\362!\360#\027\362nvY%\232\361\332;+\350B\362#\254\260\243\247q#\037Y\2105\216\003S\323\262Szg\026o\225xm\001\306q\2022\231Aq\327\240\317\354\253<\017.\236E:\312\2155\001\365\010\250\220)\3654\rY\206\372vW\215\334^\025s\245\346\322$\263\034\2272\007\234+4)\222\202\315\304!e\374\250\225Z\2477\021\017\334\016q\267\3569\301k\303\206\004=\300\274\344\010\254\006\345\022:\223\032\345\200\214\264\375\005\326\032\213}\213R\325>Sl\3402e\230\177\264\216\255\2333\177\331\300C)\245\300\267\001\306\370L\305\313t\335\360\047(\2233<\202sHK\036_\204\370\022\350H\022\276$""\271.p\237\242DP\005\202.L\201\255d\254\300\243x\323\231 ,\014\020\027X$\361R\360\255.cq$\325\"\263P n\374\333\300\275G\225)\274X,\027\n\0246\214\360M\t\340\272\221\346n\374\363\253\336_s\237O\276\273\370r\343\254w\366\360\315\323\363\345\363\255f\356a\375h\362`r|\332k\346>\255\331\3377\337y\367\263\311\0278\277\363\372\360l\351\342\233\037c\314{\257F\047\317\253\265j\273r\365Rs\353\303\223\227u\257\276\333\334~\277\2715\177\262S\335\257Xu\334\314/T7;\343\243\023_m\324k\365V\263p\267\231\377\244\3565\363\367\253\375\270n\253{\325Z\263\360\226\331Bu\243Z\256\266\256-/\306\331\307U\250\267\352\203Io\202\225\026\253\037\352\362\364\306\351\312\353\364\354\316\233\337\316\323\213\275\303\213\303\027\027/~\217i\243\352\000wZX\236,5\363\367\252\245j\263\336o\346>8\331\254~\255\027\353\375\177\000*Jwo";
-    PyObject *data = __Pyx_DecompressString(cstring, 990, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (993 bytes) */
+static const char cstring[] = "x\332}TMo\0345\030&R\350\007D\220T\264B* \047*\354\245\031\032\024\252(\252\212BH\244\034(I\203z\242\262<\366;\273\316z\354\211?\226]$\244\036s\234\343\034\367\230c\2169\346\230\343\036\347\310O\340\047\360zfw\023P\305J\353y\355\367\303\217\037?\257\t\363\344\331\220\230\364\004\270\177\271.u\226l\223\027?Cn\354\350\215\204\337\211\311\310\013n\264\227\335`\202#L\013\"\244\215\301\377]\226z\346p\336J\001\342V01\366\177\375\377^\233G\276\374a\227im<a\316\311\256&\336\020\013L\254\033\255F$o@\016\020\344\201\0360%\005\311\215\200\247\004\206\005\346b\251\016\357\304};\231\261\3362\335yJ\272Xj\026\354z\254\000\334\212\260\241t\344\225\361@|\017\331\330\035\371\236\321\004\327\004(\231\202e\036p\267\210\017\253\332\030\244\311\341\336\341\372\346\326f\203\326B\344\316\021\027R\256\020(\270HZ\032\244\362X\335\217\np\t9\310\310\310\004\242\001q\341)\n\214\273\235\340{\240\211\003\037\r\322i\316\314\2744\232b\272\324\335\316\224&9\200\230\275\317\224\203\204\tA1\016\270Q*\372\214v\tK97A#\232<8Oz\014\023\214\006\342\024\236\274@\364i\340}\360B:\226*\000\335\214C\377mO:o\272\226\345I1\032v\271t\255Kh\203,d,(O(\265 \002\007J\211\010\r\014m\364:\2622\220L\241\227K-=\245\241I\214n\246\224\341H\036a\326\262\021\021\314\263\344=\336\366\036\"\221\255\004\\\262s\274{p\260\247\224,\234t\307p\032@s\210bLntI\351\341h\210\377\237\360R\350+<\302k\310(\235\022\207\030\021O\244\366\306\350\202\227\036\362\270 b\016\376\262\240y\374\242\313\315\262d^\240Z\242\2253\251\233\257\021A5>\315\362\366\033\267\247\024\231\242\274\007\274\357B\336\316\246U\242\031\257\275\265\202.$\357c\205==\213\033\370\310B\254q\032\230\232\225\235\321;\267x\243\304[\0130\214\023\224\311\034\212\273\005}n\337\344yp\361,\322Qn\254\t\250G@\205\314\250\247i\3102\324\267\273i\344\346\252\230\033i.M2\317q)s\220J\3578W8\245H\0146\024\207\224\361~#\267Vs\"\036\272\031\342\216\355\223\202W\207M\t\272\213yI\037\254\006\345\022:\227\033\345\200\2544=\006\326\032\233)\326u\2312\314?\337\304\266\315\231\2376oOJ)\360]\200!>Q""\361\"];\374\001\312\340C\020_\201\330\375:\022\203\257G\256\013\254[\214\020D\201 \013S`\373\030+\020\2727\255\t\302B\027q\200E\342\246\"o\264\030\213\"\221\026\331\204\002q\342\337\006\356=*K\341eb\271P\240\230!\270\001\276$\001\\;\322\334\r\177y\267\360\327\342\223\361\217\223o\266.\027.\037_\355_\257]\357\324\213\217\253\347\343G\343\323\363\205z\361\253\212\375}\347\203\017\277\254\366\306+\343\365\363p\2613\371~\377\212\325\213w\337\r\316\336\224\033\345n\351\252\325\372\336\047g\047\325B\265R\337\377\250\276\267t\266W>,YyZ/-\227wZ\343\3233_nU\033\325N\275\274R/}^-\324K\017\313\243\270n\313\007\345F\275\374\236\331\n\332\337\265\313\256\\+w\246\313\017\312U\334w\277Z\2556\253\323X\346\355\370\353\261;\177r\236^\334\275\260\227\217.\355\325\027\327\257\257\377\234\374\306&LLDo\322;\231\234\364c\231Ay\214;/\257\215W\3332\333\325Q\275\370\361\331v\371k\365Yu\364\017%\231|\007";
+    PyObject *data = __Pyx_DecompressString(cstring, 993, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1300 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>-i\377nf.: <Me\377moryView\377 of <con\377tiguous \177and dir)\001\366\007\rin\021\005stri\367ded\"\010 or \346\004\031><(\tA\006>?C\377annot as\377sign to \377read-onl\327y m\240\002v\242\000In\377valid mo\177de, exp\311\000\356|\000\047c\047t\001\047fo\377rtran\047, \371gH\000%\005shape\376\222\000 axis N\277ote th\213 C\277ython \021\000d\377eliberatyek\000\320\001cter!\001\377n PEP-48\3554\212\"re\270!s soubcl\246\000es\261!\277builti\260\000y\377pes. If ?you ne\224 \303\000\371p\316\000%\tthen wset\200\000e \047\357\002\377ation_ty\337ping\047\355$iv\376\242\000o False\337.add_\231 ec\347oll\272@+\000s.a\377bccounts\377 must ha~.\000one sl\302 \375p\273\000bucket\377disablee\375n\001\002xt/his\377togram.p\277yxgcis\025\003d\377no defau\377lt __red\377uce__ du\336\202\002non-\347@vi\373al\033\000cinit\347__uO\002\246Aall\373oc\272  arra\177y data.\013\020\370\202C\324a\261cs.ASC\377IIEllips\377isSequen\353ce\211\204\001.\216\204\007__P\373yx\001\000Dict_\377NextRef_\331_\262$\241\000__\207B__\376\001\005getitem\362\r\001d0\001\027\000func\314\035\001\030\000st\343@)\001imyp\253`3\001main\003\002\357odulM\002nam\346\002\003ewT\001\247 _ch\037ecksuT\000\n\001?\004\360\025\001\265@\247 \037\001unpi\333ck?\000En \005vt<\372!\230\001qualO\005\327%b\340&c\205\204\002\277\001\363$ex\314\001\202\244`_\203\005\260`\262\006\003\006.\007t\373es\220@_is_c\377oroutine\374\237`\221E_buffe\347ras\326\206\007\246Basy\337ncio.+\006sb\277aseccl<\000_\376\222 traceba\023ck\346b\352cd\355\001\000\002j\001\254\311\207\003\264@od\342`gt\000.\377kernels.\235_\342f_ce\217 \333\205\002e\377rrorexpo\377nentflag\377sfloat64\277format\272\206\004h\377iiidinde\257xinf\311As\000\002i\377zelomant\227iss\237@m\216\207\001\206\207\001n~\254Andimnp\367 \277pyobjp\262\000p\257opre\214 d\310\000t\375o\005\003edregi\177sterset\352\204\004\262\233\207\002sZ\000\231`rt\031\000p\367sto\001\000ruct\237total\326@\201 u\177pdatevv\r\000\373es\000\003_msxO\377\200\001\340\004$\240B""\320\377&8\270\001\270\033\300F\377\310\"\310A\330\004\033\230\3776\240\026\240q\250\001\330\377\004\036\230a\360\006\000\005\367#\240%\r\000\r\260U\270\357!\320;L \001\007\200v\377\210V\2201\220C\220s\377\230!\330\010\016\210j\230\377\001\230\021\330\t\n\330\010\377\014\210E\220\025\220a\220\277q\330\014\020\220\006\003\003\017\377\210t\2208\2301\230A\377\330\020\021\330\014\030\230\001\377\330\014\025\220Q\330\014\017\377\210r\220\022\2201\330\020\374\000\013\027\002\020\220\002\220\"\220\365A\032\010\024\n\001\027\220u\230\277A\230S\240\001\240G\000\024\377\220K\230y\250\002\250,\377\260b\270\r\300Y\310b\377\320PU\320UZ\320Z\335[X\001v\220Sg\000\020\"\377\240!\330\014\022\220!\220\377:\230Q\330\004\013\210:?\220T\230\024\230Q";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1300, 1622);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1309 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>-i\377nf.: <Me\377moryView\377 of <con\377tiguous \177and dir)\001\366\007\rin\021\005stri\367ded\"\010 or \346\004\031><(\tA\006>?C\377annot as\377sign to \377read-onl\327y m\240\002v\242\000In\377valid mo\177de, exp\311\000\356|\000\047c\047t\001\047fo\377rtran\047, \371gH\000%\005shape\376\222\000 axis N\277ote th\213 C\277ython \021\000d\377eliberatyek\000\320\001cter!\001\377n PEP-48\3554\212\"re\270!s soubcl\246\000es\261!\277builti\260\000y\377pes. If ?you ne\224 \303\000\371p\316\000%\tthen wset\200\000e \047\357\002\377ation_ty\337ping\047\355$iv\376\242\000o False\337.add_\231 ec\347oll\272@+\000s.a\377bccounts\377 must ha~.\000one sl\302 \375p\273\000bucket\377disablee\375n\001\002xt/his\377togram.p\277yxgcis\025\003d\377no defau\377lt __red\377uce__ du\336\202\002non-\347@vi\373al\033\000cinit\347__uO\002\246Aall\373oc\272  arra\177y data.\013\020\370\202C\324a\261cs.ASC\377IIEllips\377isSequen\353ce\211\204\001.\216\204\007__P\373yx\001\000Dict_\377NextRef_\331_\262$\241\000__\207B__\376\001\005getitem\362\r\001d0\001\027\000func\314\035\001\030\000st\343@)\001imyp\253`3\001main\003\002\357odulM\002nam\346\002\003ewT\001\247 _ch\037ecksuT\000\n\001?\004\360\025\001\265@\247 \037\001unpi\333ck?\000En \005vt<\372!\230\001qualO\005\327%b\340&c\205\204\002\277\001\363$ex\314\001\202\244`_\203\005\260`\262\006\003\006.\007t\373es\220@_is_c\377oroutine\374\237`\221E_buffe\347ras\326\206\007\246Basy\337ncio.+\006sb\377asebitsc\353cl@\000_\226 tra?ceback\352b\356c\301d\361\001\000\002n\001\315\207\003\270@od\372\346`gx\000.kern\337els._\346f_c\371e\223 \337\205\002error\377flagsflo\377at64form\373at\266\206\004hiiid\377indexinf\372\305As\000\002izelo\247mem\202\207\001\372\206\001n\240An\337dimnp\353 py\357objp\242\000popkre\200 d\270\000to\005\003\377edregist\237erset\336\204\004\217\207\002s\354R\000\215`rt\031\000pst\375o\001\000ructto\347tal\312@\361\000upd\177ateusvv\017\000\373es\000\003_msxO\377\200\001\340\004$\240B\320\377&8\270""\001\270\033\300F\377\310\"\310A\330\004\033\230\3776\240\026\240q\250\001\330\377\004\036\230a\360\006\000\005\377\035\230E\240\021\240-\250\377u\260A\3205F\300a\377\330\004\007\200v\210V\220\3771\220C\220s\230!\330\377\010\016\210j\230\001\230\021\377\330\t\n\330\010\014\210E\377\220\025\220a\220q\330\014\367\020\220\006\003\003\017\210t\220\3778\2301\230A\330\020\021\377\330\014\030\230\001\330\014\025\377\220Q\330\014\017\210r\220\237\022\2201\330\020\000\013\027\002\021\372\027\0002\037\003s\220\"\220A\356\036\004\022\220!u\000F\230!\367\2304\230`\000\025\220]\240\377%\240s\250$\250b\260\377\007\260r\270\026\270r\300\377\034\310R\310}\320\\a\377\320ad\320dh\320h\357j\320jkh\001v\220S~w\000\020\"\240!\330\014C\001\377:\230Q\330\004\013\210:?\220T\230\024\230Q";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1309, 1628);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1622 bytes) */
-static const char bytes[] = " at 0x object>-inf.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abccounts must have one slot per bucketdisableenableext/histogram.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferascontiguousarrayasyncio.coroutinesbaseccline_in_tracebackcountcountsdtypedtype_is_objectencodeengine.kernels._histogram_cenumerateerrorexponentflagsfloat64formatfortranhiiidindexinfitemsitemsizelomantissamemviewmodennamendimnpnumpyobjpackpoprecord_intorecordedregistersetdefaultshapesizestartstepstopstructtotalunpackupdatevvaluesvalues_msxO\200\001\340\004$\240B\320&8\270\001\270\033\300F\310\"\310A\330\004\033\2306\240\026\240q\250\001\330\004\036\230a\360\006\000\005#\240%\240q\250\r\260U\270!\320;L\310A\330\004\007\200v\210V\2201\220C\220s\230!\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\006\220a\220q\330\014\017\210t\2208\2301\230A\330\020\021\330\014\030\230\001\330\014\025\220Q\330\014\017\210r\220\022\2201\330\020\025\220Q\330\014\017\210r\220\022\2201\330\020\025\220Q\330\014\020\220\002\220\"\220A\330\014\017\210r\220\022\2201\330\020\024\220A\330\014\027\220u\230A\230S\240\001\240""\021\330\014\024\220K\230y\250\002\250,\260b\270\r\300Y\310b\320PU\320UZ\320Z[\330\014\017\210v\220S\230\001\330\020\"\240!\330\014\022\220!\220:\230Q\330\004\013\210:\220T\230\024\230Q";
+    #else /* compression: none (1628 bytes) */
+static const char bytes[] = " at 0x object>-inf.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abccounts must have one slot per bucketdisableenableext/histogram.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferascontiguousarrayasyncio.coroutinesbasebitsccline_in_tracebackcountcountsdtypedtype_is_objectencodeengine.kernels._histogram_cenumerateerrorflagsfloat64formatfortranhiiidindexinfitemsitemsizelomemviewmodennamendimnpnumpyobjpackpoprecord_intorecordedregistersetdefaultshapesizestartstepstopstructtotalunpackupdateusvvaluesvalues_msxO\200\001\340\004$\240B\320&8\270\001\270\033\300F\310\"\310A\330\004\033\2306\240\026\240q\250\001\330\004\036\230a\360\006\000\005\035\230E\240\021\240-\250u\260A\3205F\300a\330\004\007\200v\210V\2201\220C\220s\230!\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\006\220a\220q\330\014\017\210t\2208\2301\230A\330\020\021\330\014\030\230\001\330\014\025\220Q\330\014\017\210r\220\022\2201\330\020\025\220Q\330\014\017\210r\220\022\2201\330\020\025\220Q\330\014\021\220\022\2202\220Q\330\014\017\210s\220\"\220A\330\020\025\220Q\330\014\022\220!\2201\220F\230!\2304\230q\330\014""\025\220]\240%\240s\250$\250b\260\007\260r\270\026\270r\300\034\310R\310}\320\\a\320ad\320dh\320hj\320jk\330\014\017\210v\220S\230\001\330\020\"\240!\330\014\022\220!\220:\230Q\330\004\013\210:\220T\230\024\230Q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
@@ -21186,7 +21191,7 @@ typedef struct {
     unsigned int num_kwonly_args : 1;
     unsigned int nlocals : 4;
     unsigned int flags : 10;
-    unsigned int first_line : 4;
+    unsigned int first_line : 5;
 } __Pyx_PyCode_New_function_description;
 #ifdef __cplusplus
 } /* anonymous namespace */
@@ -21206,9 +21211,9 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 13, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 13};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_counts, __pyx_mstate->__pyx_n_u_values_ms, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_recorded, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_exponent, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_mantissa, __pyx_mstate->__pyx_n_u_lo, __pyx_mstate->__pyx_n_u_hi, __pyx_mstate->__pyx_n_u_total};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_histogram_pyx, __pyx_mstate->__pyx_n_u_record_into, __pyx_mstate->__pyx_kp_b_iso88591_B_8_F_A_6_q_a_q_U_LA_vV1Cs_j_E, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 13, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 20};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_counts, __pyx_mstate->__pyx_n_u_values_ms, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_recorded, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_us, __pyx_mstate->__pyx_n_u_lo, __pyx_mstate->__pyx_n_u_hi, __pyx_mstate->__pyx_n_u_total};
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_histogram_pyx, __pyx_mstate->__pyx_n_u_record_into, __pyx_mstate->__pyx_kp_b_iso88591_B_8_F_A_6_q_a_E_uA5Fa_vV1Cs_j_E, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;

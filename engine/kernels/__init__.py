@@ -5,6 +5,7 @@ built; ``IMPLEMENTATION`` says which: ``"c"`` or ``"py"``. Both pass the same te
 canpipe: imports nothing else of the package.
 """
 
+from engine.kernels.groupby import GroupStats
 from engine.kernels.histogram import IMPLEMENTATION, LatencyHistogram
 
-__all__ = ["IMPLEMENTATION", "LatencyHistogram"]
+__all__ = ["IMPLEMENTATION", "GroupStats", "LatencyHistogram"]

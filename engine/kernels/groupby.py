@@ -1,0 +1,84 @@
+"""Per-group statistics over columnar arrays, streamed part by part in bounded memory.
+
+``GroupStats`` holds, per signal and group, the count of present (non-NaN) values, min, max and sum, and
+the number of rows per group. Parts merge, so an hour of files can be aggregated file by file. The
+compiled kernel is used unless ``CANPIPE_NO_EXTENSIONS=1`` or it was not built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from engine.kernels import _groupby_py
+
+IMPLEMENTATION = "py"
+_kernel = _groupby_py
+if os.environ.get("CANPIPE_NO_EXTENSIONS", "") != "1":
+    try:
+        from engine.kernels import _groupby_c
+    except ImportError:  # not built: the pure-Python twin serves
+        pass
+    else:
+        IMPLEMENTATION, _kernel = "c", _groupby_c
+
+
+class GroupStats:
+    """Accumulators for ``signals`` signals over a growing number of groups."""
+
+    _groupby_into = staticmethod(_kernel.groupby_into)
+
+    def __init__(self, signals: int, groups: int = 0) -> None:
+        self.signals = signals
+        self.records = np.zeros(groups, dtype=np.int64)
+        self.count = np.zeros((signals, groups), dtype=np.int64)
+        self.minimum = np.full((signals, groups), np.nan)
+        self.maximum = np.full((signals, groups), np.nan)
+        self.total = np.zeros((signals, groups), dtype=np.float64)
+
+    @property
+    def groups(self) -> int:
+        return self.records.shape[0]
+
+    def grow(self, groups: int) -> None:
+        """Make room for at least ``groups`` groups (new groups start empty)."""
+        extra = groups - self.groups
+        if extra <= 0:
+            return
+        pad = ((0, 0), (0, max(extra, self.groups)))  # double, so growing one at a time stays linear
+        self.records = np.pad(self.records, (0, pad[1][1]))
+        self.count = np.pad(self.count, pad)
+        self.minimum = np.pad(self.minimum, pad, constant_values=np.nan)
+        self.maximum = np.pad(self.maximum, pad, constant_values=np.nan)
+        self.total = np.pad(self.total, pad)
+
+    def add(self, group: np.ndarray, values: np.ndarray) -> None:
+        """Add rows: ``group`` (int64 per row), ``values`` (signals x rows float64, NaN where absent)."""
+        if len(group):
+            self.grow(int(np.max(group)) + 1)
+        self._groupby_into(group, values, self.records, self.count, self.minimum, self.maximum, self.total)
+
+    def merge(self, other: GroupStats) -> None:
+        """Add another part whose group indices mean the same groups."""
+        self.grow(other.groups)
+        n = other.groups
+        seen, theirs = self.count[:, :n] > 0, other.count > 0
+        self.minimum[:, :n] = np.where(seen & theirs, np.fmin(self.minimum[:, :n], other.minimum),
+                                       np.where(theirs, other.minimum, self.minimum[:, :n]))
+        self.maximum[:, :n] = np.where(seen & theirs, np.fmax(self.maximum[:, :n], other.maximum),
+                                       np.where(theirs, other.maximum, self.maximum[:, :n]))
+        self.records[:n] += other.records
+        self.count[:, :n] += other.count
+        self.total[:, :n] += other.total
+
+    def mean(self) -> np.ndarray:
+        """Per signal and group; NaN where a group has no value of that signal."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+
+
+class PyGroupStats(GroupStats):
+    """Always the pure-Python kernel (tests and benchmarks compare the two)."""
+
+    _groupby_into = staticmethod(_groupby_py.groupby_into)
