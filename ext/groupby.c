@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-fj83_mfi/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-vvl2jin7/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._groupby_c",
         "sources": [
@@ -3511,7 +3511,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[3];
     PyObject *__pyx_codeobj_tab[1];
-    PyObject *__pyx_string_tab[120];
+    PyObject *__pyx_string_tab[123];
     PyObject *__pyx_number_tab[3];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3643,44 +3643,47 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_group __pyx_string_tab[79]
 #define __pyx_n_u_groupby_into __pyx_string_tab[80]
 #define __pyx_n_u_groups __pyx_string_tab[81]
-#define __pyx_n_u_i __pyx_string_tab[82]
-#define __pyx_n_u_id __pyx_string_tab[83]
-#define __pyx_n_u_index __pyx_string_tab[84]
-#define __pyx_n_u_int64 __pyx_string_tab[85]
-#define __pyx_n_u_items __pyx_string_tab[86]
-#define __pyx_n_u_itemsize __pyx_string_tab[87]
-#define __pyx_n_u_k __pyx_string_tab[88]
-#define __pyx_n_u_maximum __pyx_string_tab[89]
-#define __pyx_n_u_memview __pyx_string_tab[90]
-#define __pyx_n_u_minimum __pyx_string_tab[91]
-#define __pyx_n_u_mode __pyx_string_tab[92]
-#define __pyx_n_u_name __pyx_string_tab[93]
-#define __pyx_n_u_ndim __pyx_string_tab[94]
-#define __pyx_n_u_np __pyx_string_tab[95]
-#define __pyx_n_u_numpy __pyx_string_tab[96]
-#define __pyx_n_u_obj __pyx_string_tab[97]
-#define __pyx_n_u_pack __pyx_string_tab[98]
-#define __pyx_n_u_pop __pyx_string_tab[99]
-#define __pyx_n_u_records __pyx_string_tab[100]
-#define __pyx_n_u_register __pyx_string_tab[101]
-#define __pyx_n_u_rows __pyx_string_tab[102]
-#define __pyx_n_u_s __pyx_string_tab[103]
-#define __pyx_n_u_setdefault __pyx_string_tab[104]
-#define __pyx_n_u_shape __pyx_string_tab[105]
-#define __pyx_n_u_signals __pyx_string_tab[106]
-#define __pyx_n_u_size __pyx_string_tab[107]
-#define __pyx_n_u_start __pyx_string_tab[108]
-#define __pyx_n_u_step __pyx_string_tab[109]
-#define __pyx_n_u_stop __pyx_string_tab[110]
-#define __pyx_n_u_struct __pyx_string_tab[111]
-#define __pyx_n_u_total __pyx_string_tab[112]
-#define __pyx_n_u_unpack __pyx_string_tab[113]
-#define __pyx_n_u_update __pyx_string_tab[114]
-#define __pyx_n_u_v __pyx_string_tab[115]
-#define __pyx_n_u_values __pyx_string_tab[116]
-#define __pyx_n_u_x __pyx_string_tab[117]
-#define __pyx_n_b_O __pyx_string_tab[118]
-#define __pyx_kp_b_iso88591_6awfBa_6axvRq_AV1N_6_wV_q_as_U __pyx_string_tab[119]
+#define __pyx_n_u_hi __pyx_string_tab[82]
+#define __pyx_n_u_i __pyx_string_tab[83]
+#define __pyx_n_u_id __pyx_string_tab[84]
+#define __pyx_n_u_index __pyx_string_tab[85]
+#define __pyx_n_u_int64 __pyx_string_tab[86]
+#define __pyx_n_u_items __pyx_string_tab[87]
+#define __pyx_n_u_itemsize __pyx_string_tab[88]
+#define __pyx_n_u_k __pyx_string_tab[89]
+#define __pyx_n_u_lo __pyx_string_tab[90]
+#define __pyx_n_u_maximum __pyx_string_tab[91]
+#define __pyx_n_u_memview __pyx_string_tab[92]
+#define __pyx_n_u_minimum __pyx_string_tab[93]
+#define __pyx_n_u_mode __pyx_string_tab[94]
+#define __pyx_n_u_name __pyx_string_tab[95]
+#define __pyx_n_u_ndim __pyx_string_tab[96]
+#define __pyx_n_u_np __pyx_string_tab[97]
+#define __pyx_n_u_numpy __pyx_string_tab[98]
+#define __pyx_n_u_obj __pyx_string_tab[99]
+#define __pyx_n_u_pack __pyx_string_tab[100]
+#define __pyx_n_u_pop __pyx_string_tab[101]
+#define __pyx_n_u_records __pyx_string_tab[102]
+#define __pyx_n_u_register __pyx_string_tab[103]
+#define __pyx_n_u_rows __pyx_string_tab[104]
+#define __pyx_n_u_s __pyx_string_tab[105]
+#define __pyx_n_u_setdefault __pyx_string_tab[106]
+#define __pyx_n_u_shape __pyx_string_tab[107]
+#define __pyx_n_u_signals __pyx_string_tab[108]
+#define __pyx_n_u_size __pyx_string_tab[109]
+#define __pyx_n_u_start __pyx_string_tab[110]
+#define __pyx_n_u_step __pyx_string_tab[111]
+#define __pyx_n_u_stop __pyx_string_tab[112]
+#define __pyx_n_u_struct __pyx_string_tab[113]
+#define __pyx_n_u_t __pyx_string_tab[114]
+#define __pyx_n_u_total __pyx_string_tab[115]
+#define __pyx_n_u_unpack __pyx_string_tab[116]
+#define __pyx_n_u_update __pyx_string_tab[117]
+#define __pyx_n_u_v __pyx_string_tab[118]
+#define __pyx_n_u_values __pyx_string_tab[119]
+#define __pyx_n_u_x __pyx_string_tab[120]
+#define __pyx_n_b_O __pyx_string_tab[121]
+#define __pyx_kp_b_iso88591_6awfBa_6axvRq_AV1N_6_wV_q_as_U __pyx_string_tab[122]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_136983863 __pyx_number_tab[2]
@@ -3712,7 +3715,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<120; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<123; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3750,7 +3753,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<120; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<123; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -17953,7 +17956,7 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_6engine_7kernels_10_groupby_c_groupby_into, "Accumulate ``values`` (signals x rows, NaN = absent) by ``group`` (row -> group index) into the\n    (signals x groups) arrays and ``records`` (rows per group). Arrays are updated in place.");
+PyDoc_STRVAR(__pyx_doc_6engine_7kernels_10_groupby_c_groupby_into, "Accumulate ``values`` (signals x rows, NaN = absent) by ``group`` (row -> group index) into the\n    (signals x groups) arrays and ``records`` (rows per group), in place. ``minimum`` and ``maximum``\n    start at +inf and -inf; a group without a value of a signal keeps them.");
 static PyMethodDef __pyx_mdef_6engine_7kernels_10_groupby_c_1groupby_into = {"groupby_into", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6engine_7kernels_10_groupby_c_1groupby_into, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6engine_7kernels_10_groupby_c_groupby_into};
 static PyObject *__pyx_pw_6engine_7kernels_10_groupby_c_1groupby_into(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
@@ -18099,6 +18102,10 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   Py_ssize_t __pyx_v_signals;
   Py_ssize_t __pyx_v_groups;
   double __pyx_v_x;
+  PY_LONG_LONG *__pyx_v_c;
+  double *__pyx_v_lo;
+  double *__pyx_v_hi;
+  double *__pyx_v_t;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
@@ -18120,29 +18127,35 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   int __pyx_t_17;
   PY_LONG_LONG __pyx_t_18;
   Py_ssize_t __pyx_t_19;
-  Py_ssize_t __pyx_t_20;
-  Py_ssize_t __pyx_t_21;
+  PY_LONG_LONG *__pyx_t_20;
+  double *__pyx_t_21;
+  double *__pyx_t_22;
+  double *__pyx_t_23;
+  Py_ssize_t __pyx_t_24;
+  Py_ssize_t __pyx_t_25;
+  Py_ssize_t __pyx_t_26;
+  double __pyx_t_27;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("groupby_into", 0);
 
-  /* "ext/groupby.pyx":13
- *     """Accumulate ``values`` (signals x rows, NaN = absent) by ``group`` (row -> group index) into the
- *     (signals x groups) arrays and ``records`` (rows per group). Arrays are updated in place."""
+  /* "ext/groupby.pyx":14
+ *     (signals x groups) arrays and ``records`` (rows per group), in place. ``minimum`` and ``maximum``
+ *     start at +inf and -inf; a group without a value of a signal keeps them."""
  *     cdef const long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     cdef const double[:, ::1] v = np.ascontiguousarray(values, dtype=np.float64)
  *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 14, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 14, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -18163,13 +18176,13 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_group, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 13, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 13, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -18180,31 +18193,31 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 13, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 14, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 13, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 14, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_g = __pyx_t_7;
   __pyx_t_7.memview = NULL;
   __pyx_t_7.data = NULL;
 
-  /* "ext/groupby.pyx":14
- *     (signals x groups) arrays and ``records`` (rows per group). Arrays are updated in place."""
+  /* "ext/groupby.pyx":15
+ *     start at +inf and -inf; a group without a value of a signal keeps them."""
  *     cdef const long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)
  *     cdef const double[:, ::1] v = np.ascontiguousarray(values, dtype=np.float64)             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]
  *     cdef double x
 */
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 14, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 14, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -18225,13 +18238,13 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
     PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_v_values, __pyx_t_2};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 14, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 15, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -18242,29 +18255,29 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 14, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 15, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_8 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_8.memview)) __PYX_ERR(0, 14, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_8.memview)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_v = __pyx_t_8;
   __pyx_t_8.memview = NULL;
   __pyx_t_8.data = NULL;
 
-  /* "ext/groupby.pyx":15
+  /* "ext/groupby.pyx":16
  *     cdef const long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)
  *     cdef const double[:, ::1] v = np.ascontiguousarray(values, dtype=np.float64)
  *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]             # <<<<<<<<<<<<<<
  *     cdef double x
- *     if v.shape[1] != rows or count.shape[0] != signals or count.shape[1] != groups:
+ *     cdef long long *c
 */
   __pyx_v_rows = (__pyx_v_g.shape[0]);
   __pyx_v_signals = (__pyx_v_v.shape[0]);
   __pyx_v_groups = (__pyx_v_records.shape[0]);
 
-  /* "ext/groupby.pyx":17
- *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]
- *     cdef double x
+  /* "ext/groupby.pyx":22
+ *     cdef double *hi
+ *     cdef double *t
  *     if v.shape[1] != rows or count.shape[0] != signals or count.shape[1] != groups:             # <<<<<<<<<<<<<<
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")
  *     for i in range(rows):
@@ -18298,8 +18311,8 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "ext/groupby.pyx":18
- *     cdef double x
+    /* "ext/groupby.pyx":23
+ *     cdef double *t
  *     if v.shape[1] != rows or count.shape[0] != signals or count.shape[1] != groups:
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")             # <<<<<<<<<<<<<<
  *     for i in range(rows):
@@ -18311,23 +18324,23 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
       PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_mstate_global->__pyx_kp_u_shapes_do_not_match_values_signa};
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 18, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 23, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 18, __pyx_L1_error)
+    __PYX_ERR(0, 23, __pyx_L1_error)
 
-    /* "ext/groupby.pyx":17
- *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]
- *     cdef double x
+    /* "ext/groupby.pyx":22
+ *     cdef double *hi
+ *     cdef double *t
  *     if v.shape[1] != rows or count.shape[0] != signals or count.shape[1] != groups:             # <<<<<<<<<<<<<<
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")
  *     for i in range(rows):
 */
   }
 
-  /* "ext/groupby.pyx":19
+  /* "ext/groupby.pyx":24
  *     if v.shape[1] != rows or count.shape[0] != signals or count.shape[1] != groups:
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")
  *     for i in range(rows):             # <<<<<<<<<<<<<<
@@ -18341,7 +18354,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_12; __pyx_t_13+=1) {
     __pyx_v_i = __pyx_t_13;
 
-    /* "ext/groupby.pyx":20
+    /* "ext/groupby.pyx":25
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")
  *     for i in range(rows):
  *         if g[i] < 0 or g[i] >= groups:             # <<<<<<<<<<<<<<
@@ -18369,7 +18382,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
     if (unlikely(__pyx_t_9)) {
 
 
-      /* "ext/groupby.pyx":21
+      /* "ext/groupby.pyx":26
  *     for i in range(rows):
  *         if g[i] < 0 or g[i] >= groups:
  *             raise IndexError(f"group index {g[i]} out of range [0, {groups})")             # <<<<<<<<<<<<<<
@@ -18378,12 +18391,12 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
 */
       __pyx_t_5 = NULL;
       __pyx_t_14 = __pyx_v_i;
-      __pyx_t_3 = __Pyx_PyLong_From_PY_LONG_LONG((*((PY_LONG_LONG const  *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG const  *) __pyx_v_g.data) + __pyx_t_14)) )))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 21, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyLong_From_PY_LONG_LONG((*((PY_LONG_LONG const  *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG const  *) __pyx_v_g.data) + __pyx_t_14)) )))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 26, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_3, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 21, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_t_3, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 26, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      __pyx_t_3 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_groups, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 21, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_groups, 0, ' ', 'd'); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 26, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __pyx_t_15[0] = __pyx_mstate_global->__pyx_kp_u_group_index;
       __pyx_t_15[1] = __pyx_t_2;
@@ -18399,7 +18412,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
       __pyx_t_17 |= __Pyx_PyUnicode_KIND_04(__pyx_t_15[1]);
       #endif
       __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_15, 5, __pyx_t_16, __pyx_t_17);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 21, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 26, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -18409,14 +18422,14 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
         __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_IndexError)), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 21, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 26, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __Pyx_Raise(__pyx_t_1, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __PYX_ERR(0, 21, __pyx_L1_error)
+      __PYX_ERR(0, 26, __pyx_L1_error)
 
-      /* "ext/groupby.pyx":20
+      /* "ext/groupby.pyx":25
  *         raise ValueError("shapes do not match: values (signals x rows), accumulators (signals x groups)")
  *     for i in range(rows):
  *         if g[i] < 0 or g[i] >= groups:             # <<<<<<<<<<<<<<
@@ -18427,7 +18440,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   }
 
 
-  /* "ext/groupby.pyx":22
+  /* "ext/groupby.pyx":27
  *         if g[i] < 0 or g[i] >= groups:
  *             raise IndexError(f"group index {g[i]} out of range [0, {groups})")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18440,7 +18453,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "ext/groupby.pyx":23
+        /* "ext/groupby.pyx":28
  *             raise IndexError(f"group index {g[i]} out of range [0, {groups})")
  *     with nogil:
  *         for i in range(rows):             # <<<<<<<<<<<<<<
@@ -18454,12 +18467,12 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
         for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_12; __pyx_t_13+=1) {
           __pyx_v_i = __pyx_t_13;
 
-          /* "ext/groupby.pyx":24
+          /* "ext/groupby.pyx":29
  *     with nogil:
  *         for i in range(rows):
  *             records[g[i]] += 1             # <<<<<<<<<<<<<<
  *         for s in range(signals):
- *             for i in range(rows):
+ *             c, lo, hi, t = &count[s, 0], &minimum[s, 0], &maximum[s, 0], &total[s, 0]
 */
           __pyx_t_14 = __pyx_v_i;
           __pyx_t_18 = (*((PY_LONG_LONG const  *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG const  *) __pyx_v_g.data) + __pyx_t_14)) )));
@@ -18467,12 +18480,12 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
         }
 
 
-        /* "ext/groupby.pyx":25
+        /* "ext/groupby.pyx":30
  *         for i in range(rows):
  *             records[g[i]] += 1
  *         for s in range(signals):             # <<<<<<<<<<<<<<
+ *             c, lo, hi, t = &count[s, 0], &minimum[s, 0], &maximum[s, 0], &total[s, 0]
  *             for i in range(rows):
- *                 x = v[s, i]
 */
 
         __pyx_t_11 = __pyx_v_signals;
@@ -18481,32 +18494,60 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
         for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_12; __pyx_t_13+=1) {
           __pyx_v_s = __pyx_t_13;
 
-          /* "ext/groupby.pyx":26
+          /* "ext/groupby.pyx":31
  *             records[g[i]] += 1
  *         for s in range(signals):
+ *             c, lo, hi, t = &count[s, 0], &minimum[s, 0], &maximum[s, 0], &total[s, 0]             # <<<<<<<<<<<<<<
+ *             for i in range(rows):
+ *                 x = v[s, i]
+*/
+          __pyx_t_14 = __pyx_v_s;
+          __pyx_t_19 = 0;
+          __pyx_t_20 = (&(*((PY_LONG_LONG *) ( /* dim=1 */ ((char *) (((PY_LONG_LONG *) ( /* dim=0 */ (__pyx_v_count.data + __pyx_t_14 * __pyx_v_count.strides[0]) )) + __pyx_t_19)) ))));
+
+          __pyx_t_19 = __pyx_v_s;
+          __pyx_t_14 = 0;
+          __pyx_t_21 = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_minimum.data + __pyx_t_19 * __pyx_v_minimum.strides[0]) )) + __pyx_t_14)) ))));
+
+          __pyx_t_14 = __pyx_v_s;
+          __pyx_t_19 = 0;
+          __pyx_t_22 = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_maximum.data + __pyx_t_14 * __pyx_v_maximum.strides[0]) )) + __pyx_t_19)) ))));
+
+          __pyx_t_19 = __pyx_v_s;
+          __pyx_t_14 = 0;
+          __pyx_t_23 = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_total.data + __pyx_t_19 * __pyx_v_total.strides[0]) )) + __pyx_t_14)) ))));
+
+          __pyx_v_c = __pyx_t_20;
+          __pyx_v_lo = __pyx_t_21;
+          __pyx_v_hi = __pyx_t_22;
+          __pyx_v_t = __pyx_t_23;
+
+          /* "ext/groupby.pyx":32
+ *         for s in range(signals):
+ *             c, lo, hi, t = &count[s, 0], &minimum[s, 0], &maximum[s, 0], &total[s, 0]
  *             for i in range(rows):             # <<<<<<<<<<<<<<
  *                 x = v[s, i]
  *                 if isnan(x):
 */
 
           __pyx_t_16 = __pyx_v_rows;
-          __pyx_t_19 = __pyx_t_16;
+          __pyx_t_24 = __pyx_t_16;
 
-          for (__pyx_t_20 = 0; __pyx_t_20 < __pyx_t_19; __pyx_t_20+=1) {
-            __pyx_v_i = __pyx_t_20;
+          for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
+            __pyx_v_i = __pyx_t_25;
 
-            /* "ext/groupby.pyx":27
- *         for s in range(signals):
+            /* "ext/groupby.pyx":33
+ *             c, lo, hi, t = &count[s, 0], &minimum[s, 0], &maximum[s, 0], &total[s, 0]
  *             for i in range(rows):
  *                 x = v[s, i]             # <<<<<<<<<<<<<<
  *                 if isnan(x):
  *                     continue
 */
             __pyx_t_14 = __pyx_v_s;
-            __pyx_t_21 = __pyx_v_i;
-            __pyx_v_x = (*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_v.data + __pyx_t_14 * __pyx_v_v.strides[0]) )) + __pyx_t_21)) )));
+            __pyx_t_19 = __pyx_v_i;
+            __pyx_v_x = (*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_v.data + __pyx_t_14 * __pyx_v_v.strides[0]) )) + __pyx_t_19)) )));
 
-            /* "ext/groupby.pyx":28
+            /* "ext/groupby.pyx":34
  *             for i in range(rows):
  *                 x = v[s, i]
  *                 if isnan(x):             # <<<<<<<<<<<<<<
@@ -18518,16 +18559,16 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
             if (__pyx_t_9) {
 
 
-              /* "ext/groupby.pyx":29
+              /* "ext/groupby.pyx":35
  *                 x = v[s, i]
  *                 if isnan(x):
  *                     continue             # <<<<<<<<<<<<<<
  *                 k = g[i]
- *                 if count[s, k] == 0:
+ *                 c[k] += 1
 */
               goto __pyx_L19_continue;
 
-              /* "ext/groupby.pyx":28
+              /* "ext/groupby.pyx":34
  *             for i in range(rows):
  *                 x = v[s, i]
  *                 if isnan(x):             # <<<<<<<<<<<<<<
@@ -18536,151 +18577,74 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
 */
             }
 
-            /* "ext/groupby.pyx":30
+            /* "ext/groupby.pyx":36
  *                 if isnan(x):
  *                     continue
  *                 k = g[i]             # <<<<<<<<<<<<<<
- *                 if count[s, k] == 0:
- *                     minimum[s, k] = x
+ *                 c[k] += 1
+ *                 t[k] += x
 */
-            __pyx_t_21 = __pyx_v_i;
-            __pyx_v_k = (*((PY_LONG_LONG const  *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG const  *) __pyx_v_g.data) + __pyx_t_21)) )));
+            __pyx_t_19 = __pyx_v_i;
+            __pyx_v_k = (*((PY_LONG_LONG const  *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG const  *) __pyx_v_g.data) + __pyx_t_19)) )));
 
-            /* "ext/groupby.pyx":31
+            /* "ext/groupby.pyx":37
  *                     continue
  *                 k = g[i]
- *                 if count[s, k] == 0:             # <<<<<<<<<<<<<<
- *                     minimum[s, k] = x
- *                     maximum[s, k] = x
+ *                 c[k] += 1             # <<<<<<<<<<<<<<
+ *                 t[k] += x
+ *                 lo[k] = x if x < lo[k] else lo[k]
 */
-            __pyx_t_21 = __pyx_v_s;
-            __pyx_t_14 = __pyx_v_k;
-            __pyx_t_9 = ((*((PY_LONG_LONG *) ( /* dim=1 */ ((char *) (((PY_LONG_LONG *) ( /* dim=0 */ (__pyx_v_count.data + __pyx_t_21 * __pyx_v_count.strides[0]) )) + __pyx_t_14)) ))) == 0);
+
+            __pyx_t_26 = __pyx_v_k;
+            (__pyx_v_c[__pyx_t_26]) = ((__pyx_v_c[__pyx_t_26]) + 1);
+
+            /* "ext/groupby.pyx":38
+ *                 k = g[i]
+ *                 c[k] += 1
+ *                 t[k] += x             # <<<<<<<<<<<<<<
+ *                 lo[k] = x if x < lo[k] else lo[k]
+ *                 hi[k] = x if x > hi[k] else hi[k]
+*/
+
+            __pyx_t_26 = __pyx_v_k;
+            (__pyx_v_t[__pyx_t_26]) = ((__pyx_v_t[__pyx_t_26]) + __pyx_v_x);
+
+            /* "ext/groupby.pyx":39
+ *                 c[k] += 1
+ *                 t[k] += x
+ *                 lo[k] = x if x < lo[k] else lo[k]             # <<<<<<<<<<<<<<
+ *                 hi[k] = x if x > hi[k] else hi[k]
+*/
+            __pyx_t_9 = (__pyx_v_x < (__pyx_v_lo[__pyx_v_k]));
 
             if (__pyx_t_9) {
 
+              __pyx_t_27 = __pyx_v_x;
+            } else {
 
-              /* "ext/groupby.pyx":32
- *                 k = g[i]
- *                 if count[s, k] == 0:
- *                     minimum[s, k] = x             # <<<<<<<<<<<<<<
- *                     maximum[s, k] = x
- *                 else:
-*/
-              __pyx_t_14 = __pyx_v_s;
-              __pyx_t_21 = __pyx_v_k;
-              *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_minimum.data + __pyx_t_14 * __pyx_v_minimum.strides[0]) )) + __pyx_t_21)) )) = __pyx_v_x;
-
-              /* "ext/groupby.pyx":33
- *                 if count[s, k] == 0:
- *                     minimum[s, k] = x
- *                     maximum[s, k] = x             # <<<<<<<<<<<<<<
- *                 else:
- *                     if x < minimum[s, k]:
-*/
-              __pyx_t_21 = __pyx_v_s;
-              __pyx_t_14 = __pyx_v_k;
-              *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_maximum.data + __pyx_t_21 * __pyx_v_maximum.strides[0]) )) + __pyx_t_14)) )) = __pyx_v_x;
-
-              /* "ext/groupby.pyx":31
- *                     continue
- *                 k = g[i]
- *                 if count[s, k] == 0:             # <<<<<<<<<<<<<<
- *                     minimum[s, k] = x
- *                     maximum[s, k] = x
-*/
-              goto __pyx_L22;
+              __pyx_t_27 = (__pyx_v_lo[__pyx_v_k]);
             }
 
-            /* "ext/groupby.pyx":35
- *                     maximum[s, k] = x
- *                 else:
- *                     if x < minimum[s, k]:             # <<<<<<<<<<<<<<
- *                         minimum[s, k] = x
- *                     if x > maximum[s, k]:
-*/
-            /*else*/ {
-              __pyx_t_14 = __pyx_v_s;
-              __pyx_t_21 = __pyx_v_k;
-              __pyx_t_9 = (__pyx_v_x < (*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_minimum.data + __pyx_t_14 * __pyx_v_minimum.strides[0]) )) + __pyx_t_21)) ))));
+            (__pyx_v_lo[__pyx_v_k]) = __pyx_t_27;
 
-              if (__pyx_t_9) {
-
-
-                /* "ext/groupby.pyx":36
- *                 else:
- *                     if x < minimum[s, k]:
- *                         minimum[s, k] = x             # <<<<<<<<<<<<<<
- *                     if x > maximum[s, k]:
- *                         maximum[s, k] = x
-*/
-                __pyx_t_21 = __pyx_v_s;
-                __pyx_t_14 = __pyx_v_k;
-                *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_minimum.data + __pyx_t_21 * __pyx_v_minimum.strides[0]) )) + __pyx_t_14)) )) = __pyx_v_x;
-
-                /* "ext/groupby.pyx":35
- *                     maximum[s, k] = x
- *                 else:
- *                     if x < minimum[s, k]:             # <<<<<<<<<<<<<<
- *                         minimum[s, k] = x
- *                     if x > maximum[s, k]:
-*/
-              }
-
-              /* "ext/groupby.pyx":37
- *                     if x < minimum[s, k]:
- *                         minimum[s, k] = x
- *                     if x > maximum[s, k]:             # <<<<<<<<<<<<<<
- *                         maximum[s, k] = x
- *                 count[s, k] += 1
-*/
-              __pyx_t_14 = __pyx_v_s;
-              __pyx_t_21 = __pyx_v_k;
-              __pyx_t_9 = (__pyx_v_x > (*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_maximum.data + __pyx_t_14 * __pyx_v_maximum.strides[0]) )) + __pyx_t_21)) ))));
-
-              if (__pyx_t_9) {
-
-
-                /* "ext/groupby.pyx":38
- *                         minimum[s, k] = x
- *                     if x > maximum[s, k]:
- *                         maximum[s, k] = x             # <<<<<<<<<<<<<<
- *                 count[s, k] += 1
- *                 total[s, k] += x
-*/
-                __pyx_t_21 = __pyx_v_s;
-                __pyx_t_14 = __pyx_v_k;
-                *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_maximum.data + __pyx_t_21 * __pyx_v_maximum.strides[0]) )) + __pyx_t_14)) )) = __pyx_v_x;
-
-                /* "ext/groupby.pyx":37
- *                     if x < minimum[s, k]:
- *                         minimum[s, k] = x
- *                     if x > maximum[s, k]:             # <<<<<<<<<<<<<<
- *                         maximum[s, k] = x
- *                 count[s, k] += 1
-*/
-              }
-            }
-            __pyx_L22:;
-
-            /* "ext/groupby.pyx":39
- *                     if x > maximum[s, k]:
- *                         maximum[s, k] = x
- *                 count[s, k] += 1             # <<<<<<<<<<<<<<
- *                 total[s, k] += x
-*/
-            __pyx_t_14 = __pyx_v_s;
-            __pyx_t_21 = __pyx_v_k;
-            *((PY_LONG_LONG *) ( /* dim=1 */ ((char *) (((PY_LONG_LONG *) ( /* dim=0 */ (__pyx_v_count.data + __pyx_t_14 * __pyx_v_count.strides[0]) )) + __pyx_t_21)) )) += 1;
 
             /* "ext/groupby.pyx":40
- *                         maximum[s, k] = x
- *                 count[s, k] += 1
- *                 total[s, k] += x             # <<<<<<<<<<<<<<
+ *                 t[k] += x
+ *                 lo[k] = x if x < lo[k] else lo[k]
+ *                 hi[k] = x if x > hi[k] else hi[k]             # <<<<<<<<<<<<<<
 */
-            __pyx_t_21 = __pyx_v_s;
-            __pyx_t_14 = __pyx_v_k;
-            *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_total.data + __pyx_t_21 * __pyx_v_total.strides[0]) )) + __pyx_t_14)) )) += __pyx_v_x;
+            __pyx_t_9 = (__pyx_v_x > (__pyx_v_hi[__pyx_v_k]));
+
+            if (__pyx_t_9) {
+
+              __pyx_t_27 = __pyx_v_x;
+            } else {
+
+              __pyx_t_27 = (__pyx_v_hi[__pyx_v_k]);
+            }
+
+            (__pyx_v_hi[__pyx_v_k]) = __pyx_t_27;
+
             __pyx_L19_continue:;
           }
 
@@ -18688,7 +18652,7 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
 
       }
 
-      /* "ext/groupby.pyx":22
+      /* "ext/groupby.pyx":27
  *         if g[i] < 0 or g[i] >= groups:
  *             raise IndexError(f"group index {g[i]} out of range [0, {groups})")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18729,6 +18693,10 @@ static PyObject *__pyx_pf_6engine_7kernels_10_groupby_c_groupby_into(CYTHON_UNUS
   __pyx_L0:;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_g, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_v, 1);
+
+
+
+
 
 
 
@@ -21031,16 +20999,16 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "ext/groupby.pyx":13
- *     """Accumulate ``values`` (signals x rows, NaN = absent) by ``group`` (row -> group index) into the
- *     (signals x groups) arrays and ``records`` (rows per group). Arrays are updated in place."""
+  /* "ext/groupby.pyx":14
+ *     (signals x groups) arrays and ``records`` (rows per group), in place. ``minimum`` and ``maximum``
+ *     start at +inf and -inf; a group without a value of a signal keeps them."""
  *     cdef const long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     cdef const double[:, ::1] v = np.ascontiguousarray(values, dtype=np.float64)
  *     cdef Py_ssize_t i, s, k, rows = g.shape[0], signals = v.shape[0], groups = records.shape[0]
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 13, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 14, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
@@ -21104,38 +21072,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{18},{1},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{15},{2},{12},{9},{50},{77},{30},{37},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{17},{18},{4},{1},{18},{5},{5},{15},{6},{25},{9},{5},{5},{7},{6},{7},{1},{5},{12},{6},{1},{2},{5},{5},{5},{8},{1},{7},{7},{7},{4},{4},{4},{2},{5},{3},{4},{3},{7},{8},{4},{1},{10},{5},{7},{4},{5},{4},{4},{6},{5},{6},{6},{1},{6},{1}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{372}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{18},{1},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{15},{2},{12},{9},{50},{77},{30},{37},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{17},{18},{4},{1},{18},{5},{5},{15},{6},{25},{9},{5},{5},{7},{6},{7},{1},{5},{12},{6},{2},{1},{2},{5},{5},{5},{8},{1},{2},{7},{7},{7},{4},{4},{4},{2},{5},{3},{4},{3},{7},{8},{4},{1},{10},{5},{7},{4},{5},{4},{4},{6},{1},{5},{6},{6},{1},{6},{1}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{382}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1087 bytes) */
-static const char cstring[] = "x\332}T\315o\343D\024\247\320B\201\025\352n[@\342\300\264]\010E\255\331\210nA\253\325\242\020\212\324\003\245\335\252\275\260\273\326d\374\342\314\326\236q\346#u8\3551G\037}\3141\307\036{\314\261\307\036}\334?\201?\2017v\322\246\010\260d\373\315\373~\277\367\336\020j\310\243\224\310\326k`\346\031\221\326\020\331&\212\212\020\310\037\217\266\310\246\367\204<\375\rb\251\372\247\034\316\235\360)\223\302\360\320J\253\t\025\001\t\270r\266\377ds1\025h\243x\000\301\2142\221\352\177\345wy7\232\317~jR!\244!Tk\036\nb$Q@\203m)\242>\211\313${\230\344\276\350\321\210\007$\226\001l\021H\023\264EW5Vsqkm\251\014\026X\333\"!\272\232*\353\016M\000C\021\232rM\016\244\001b:\010N\263o:R\020\344\005\020\361\026(j\000\243\271\374\320\253rJ\202\034\356\035n\357\374\270Sf\253\300A\251\211\266-\026a\242\240\035h-\313#\203\336M?\001\355\221\3756\351KK\004`^XE\202z\263\006\246\003\202h0\216 \265\262fj\270\024>\232s\021\326&0\361\0368\353_i\244\301\243A\340\243\0360\031EN&\205\366h\213\005\\\323V\004 \312oj\276\013\225\264I\253\357%\3754d\345\301\001\014)\226X)\005Bb\255mj#C|_A`\031\370>\tl\031LH\261\215\265\3678\215P\312\270\340\306\367K\360\020!\0476$\246\206u\236\020\304\325\"\363\033\327*\314\220\244D\311s\275\271E(c6\266\0215R\335\021\227\311\350M[f\341b\321(\222\014\361&T)\332\047\0015\324\373\027i\325:\207}55\332k\0347\367\367\367\242\210\047\232\353c\350Z\020\014\334\374z\267\243\354\373\207\375\024\337_\260\217\376\001\"\363\034\332\276?\301\032\013\306\342\\7n\211\020\0147\020;F\340l\360i[\301\334\037Ezj\305\343\004\007\314Q1\345\242\374\313\300F\245L\320\270\372\273\360\276\217-\360Y\007\330\231\266qu\232xq\244\233\224\212\262\"\341\354\014=\354\211\251^\3178\024\234\217\256\245\321\324\355\264W7\024+\207w\206\001\251;\340d\335\244\242gR\277\241o\355\014hW\013\327>\223\330\036\034a\300\241\232B\357\267l\273\215+\241ow\277l\025\325}\301\270\364nlt\213j`,B\322GPp\377\030\264(;c\322\n\023\270R\313\217\213S]E\3300\334^\020!Zxg\240\004D\332\363\047\263\3533@$\312U\004\245\244jG4\324\355HR""\263\273\203\333\215\3637\331\361\2604\230Zqad5c\234\007\345\314#gw\3075UW\237?\341,\306\375\217m\214\267\211\273Jb\234ow\302\\\034`x\021\305\"\301\330I\037\323L\260\200D&\270\211R\005ZA\310\265q\371\234k\\b3Y\241j5\252\031w\001\020`\205(C\242\215\304WYf\014N\\\204MFw6\301!\207^\265:\351\357o\346\376Z|gac\270~\375p\367\202^\234_\266\307?\217i1\277>\345\244\227\275\361\363q\267\230\1778l\014OG\365\321\301\345\332\345\356\370\376x\373\352\374\372\364\305\365\213\227\327/_\275\235\377\340Mw\360\376\200\016t\266\221\235\344\033\371\311\360\353\321\334hy\324\034\245\027\372\362+tr4fW\313W\215b\361\223\301\353|.\277_\314/\016\026\006\047\331ZV/\026?\036\324\007\215\301q\366n\266\2365\263.\312\227\363f\336-\356=\310\276\315\033\371+\214\333\030\035]{\315q}\334(>\374\250X\2747\330\313V3\232\241\316rV\317\032\331Q\026\346Gw\370K\331\002\346\262\226\327\213\245\225R\201a\324\245\345\354q\031~eu\312\246S\246\213\251\207k\305\312\027y\035I;l\314\220oW>\313T\376 \377a\2706\374~H\213\317\277\314\273\303\367\206\217Gs\305\177K\226V\313\260\237b)\267\344\337\033\324\304\351";
-    PyObject *data = __Pyx_DecompressString(cstring, 1087, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1115 bytes) */
+static const char cstring[] = "x\332}T;o\033G\020\266\002)P\034!\021%\273_\211\266\031\005\322\331\004d!0\014\0074\243 *\242\350\351&\266\017\313\275\345q\255\275\335\343>\250c*\227,\257\274\222%K\226,Y\262d\311\237\341\237\220\331;R\217 \t\001\336\355\315\363\233of\026a\203^$H6>Qb\336 i\r\222M\244\260\010)\372\363\305.\332\361^\241\327\277\323H\252\356;F\257\235\3625\221\302\260\320J\253\021\026\001\n\230r\276\377\0243\261Ph\243X@\203;\306H\252\377\325\337\227\335X\276\371\271\216\205\220\006a\255Y(\220\221HQ\034\354I\301\273(\312Av\000\344\221\350`\316\002\024\311\200\356\"\232\304\340\013\241*\244\342\362V\232R\031(\260\262\213B\010\2650\326-\034SH\205p\3024:\226\206\"\323\002r\352]\323\222\002\201,\240\2345\250\302\206B6\207\017\242*g$\320\311\341\311\336\376O\3739ZE\035\225\032i\333 \034\200R\355HkX\306\rD7\335\230j\017\0355QWZ$(\340\202*b\260\273\353`ZT M\215;\240J^36L\n\037\334\231\010+s\232X\207:\357_1\327\324\303A\340\203\035%\222s\247\223B{\270A\002\246q\203S*\362gb\236\207J\332\270\321\365\342n\022\222\374\303\021L\023(\2610\n\204\204Z\233\330r\203|_\321\300\022\352\373(\260y2!\305\036\324\336a\230\203\2260\301\214\357\347\344\001CNmP\204\ri\275B\300\253\005\341\017\256U\200\020%H\311k\275\263\2130!6\262\034\033\251\356\251s0z\307\346(\\.\314\271$\3007\302J\341.\n\260\301\336\277h\213\3269\356\213\251\321^\355\274~tt\3109\2135\323\347\264m\251 \324\315\257w;\312\276\177\322M\340\377\013\364\321?\006f\316h\323\367\347\\C\301P\234\353\306\355!\244\206\031\0329A\340|\340\327\264\202\2707\250\364\302\213E1\014\230;E\230\211\374-\003\313s\235\300Q\361v\351}\037Z\340\223\026%W\332F\305\327<\212;\272I)NV\304\214\\A\204C\261\260\353\030\307\202\213\321\266\230/\302.zus\"\371\360\336\021\320\304}\300d\335@\321w\240\337\234o\375\014\325\256\026\246}\"\241=0\302\024\206jA\275\337\260\315&\254\204\276\335\375\274UXw\005a\322\273\361\321\r\254)!\034\216>\220\002\373Gh\003\223+\"\2550\201+5\177\270<\305U\004\r\203\355\245\"\004\017\357\212*A\271\366\374\371\354\372\204\002\023\371*R\245\244jr\034""\352&\227\330\034\354\303v\303\374\315w<\314\035\026^L\030Y\314X\2131\026\344S\017\262\203}\327V]<\376\242W\\Fp\007D6\202\033\305]\047\021\314\270\373\002<\2164\270\214\"\021C\376\270\013Pc(\"\2261l\243T\201V4d\3328L\327\032\026\331\314\327\250X\217b\316]\n Y\001\3234\326F\302_Yb\214\201\261\343\320i\210gc\230t\332)\366\047\371\343\363\322\227\207\017V\312\375\355\351\223\203!\036^\217\232\343\267c<[\336^H\222Qg|6n\317\226\237\364k\375w\203\352\340x\2645:\030\227\306{\223\353\351\273\367\323\367\037\246\037>~Y{\260\262\372\271\335\373\272\207{:-\247\227Y9\273\354?\033,\r6\007\365A2\324\243\247\020\346tL&\233\223\332l\365\273\336\247l)+\315\226W{+\275\313t+\255\316V\277\355U{\265\336y\372U\272\235\326\3236\3507\263z\326\236\255m\244?f\265\354#d\256\rN\247^}\\\035\327f\337<\234\255\256\365\016\323\307)N\301f3\255\246\265\3644\r\263\323{\362\357{&\335OMV\315\016\373\245~\271\1771(\r*\303\322\260<\274\030\225F\025\250\242<\276\230\224&O\047\355\351\311\371\364\374b\266\266\236\256\000\374\255\254:[\177\224\307$\000t}3}\231#~\364x!\306\263\365RZJ\237eKw\016\033P\313\313l%;\313T\177\243_\355\3776x;\300\203\366\177*\376\006\t\220\313\234";
+    PyObject *data = __Pyx_DecompressString(cstring, 1115, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1422 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject> o\377ut of ra\377nge [0, \377).: <Mem\177oryView\031\001\377<contigu\377ous and gdir8\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\330\000|\000\047c\047\276t\001\047fort\336\000\047\347, gH\000%\005sha\373pe\222\000 axis\377 Note th\376\232 Cython \376\021\000deliber\347atek\000\320\001cte\375r!\001n PEP-\267484\212\"re\307!s\277 subcl\246\000e\375s\316!builti\376\260\000ypes. I\377f you ne\344\224 \303\000p\316\000%\tthe\337n set\200\000e \375\047\357\002ation_\177typing\047\355$\373iv\242\000o Fal\177se.add_\231 \237ecoll\311@+\000s\377.abcdisa\337bleen\001\002xt\377/groupby?.pyxgc\010\002\207A\363ex\340\000\037\003dno \377default \377__reduce\337__ duh\002no{n-\315@vial\033\000\177cinit__\270\"\337s do \232Ama_tch: \202@u\372\000\371(\247A\237\000 x ro\377ws), acc\377umulatorss \024\010\225\002s)u\246\002\276\331Aalloc\355  \377array da\207ta.\013\020\265C\207\204\001\344cs\377.ASCIIEl\377lipsisSe\277quence\274\204\001.\276\301\204\007__Pyx\001\000D\377ict_Next\237Ref__\345$\356\000_\355_\272B__\001\005get/item\r\001d0\001\027\000\317func\035\001\030\000st\234\226`)\001imp\336`3\001m\367ain\003\002odulnM\002nam\002\003ewT\001\376\200@_checks\001uT\000\n\001?\004\025\001\350@\364 \037\001\277unpick?\000E\315n \005vt\321A\230\001qu#alO\005\244E\255Fc\270\204\002\277\001&\300Dex\314\001\327`_\203\005\343`\270\262\006\003\006.\007tes\335@_\337is_co\266`ti\363ne\322`\221E_buf\237feras\211\207\007\246Ba\177syncio.+\006\377sbaseccl\372<\000_\222 trace\377backcoun\203td\347\001\000\002d\001\205\210\003\256@o\337deengn\000.k\377ernels._\316\265\204\004_ce\207 \206\206\002er\377rorflags\377float64f\223or\375`\335\206\004g\350\204\002.\005i\367nto\336ciidiondex\017\00064\321A\375s\000\002izekma\377ximummem\356\307\207\001min\t\002ode~\270Andimnp\203@\277pyobjp\276\000p\357opre\230 dsr\337egist\214\001ws\317sset\274\205\004\225\205\003ig\237nalss^""\000\245`r\275t%\000psto\001\000r\377ucttotal\374\342@\215 update\375v\265\205\003xO\200\001\360\010\377\000\005#\240\"\320$6\377\260a\260w\270f\300B\337\300a\330\004\"\n\005x\270\377v\300R\300q\330\004$\377\240A\240V\2501\250N\377\270!\2706\300\021\300-\377\310w\320V\\\320\\]\377\320]^\340\004\007\200q\377\210\006\210a\210s\220#\377\220U\230#\230U\240&\377\250\001\250\023\250C\250x\357\260s\270%B\000Q\300c\377\310\023\310A\330\010\016\210\377j\230\001\230\021\330\004\010\377\210\005\210U\220!\2201\377\330\010\013\2101\210A\210\377S\220\002\220\"\220C\220\375q\035\000\023\230C\230q\330\377\014\022\220*\230A\230^\376u\000A\250Q\320.C\300\3771\300A\330\t\n\330\010\377\014\210E\220\025\220a\220\376!\000\023\2201\220A\220Q\357\220g\230Q\013\n\020\220\005~\211\000!\2301\330\020\024\034\002\275cs\000\020\023\2205z\002\024\315\025\017\005a\330\016\004p\001s\240\277!\330\024\033\2301|\000u\373\240A\000\010\340\024\027\220r\377\230\022\2307\240!\2403\377\240a\330\030\037\230q\240\277\003\2405\250\001\330\000\027\020\035\025\225\000c\230\026\310\000\001\007";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1422, 1810);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1461 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject> o\377ut of ra\377nge [0, \377).: <Mem\177oryView\031\001\377<contigu\377ous and gdir8\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\330\000|\000\047c\047\276t\001\047fort\336\000\047\347, gH\000%\005sha\373pe\222\000 axis\377 Note th\376\232 Cython \376\021\000deliber\347atek\000\320\001cte\375r!\001n PEP-\267484\212\"re\307!s\277 subcl\246\000e\375s\316!builti\376\260\000ypes. I\377f you ne\344\224 \303\000p\316\000%\tthe\337n set\200\000e \375\047\357\002ation_\177typing\047\355$\373iv\242\000o Fal\177se.add_\231 \237ecoll\311@+\000s\377.abcdisa\337bleen\001\002xt\377/groupby?.pyxgc\010\002\207A\363ex\340\000\037\003dno \377default \377__reduce\337__ duh\002no{n-\315@vial\033\000\177cinit__\270\"\337s do \232Ama_tch: \202@u\372\000\371(\247A\237\000 x ro\377ws), acc\377umulatorss \024\010\225\002s)u\246\002\276\331Aalloc\355  \377array da\207ta.\013\020\265C\207\204\001\344cs\377.ASCIIEl\377lipsisSe\277quence\274\204\001.\276\301\204\007__Pyx\001\000D\377ict_Next\237Ref__\345$\356\000_\355_\272B__\001\005get/item\r\001d0\001\027\000\317func\035\001\030\000st\234\226`)\001imp\336`3\001m\367ain\003\002odulnM\002nam\002\003ewT\001\376\200@_checks\001uT\000\n\001?\004\025\001\350@\364 \037\001\277unpick?\000E\315n \005vt\321A\230\001qu#alO\005\244E\255Fc\270\204\002\277\001&\300Dex\314\001\327`_\203\005\343`\270\262\006\003\006.\007tes\335@_\337is_co\266`ti\363ne\322`\221E_buf\237feras\211\207\007\246Ba\177syncio.+\006\377sbaseccl\372<\000_\222 trace\377backcoun\203td\347\001\000\002d\001\205\210\003\256@o\337deengn\000.k\377ernels._\316\265\204\004_ce\207 \206\206\002er\377rorflags\377float64f\223or\375`\335\206\004g\350\204\002.\005i\367nto\336chiii\277dindex\021\0006\3654\323As\000\002izek\377lomaximu\357mmem\313\207\001min\356\t\002ode\274Andi\367mnp\207@pyob\373jp\302\000popre\376\234 dsregis\375t\220\001wssset\374\300\205\004\231\205""\003ignals\331s`\000\251`rt%\000ps\373to\001\000ructt\237total\347@\222 u\277pdatev\272\205\003x\377O\200\001\360\n\000\005#\377\240\"\320$6\260a\260\377w\270f\300B\300a\330\373\004\"\n\005x\270v\300R\377\300q\330\004$\240A\240\377V\2501\250N\270!\270\3776\300\021\300-\310w\320\377V\\\320\\]\320]^\377\360\014\000\005\010\200q\210\377\006\210a\210s\220#\220\377U\230#\230U\240&\250\377\001\250\023\250C\250x\260\367s\270%D\000Q\300c\310\377\023\310A\330\010\016\210j\377\230\001\230\021\330\004\010\210\377\005\210U\220!\2201\330\377\010\013\2101\210A\210S\377\220\002\220\"\220C\220q\376\035\000\023\230C\230q\330\014\177\022\220*\230A\230^w\000\377A\250Q\320.C\3001\377\300A\330\t\n\330\010\014\177\210E\220\025\220a\220!\000\377\023\2201\220A\220Q\220\367g\230Q\013\n\017\210t\220\3774\220t\2301\230E\240\377\021\240#\240T\250\021\250\377\047\260\021\260#\260T\270\367\021\270\047\303\000#\300T\310\377\021\310%\310q\320PS\377\320ST\330\014\020\220\005~\274\000!\2301\330\020\024O\002\275c\246\000\020\023\2205\255\002\024\375\025\017\005a\330\020\021\220\021\357\220&\230\001\000\006\330\020\022\376\311\0005\230\005\230R\230r\377\240\022\2401\240H\250B\017\250a\250q\000\026";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1461, 1825);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1810 bytes) */
-static const char bytes[] = " at 0x object> out of range [0, ).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/groupby.pyxgcgroup index isenabledno default __reduce__ due to non-trivial __cinit__shapes do not match: values (signals x rows), accumulators (signals x groups)unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferascontiguousarrayasyncio.coroutinesbaseccline_in_tracebackcountdtypedtype_is_objectencodeengine.kernels._groupby_cenumerateerrorflagsfloat64formatfortranggroupgroupby_intogroupsiidindexint64itemsitemsizekmaximummemviewminimummodenamendimnpnumpyobjpackpoprecordsregisterrowsssetdefaultshapesignalssizestartstepstopstructtotalunpackupdatevvaluesxO\200\001\360\010\000\005#\240\"\320$6\260a\260w\270f\300B\300a\330\004\"\240\"\320$6\260a\260x\270v\300R\300q\330\004$\240A\240V\2501\250N\270!\2706\300\021\300-\310w\320V\\\320\\]\320]^\340\004\007\200q\210\006\210a\210s\220#\220U\230#\230U\240&\250\001\250\023\250C\250x\260s\270%\270v\300Q\300c\310\023\310A\330\010\016\210j\230\001\230\021\330\004\010\210\005\210U\220!\2201\330\010\013\2101\210A\210S\220\002\220\"\220C\220q\230\001\230\023\230C\230q\330\014\022\220*\230A\230^\2501\250A\250Q\320.C\3001\300A\330\t\n\330\010\014\210E\220""\025\220a\220q\330\014\023\2201\220A\220Q\220g\230Q\330\010\014\210E\220\025\220a\220q\330\014\020\220\005\220U\230!\2301\330\020\024\220A\220Q\220c\230\021\330\020\023\2205\230\001\230\021\330\024\025\330\020\024\220A\220Q\220a\330\020\023\2205\230\001\230\023\230C\230s\240!\330\024\033\2301\230C\230u\240A\330\024\033\2301\230C\230u\240A\340\024\027\220r\230\022\2307\240!\2403\240a\330\030\037\230q\240\003\2405\250\001\330\024\027\220r\230\022\2307\240!\2403\240a\330\030\037\230q\240\003\2405\250\001\330\020\025\220Q\220c\230\026\230q\330\020\025\220Q\220c\230\026\230q";
+    #else /* compression: none (1825 bytes) */
+static const char bytes[] = " at 0x object> out of range [0, ).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/groupby.pyxgcgroup index isenabledno default __reduce__ due to non-trivial __cinit__shapes do not match: values (signals x rows), accumulators (signals x groups)unable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferascontiguousarrayasyncio.coroutinesbaseccline_in_tracebackcountdtypedtype_is_objectencodeengine.kernels._groupby_cenumerateerrorflagsfloat64formatfortranggroupgroupby_intogroupshiiidindexint64itemsitemsizeklomaximummemviewminimummodenamendimnpnumpyobjpackpoprecordsregisterrowsssetdefaultshapesignalssizestartstepstopstructttotalunpackupdatevvaluesxO\200\001\360\n\000\005#\240\"\320$6\260a\260w\270f\300B\300a\330\004\"\240\"\320$6\260a\260x\270v\300R\300q\330\004$\240A\240V\2501\250N\270!\2706\300\021\300-\310w\320V\\\320\\]\320]^\360\014\000\005\010\200q\210\006\210a\210s\220#\220U\230#\230U\240&\250\001\250\023\250C\250x\260s\270%\270v\300Q\300c\310\023\310A\330\010\016\210j\230\001\230\021\330\004\010\210\005\210U\220!\2201\330\010\013\2101\210A\210S\220\002\220\"\220C\220q\230\001\230\023\230C\230q\330\014\022\220*\230A\230^\2501\250A\250Q\320.C\3001\300A\330\t\n\330\010""\014\210E\220\025\220a\220q\330\014\023\2201\220A\220Q\220g\230Q\330\010\014\210E\220\025\220a\220q\330\014\017\210t\2204\220t\2301\230E\240\021\240#\240T\250\021\250\047\260\021\260#\260T\270\021\270\047\300\021\300#\300T\310\021\310%\310q\320PS\320ST\330\014\020\220\005\220U\230!\2301\330\020\024\220A\220Q\220c\230\021\330\020\023\2205\230\001\230\021\330\024\025\330\020\024\220A\220Q\220a\330\020\021\220\021\220&\230\001\330\020\021\220\021\220&\230\001\330\020\022\220!\2205\230\005\230R\230r\240\022\2401\240H\250B\250a\250q\330\020\022\220!\2205\230\005\230R\230r\240\022\2401\240H\250B\250a\250q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 118; i++) {
+    for (int i = 0; i < 121; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 30) PyUnicode_InternInPlace(&string);
@@ -21146,8 +21114,8 @@ static const char bytes[] = " at 0x object> out of range [0, ).: <MemoryView of 
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 118; i < 120; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-118].length;
+    for (int i = 121; i < 123; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-121].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -21157,14 +21125,14 @@ static const char bytes[] = " at 0x object> out of range [0, ).: <MemoryView of 
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 120; i++) {
+    for (Py_ssize_t i = 0; i < 123; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 118;
+      PyObject **table = stringtab + 121;
       for (Py_ssize_t i=0; i<2; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -21252,8 +21220,8 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {7, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 9};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_group, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_records, __pyx_mstate->__pyx_n_u_count, __pyx_mstate->__pyx_n_u_minimum, __pyx_mstate->__pyx_n_u_maximum, __pyx_mstate->__pyx_n_u_total, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_signals, __pyx_mstate->__pyx_n_u_groups, __pyx_mstate->__pyx_n_u_x};
+    const __Pyx_PyCode_New_function_description descr = {7, 0, 0, 20, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 9};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_group, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_records, __pyx_mstate->__pyx_n_u_count, __pyx_mstate->__pyx_n_u_minimum, __pyx_mstate->__pyx_n_u_maximum, __pyx_mstate->__pyx_n_u_total, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_signals, __pyx_mstate->__pyx_n_u_groups, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_lo, __pyx_mstate->__pyx_n_u_hi, __pyx_mstate->__pyx_n_u_t};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_groupby_pyx, __pyx_mstate->__pyx_n_u_groupby_into, __pyx_mstate->__pyx_kp_b_iso88591_6awfBa_6axvRq_AV1N_6_wV_q_as_U, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);

@@ -7,7 +7,8 @@ import numpy as np
 
 def groupby_into(group, values, records, count, minimum, maximum, total) -> None:
     """Accumulate ``values`` (signals x rows, NaN = absent) by ``group`` (row -> group index) into the
-    (signals x groups) arrays and ``records`` (rows per group). Arrays are updated in place."""
+    (signals x groups) arrays and ``records`` (rows per group), in place. ``minimum`` and ``maximum``
+    start at +inf and -inf; a group without a value of a signal keeps them."""
     group = np.asarray(group, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
     groups = records.shape[0]
@@ -17,17 +18,9 @@ def groupby_into(group, values, records, count, minimum, maximum, total) -> None
         raise IndexError(f"group index out of range [0, {groups})")
     records += np.bincount(group, minlength=groups)
     for s in range(values.shape[0]):
-        row = values[s]
-        present = ~np.isnan(row)
-        g, x = group[present], row[present]
-        seen = count[s] > 0
-        here = np.bincount(g, minlength=groups)
-        count[s] += here
+        present = ~np.isnan(values[s])
+        g, x = group[present], values[s][present]
+        count[s] += np.bincount(g, minlength=groups)
         total[s] += np.bincount(g, weights=x, minlength=groups)
-        lo = np.full(groups, np.inf)
-        hi = np.full(groups, -np.inf)
-        np.minimum.at(lo, g, x)
-        np.maximum.at(hi, g, x)
-        has = here > 0  # groups without a value here keep what they had (NaN when none yet)
-        minimum[s] = np.where(has, np.where(seen, np.minimum(minimum[s], lo), lo), minimum[s])
-        maximum[s] = np.where(has, np.where(seen, np.maximum(maximum[s], hi), hi), maximum[s])
+        np.minimum.at(minimum[s], g, x)
+        np.maximum.at(maximum[s], g, x)
