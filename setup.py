@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CANPIPE_CYTHON_DEBUG") == "1"
-KERNELS = ["histogram", "groupby"]
+KERNELS = ["histogram", "groupby", "jsonl"]
 
 
 class OptionalBuildExt(build_ext):

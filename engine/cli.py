@@ -102,6 +102,49 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from engine import aggregator
+
+    settings = _settings(args)
+    if args.schedule:
+        return aggregator_schedule(settings.data_dir)
+    if args.hour:
+        results = [aggregator.aggregate_hour(settings.data_dir, aggregator.parse_hour(args.hour))]
+    else:
+        results = aggregator.aggregate_pending(settings.data_dir)
+    for r in results:
+        print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records ({r.duplicates_dropped} duplicates "
+              f"dropped) from {r.files} files -> {r.path}")
+        if r.torn_tail_bytes:
+            print(f"  skipped torn tails: {r.torn_tail_bytes} bytes")
+        if r.corrupt_lines:
+            print(f"  WARNING: {r.corrupt_lines} corrupt lines skipped (listed in the output's input section)",
+                  file=sys.stderr)
+    if not results:
+        print("nothing to aggregate: every closed hour is up to date")
+    return 0
+
+
+def aggregator_schedule(data_dir: Path) -> int:
+    """Aggregate pending hours now and then every hour at :05 UTC, until SIGTERM/SIGINT."""
+    import datetime as dt
+    import signal
+    import threading
+
+    from engine import aggregator
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.is_set():
+        for r in aggregator.aggregate_pending(data_dir):
+            print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
+        now = dt.datetime.now(dt.timezone.utc)
+        stop.wait((aggregator.next_run(now) - now).total_seconds())
+    print("aggregate --schedule: stopped", flush=True)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from engine.checks import run_checks
 
@@ -172,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visibility-timeout", type=int, default=30)
     p.add_argument("--max-receive-count", type=int, default=5)
     p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("aggregate", help="per-vehicle statistics of one hour, or of every closed hour pending")
+    common(p)
+    p.add_argument("--hour", help="YYYY-MM-DDTHH (UTC); default: every closed hour not yet aggregated or changed")
+    p.add_argument("--schedule", action="store_true", help="keep running: aggregate every hour at :05 UTC")
+    p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("check", help="start-up checks: queue reachable, data dir writable, keys configured")
     common(p)

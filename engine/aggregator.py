@@ -1,0 +1,371 @@
+"""Hourly aggregation: one hour of raw JSONL -> per-vehicle statistics, exact under duplicates and late data.
+
+Reads the hour's files in chunks (bounded memory), turns stored lines into columns (``engine.kernels``
+scanner), spreads the rows over hash partitions by vehicle (spilled to disk when the hour is large), and
+per partition drops duplicates exactly on (vehicle_id, can_id, timestamp) with one sort, then computes
+statistics with the group-by kernel. The output is written atomically and is byte-identical for the
+same input; a manifest of the inputs (file names and sizes) tells when late data calls for a re-run.
+The aggregator reads files, never the queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from engine.errors import ConfigError, StorageError
+from engine.kernels import GroupStats
+from engine.kernels.jsonl import SIGNALS, parse_lines
+from engine.storage import hour_path
+
+log = logging.getLogger("canpipe.aggregator")
+
+UTC = dt.timezone.utc
+CHUNK_BYTES = 8 * 1024 * 1024
+PARTITION_INPUT_BYTES = 640 * 1024 * 1024  # JSON per partition: ~2.2M rows, ~200 MB of columns
+MAX_GAP_US = 60 * 1_000_000  # no integration across a gap longer than this (vehicle offline)
+MAX_REPORTED_CORRUPT = 100
+SOC, VOLTAGE, CURRENT, CV_MIN, CV_MAX, CT_MIN, CT_MAX = range(7)
+_COLUMNS = (("timestamp_us", np.int64), ("ingest_us", np.int64), ("vehicle", np.int64), ("can_id", np.int64))
+
+
+def parse_hour(text: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+    except ValueError:
+        raise ConfigError(f"--hour: expected YYYY-MM-DDTHH (UTC), got {text!r}") from None
+
+
+def hour_label(hour: dt.datetime) -> str:
+    return hour.strftime("%Y-%m-%dT%H")
+
+
+def iso_micros(us: int) -> str:
+    return (dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=int(us))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hour_inputs(data_dir: Path, hour: dt.datetime) -> list[Path]:
+    folder = hour_path(Path(data_dir) / "raw", (hour.year, hour.month, hour.day, hour.hour))
+    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+def output_path(data_dir: Path, hour: dt.datetime) -> Path:
+    return Path(data_dir) / "aggregated" / f"aggregated-{hour_label(hour)}.json"
+
+
+def manifest_path(data_dir: Path, hour: dt.datetime) -> Path:
+    return Path(data_dir) / "aggregated" / f"aggregated-{hour_label(hour)}.manifest.json"
+
+
+class InputFile(msgspec.Struct):
+    file: str
+    bytes: int
+
+
+class Manifest(msgspec.Struct):
+    hour: str
+    inputs: list[InputFile]
+    output_bytes: int
+
+
+def fingerprint(data_dir: Path, files: list[Path]) -> list[InputFile]:
+    raw = Path(data_dir) / "raw"
+    return [InputFile(str(path.relative_to(raw)), path.stat().st_size) for path in files]
+
+
+def needs_aggregation(data_dir: Path, hour: dt.datetime) -> bool:
+    """True when the hour has input and no manifest, or its files or sizes changed since (late data)."""
+    files = hour_inputs(data_dir, hour)
+    if not files:
+        return False
+    try:
+        manifest = msgspec.json.decode(manifest_path(data_dir, hour).read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return True
+    return manifest.inputs != fingerprint(data_dir, files) or not output_path(data_dir, hour).exists()
+
+
+def closed_hours(data_dir: Path, now: dt.datetime, grace: dt.timedelta = dt.timedelta(minutes=5)) -> list[dt.datetime]:
+    """Every hour with raw files that ended at least ``grace`` before ``now``."""
+    hours = []
+    for folder in sorted((Path(data_dir) / "raw").glob("year=*/month=*/day=*/hour=*")):
+        parts = [int(p.name.split("=")[1]) for p in (folder.parents[2], folder.parents[1], folder.parent, folder)]
+        hour = dt.datetime(*parts, tzinfo=UTC)
+        if hour + dt.timedelta(hours=1) + grace <= now:
+            hours.append(hour)
+    return hours
+
+
+@dataclasses.dataclass
+class _Input:
+    files: int = 0
+    records: int = 0
+    torn_tail_bytes: int = 0
+    corrupt: list[str] = dataclasses.field(default_factory=list)
+    corrupt_count: int = 0
+
+
+class _Partitions:
+    """Rows spread by vehicle over ``count`` partitions; kept in memory for one, spilled to files else."""
+
+    def __init__(self, count: int, spill_dir: Path | None) -> None:
+        self.count = count
+        self.spill_dir = spill_dir
+        self.memory: list[list[np.ndarray]] = [[] for _ in range(count)]  # per partition: column arrays
+
+    def add(self, columns: list[np.ndarray]) -> None:
+        vehicle = columns[2]
+        if self.count == 1:
+            self.memory[0].append(columns)
+            return
+        part = vehicle % self.count
+        for p in range(self.count):
+            mask = part == p
+            if mask.any():
+                for name, column in zip((*(c for c, _ in _COLUMNS), "values"), columns):
+                    with open(self.spill_dir / f"{p}.{name}", "ab") as out:
+                        (column[mask] if column.ndim == 1 else column[:, mask].T).tofile(out)
+
+    def load(self, p: int) -> list[np.ndarray] | None:
+        if self.count == 1:
+            parts = self.memory[0]
+            if not parts:
+                return None
+            return [np.concatenate([c[i] for c in parts], axis=-1) for i in range(5)]
+        if not (self.spill_dir / f"{p}.vehicle").exists():
+            return None
+        cols = [np.fromfile(self.spill_dir / f"{p}.{name}", dtype=dtype) for name, dtype in _COLUMNS]
+        values = np.fromfile(self.spill_dir / f"{p}.values", dtype=np.float64).reshape(-1, len(SIGNALS)).T
+        return [*cols, np.ascontiguousarray(values)]
+
+
+def _read_hour(files: list[Path], data_dir: Path, vehicles: dict[str, int], parts: _Partitions, info: _Input) -> None:
+    raw = Path(data_dir) / "raw"
+    for path in files:
+        info.files += 1
+        line_base = 0
+        rest = b""
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                data = rest + chunk
+                cut = data.rfind(b"\n") + 1
+                rest = data[cut:]
+                if cut:
+                    line_base += _take(data[:cut], vehicles, parts, info, f"{path.relative_to(raw)}", line_base)
+        if rest:  # a torn tail: a crash mid-write; never a record
+            info.torn_tail_bytes += len(rest)
+            log.warning("%s: skipped a torn tail of %d bytes", path, len(rest))
+
+
+def _take(data: bytes, vehicles: dict[str, int], parts: _Partitions, info: _Input, name: str, line_base: int) -> int:
+    """Parse complete lines into the partitions; return how many lines ``data`` held."""
+    cols = parse_lines(data, vehicles)
+    for number in cols.bad_lines:
+        info.corrupt_count += 1
+        if len(info.corrupt) < MAX_REPORTED_CORRUPT:
+            info.corrupt.append(f"{name}:{line_base + number}")
+        log.error("corrupt line %s:%d skipped", name, line_base + number)
+    info.records += len(cols.vehicle)
+    if len(cols.vehicle):
+        parts.add([cols.timestamp_us, cols.ingest_us, cols.vehicle, cols.can_id, cols.values])
+    return cols.lines
+
+
+@dataclasses.dataclass
+class _Totals:
+    """Per-vehicle results, dense over vehicle indices."""
+
+    stats: GroupStats
+    duplicates: np.ndarray
+    soc_first: np.ndarray
+    soc_last: np.ndarray
+    charge_ah: np.ndarray
+    energy_kwh: np.ndarray
+    latest_ingest_us: int = -1
+
+
+def _integrate(vehicle: np.ndarray, ts: np.ndarray, y: np.ndarray, groups: int) -> np.ndarray:
+    """Trapezoid of |y| over time per vehicle (rows in (vehicle, ts) order), y-units x seconds."""
+    present = ~np.isnan(y)
+    v, t, a = vehicle[present], ts[present], np.abs(y[present])
+    if len(v) < 2:
+        return np.zeros(groups)
+    dt_us = np.diff(t)
+    ok = (v[1:] == v[:-1]) & (dt_us > 0) & (dt_us <= MAX_GAP_US)
+    area = 0.5 * (a[1:] + a[:-1]) * dt_us / 1e6
+    return np.bincount(v[1:][ok], weights=area[ok], minlength=groups)
+
+
+def _order(vehicle: np.ndarray, can: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Row order by vehicle, then time, then CAN id: one sort of a packed int64 key when the three fit in
+    63 bits (they do for an hour of standard CAN ids), else a three-key lexsort."""
+    t0 = int(ts.min())
+    bits_t = max(1, int(ts.max() - t0).bit_length())
+    bits_c = max(1, int(can.max()).bit_length()) if int(can.min()) >= 0 else 64
+    bits_v = max(1, int(vehicle.max()).bit_length())
+    if bits_v + bits_c + bits_t > 63:
+        return np.lexsort((can, ts, vehicle))
+    key = (vehicle << (bits_c + bits_t)) | (can << bits_t) | (ts - t0)
+    return np.argsort(key, kind="stable")  # stable: the first copy of a duplicate is the one kept
+
+
+def _partition_totals(cols: list[np.ndarray], totals: _Totals) -> None:
+    ts, ingest, vehicle, can, values = cols
+    order = _order(vehicle, can, ts)
+    v, t, c = vehicle[order], ts[order], can[order]
+    dup = np.zeros(len(order), dtype=bool)
+    np.equal(v[1:], v[:-1], out=dup[1:])
+    dup[1:] &= t[1:] == t[:-1]
+    dup[1:] &= c[1:] == c[:-1]
+    groups = totals.stats.groups
+    if dup.any():  # keep the first copy of each record, in input order for the group-by
+        totals.duplicates += np.bincount(v[dup], minlength=groups)
+        fresh = np.ones(len(order), dtype=bool)
+        fresh[order[dup]] = False
+        order, v, t = order[~dup], v[~dup], t[~dup]
+        vehicle, ts, ingest, values = vehicle[fresh], ts[fresh], ingest[fresh], values[:, fresh]
+    totals.latest_ingest_us = max(totals.latest_ingest_us, int(ingest.max()))
+    # the seven signals, the two spreads and the time as rows of one group-by pass (order does not matter)
+    rows = np.empty((len(SIGNALS) + 3, len(vehicle)))
+    rows[: len(SIGNALS)] = values
+    np.subtract(values[CV_MAX], values[CV_MIN], out=rows[len(SIGNALS)])
+    np.subtract(values[CT_MAX], values[CT_MIN], out=rows[len(SIGNALS) + 1])
+    rows[len(SIGNALS) + 2] = ts
+    part = GroupStats(len(SIGNALS) + 3, groups)
+    part.add(vehicle, rows)
+    totals.stats.merge(part)
+    # what depends on time order: SOC at the first and last sample, integrals over time
+    original = cols[4]  # ``order`` indexes the rows as read, before duplicates were dropped
+    soc, current, voltage = (np.take(original[k], order) for k in (SOC, CURRENT, VOLTAGE))
+    has = ~np.isnan(soc)
+    sv, ss = v[has], soc[has]
+    if len(sv):
+        change = sv[1:] != sv[:-1]
+        first, last = np.r_[True, change], np.r_[change, True]
+        totals.soc_first[sv[first]] = ss[first]
+        totals.soc_last[sv[last]] = ss[last]
+    totals.charge_ah += _integrate(v, t, current, groups) / 3600.0
+    totals.energy_kwh += _integrate(v, t, voltage * current, groups) / 3.6e6
+
+
+class HourResult(msgspec.Struct):
+    hour: str
+    path: str
+    vehicles: int
+    records: int
+    duplicates_dropped: int
+    files: int
+    torn_tail_bytes: int
+    corrupt_lines: int
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _document(hour: dt.datetime, vehicles: dict[str, int], totals: _Totals, info: _Input) -> dict:
+    stats = totals.stats
+    minimum, maximum, mean = stats.minimum, stats.maximum, stats.mean()
+    rows = []
+    for vehicle_id, k in sorted(vehicles.items()):
+        count = int(stats.records[k]) if k < stats.groups else 0
+        if count == 0:
+            continue
+        entry: dict[str, object] = {"vehicle_id": vehicle_id, "message_count": count}
+        for s, name in enumerate(SIGNALS):
+            entry[name] = {"min": _number(minimum[s, k]), "max": _number(maximum[s, k]), "avg": _number(mean[s, k])}
+        n = len(SIGNALS)
+        entry["duplicates_dropped"] = int(totals.duplicates[k])
+        entry["first_timestamp"] = iso_micros(int(minimum[n + 2, k]))
+        entry["last_timestamp"] = iso_micros(int(maximum[n + 2, k]))
+        entry["cell_voltage_spread_max"] = _number(maximum[n, k])
+        entry["cell_temp_spread_max"] = _number(maximum[n + 1, k])
+        entry["soc_change"] = _number(totals.soc_last[k] - totals.soc_first[k])
+        entry["charge_throughput_ah"] = float(totals.charge_ah[k])
+        entry["energy_throughput_kwh"] = float(totals.energy_kwh[k])
+        rows.append(entry)
+    return {
+        # the ingest time of the newest record aggregated: "as of", and the same on every re-run
+        "aggregation_timestamp": iso_micros(totals.latest_ingest_us) if totals.latest_ingest_us >= 0 else None,
+        "time_range": {"start": hour.strftime("%Y-%m-%dT%H:00:00Z"),
+                       "end": (hour + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:00:00Z")},
+        "vehicles": rows,
+        "input": {"files": info.files, "records": info.records, "duplicates_dropped": int(totals.duplicates.sum()),
+                  "torn_tail_bytes": info.torn_tail_bytes, "corrupt_lines": info.corrupt_count,
+                  "corrupt_line_locations": info.corrupt},
+    }
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
+    """Aggregate one hour; write ``aggregated/aggregated-<hour>.json`` and its manifest."""
+    data_dir = Path(data_dir)
+    files = hour_inputs(data_dir, hour)
+    inputs = fingerprint(data_dir, files)
+    total_bytes = sum(i.bytes for i in inputs)
+    count = max(1, math.ceil(total_bytes / PARTITION_INPUT_BYTES))
+    vehicles: dict[str, int] = {}
+    info = _Input()
+    spill = Path(tempfile.mkdtemp(prefix="canpipe-aggregate-", dir=data_dir)) if count > 1 else None
+    try:
+        parts = _Partitions(count, spill)
+        _read_hour(files, data_dir, vehicles, parts, info)
+        groups = len(vehicles)
+        totals = _Totals(GroupStats(len(SIGNALS) + 3, groups), np.zeros(groups, np.int64), np.full(groups, np.nan),
+                         np.full(groups, np.nan), np.zeros(groups), np.zeros(groups))
+        for p in range(count):
+            cols = parts.load(p)
+            if cols is not None:
+                _partition_totals(cols, totals)
+    except OSError as exc:
+        raise StorageError(f"aggregating {hour_label(hour)}: {exc}") from exc
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+    document = _document(hour, vehicles, totals, info)
+    body = msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n"
+    out = output_path(data_dir, hour)
+    write_atomically(out, body)
+    write_atomically(manifest_path(data_dir, hour), msgspec.json.encode(Manifest(hour_label(hour), inputs, len(body))))
+    return HourResult(hour_label(hour), str(out), len(document["vehicles"]), info.records,
+                      document["input"]["duplicates_dropped"], info.files, info.torn_tail_bytes, info.corrupt_count)
+
+
+def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult]:
+    """Every closed hour not yet aggregated, or whose input changed since."""
+    now = now or dt.datetime.now(UTC)
+    return [aggregate_hour(data_dir, hour) for hour in closed_hours(data_dir, now) if needs_aggregation(data_dir, hour)]
+
+
+def next_run(now: dt.datetime, minute: int = 5) -> dt.datetime:
+    """The next HH:05:00 UTC strictly after ``now``."""
+    candidate = now.replace(minute=minute, second=0, microsecond=0)
+    return candidate if candidate > now else candidate + dt.timedelta(hours=1)

@@ -1,0 +1,3 @@
+from engine.kernels._jsonl_py import Columns
+
+def parse_lines(data: bytes, vehicles: dict[str, int]) -> Columns: ...

@@ -1,0 +1,96 @@
+"""Pure-Python (msgspec) reference of the stored-line scanner; ``ext/jsonl.pyx`` is its compiled twin.
+
+``parse_lines(data, vehicles)`` turns complete stored lines (``\\n``-terminated JSON objects) into
+columns: client timestamp and ingest time (int64 microseconds since the epoch), vehicle index (from the
+``vehicles`` dict, which grows in first-seen order), CAN id (int64), and the seven payload signals
+(float64, NaN where absent). Lines that are not valid stored records are returned by number (1-based,
+within ``data``) and contribute no row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+import numpy as np
+
+SIGNALS = (
+    "battery_soc",
+    "battery_voltage",
+    "battery_current",
+    "cell_voltage_min",
+    "cell_voltage_max",
+    "cell_temp_min",
+    "cell_temp_max",
+)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+MICROSECOND = dt.timedelta(microseconds=1)
+
+
+class _Payload(msgspec.Struct, gc=False):
+    battery_soc: float | None = None
+    battery_voltage: float | None = None
+    battery_current: float | None = None
+    cell_voltage_min: float | None = None
+    cell_voltage_max: float | None = None
+    cell_temp_min: float | None = None
+    cell_temp_max: float | None = None
+
+
+class _Line(msgspec.Struct, gc=False):
+    timestamp: dt.datetime
+    vehicle_id: str
+    can_id: str
+    payload: _Payload
+    ingest_received_at: dt.datetime
+
+
+_decoder = msgspec.json.Decoder(_Line)
+
+
+class Columns(msgspec.Struct):
+    timestamp_us: np.ndarray
+    ingest_us: np.ndarray
+    vehicle: np.ndarray
+    can_id: np.ndarray
+    values: np.ndarray  # signals x rows
+    bad_lines: list[int]
+    lines: int  # newline-terminated lines in the input (blank ones included)
+
+
+def _micros(moment: dt.datetime) -> int:
+    return (moment - EPOCH) // MICROSECOND
+
+
+def parse_lines(data: bytes, vehicles: dict[str, int]) -> Columns:
+    rows = []
+    bad = []
+    pieces = data.split(b"\n")
+    for number, line in enumerate(pieces, 1):
+        if not line.strip():
+            continue
+        try:
+            record = _decoder.decode(line)
+            can = int(record.can_id, 16)
+            if record.timestamp.tzinfo is None or record.ingest_received_at.tzinfo is None:
+                raise ValueError("naive timestamp")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            bad.append(number)
+            continue
+        index = vehicles.setdefault(record.vehicle_id, len(vehicles))
+        p = record.payload
+        rows.append((_micros(record.timestamp), _micros(record.ingest_received_at), index, can,
+                     [np.nan if v is None else v for v in (p.battery_soc, p.battery_voltage, p.battery_current,
+                                                          p.cell_voltage_min, p.cell_voltage_max,
+                                                          p.cell_temp_min, p.cell_temp_max)]))
+    n = len(rows)
+    values = np.array([r[4] for r in rows], dtype=np.float64).reshape(n, len(SIGNALS)).T.copy()
+    return Columns(
+        timestamp_us=np.array([r[0] for r in rows], dtype=np.int64),
+        ingest_us=np.array([r[1] for r in rows], dtype=np.int64),
+        vehicle=np.array([r[2] for r in rows], dtype=np.int64),
+        can_id=np.array([r[3] for r in rows], dtype=np.int64),
+        values=values,
+        bad_lines=bad,
+        lines=len(pieces) - 1,
+    )
