@@ -81,3 +81,32 @@ def test_simulate_command_against_a_receiver(serve, env):
     assert "failed 0" in done.stdout and "rejected 0" in done.stdout
     wrong = canpipe("simulate", "--url", url, "--api-key", "test:wrong", "--vehicles", "1", "--duration", "0.5", env=env)
     assert wrong.returncode == 1 and "rejected 0" not in wrong.stdout
+
+
+def test_aggregate_commands(env, data_dir, capsys, monkeypatch, start):
+    import datetime as dt
+    import signal
+
+    from conftest import wait_for
+    from test_aggregator import HOUR, fleet, write
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    write(data_dir, fleet(vehicles=2))
+    assert main(["aggregate", "--hour", "2025-10-19T17"]) == 0
+    assert "aggregated 2025-10-19T17: 2 vehicles, 400 records (0 duplicates dropped) from 1 files" in capsys.readouterr().out
+    assert main(["aggregate"]) == 0
+    assert "nothing to aggregate" in capsys.readouterr().out
+    with open(next((data_dir / "raw").rglob("*.jsonl")), "ab") as f:
+        f.write(b'{"torn')
+        f.write(b"\n{not json}\n")
+    assert main(["aggregate"]) == 0  # the input changed: aggregated again
+    captured = capsys.readouterr()
+    assert "aggregated 2025-10-19T17" in captured.out and "2 corrupt lines" in captured.err
+    assert main(["aggregate", "--hour", "yesterday"]) == 1
+    (data_dir / "aggregated" / f"aggregated-{HOUR:%Y-%m-%dT%H}.manifest.json").unlink()
+    scheduled = start(["aggregate", "--schedule"], env)
+    wait_for(lambda: "aggregated 2025-10-19T17" in scheduled.output(), 30, "the scheduler's catch-up run")
+    assert scheduled.stop(signal.SIGTERM) == 0
+    assert "aggregate --schedule: stopped" in scheduled.output()
+    assert dt.datetime.now(dt.timezone.utc) > HOUR

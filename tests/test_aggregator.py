@@ -1,0 +1,285 @@
+"""The hourly aggregator on real files: exact under duplicates, torn tails, corrupt lines and late data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from engine import aggregator
+from engine.errors import ConfigError
+from engine.kernels import _jsonl_py, jsonl
+from engine.storage import PartitionWriter, hour_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import duckdb_hour  # noqa: E402
+
+UTC = dt.timezone.utc
+HOUR = dt.datetime(2025, 10, 19, 17, tzinfo=UTC)
+KEY = (2025, 10, 19, 17)
+SEED = 1917
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record(vehicle: str, ts: dt.datetime, can_id: str = "0x132", **payload: float) -> bytes:
+    body = {"timestamp": iso(ts), "vehicle_id": vehicle, "can_id": can_id, "payload": payload,
+            "ingest_received_at": iso(ts + dt.timedelta(milliseconds=20))}
+    return msgspec.json.encode(body) + b"\n"
+
+
+def fleet(seed: int = SEED, vehicles: int = 5, per_vehicle: int = 200) -> list[bytes]:
+    """Records of a few vehicles over the hour, seeded; some carry only some signals."""
+    rng = random.Random(seed)
+    lines = []
+    for k in range(vehicles):
+        soc = rng.uniform(40, 90)
+        for n in range(per_vehicle):
+            ts = HOUR + dt.timedelta(seconds=n * 10 + k * 0.1)
+            soc -= rng.uniform(0, 0.05)
+            cur = round(rng.uniform(-80, 250), 1)
+            vmin = round(rng.uniform(3.6, 4.1), 3)
+            payload = {"battery_soc": round(soc, 2), "battery_voltage": round(380 - cur * 0.07, 1), "battery_current": cur,
+                       "cell_voltage_min": vmin, "cell_voltage_max": round(vmin + rng.uniform(0, 0.03), 3),
+                       "cell_temp_min": round(rng.uniform(20, 30), 1)}
+            payload["cell_temp_max"] = round(payload["cell_temp_min"] + rng.uniform(0, 3), 1)
+            if n % 7 == 3:
+                payload = {"battery_soc": payload["battery_soc"]}  # a frame that carries only SOC
+            lines.append(record(f"EV-{k:03d}", ts, "0x132" if n % 7 != 3 else "0x292", **payload))
+    rng.shuffle(lines)
+    return lines
+
+
+def write(data_dir: Path, lines: list[bytes], writer: str = "w1", hour=KEY) -> Path:
+    w = PartitionWriter(data_dir, writer)
+    path = w.append(hour, lines)
+    w.close()
+    return path
+
+
+def run(data_dir: Path) -> dict:
+    aggregator.aggregate_hour(data_dir, HOUR)
+    return json.loads(aggregator.output_path(data_dir, HOUR).read_bytes())
+
+
+@pytest.fixture(params=["c", "py"])
+def scanner(request, monkeypatch):
+    """Every aggregator test runs on both scanners."""
+    if request.param == "c" and jsonl.IMPLEMENTATION != "c":
+        pytest.skip("compiled scanner not built")
+    if request.param == "py":
+        monkeypatch.setattr(aggregator, "parse_lines", _jsonl_py.parse_lines)
+    return request.param
+
+
+def test_duplicates_give_the_same_output_as_none(tmp_path, scanner):
+    lines = fleet()
+    clean, doubled = tmp_path / "clean", tmp_path / "doubled"
+    write(clean, lines)
+    write(doubled, lines[:500], "a")
+    write(doubled, lines[500:] + lines[:300], "b")  # some copies in another file
+    write(doubled, lines[300:], "c")
+    a, b = run(clean), run(doubled)
+    assert b["input"]["duplicates_dropped"] == len(lines)
+    assert sum(v["duplicates_dropped"] for v in b["vehicles"]) == len(lines)
+    for doc in (a, b):
+        for v in doc["vehicles"]:
+            v.pop("duplicates_dropped")
+        doc.pop("input")
+    assert a == b
+
+
+def test_statistics_are_right(tmp_path, scanner):
+    lines = fleet()
+    write(tmp_path, lines)
+    doc = run(tmp_path)
+    records = [json.loads(line) for line in lines]
+    assert doc["time_range"] == {"start": "2025-10-19T17:00:00Z", "end": "2025-10-19T18:00:00Z"}
+    assert [v["vehicle_id"] for v in doc["vehicles"]] == sorted({r["vehicle_id"] for r in records})
+    for v in doc["vehicles"]:
+        mine = sorted((r for r in records if r["vehicle_id"] == v["vehicle_id"]), key=lambda r: r["timestamp"])
+        assert v["message_count"] == len(mine)
+        for name in ("battery_soc", "battery_current", "cell_temp_max"):
+            xs = [r["payload"][name] for r in mine if name in r["payload"]]
+            assert v[name]["min"] == min(xs) and v[name]["max"] == max(xs)
+            assert v[name]["avg"] == pytest.approx(sum(xs) / len(xs), rel=1e-12)
+        spreads = [r["payload"]["cell_voltage_max"] - r["payload"]["cell_voltage_min"] for r in mine
+                   if "cell_voltage_max" in r["payload"]]
+        assert v["cell_voltage_spread_max"] == pytest.approx(max(spreads))
+        socs = [r["payload"]["battery_soc"] for r in mine]
+        assert v["soc_change"] == pytest.approx(socs[-1] - socs[0])
+        assert v["first_timestamp"] == mine[0]["timestamp"] and v["last_timestamp"] == mine[-1]["timestamp"]
+        cur = [(dt.datetime.fromisoformat(r["timestamp"]), r["payload"]) for r in mine if "battery_current" in r["payload"]]
+        ah = kwh = 0.0
+        for (t0, p0), (t1, p1) in zip(cur, cur[1:]):
+            seconds = (t1 - t0).total_seconds()
+            ah += (abs(p0["battery_current"]) + abs(p1["battery_current"])) / 2 * seconds / 3600
+            kwh += (abs(p0["battery_current"] * p0["battery_voltage"]) + abs(p1["battery_current"] * p1["battery_voltage"])
+                    ) / 2 * seconds / 3.6e6
+        assert v["charge_throughput_ah"] == pytest.approx(ah, rel=1e-9)
+        assert v["energy_throughput_kwh"] == pytest.approx(kwh, rel=1e-9)
+    newest = max(r["ingest_received_at"] for r in records)
+    assert doc["aggregation_timestamp"] == newest
+
+
+def test_rerun_is_byte_identical_and_written_atomically(tmp_path, scanner):
+    write(tmp_path, fleet())
+    first = (run(tmp_path), aggregator.output_path(tmp_path, HOUR).read_bytes())[1]
+    run(tmp_path)
+    assert aggregator.output_path(tmp_path, HOUR).read_bytes() == first
+    assert not [p for p in (tmp_path / "aggregated").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_torn_tail_is_skipped_and_counted(tmp_path, scanner):
+    lines = fleet()
+    path = write(tmp_path, lines)
+    clean = run(tmp_path)
+    with open(path, "ab") as f:
+        f.write(lines[0][:40])  # a crash mid-write
+    torn = run(tmp_path)
+    assert torn["input"]["torn_tail_bytes"] == 40
+    assert torn["vehicles"] == clean["vehicles"]
+
+
+def test_corrupt_interior_line_is_reported_not_silently_skipped(tmp_path, scanner, caplog):
+    lines = fleet()
+    lines.insert(10, b'{"timestamp":"2025-10-19T17:00:00Z","vehicle_id":"EV-000","can_id":"0x1",GARBAGE\n')
+    lines.insert(20, b"\x00\x01 not json at all\n")
+    path = write(tmp_path, lines)
+    doc = run(tmp_path)
+    rel = path.relative_to(tmp_path / "raw")
+    assert doc["input"]["corrupt_lines"] == 2
+    assert doc["input"]["corrupt_line_locations"] == [f"{rel}:11", f"{rel}:21"]
+    assert f"corrupt line {rel}:11 skipped" in caplog.text
+    assert sum(v["message_count"] for v in doc["vehicles"]) == len(lines) - 2
+
+
+def test_hour_boundaries(tmp_path, scanner):
+    before = dt.datetime(2025, 10, 19, 17, 59, 59, 999000, tzinfo=UTC)
+    after = dt.datetime(2025, 10, 19, 18, 0, 0, tzinfo=UTC)
+    write(tmp_path, [record("EV-1", before, battery_soc=50.0)], hour=KEY)
+    write(tmp_path, [record("EV-1", after, battery_soc=49.0)], hour=(2025, 10, 19, 18))
+    doc17 = run(tmp_path)
+    aggregator.aggregate_hour(tmp_path, HOUR + dt.timedelta(hours=1))
+    doc18 = json.loads(aggregator.output_path(tmp_path, HOUR + dt.timedelta(hours=1)).read_bytes())
+    assert doc17["vehicles"][0]["last_timestamp"] == "2025-10-19T17:59:59.999000Z"
+    assert doc17["vehicles"][0]["message_count"] == doc18["vehicles"][0]["message_count"] == 1
+    assert doc18["time_range"]["start"] == "2025-10-19T18:00:00Z"
+
+
+def test_late_file_triggers_reaggregation(tmp_path, scanner):
+    write(tmp_path, fleet(vehicles=2))
+    now = HOUR + dt.timedelta(hours=2)
+    assert [r.hour for r in aggregator.aggregate_pending(tmp_path, now)] == ["2025-10-19T17"]
+    assert aggregator.aggregate_pending(tmp_path, now) == []  # up to date
+    write(tmp_path, [record("EV-LATE", HOUR + dt.timedelta(minutes=30), battery_soc=10.0)], writer="late")
+    (redo,) = aggregator.aggregate_pending(tmp_path, now)
+    assert redo.vehicles == 3
+    doc = json.loads(aggregator.output_path(tmp_path, HOUR).read_bytes())
+    assert "EV-LATE" in [v["vehicle_id"] for v in doc["vehicles"]]
+    manifest = json.loads(aggregator.manifest_path(tmp_path, HOUR).read_bytes())
+    assert len(manifest["inputs"]) == 2
+
+
+def test_open_hours_are_left_alone(tmp_path):
+    write(tmp_path, fleet(vehicles=1))
+    assert aggregator.aggregate_pending(tmp_path, HOUR + dt.timedelta(minutes=64)) == []  # not closed + 5 min yet
+    assert len(aggregator.aggregate_pending(tmp_path, HOUR + dt.timedelta(minutes=65))) == 1
+
+
+def test_large_hour_is_spilled_to_partitions_with_the_same_result(tmp_path, monkeypatch, scanner):
+    lines = fleet(vehicles=7, per_vehicle=300)
+    write(tmp_path, lines + lines[:100])
+    whole = aggregator.output_path(tmp_path, HOUR)
+    run(tmp_path)
+    expected = whole.read_bytes()
+    monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # forces ~15 partitions on disk
+    monkeypatch.setattr(aggregator, "CHUNK_BYTES", 30_000)
+    run(tmp_path)
+    doc, ref = json.loads(whole.read_bytes()), json.loads(expected)
+    assert doc["input"] == ref["input"]
+    for a, b in zip(doc["vehicles"], ref["vehicles"]):
+        for key, value in a.items():
+            if isinstance(value, dict):
+                assert value == pytest.approx(b[key], rel=1e-12, nan_ok=True)
+            else:
+                assert value == pytest.approx(b[key], rel=1e-12) if isinstance(value, float) else value == b[key]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("canpipe-aggregate-")]  # spill removed
+
+
+def test_cross_check_with_duckdb(tmp_path, scanner):
+    lines = fleet(vehicles=6)
+    write(tmp_path, lines[:700], "a")
+    write(tmp_path, lines[600:] + lines[:50], "b")  # duplicates across files
+    doc = run(tmp_path)
+    folder = hour_path(tmp_path / "raw", KEY)
+    expected = {r["vehicle_id"]: r for r in duckdb_hour.run(str(folder / "*.jsonl"))}
+    assert len(expected) == len(doc["vehicles"])
+    for v in doc["vehicles"]:
+        ref = expected[v["vehicle_id"]]
+        assert v["message_count"] == ref["message_count"]
+        assert v["duplicates_dropped"] == ref["duplicates_dropped"]
+        assert v["first_timestamp"] == iso(ref["first_timestamp"].astimezone(UTC))
+        assert v["last_timestamp"] == iso(ref["last_timestamp"].astimezone(UTC))
+        assert v["cell_voltage_spread_max"] == pytest.approx(ref["cell_voltage_spread_max"])
+        assert v["cell_temp_spread_max"] == pytest.approx(ref["cell_temp_spread_max"])
+        for name in duckdb_hour.SIGNALS:
+            for stat in ("min", "max", "avg"):
+                assert v[name][stat] == pytest.approx(ref[f"{name}_{stat}"], rel=1e-9), (v["vehicle_id"], name, stat)
+
+
+def test_bad_hour_names_the_option():
+    with pytest.raises(ConfigError, match="--hour"):
+        aggregator.parse_hour("2025-10-19 17h")
+
+
+def test_next_run_is_five_past():
+    assert aggregator.next_run(dt.datetime(2025, 1, 1, 10, 4, tzinfo=UTC)) == dt.datetime(2025, 1, 1, 10, 5, tzinfo=UTC)
+    assert aggregator.next_run(dt.datetime(2025, 1, 1, 10, 5, tzinfo=UTC)) == dt.datetime(2025, 1, 1, 11, 5, tzinfo=UTC)
+
+
+# --- the scanner twins -----------------------------------------------------------------------------------
+
+odd_lines = [
+    b'{"vehicle_id":"EV-9","timestamp":"2025-10-19T17:00:01Z","can_id":"0x132","payload":{"battery_soc":1},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',  # other key order
+    b'{"timestamp":"2025-10-19T19:00:01+02:00","vehicle_id":"EV-9","can_id":"0x132","payload":{"battery_soc":1},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',  # an offset
+    b'{"timestamp":"2025-10-19T17:00:01Z","vehicle_id":"EV\\u0041","can_id":"0X1A","payload":{"battery_soc":1e1},'
+    b'"ingest_received_at":"2025-10-19T17:00:02.5Z"}',  # escapes, exponent, upper-case hex
+    b'{"timestamp":"2025-02-30T17:00:01Z","vehicle_id":"EV-9","can_id":"0x1","payload":{},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',  # no such day
+    b'{"timestamp":"2025-10-19T17:00:01Z","vehicle_id":"EV-9","can_id":"0x1","payload":{"battery_soc":01},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',  # not JSON
+    b'{"timestamp":"2025-10-19T17:00:01.1234567Z","vehicle_id":"EV-9","can_id":"0x1","payload":{"battery_soc":-0.0},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',
+    b'{"timestamp":"2025-10-19T17:00:01Z","vehicle_id":"EV-9","can_id":"0x1","payload":{"battery_soc":null},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"} ',
+    b"   ",
+    b'{"timestamp":"2025-10-19T17:00:01Z","vehicle_id":"EV-\xff","can_id":"0x1","payload":{},'
+    b'"ingest_received_at":"2025-10-19T17:00:02Z"}',  # not UTF-8
+]
+
+
+@pytest.mark.skipif(jsonl.IMPLEMENTATION != "c", reason="compiled scanner not built")
+@pytest.mark.parametrize("seed", range(5))
+def test_scanner_twins_agree(seed):
+    rng = random.Random(seed)
+    lines = [line.rstrip(b"\n") for line in fleet(seed=seed, vehicles=3, per_vehicle=30)] + odd_lines
+    rng.shuffle(lines)
+    data = b"\n".join(lines) + b"\n"
+    va, vb = {}, {}
+    a, b = jsonl.parse_lines(data, va), _jsonl_py.parse_lines(data, vb)
+    assert va == vb and a.bad_lines == b.bad_lines and a.lines == b.lines == len(lines), f"seed {seed}"
+    for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), (name, f"seed {seed}")
+    assert np.array_equal(a.values, b.values, equal_nan=True) and math.copysign(1, -0.0) == -1
