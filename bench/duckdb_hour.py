@@ -31,6 +31,7 @@ def query(glob: str) -> str:
 
 def run(glob: str, threads: int | None = None) -> list[dict]:
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     if threads:
         con.execute(f"SET threads = {threads}")
     cursor = con.execute(query(glob))
