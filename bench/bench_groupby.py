@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pytest
-from conftest import ratio
+from timing import ratio
 
 from engine.kernels import groupby
 from engine.kernels.groupby import GroupStats, PyGroupStats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ratio
+from timing import ratio
 
 from engine.kernels import histogram
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram

@@ -27,7 +27,7 @@ from engine.errors import QueueError, QueueSaturated
 from engine.metrics import Metrics, render_queue_usage
 from engine.publisher import Publisher
 from engine.queues import Queue, open_queue
-from engine.schema import UTC, SkewError, Telemetry, check_clock, decode_records, encode_stored, json_schema
+from engine.schema import UTC, SkewError, Telemetry, check_clock, decode_records, encode_stored
 
 log = logging.getLogger("canpipe.receiver")
 

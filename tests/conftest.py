@@ -1,70 +1,17 @@
-"""Shared fixtures: real processes (Granian receiver, consumers) on 127.0.0.1, stopped by PID."""
+"""Shared fixtures: real processes (Granian receiver, consumers, moto) on 127.0.0.1, stopped by PID."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, http
 
 from engine.run import free_port, wait_until
-
-API_KEY = "test:s3cret-test-key"
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
-
-class Proc:
-    """A child ``python -m engine ...`` with its output captured to a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._out = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "engine", *args], env=env, stdout=self._out,
-                                      stderr=subprocess.STDOUT, cwd=ROOT)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            code = self.popen.wait()
-        self._out.close()
-        return code
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    """One real HTTP request; returns (status, headers, body) whatever the status."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def post_json(url: str, payload: object, key: str | None = API_KEY, **kw) -> tuple[int, dict, object]:
-    headers = {"Content-Type": "application/json"} | ({"X-API-Key": key} if key else {})
-    status, hdrs, body = http("POST", url + "/ingest", json.dumps(payload).encode(), headers, **kw)
-    return status, hdrs, json.loads(body) if body else None
 
 
 @pytest.fixture
@@ -72,6 +19,7 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
 
 
 @pytest.fixture
@@ -82,6 +30,7 @@ def env(data_dir: Path) -> dict[str, str]:
         "CANPIPE_API_KEYS": f"old:retired-but-valid,{API_KEY}",
         "CANPIPE_BATCH_SECONDS": "0.5",
     }
+
 
 
 @pytest.fixture
@@ -97,6 +46,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield _start
     for proc in procs:
         proc.stop()
+
 
 
 @pytest.fixture
@@ -119,6 +69,7 @@ def serve(start: Callable[..., Proc]) -> Callable[..., str]:
         return url
 
     return _serve
+
 
 
 @pytest.fixture(scope="session")
@@ -150,8 +101,6 @@ def moto_endpoint(tmp_path_factory) -> Iterator[str]:
             proc.wait()
 
 
-AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
 
 @pytest.fixture
 def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
@@ -165,42 +114,3 @@ def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
     url = f"{moto_endpoint}/123456789012/canpipe-{uuid.uuid4().hex[:12]}"
     return AWS_TEST_ENV | {"CANPIPE_QUEUE_URL": url}
 
-
-def shared_file(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared data folder is only beside the project checkout")
-    return path
-
-
-def wait_for(condition: Callable[[], object], timeout: float, message: str = "condition") -> None:
-    assert wait_until(condition, timeout, 0.05), f"timed out after {timeout} s waiting for {message}"
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000000Z"
-
-
-def make_record(index: int = 0, vehicle_id: str = "EV-00001", **payload: float) -> dict:
-    """A valid seed-shaped record, timestamped now (distinct per index)."""
-    import datetime as dt
-
-    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=index)
-    return {
-        "timestamp": moment.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-        "vehicle_id": vehicle_id,
-        "can_id": "0x132",
-        "payload": {
-            "battery_soc": 80.5, "battery_voltage": 396.2, "battery_current": 42.0, "cell_voltage_min": 4.11,
-            "cell_voltage_max": 4.13, "cell_temp_min": 24.0, "cell_temp_max": 26.5, **payload,
-        },
-    }
-
-
-def queued_records(data_dir: Path) -> list[dict]:
-    """Every record in the embedded queue's messages, read straight from the SQLite file."""
-    import sqlite3
-
-    with sqlite3.connect(data_dir / "queue.db") as conn:
-        bodies = [row[0] for row in conn.execute("SELECT body FROM messages ORDER BY id")]
-    return [json.loads(line) for body in bodies for line in body.splitlines()]

@@ -87,7 +87,7 @@ def test_aggregate_commands(env, data_dir, capsys, monkeypatch, start):
     import datetime as dt
     import signal
 
-    from conftest import wait_for
+    from canpipe_testing import wait_for
     from test_aggregator import HOUR, fleet, write
 
     for name, value in env.items():

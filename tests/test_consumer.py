@@ -19,7 +19,7 @@ from engine.queues import QueueAttributes, open_queue
 from engine.schema import decode_records, encode_stored
 from engine.storage import PartitionWriter, iter_raw_files
 
-from conftest import make_record
+from canpipe_testing import make_record
 
 UTC = dt.timezone.utc
 

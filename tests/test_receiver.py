@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import API_KEY, http, make_record, post_json, queued_records
+from canpipe_testing import API_KEY, http, make_record, post_json, queued_records
 
 
 @pytest.fixture

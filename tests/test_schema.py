@@ -10,7 +10,7 @@ import pytest
 
 from engine.schema import SkewError, check_clock, decode_records, encode_stored, json_schema
 
-from conftest import make_record
+from canpipe_testing import make_record
 
 UTC = dt.timezone.utc
 

@@ -17,7 +17,7 @@ from engine.metrics import read_snapshots
 from engine.simulator import Simulator
 from engine.storage import iter_raw_files
 
-from conftest import API_KEY, make_record, post_json, wait_for
+from canpipe_testing import API_KEY, make_record, post_json, wait_for
 
 pytestmark = pytest.mark.slow
 

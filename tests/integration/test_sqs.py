@@ -14,7 +14,7 @@ from engine.metrics import read_snapshots
 from engine.queues import QueueAttributes, open_queue
 from engine.simulator import Simulator
 
-from conftest import API_KEY, make_record, post_json, wait_for
+from canpipe_testing import API_KEY, make_record, post_json, wait_for
 from integration.test_pipeline import key, on_disk
 from sqs_proxy import FaultProxy
 
@@ -135,7 +135,7 @@ def test_sqs_outage_gives_503_in_bounded_time_then_recovers(serve, sqs, moto_end
         status, headers, _ = post_json(url, make_record(2))
         assert status == 503 and headers["retry-after"]
         assert time.monotonic() - started < 10
-        from conftest import http
+        from canpipe_testing import http
 
         assert http("GET", url + "/health")[0] == 503
         proxy.down = False
