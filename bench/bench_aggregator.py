@@ -1,8 +1,8 @@
 """The hourly aggregator vs DuckDB on the same generated hour: wall time and peak RSS, same run.
 
 Default (CI quick mode): a small hour at 30 records/s. The issue's sizes:
-    CANPIPE_BENCH_AGG_RATE=500  python -m pytest bench/bench_aggregator.py -s -p no:cacheprovider   (1.8 M records)
-    CANPIPE_BENCH_AGG_RATE=5000 python -m pytest bench/bench_aggregator.py -s -p no:cacheprovider   (18 M records)
+    CANPIPE_BENCH_AGG_RATE=500  python -m pytest bench/bench_aggregator.py -s -p no:cacheprovider --timeout 0   (1.8 M)
+    CANPIPE_BENCH_AGG_RATE=5000 python -m pytest bench/bench_aggregator.py -s -p no:cacheprovider --timeout 0   (18 M)
 Each side runs in its own process (so peak RSS is its own), alternately, best of several runs.
 """
 
