@@ -7,21 +7,12 @@ compiled kernel is used unless ``CANPIPE_NO_EXTENSIONS=1`` or it was not built.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from engine.kernels import _groupby_py
+from engine.kernels._select import compiled_or_twin
 
-IMPLEMENTATION = "py"
-_kernel = _groupby_py
-if os.environ.get("CANPIPE_NO_EXTENSIONS", "") != "1":
-    try:
-        from engine.kernels import _groupby_c
-    except ImportError:  # not built: the pure-Python twin serves
-        pass
-    else:
-        IMPLEMENTATION, _kernel = "c", _groupby_c
+IMPLEMENTATION, _kernel = compiled_or_twin("groupby")
 
 
 class GroupStats:

@@ -7,23 +7,15 @@ adding their count arrays; quantiles come from the buckets (nearest rank), never
 from __future__ import annotations
 
 import math
-import os
 import struct
 
 import numpy as np
 
 from engine.kernels import _histogram_py
+from engine.kernels._select import compiled_or_twin
 from engine.kernels._histogram_py import N_BUCKETS, SUB_BUCKETS
 
-IMPLEMENTATION = "py"
-_kernel = _histogram_py
-if os.environ.get("CANPIPE_NO_EXTENSIONS", "") != "1":
-    try:
-        from engine.kernels import _histogram_c
-    except ImportError:  # not built: the pure-Python twin serves
-        pass
-    else:
-        IMPLEMENTATION, _kernel = "c", _histogram_c
+IMPLEMENTATION, _kernel = compiled_or_twin("histogram")
 
 _HEADER = struct.Struct("<4sqdddi")
 _MAGIC = b"CPH1"
