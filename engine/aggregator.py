@@ -10,13 +10,17 @@ The aggregator reads files, never the queue.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
 import math
+import mmap
+import multiprocessing
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import msgspec
@@ -31,7 +35,9 @@ log = logging.getLogger("canpipe.aggregator")
 
 UTC = dt.timezone.utc
 CHUNK_BYTES = 8 * 1024 * 1024
-PARTITION_INPUT_BYTES = 640 * 1024 * 1024  # JSON per partition: ~2.2M rows, ~200 MB of columns
+PARTITION_INPUT_BYTES = 320 * 1024 * 1024  # JSON per partition: ~1.1M rows, ~100 MB of columns
+PARALLEL_FROM_BYTES = 256 * 1024 * 1024  # smaller hours: one process, in memory (~900k rows)
+MAX_WORKERS = 8
 MAX_GAP_US = 60 * 1_000_000  # no integration across a gap longer than this (vehicle offline)
 MAX_REPORTED_CORRUPT = 100
 SOC, VOLTAGE, CURRENT, CV_MIN, CV_MAX, CT_MIN, CT_MAX = range(7)
@@ -113,71 +119,114 @@ class _Input:
     corrupt: list[str] = dataclasses.field(default_factory=list)
     corrupt_count: int = 0
 
+    def add(self, other: _Input) -> None:
+        self.files += other.files
+        self.records += other.records
+        self.torn_tail_bytes += other.torn_tail_bytes
+        self.corrupt += other.corrupt[: MAX_REPORTED_CORRUPT - len(self.corrupt)]
+        self.corrupt_count += other.corrupt_count
+
+
+_COLUMN_NAMES = (*(name for name, _ in _COLUMNS), "values")
+
 
 class _Partitions:
-    """Rows spread by vehicle over ``count`` partitions; kept in memory for one, spilled to files else."""
+    """One scanner's rows spread over partitions by vehicle: in memory (one partition) or in append-only
+    files ``<p>.<tag>.<column>`` (rows of a partition stay in file order)."""
 
-    def __init__(self, count: int, spill_dir: Path | None) -> None:
-        self.count = count
-        self.spill_dir = spill_dir
-        self.memory: list[list[np.ndarray]] = [[] for _ in range(count)]  # per partition: column arrays
+    def __init__(self, count: int, spill_dir: Path | None, tag: str) -> None:
+        self.count, self.spill_dir, self.tag = count, spill_dir, tag
+        self.memory: list[list[np.ndarray]] = []
+        self._files: dict[str, object] = {}
+        self.part_of: np.ndarray = np.zeros(0, dtype=np.int64)  # local vehicle index -> partition
+
+    def vehicles_seen(self, names: list[str]) -> None:
+        """Extend the vehicle -> partition map: a stable hash of the id, the same in every process."""
+        new = [zlib.crc32(name.encode()) % self.count for name in names[len(self.part_of) :]]
+        self.part_of = np.concatenate([self.part_of, np.array(new, dtype=np.int64)])
 
     def add(self, columns: list[np.ndarray]) -> None:
-        vehicle = columns[2]
-        if self.count == 1:
-            self.memory[0].append(columns)
+        if self.spill_dir is None:
+            self.memory.append(columns)
             return
-        part = vehicle % self.count
+        part = self.part_of[columns[2]]
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(self.count + 1))
         for p in range(self.count):
-            mask = part == p
-            if mask.any():
-                for name, column in zip((*(c for c, _ in _COLUMNS), "values"), columns):
-                    with open(self.spill_dir / f"{p}.{name}", "ab") as out:
-                        (column[mask] if column.ndim == 1 else column[:, mask].T).tofile(out)
+            rows = order[bounds[p] : bounds[p + 1]]
+            if len(rows):
+                for name, column in zip(_COLUMN_NAMES, columns):
+                    out = self._files.get(f"{p}.{name}")
+                    if out is None:
+                        out = self._files[f"{p}.{name}"] = open(self.spill_dir / f"{p}.{self.tag}.{name}", "ab")
+                    (column[rows] if column.ndim == 1 else column[:, rows].T).tofile(out)
 
-    def load(self, p: int) -> list[np.ndarray] | None:
-        if self.count == 1:
-            parts = self.memory[0]
-            if not parts:
-                return None
-            return [np.concatenate([c[i] for c in parts], axis=-1) for i in range(5)]
-        if not (self.spill_dir / f"{p}.vehicle").exists():
-            return None
-        cols = [np.fromfile(self.spill_dir / f"{p}.{name}", dtype=dtype) for name, dtype in _COLUMNS]
-        values = np.fromfile(self.spill_dir / f"{p}.values", dtype=np.float64).reshape(-1, len(SIGNALS)).T
-        return [*cols, np.ascontiguousarray(values)]
+    def close(self) -> None:
+        for out in self._files.values():
+            out.close()  # type: ignore[attr-defined]
 
 
-def _read_hour(files: list[Path], data_dir: Path, vehicles: dict[str, int], parts: _Partitions, info: _Input) -> None:
-    raw = Path(data_dir) / "raw"
-    for path in files:
+def load_partition(spill_dir: Path, p: int, tag: str) -> list[np.ndarray] | None:
+    if not (spill_dir / f"{p}.{tag}.vehicle").exists():
+        return None
+    cols = [np.fromfile(spill_dir / f"{p}.{tag}.{name}", dtype=dtype) for name, dtype in _COLUMNS]
+    values = np.fromfile(spill_dir / f"{p}.{tag}.values", dtype=np.float64).reshape(-1, len(SIGNALS)).T
+    return [*cols, np.ascontiguousarray(values)]
+
+
+@dataclasses.dataclass
+class _Scan:
+    vehicles: list[str]  # local vehicle index -> id
+    info: _Input
+    memory: list[list[np.ndarray]]  # the rows, when not spilled
+
+
+def _scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str | None, tag: str) -> _Scan:
+    """Read and parse ``paths`` (whole lines, chunk by chunk) into partitions. Runs in a worker process
+    for large hours; vehicle indices are local to the scan and remapped afterwards."""
+    vehicles: dict[str, int] = {}
+    info = _Input()
+    parts = _Partitions(partitions, Path(spill_dir) if spill_dir else None, tag)
+    for name in paths:
+        path = Path(name)
         info.files += 1
-        line_base = 0
-        rest = b""
         with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                data = rest + chunk
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                if cut:
-                    line_base += _take(data[:cut], vehicles, parts, info, f"{path.relative_to(raw)}", line_base)
-        if rest:  # a torn tail: a crash mid-write; never a record
-            info.torn_tail_bytes += len(rest)
-            log.warning("%s: skipped a torn tail of %d bytes", path, len(rest))
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                continue
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                end = mm.rfind(b"\n") + 1
+                if end < size:  # a torn tail: a crash mid-write; never a record
+                    info.torn_tail_bytes += size - end
+                    log.warning("%s: skipped a torn tail of %d bytes", path, size - end)
+                view = memoryview(mm)
+                try:
+                    start, line_base = 0, 0
+                    while start < end:  # chunks of whole lines, zero-copy slices of the mapping
+                        stop = min(end, start + CHUNK_BYTES)
+                        if stop < end:
+                            cut = mm.rfind(b"\n", start, stop) + 1
+                            stop = cut if cut > start else mm.find(b"\n", stop) + 1
+                        cols = parse_lines(view[start:stop], vehicles)
+                        _note_corrupt(cols.bad_lines, info, str(path.relative_to(raw_dir)), line_base)
+                        line_base += cols.lines
+                        info.records += len(cols.vehicle)
+                        if len(cols.vehicle):
+                            parts.vehicles_seen(list(vehicles))
+                            parts.add([cols.timestamp_us, cols.ingest_us, cols.vehicle, cols.can_id, cols.values])
+                        start = stop
+                finally:
+                    view.release()
+    parts.close()
+    return _Scan(list(vehicles), info, parts.memory)
 
 
-def _take(data: bytes, vehicles: dict[str, int], parts: _Partitions, info: _Input, name: str, line_base: int) -> int:
-    """Parse complete lines into the partitions; return how many lines ``data`` held."""
-    cols = parse_lines(data, vehicles)
-    for number in cols.bad_lines:
+def _note_corrupt(bad_lines: list[int], info: _Input, name: str, line_base: int) -> None:
+    for number in bad_lines:
         info.corrupt_count += 1
         if len(info.corrupt) < MAX_REPORTED_CORRUPT:
             info.corrupt.append(f"{name}:{line_base + number}")
         log.error("corrupt line %s:%d skipped", name, line_base + number)
-    info.records += len(cols.vehicle)
-    if len(cols.vehicle):
-        parts.add([cols.timestamp_us, cols.ingest_us, cols.vehicle, cols.can_id, cols.values])
-    return cols.lines
 
 
 @dataclasses.dataclass
@@ -191,6 +240,37 @@ class _Totals:
     charge_ah: np.ndarray
     energy_kwh: np.ndarray
     latest_ingest_us: int = -1
+
+
+def _new_totals(groups: int) -> _Totals:
+    return _Totals(GroupStats(len(SIGNALS) + 3, groups), np.zeros(groups, np.int64), np.full(groups, np.nan),
+                   np.full(groups, np.nan), np.zeros(groups), np.zeros(groups))
+
+
+def _merge_totals(into: _Totals, part: _Totals) -> None:
+    """Add a partition's totals (partitions hold disjoint vehicles)."""
+    into.stats.merge(part.stats)
+    into.duplicates += part.duplicates
+    for name in ("soc_first", "soc_last"):
+        mine, theirs = getattr(into, name), getattr(part, name)
+        mine[~np.isnan(theirs)] = theirs[~np.isnan(theirs)]
+    into.charge_ah += part.charge_ah
+    into.energy_kwh += part.energy_kwh
+    into.latest_ingest_us = max(into.latest_ingest_us, part.latest_ingest_us)
+
+
+def _partition_job(spill_dir: str, p: int, tags: list[str], remaps: list[np.ndarray], groups: int) -> _Totals:
+    """Totals of partition ``p``: every scan's rows for it, in file order, with global vehicle indices."""
+    pieces = []
+    for tag, remap in zip(tags, remaps):
+        cols = load_partition(Path(spill_dir), p, tag)
+        if cols is not None:
+            cols[2] = remap[cols[2]]
+            pieces.append(cols)
+    totals = _new_totals(groups)
+    if pieces:
+        _partition_totals([np.concatenate([c[i] for c in pieces], axis=-1) for i in range(5)], totals)
+    return totals
 
 
 def _integrate(vehicle: np.ndarray, ts: np.ndarray, y: np.ndarray, groups: int) -> np.ndarray:
@@ -326,37 +406,97 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
-    """Aggregate one hour; write ``aggregated/aggregated-<hour>.json`` and its manifest."""
+    """Aggregate one hour; write ``aggregated/aggregated-<hour>.json`` and its manifest.
+
+    Small hours run in this process, in memory. Large ones are scanned by one process per core, each
+    over a contiguous block of the (sorted) files, into partition files; then one process per core
+    aggregates partitions. Rows of a vehicle are always summed in file order, so the bytes written do
+    not depend on the number of processes or partitions.
+    """
     data_dir = Path(data_dir)
     files = hour_inputs(data_dir, hour)
     inputs = fingerprint(data_dir, files)
     total_bytes = sum(i.bytes for i in inputs)
-    count = max(1, math.ceil(total_bytes / PARTITION_INPUT_BYTES))
-    vehicles: dict[str, int] = {}
-    info = _Input()
-    spill = Path(tempfile.mkdtemp(prefix="canpipe-aggregate-", dir=data_dir)) if count > 1 else None
+    large = total_bytes >= PARALLEL_FROM_BYTES
+    count = max(1, math.ceil(total_bytes / PARTITION_INPUT_BYTES)) if large else 1
+    workers = min(os.cpu_count() or 1, MAX_WORKERS) if large else 1
+    raw = str(data_dir / "raw")
+    spill = Path(tempfile.mkdtemp(prefix="canpipe-aggregate-", dir=data_dir)) if count > 1 or workers > 1 else None
     try:
-        parts = _Partitions(count, spill)
-        _read_hour(files, data_dir, vehicles, parts, info)
-        groups = len(vehicles)
-        totals = _Totals(GroupStats(len(SIGNALS) + 3, groups), np.zeros(groups, np.int64), np.full(groups, np.nan),
-                         np.full(groups, np.nan), np.zeros(groups), np.zeros(groups))
-        for p in range(count):
-            cols = parts.load(p)
-            if cols is not None:
-                _partition_totals(cols, totals)
+        blocks = _blocks([str(f) for f in files], [i.bytes for i in inputs], workers)
+        tags = [f"s{k}" for k in range(len(blocks))]
+        jobs = [(block, raw, count, str(spill) if spill else None, tag) for block, tag in zip(blocks, tags)]
+        with _pool(workers) as pool:
+            scans = list(pool.map(_scan_files, *zip(*jobs))) if jobs else []
+            names = sorted({name for scan in scans for name in scan.vehicles})
+            index = {name: k for k, name in enumerate(names)}
+            remaps = [np.array([index[n] for n in scan.vehicles], dtype=np.int64) for scan in scans]
+            info = _Input()
+            for scan in scans:
+                info.add(scan.info)
+            totals = _new_totals(len(names))
+            if spill is None:
+                pieces = []
+                for scan, remap in zip(scans, remaps):
+                    for cols in scan.memory:
+                        cols[2] = remap[cols[2]]
+                        pieces.append(cols)
+                    scan.memory = []
+                if pieces:
+                    columns = [np.concatenate([c[i] for c in pieces], axis=-1) for i in range(5)]
+                    del pieces  # the chunks are copied: free them before the sort
+                    _partition_totals(columns, totals)
+            else:
+                parts = pool.map(_partition_job, [str(spill)] * count, range(count), [tags] * count,
+                                 [remaps] * count, [len(names)] * count)
+                for part in parts:
+                    _merge_totals(totals, part)
     except OSError as exc:
         raise StorageError(f"aggregating {hour_label(hour)}: {exc}") from exc
     finally:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
-    document = _document(hour, vehicles, totals, info)
+    document = _document(hour, index, totals, info)
     body = msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n"
     out = output_path(data_dir, hour)
     write_atomically(out, body)
     write_atomically(manifest_path(data_dir, hour), msgspec.json.encode(Manifest(hour_label(hour), inputs, len(body))))
     return HourResult(hour_label(hour), str(out), len(document["vehicles"]), info.records,
                       document["input"]["duplicates_dropped"], info.files, info.torn_tail_bytes, info.corrupt_count)
+
+
+def _blocks(paths: list[str], sizes: list[int], workers: int) -> list[list[str]]:
+    """Contiguous blocks of the sorted files, of about equal bytes, one per worker."""
+    if workers <= 1 or len(paths) <= 1:
+        return [paths] if paths else []
+    target = sum(sizes) / workers
+    blocks: list[list[str]] = [[]]
+    filled = 0
+    for path, size in zip(paths, sizes):
+        if filled >= target * len(blocks) and len(blocks) < workers:
+            blocks.append([])
+        blocks[-1].append(path)
+        filled += size
+    return blocks
+
+
+class _InProcess:
+    """The executor interface, run in this process (small hours: no start-up cost)."""
+
+    def map(self, fn, *iterables):  # noqa: ANN001, ANN201
+        return map(fn, *iterables)
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _pool(workers: int) -> concurrent.futures.Executor | _InProcess:
+    if workers <= 1:
+        return _InProcess()
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult]:

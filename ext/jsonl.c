@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-bu4rdbis/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-rth97vvs/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._jsonl_c",
         "sources": [
@@ -1277,9 +1277,9 @@ static int __Pyx_init_tpflags_variables(void) {
 #define __PYX_HAVE__engine__kernels___jsonl_c
 #define __PYX_HAVE_API__engine__kernels___jsonl_c
 /* Early includes */
-#include <string.h>
-#include <stdio.h>
+#include <stddef.h>
 #include <math.h>
+#include <string.h>
 #include <stdlib.h>
 #include "pythread.h"
 
@@ -1504,7 +1504,6 @@ static const char * const __pyx_cfilenm = __FILE__;
 static const char* const __pyx_f[] = {
   "ext/jsonl.pyx",
   "View.MemoryView",
-  "cpython/type.pxd",
 };
 /* #### Code section: utility_code_proto_before_types ### */
 /* Atomics.proto (used by UnpackUnboundCMethod) */
@@ -2740,46 +2739,6 @@ CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **v
 CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i);
 #endif
 
-/* decode_c_string_utf16.proto (used by decode_c_bytes) */
-static CYTHON_INLINE PyObject *__Pyx_PyUnicode_DecodeUTF16(const char *s, Py_ssize_t size, const char *errors) {
-    int byteorder = 0;
-    return PyUnicode_DecodeUTF16(s, size, errors, &byteorder);
-}
-static CYTHON_INLINE PyObject *__Pyx_PyUnicode_DecodeUTF16LE(const char *s, Py_ssize_t size, const char *errors) {
-    int byteorder = -1;
-    return PyUnicode_DecodeUTF16(s, size, errors, &byteorder);
-}
-static CYTHON_INLINE PyObject *__Pyx_PyUnicode_DecodeUTF16BE(const char *s, Py_ssize_t size, const char *errors) {
-    int byteorder = 1;
-    return PyUnicode_DecodeUTF16(s, size, errors, &byteorder);
-}
-
-/* decode_c_bytes.proto (used by decode_bytes) */
-static CYTHON_INLINE PyObject* __Pyx_decode_c_bytes(
-         const char* cstring, Py_ssize_t length, Py_ssize_t start, Py_ssize_t stop,
-         const char* encoding, const char* errors,
-         PyObject* (*decode_func)(const char *s, Py_ssize_t size, const char *errors));
-
-/* decode_bytes.proto */
-static CYTHON_INLINE PyObject* __Pyx_decode_bytes(
-         PyObject* string, Py_ssize_t start, Py_ssize_t stop,
-         const char* encoding, const char* errors,
-         PyObject* (*decode_func)(const char *s, Py_ssize_t size, const char *errors)) {
-    char* as_c_string;
-    Py_ssize_t size;
-#if CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
-    as_c_string = PyBytes_AS_STRING(string);
-    size = PyBytes_GET_SIZE(string);
-#else
-    if (PyBytes_AsStringAndSize(string, &as_c_string, &size) < 0) {
-        return NULL;
-    }
-#endif
-    return __Pyx_decode_c_bytes(
-        as_c_string, size,
-        start, stop, encoding, errors, decode_func);
-}
-
 /* PyUnicodeDecodeError_Check.proto */
 #define __Pyx_PyExc_UnicodeDecodeError_Check(obj)  __Pyx_TypeCheck(obj, PyExc_UnicodeDecodeError)
 
@@ -2797,6 +2756,15 @@ static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* 
 #else
 #define __Pyx_CallUnboundCMethod1(cfunc, self, arg)  __Pyx__CallUnboundCMethod1(cfunc, self, arg)
 #endif
+
+/* SliceMemoryviewSlice.proto */
+static CYTHON_INLINE int __pyx_memoryview_slice_memviewslice(
+        __Pyx_memviewslice *dst,
+        Py_ssize_t shape, Py_ssize_t stride, Py_ssize_t suboffset,
+        int dim, int new_ndim, int *suboffset_dim,
+        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t step,
+        int have_start, int have_stop, int have_step,
+        int is_slice);
 
 /* ListAppend.proto */
 #if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
@@ -2903,25 +2871,6 @@ static int __Pyx__SetItemOnTypeDict(PyTypeObject *tp, PyObject *k, PyObject *v);
 
 /* SetupReduce.export */
 static int __Pyx_setup_reduce(PyObject* type_obj);
-
-/* TypeImport.proto */
-#ifndef __PYX_HAVE_RT_ImportType_proto_3_3_1
-#define __PYX_HAVE_RT_ImportType_proto_3_3_1
-#if defined (__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
-#include <stdalign.h>
-#endif
-#if (defined (__STDC_VERSION__) && __STDC_VERSION__ >= 201112L) || __cplusplus >= 201103L
-#define __PYX_GET_STRUCT_ALIGNMENT_3_3_1(s) alignof(s)
-#else
-#define __PYX_GET_STRUCT_ALIGNMENT_3_3_1(s) sizeof(void*)
-#endif
-enum __Pyx_ImportType_CheckSize_3_3_1 {
-   __Pyx_ImportType_CheckSize_Error_3_3_1 = 0,
-   __Pyx_ImportType_CheckSize_Warn_3_3_1 = 1,
-   __Pyx_ImportType_CheckSize_Ignore_3_3_1 = 2
-};
-static PyTypeObject *__Pyx_ImportType_3_3_1(PyObject* module, const char *module_name, const char *class_name, size_t size, size_t alignment, enum __Pyx_ImportType_CheckSize_3_3_1 check_size);
-#endif
 
 /* ImportFrom.export */
 static PyObject* __Pyx_ImportFrom(PyObject* module, PyObject* name);
@@ -3149,15 +3098,6 @@ static int __Pyx_init_memviewslice(
                 __Pyx_memviewslice *memviewslice,
                 int memview_is_new_reference);
 
-/* SliceMemoryviewSlice.proto */
-static CYTHON_INLINE int __pyx_memoryview_slice_memviewslice(
-        __Pyx_memviewslice *dst,
-        Py_ssize_t shape, Py_ssize_t stride, Py_ssize_t suboffset,
-        int dim, int new_ndim, int *suboffset_dim,
-        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t step,
-        int have_start, int have_stop, int have_step,
-        int is_slice);
-
 /* IsLittleEndian.proto (used by BufferFormatCheck) */
 static CYTHON_INLINE int __Pyx_Is_Little_Endian(void);
 
@@ -3182,10 +3122,16 @@ static int __Pyx_ValidateAndInit_memviewslice(
                 PyObject *original_obj);
 
 /* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(PyObject *, int writable_flag);
+
+/* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(PyObject *, int writable_flag);
 
 /* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(PyObject *, int writable_flag);
+
+/* MemviewDtypeToObject.proto */
+static CYTHON_INLINE PyObject *__pyx_memview_get_unsigned_char__const__(const char *itemp);
 
 /* MemviewSliceCopy.proto */
 static __Pyx_memviewslice
@@ -3212,6 +3158,9 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_PY_LONG_LONG(PY_LONG_LONG value
 
 /* CIntFromPy.proto */
 static CYTHON_INLINE PY_LONG_LONG __Pyx_PyLong_As_PY_LONG_LONG(PyObject *);
+
+/* CIntToPy.proto */
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_unsigned_char(unsigned char value);
 
 /* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
@@ -3338,21 +3287,13 @@ static PyObject *__pyx_memoryviewslice_convert_item_to_object(struct __pyx_memor
 static PyObject *__pyx_memoryviewslice_assign_item_from_object(struct __pyx_memoryviewslice_obj *__pyx_v_self, char *__pyx_v_itemp, PyObject *__pyx_v_value); /* proto*/
 static PyObject *__pyx_memoryviewslice__get_base(struct __pyx_memoryviewslice_obj *__pyx_v_self); /* proto*/
 
-/* Module declarations from "libc.string" */
+/* Module declarations from "libc.stddef" */
 
-/* Module declarations from "libc.stdio" */
-
-/* Module declarations from "__builtin__" */
-
-/* Module declarations from "cpython.type" */
-
-/* Module declarations from "cpython" */
-
-/* Module declarations from "cpython.object" */
-
-/* Module declarations from "cpython.bytes" */
+/* Module declarations from "cpython.unicode" */
 
 /* Module declarations from "libc.math" */
+
+/* Module declarations from "libc.string" */
 
 /* Module declarations from "libc.stdlib" */
 
@@ -3412,6 +3353,7 @@ static void __pyx_memoryview_slice_assign_scalar(__Pyx_memviewslice *, int, size
 static void __pyx_memoryview__slice_assign_scalar(char *, Py_ssize_t *, Py_ssize_t *, int, size_t, void *); /*proto*/
 static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *, PyObject *); /*proto*/
 /* #### Code section: typeinfo ### */
+static const __Pyx_TypeInfo __Pyx_TypeInfo_unsigned_char__const__ = { "const unsigned char", NULL, sizeof(unsigned char const ), { 0 }, 0, __PYX_IS_UNSIGNED(unsigned char const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(unsigned char const ), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_PY_LONG_LONG = { "long long", NULL, sizeof(PY_LONG_LONG), { 0 }, 0, __PYX_IS_UNSIGNED(PY_LONG_LONG) ? 'U' : 'I', __PYX_IS_UNSIGNED(PY_LONG_LONG), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_double = { "double", NULL, sizeof(double), { 0 }, 0, 'R', 0, 0 };
 /* #### Code section: before_global_var ### */
@@ -3427,7 +3369,7 @@ static PyObject *__pyx_builtin_Ellipsis;
 static PyObject *__pyx_builtin_id;
 /* #### Code section: string_decls ### */
 static const char __pyx_k_c[] = "c";
-static const char __pyx_k__5[] = "}";
+static const char __pyx_k__6[] = "}";
 static const char __pyx_k_name[] = "name";
 static const char __pyx_k_fortran[] = "fortran";
 static const char __pyx_k_payload[] = "\",\"payload\":{";
@@ -3497,7 +3439,7 @@ static void __pyx_memoryviewslice___pyx_pf_15View_dot_MemoryView_16_memoryviewsl
 static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
-static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_data, PyObject *__pyx_v_vehicles); /* proto */
+static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_data, PyObject *__pyx_v_vehicles); /* proto */
 static PyObject *__pyx_tp_new__initialisation_array(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
     PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
@@ -3619,7 +3561,6 @@ namespace {
     PyObject *__pyx_empty_tuple;
     PyObject *__pyx_empty_bytes;
     PyObject *__pyx_empty_unicode;
-    PyTypeObject *__pyx_ptype_7cpython_4type_type;
     PyObject *__pyx_type___pyx_array;
     PyObject *__pyx_type___pyx_MemviewEnum;
     PyObject *__pyx_type___pyx_memoryview;
@@ -3635,7 +3576,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[4];
     PyObject *__pyx_codeobj_tab[1];
-    PyObject *__pyx_string_tab[155];
+    PyObject *__pyx_string_tab[156];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3838,8 +3779,9 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_vehicle_arr __pyx_string_tab[150]
 #define __pyx_n_u_vehicles __pyx_string_tab[151]
 #define __pyx_n_u_x __pyx_string_tab[152]
-#define __pyx_n_b_O __pyx_string_tab[153]
-#define __pyx_kp_b_iso88591_1_1A_xq_V1Bb_D_Rwc_Q_6_A_A_V2Rr __pyx_string_tab[154]
+#define __pyx_kp_b__5 __pyx_string_tab[153]
+#define __pyx_n_b_O __pyx_string_tab[154]
+#define __pyx_kp_b_iso88591_4vQa_uCq_y_AU_Qd_1_xq_V1Bb_D_Rw __pyx_string_tab[155]
 #define __pyx_float_10_0 __pyx_number_tab[0]
 #define __pyx_int_0 __pyx_number_tab[1]
 #define __pyx_int_neg_1 __pyx_number_tab[2]
@@ -3858,7 +3800,6 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   #if CYTHON_PEP489_MULTI_PHASE_INIT
   __Pyx_State_RemoveModule(NULL);
   #endif
-  Py_CLEAR(clear_module_state->__pyx_ptype_7cpython_4type_type);
   Py_CLEAR(clear_module_state->__pyx_array_type);
   Py_CLEAR(clear_module_state->__pyx_type___pyx_array);
   Py_CLEAR(clear_module_state->__pyx_MemviewEnum_type);
@@ -3874,7 +3815,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<155; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<156; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3898,7 +3839,6 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_tuple);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_bytes);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_unicode);
-  Py_VISIT(traverse_module_state->__pyx_ptype_7cpython_4type_type);
   Py_VISIT(traverse_module_state->__pyx_array_type);
   Py_VISIT(traverse_module_state->__pyx_type___pyx_array);
   Py_VISIT(traverse_module_state->__pyx_MemviewEnum_type);
@@ -3914,7 +3854,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<155; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<156; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -20061,9 +20001,9 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 /* "ext/jsonl.pyx":151
  * 
  * 
- * def parse_lines(bytes data, dict vehicles):             # <<<<<<<<<<<<<<
- *     cdef const char* p = PyBytes_AS_STRING(data)
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+ * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
+ *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+ *     cdef Py_ssize_t size = data.shape[0]
 */
 
 /* Python wrapper */
@@ -20074,7 +20014,8 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-static PyMethodDef __pyx_mdef_6engine_7kernels_8_jsonl_c_1parse_lines = {"parse_lines", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6engine_7kernels_8_jsonl_c_1parse_lines, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
+PyDoc_STRVAR(__pyx_doc_6engine_7kernels_8_jsonl_c_parse_lines, "``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied.");
+static PyMethodDef __pyx_mdef_6engine_7kernels_8_jsonl_c_1parse_lines = {"parse_lines", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6engine_7kernels_8_jsonl_c_1parse_lines, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6engine_7kernels_8_jsonl_c_parse_lines};
 static PyObject *__pyx_pw_6engine_7kernels_8_jsonl_c_1parse_lines(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
@@ -20082,7 +20023,7 @@ PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ) {
-  PyObject *__pyx_v_data = 0;
+  __Pyx_memviewslice __pyx_v_data = { 0, 0, { 0 }, { 0 }, { 0 } };
   PyObject *__pyx_v_vehicles = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
@@ -20133,7 +20074,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 151, __pyx_L3_error)
     }
-    __pyx_v_data = ((PyObject*)values[0]);
+    __pyx_v_data = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[0], 0); if (unlikely(!__pyx_v_data.memview)) __PYX_ERR(0, 151, __pyx_L3_error)
     __pyx_v_vehicles = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
@@ -20145,11 +20086,11 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_data, 1);
   __Pyx_AddTraceback("engine.kernels._jsonl_c.parse_lines", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 1, "data", 1))) __PYX_ERR(0, 151, __pyx_L1_error)
   if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_vehicles), (&PyDict_Type), 1, "vehicles", 1))) __PYX_ERR(0, 151, __pyx_L1_error)
   __pyx_r = __pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(__pyx_self, __pyx_v_data, __pyx_v_vehicles);
 
@@ -20166,13 +20107,14 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     Py_XDECREF(values[__pyx_temp]);
   }
   __pyx_L7_cleaned_up:;
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_data, 1);
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_data, PyObject *__pyx_v_vehicles) {
-  char const *__pyx_v_p;
+static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_data, PyObject *__pyx_v_vehicles) {
   Py_ssize_t __pyx_v_size;
+  char const *__pyx_v_p;
   Py_ssize_t __pyx_v_capacity;
   Py_ssize_t __pyx_v_at;
   char const *__pyx_v_found;
@@ -20219,69 +20161,145 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   PyObject *__pyx_v_one = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
-  char const *__pyx_t_1;
-  int __pyx_t_2;
+  int __pyx_t_1;
+  PyObject *__pyx_t_2 = NULL;
   PyObject *__pyx_t_3 = NULL;
   PyObject *__pyx_t_4 = NULL;
   PyObject *__pyx_t_5 = NULL;
-  PyObject *__pyx_t_6 = NULL;
-  PyObject *__pyx_t_7 = NULL;
-  PyObject *__pyx_t_8 = NULL;
-  size_t __pyx_t_9;
-  __Pyx_memviewslice __pyx_t_10 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  size_t __pyx_t_6;
+  Py_ssize_t __pyx_t_7;
+  char const *__pyx_t_8;
+  PyObject *__pyx_t_9 = NULL;
+  PyObject *__pyx_t_10 = NULL;
   __Pyx_memviewslice __pyx_t_11 = { 0, 0, { 0 }, { 0 }, { 0 } };
-  int __pyx_t_12;
-  ptrdiff_t __pyx_t_13;
-  Py_ssize_t __pyx_t_14;
+  __Pyx_memviewslice __pyx_t_12 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  int __pyx_t_13;
+  ptrdiff_t __pyx_t_14;
   Py_ssize_t __pyx_t_15;
   Py_ssize_t __pyx_t_16;
-  int __pyx_t_17;
-  PyObject *__pyx_t_18 = NULL;
+  Py_ssize_t __pyx_t_17;
+  int __pyx_t_18;
   PyObject *__pyx_t_19 = NULL;
   PyObject *__pyx_t_20 = NULL;
-  PY_LONG_LONG __pyx_t_21;
-  unsigned PY_LONG_LONG __pyx_t_22;
-  int __pyx_t_23;
+  PyObject *__pyx_t_21 = NULL;
+  PY_LONG_LONG __pyx_t_22;
+  unsigned PY_LONG_LONG __pyx_t_23;
   int __pyx_t_24;
-  PY_LONG_LONG __pyx_t_25;
+  int __pyx_t_25;
   PY_LONG_LONG __pyx_t_26;
   PY_LONG_LONG __pyx_t_27;
-  Py_ssize_t __pyx_t_28;
+  PY_LONG_LONG __pyx_t_28;
   Py_ssize_t __pyx_t_29;
-  int __pyx_t_30;
-  double __pyx_t_31;
-  PyObject *__pyx_t_32 = NULL;
+  __Pyx_memviewslice __pyx_t_30 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  int __pyx_t_31;
+  double __pyx_t_32;
   PyObject *__pyx_t_33 = NULL;
   PyObject *__pyx_t_34 = NULL;
   PyObject *__pyx_t_35 = NULL;
   PyObject *__pyx_t_36 = NULL;
   PyObject *__pyx_t_37 = NULL;
+  PyObject *__pyx_t_38 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("parse_lines", 0);
 
-  /* "ext/jsonl.pyx":152
- * 
- * def parse_lines(bytes data, dict vehicles):
- *     cdef const char* p = PyBytes_AS_STRING(data)             # <<<<<<<<<<<<<<
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+  /* "ext/jsonl.pyx":153
+ * def parse_lines(const unsigned char[::1] data, dict vehicles):
+ *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+ *     cdef Py_ssize_t size = data.shape[0]             # <<<<<<<<<<<<<<
+ *     cdef const char* p = NULL
+ *     if size == 0:
+*/
+  __pyx_v_size = (__pyx_v_data.shape[0]);
+
+  /* "ext/jsonl.pyx":154
+ *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+ *     cdef Py_ssize_t size = data.shape[0]
+ *     cdef const char* p = NULL             # <<<<<<<<<<<<<<
+ *     if size == 0:
+ *         return _jsonl_py.parse_lines(b"", vehicles)
+*/
+  __pyx_v_p = NULL;
+
+  /* "ext/jsonl.pyx":155
+ *     cdef Py_ssize_t size = data.shape[0]
+ *     cdef const char* p = NULL
+ *     if size == 0:             # <<<<<<<<<<<<<<
+ *         return _jsonl_py.parse_lines(b"", vehicles)
+ *     p = <const char*>&data[0]
+*/
+  __pyx_t_1 = (__pyx_v_size == 0);
+
+  if (__pyx_t_1) {
+
+
+    /* "ext/jsonl.pyx":156
+ *     cdef const char* p = NULL
+ *     if size == 0:
+ *         return _jsonl_py.parse_lines(b"", vehicles)             # <<<<<<<<<<<<<<
+ *     p = <const char*>&data[0]
  *     cdef Py_ssize_t capacity = 1, at = 0
 */
-  __pyx_v_p = PyBytes_AS_STRING(__pyx_v_data);
+    __pyx_t_3 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 156, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_4);
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 156, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __pyx_t_6 = 1;
+    #if CYTHON_UNPACK_METHODS
+    if (unlikely(PyMethod_Check(__pyx_t_5))) {
+      __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_5);
+      assert(__pyx_t_3);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_5);
+      __Pyx_INCREF(__pyx_t_3);
+      __Pyx_INCREF(__pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_5, __pyx__function);
+      __pyx_t_6 = 0;
+    }
+    #endif
+    {
+      PyObject *__pyx_callargs[3] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_b__5, __pyx_v_vehicles};
+      __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 156, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
+    }
+    {
+      PyObject *__pyx_temp;
+      {
+        __pyx_temp = __pyx_r;
+        __pyx_r = __pyx_t_2;
+      }
+      __Pyx_XDECREF(__pyx_temp);
+    }
+    __pyx_t_2 = 0;
+    goto __pyx_L0;
 
-  /* "ext/jsonl.pyx":153
- * def parse_lines(bytes data, dict vehicles):
- *     cdef const char* p = PyBytes_AS_STRING(data)
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)             # <<<<<<<<<<<<<<
+    /* "ext/jsonl.pyx":155
+ *     cdef Py_ssize_t size = data.shape[0]
+ *     cdef const char* p = NULL
+ *     if size == 0:             # <<<<<<<<<<<<<<
+ *         return _jsonl_py.parse_lines(b"", vehicles)
+ *     p = <const char*>&data[0]
+*/
+  }
+
+  /* "ext/jsonl.pyx":157
+ *     if size == 0:
+ *         return _jsonl_py.parse_lines(b"", vehicles)
+ *     p = <const char*>&data[0]             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t capacity = 1, at = 0
  *     cdef const char* found
 */
-  __pyx_v_size = PyBytes_GET_SIZE(__pyx_v_data);
+  __pyx_t_7 = 0;
+  __pyx_v_p = ((char const *)(&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_data.data) + __pyx_t_7)) )))));
 
-  /* "ext/jsonl.pyx":154
- *     cdef const char* p = PyBytes_AS_STRING(data)
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+  /* "ext/jsonl.pyx":158
+ *         return _jsonl_py.parse_lines(b"", vehicles)
+ *     p = <const char*>&data[0]
  *     cdef Py_ssize_t capacity = 1, at = 0             # <<<<<<<<<<<<<<
  *     cdef const char* found
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
@@ -20289,7 +20307,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   __pyx_v_capacity = 1;
   __pyx_v_at = 0;
 
-  /* "ext/jsonl.pyx":156
+  /* "ext/jsonl.pyx":160
  *     cdef Py_ssize_t capacity = 1, at = 0
  *     cdef const char* found
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count             # <<<<<<<<<<<<<<
@@ -20298,47 +20316,47 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   while (1) {
 
-    /* "ext/jsonl.pyx":157
+    /* "ext/jsonl.pyx":161
  *     cdef const char* found
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL             # <<<<<<<<<<<<<<
  *         if found == NULL:
  *             break
 */
-    __pyx_t_2 = (__pyx_v_at < __pyx_v_size);
+    __pyx_t_1 = (__pyx_v_at < __pyx_v_size);
 
-    if (__pyx_t_2) {
+    if (__pyx_t_1) {
 
-      __pyx_t_1 = ((char const *)memchr((__pyx_v_p + __pyx_v_at), 10, (__pyx_v_size - __pyx_v_at)));
+      __pyx_t_8 = ((char const *)memchr((__pyx_v_p + __pyx_v_at), 10, (__pyx_v_size - __pyx_v_at)));
     } else {
 
-      __pyx_t_1 = NULL;
+      __pyx_t_8 = NULL;
     }
 
-    __pyx_v_found = __pyx_t_1;
+    __pyx_v_found = __pyx_t_8;
 
-    /* "ext/jsonl.pyx":158
+    /* "ext/jsonl.pyx":162
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:             # <<<<<<<<<<<<<<
  *             break
  *         capacity += 1
 */
-    __pyx_t_2 = (__pyx_v_found == NULL);
+    __pyx_t_1 = (__pyx_v_found == NULL);
 
-    if (__pyx_t_2) {
+    if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":159
+      /* "ext/jsonl.pyx":163
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:
  *             break             # <<<<<<<<<<<<<<
  *         capacity += 1
  *         at = found - p + 1
 */
-      goto __pyx_L4_break;
+      goto __pyx_L5_break;
 
-      /* "ext/jsonl.pyx":158
+      /* "ext/jsonl.pyx":162
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:             # <<<<<<<<<<<<<<
@@ -20347,7 +20365,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":160
+    /* "ext/jsonl.pyx":164
  *         if found == NULL:
  *             break
  *         capacity += 1             # <<<<<<<<<<<<<<
@@ -20356,7 +20374,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_capacity = (__pyx_v_capacity + 1);
 
-    /* "ext/jsonl.pyx":161
+    /* "ext/jsonl.pyx":165
  *             break
  *         capacity += 1
  *         at = found - p + 1             # <<<<<<<<<<<<<<
@@ -20365,377 +20383,377 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_at = ((__pyx_v_found - __pyx_v_p) + 1);
   }
-  __pyx_L4_break:;
+  __pyx_L5_break:;
 
-  /* "ext/jsonl.pyx":162
+  /* "ext/jsonl.pyx":166
  *         capacity += 1
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     ingest_arr = np.empty(capacity, dtype=np.int64)
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
 */
-  __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 162, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 162, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 162, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 162, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __pyx_t_5 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_6))) {
-    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_6);
-    assert(__pyx_t_4);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-    __Pyx_INCREF(__pyx_t_4);
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_4);
+    assert(__pyx_t_5);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
+    __Pyx_INCREF(__pyx_t_5);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_5, __pyx_t_8};
+    PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_3, __pyx_t_10};
     #if CYTHON_VECTORCALL
-    __pyx_t_7 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-      __pyx_t_7 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 162, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
+      __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
-    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_7);
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __pyx_t_2 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_9);
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 162, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_v_ts_arr = __pyx_t_3;
-  __pyx_t_3 = 0;
+  __pyx_v_ts_arr = __pyx_t_2;
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":163
+  /* "ext/jsonl.pyx":167
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)
  *     ingest_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
  *     can_arr = np.empty(capacity, dtype=np.int64)
 */
-  __pyx_t_6 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_4 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 167, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 163, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_8))) {
-    __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_8);
-    assert(__pyx_t_6);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
-    __Pyx_INCREF(__pyx_t_6);
+  if (unlikely(PyMethod_Check(__pyx_t_10))) {
+    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_10);
+    assert(__pyx_t_4);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_10);
+    __Pyx_INCREF(__pyx_t_4);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_10, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_t_7, __pyx_t_4};
+    PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_9, __pyx_t_5};
     #if CYTHON_VECTORCALL
-    __pyx_t_5 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_5);
+    __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-      __pyx_t_5 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 163, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
-    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_5);
-    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __pyx_t_2 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_10, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_3);
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 163, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 167, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_v_ingest_arr = __pyx_t_3;
-  __pyx_t_3 = 0;
+  __pyx_v_ingest_arr = __pyx_t_2;
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":164
+  /* "ext/jsonl.pyx":168
  *     ts_arr = np.empty(capacity, dtype=np.int64)
  *     ingest_arr = np.empty(capacity, dtype=np.int64)
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     can_arr = np.empty(capacity, dtype=np.int64)
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
 */
-  __pyx_t_8 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 164, __pyx_L1_error)
+  __pyx_t_10 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 164, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 164, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 164, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 164, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_4))) {
-    __pyx_t_8 = PyMethod_GET_SELF(__pyx_t_4);
-    assert(__pyx_t_8);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
-    __Pyx_INCREF(__pyx_t_8);
+  if (unlikely(PyMethod_Check(__pyx_t_5))) {
+    __pyx_t_10 = PyMethod_GET_SELF(__pyx_t_5);
+    assert(__pyx_t_10);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_5);
+    __Pyx_INCREF(__pyx_t_10);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_5, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_8, __pyx_t_5, __pyx_t_6};
+    PyObject *__pyx_callargs[3] = {__pyx_t_10, __pyx_t_3, __pyx_t_4};
     #if CYTHON_VECTORCALL
-    __pyx_t_7 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 164, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-      __pyx_t_7 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 164, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
+      __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
-    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_7);
-    __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __pyx_t_2 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_9);
+    __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_v_vehicle_arr = __pyx_t_3;
-  __pyx_t_3 = 0;
+  __pyx_v_vehicle_arr = __pyx_t_2;
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":165
+  /* "ext/jsonl.pyx":169
  *     ingest_arr = np.empty(capacity, dtype=np.int64)
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
  *     can_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
 */
-  __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_5 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_6))) {
-    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_6);
-    assert(__pyx_t_4);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-    __Pyx_INCREF(__pyx_t_4);
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_4);
+    assert(__pyx_t_5);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
+    __Pyx_INCREF(__pyx_t_5);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_7, __pyx_t_8};
+    PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_9, __pyx_t_10};
     #if CYTHON_VECTORCALL
-    __pyx_t_5 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 165, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_5);
+    __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-      __pyx_t_5 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 165, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
-    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_5);
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __pyx_t_2 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_3);
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 165, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 169, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_v_can_arr = __pyx_t_3;
-  __pyx_t_3 = 0;
+  __pyx_v_can_arr = __pyx_t_2;
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":166
+  /* "ext/jsonl.pyx":170
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
  *     can_arr = np.empty(capacity, dtype=np.int64)
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)             # <<<<<<<<<<<<<<
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
  *     cdef double[:, ::1] values = values_arr
 */
-  __pyx_t_6 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_4 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 170, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_GIVEREF(__pyx_t_5);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 166, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_7);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_t_7) != (0)) __PYX_ERR(0, 166, __pyx_L1_error);
-  __pyx_t_5 = 0;
-  __pyx_t_7 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 166, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __Pyx_GIVEREF(__pyx_t_3);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 170, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_9);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_9) != (0)) __PYX_ERR(0, 170, __pyx_L1_error);
+  __pyx_t_3 = 0;
+  __pyx_t_9 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_9);
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_8))) {
-    __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_8);
-    assert(__pyx_t_6);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
-    __Pyx_INCREF(__pyx_t_6);
+  if (unlikely(PyMethod_Check(__pyx_t_10))) {
+    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_10);
+    assert(__pyx_t_4);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_10);
+    __Pyx_INCREF(__pyx_t_4);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_10, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_t_4, __pyx_t_5};
+    PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_5, __pyx_t_3};
     #if CYTHON_VECTORCALL
-    __pyx_t_7 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 166, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-      __pyx_t_7 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 166, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
+      __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
-    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_7);
-    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __pyx_t_2 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_10, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_9);
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 166, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 170, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_v_values_arr = __pyx_t_3;
-  __pyx_t_3 = 0;
+  __pyx_v_values_arr = __pyx_t_2;
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":167
+  /* "ext/jsonl.pyx":171
  *     can_arr = np.empty(capacity, dtype=np.int64)
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr             # <<<<<<<<<<<<<<
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []
 */
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ts_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 167, __pyx_L1_error)
-  __pyx_v_ts = __pyx_t_10;
-  __pyx_t_10.memview = NULL;
-  __pyx_t_10.data = NULL;
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ingest_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 167, __pyx_L1_error)
-  __pyx_v_ingest = __pyx_t_10;
-  __pyx_t_10.memview = NULL;
-  __pyx_t_10.data = NULL;
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_vehicle_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 167, __pyx_L1_error)
-  __pyx_v_vehicle = __pyx_t_10;
-  __pyx_t_10.memview = NULL;
-  __pyx_t_10.data = NULL;
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_can_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 167, __pyx_L1_error)
-  __pyx_v_can = __pyx_t_10;
-  __pyx_t_10.memview = NULL;
-  __pyx_t_10.data = NULL;
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ts_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_v_ts = __pyx_t_11;
+  __pyx_t_11.memview = NULL;
+  __pyx_t_11.data = NULL;
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ingest_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_v_ingest = __pyx_t_11;
+  __pyx_t_11.memview = NULL;
+  __pyx_t_11.data = NULL;
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_vehicle_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_v_vehicle = __pyx_t_11;
+  __pyx_t_11.memview = NULL;
+  __pyx_t_11.data = NULL;
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_can_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_v_can = __pyx_t_11;
+  __pyx_t_11.memview = NULL;
+  __pyx_t_11.data = NULL;
 
-  /* "ext/jsonl.pyx":168
+  /* "ext/jsonl.pyx":172
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
  *     cdef double[:, ::1] values = values_arr             # <<<<<<<<<<<<<<
  *     cdef list bad = []
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0
 */
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(__pyx_v_values_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 168, __pyx_L1_error)
-  __pyx_v_values = __pyx_t_11;
-  __pyx_t_11.memview = NULL;
-  __pyx_t_11.data = NULL;
+  __pyx_t_12 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(__pyx_v_values_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_12.memview)) __PYX_ERR(0, 172, __pyx_L1_error)
+  __pyx_v_values = __pyx_t_12;
+  __pyx_t_12.memview = NULL;
+  __pyx_t_12.data = NULL;
 
-  /* "ext/jsonl.pyx":169
+  /* "ext/jsonl.pyx":173
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0
  *     cdef const char* nl
 */
-  __pyx_t_3 = PyList_New(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_3);
-  __pyx_v_bad = ((PyObject*)__pyx_t_3);
-  __pyx_t_3 = 0;
+  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 173, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_v_bad = ((PyObject*)__pyx_t_2);
+  __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":170
+  /* "ext/jsonl.pyx":174
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0             # <<<<<<<<<<<<<<
@@ -20746,7 +20764,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   __pyx_v_rows = 0;
   __pyx_v_number_of_line = 0;
 
-  /* "ext/jsonl.pyx":178
+  /* "ext/jsonl.pyx":182
  *     cdef unsigned long long h
  *     cdef Py_ssize_t slot, name_len
  *     cdef long long index_c = 0             # <<<<<<<<<<<<<<
@@ -20755,17 +20773,17 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   __pyx_v_index_c = 0;
 
-  /* "ext/jsonl.pyx":183
+  /* "ext/jsonl.pyx":187
  *     cdef Py_ssize_t cache_off[CACHE_SLOTS]
  *     cdef Py_ssize_t cache_len[CACHE_SLOTS]
  *     for k in range(CACHE_SLOTS):             # <<<<<<<<<<<<<<
  *         cache_index[k] = -1
  *     cdef bint ok, blank
 */
-  for (__pyx_t_12 = 0; __pyx_t_12 < 0x1000; __pyx_t_12+=1) {
-    __pyx_v_k = __pyx_t_12;
+  for (__pyx_t_13 = 0; __pyx_t_13 < 0x1000; __pyx_t_13+=1) {
+    __pyx_v_k = __pyx_t_13;
 
-    /* "ext/jsonl.pyx":184
+    /* "ext/jsonl.pyx":188
  *     cdef Py_ssize_t cache_len[CACHE_SLOTS]
  *     for k in range(CACHE_SLOTS):
  *         cache_index[k] = -1             # <<<<<<<<<<<<<<
@@ -20775,7 +20793,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     (__pyx_v_cache_index[__pyx_v_k]) = -1LL;
   }
 
-  /* "ext/jsonl.pyx":187
+  /* "ext/jsonl.pyx":191
  *     cdef bint ok, blank
  *     cdef char c
  *     while start < size:             # <<<<<<<<<<<<<<
@@ -20783,12 +20801,12 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *         end = (nl - p) if nl != NULL else size
 */
   while (1) {
-    __pyx_t_2 = (__pyx_v_start < __pyx_v_size);
+    __pyx_t_1 = (__pyx_v_start < __pyx_v_size);
 
 
-    if (!__pyx_t_2) break;
+    if (!__pyx_t_1) break;
 
-    /* "ext/jsonl.pyx":188
+    /* "ext/jsonl.pyx":192
  *     cdef char c
  *     while start < size:
  *         nl = <const char*>memchr(p + start, 10, size - start)             # <<<<<<<<<<<<<<
@@ -20797,26 +20815,26 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_nl = ((char const *)memchr((__pyx_v_p + __pyx_v_start), 10, (__pyx_v_size - __pyx_v_start)));
 
-    /* "ext/jsonl.pyx":189
+    /* "ext/jsonl.pyx":193
  *     while start < size:
  *         nl = <const char*>memchr(p + start, 10, size - start)
  *         end = (nl - p) if nl != NULL else size             # <<<<<<<<<<<<<<
  *         number_of_line += 1
  *         blank = True
 */
-    __pyx_t_2 = (__pyx_v_nl != NULL);
+    __pyx_t_1 = (__pyx_v_nl != NULL);
 
-    if (__pyx_t_2) {
+    if (__pyx_t_1) {
 
-      __pyx_t_13 = (__pyx_v_nl - __pyx_v_p);
+      __pyx_t_14 = (__pyx_v_nl - __pyx_v_p);
     } else {
 
-      __pyx_t_13 = __pyx_v_size;
+      __pyx_t_14 = __pyx_v_size;
     }
 
-    __pyx_v_end = __pyx_t_13;
+    __pyx_v_end = __pyx_t_14;
 
-    /* "ext/jsonl.pyx":190
+    /* "ext/jsonl.pyx":194
  *         nl = <const char*>memchr(p + start, 10, size - start)
  *         end = (nl - p) if nl != NULL else size
  *         number_of_line += 1             # <<<<<<<<<<<<<<
@@ -20825,7 +20843,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_number_of_line = (__pyx_v_number_of_line + 1);
 
-    /* "ext/jsonl.pyx":191
+    /* "ext/jsonl.pyx":195
  *         end = (nl - p) if nl != NULL else size
  *         number_of_line += 1
  *         blank = True             # <<<<<<<<<<<<<<
@@ -20834,7 +20852,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_blank = 1;
 
-    /* "ext/jsonl.pyx":192
+    /* "ext/jsonl.pyx":196
  *         number_of_line += 1
  *         blank = True
  *         for i in range(start, end):             # <<<<<<<<<<<<<<
@@ -20842,49 +20860,49 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                 blank = False
 */
 
-    __pyx_t_14 = __pyx_v_end;
-    __pyx_t_15 = __pyx_t_14;
+    __pyx_t_15 = __pyx_v_end;
+    __pyx_t_16 = __pyx_t_15;
 
-    for (__pyx_t_16 = __pyx_v_start; __pyx_t_16 < __pyx_t_15; __pyx_t_16+=1) {
-      __pyx_v_i = __pyx_t_16;
+    for (__pyx_t_17 = __pyx_v_start; __pyx_t_17 < __pyx_t_16; __pyx_t_17+=1) {
+      __pyx_v_i = __pyx_t_17;
 
-      /* "ext/jsonl.pyx":193
+      /* "ext/jsonl.pyx":197
  *         blank = True
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:             # <<<<<<<<<<<<<<
  *                 blank = False
  *                 break
 */
-      __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) != 32);
+      __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) != 32);
 
-      if (__pyx_t_17) {
-
-      } else {
-
-        __pyx_t_2 = __pyx_t_17;
-
-        goto __pyx_L13_bool_binop_done;
-      }
-      __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) != 9);
-
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L13_bool_binop_done;
+        goto __pyx_L14_bool_binop_done;
       }
-      __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) != 13);
+      __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) != 9);
+
+      if (__pyx_t_18) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_18;
+
+        goto __pyx_L14_bool_binop_done;
+      }
+      __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) != 13);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L13_bool_binop_done:;
-      if (__pyx_t_2) {
+      __pyx_L14_bool_binop_done:;
+      if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":194
+        /* "ext/jsonl.pyx":198
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:
  *                 blank = False             # <<<<<<<<<<<<<<
@@ -20893,16 +20911,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_blank = 0;
 
-        /* "ext/jsonl.pyx":195
+        /* "ext/jsonl.pyx":199
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:
  *                 blank = False
  *                 break             # <<<<<<<<<<<<<<
  *         if blank:
  *             start = end + 1
 */
-        goto __pyx_L11_break;
+        goto __pyx_L12_break;
 
-        /* "ext/jsonl.pyx":193
+        /* "ext/jsonl.pyx":197
  *         blank = True
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:             # <<<<<<<<<<<<<<
@@ -20911,10 +20929,10 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       }
     }
-    __pyx_L11_break:;
+    __pyx_L12_break:;
 
 
-    /* "ext/jsonl.pyx":196
+    /* "ext/jsonl.pyx":200
  *                 blank = False
  *                 break
  *         if blank:             # <<<<<<<<<<<<<<
@@ -20923,7 +20941,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_blank) {
 
-      /* "ext/jsonl.pyx":197
+      /* "ext/jsonl.pyx":201
  *                 break
  *         if blank:
  *             start = end + 1             # <<<<<<<<<<<<<<
@@ -20932,16 +20950,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_start = (__pyx_v_end + 1);
 
-      /* "ext/jsonl.pyx":198
+      /* "ext/jsonl.pyx":202
  *         if blank:
  *             start = end + 1
  *             continue             # <<<<<<<<<<<<<<
  *         # --- the fast path: the receiver's exact shape ---
  *         i = start
 */
-      goto __pyx_L8_continue;
+      goto __pyx_L9_continue;
 
-      /* "ext/jsonl.pyx":196
+      /* "ext/jsonl.pyx":200
  *                 blank = False
  *                 break
  *         if blank:             # <<<<<<<<<<<<<<
@@ -20950,7 +20968,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":200
+    /* "ext/jsonl.pyx":204
  *             continue
  *         # --- the fast path: the receiver's exact shape ---
  *         i = start             # <<<<<<<<<<<<<<
@@ -20959,50 +20977,50 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_i = __pyx_v_start;
 
-    /* "ext/jsonl.pyx":201
+    /* "ext/jsonl.pyx":205
  *         # --- the fast path: the receiver's exact shape ---
  *         i = start
  *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \             # <<<<<<<<<<<<<<
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:
 */
-    __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_timestamp, 13);
+    __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_timestamp, 13);
 
-    if (__pyx_t_17) {
+    if (__pyx_t_18) {
 
     } else {
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      goto __pyx_L17_bool_binop_done;
+      goto __pyx_L18_bool_binop_done;
     }
 
-    /* "ext/jsonl.pyx":202
+    /* "ext/jsonl.pyx":206
  *         i = start
  *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)             # <<<<<<<<<<<<<<
  *         if ok:
  *             name_start = i
 */
-    __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_t_us));
+    __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_t_us));
 
-    if (__pyx_t_17) {
+    if (__pyx_t_18) {
 
     } else {
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      goto __pyx_L17_bool_binop_done;
+      goto __pyx_L18_bool_binop_done;
     }
-    __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_vehicle_id, 15);
+    __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_vehicle_id, 15);
 
 
-    __pyx_t_2 = __pyx_t_17;
+    __pyx_t_1 = __pyx_t_18;
 
-    __pyx_L17_bool_binop_done:;
-    __pyx_v_ok = __pyx_t_2;
+    __pyx_L18_bool_binop_done:;
+    __pyx_v_ok = __pyx_t_1;
 
-    /* "ext/jsonl.pyx":203
+    /* "ext/jsonl.pyx":207
  *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21011,7 +21029,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":204
+      /* "ext/jsonl.pyx":208
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:
  *             name_start = i             # <<<<<<<<<<<<<<
@@ -21020,7 +21038,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_name_start = __pyx_v_i;
 
-      /* "ext/jsonl.pyx":205
+      /* "ext/jsonl.pyx":209
  *         if ok:
  *             name_start = i
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):             # <<<<<<<<<<<<<<
@@ -21028,56 +21046,56 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *             ok = i < end and p[i] == 34 and i > name_start
 */
       while (1) {
-        __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+        __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-        if (__pyx_t_17) {
-
-        } else {
-
-          __pyx_t_2 = __pyx_t_17;
-
-          goto __pyx_L23_bool_binop_done;
-        }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) != 34);
-
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L23_bool_binop_done;
+          goto __pyx_L24_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) != 92);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) != 34);
 
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L23_bool_binop_done;
+          goto __pyx_L24_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) < 0);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) != 92);
 
-        if (!__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L23_bool_binop_done;
+          goto __pyx_L24_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) >= 32);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) < 0);
+
+        if (!__pyx_t_18) {
+
+        } else {
+
+          __pyx_t_1 = __pyx_t_18;
+
+          goto __pyx_L24_bool_binop_done;
+        }
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) >= 32);
 
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        __pyx_L23_bool_binop_done:;
+        __pyx_L24_bool_binop_done:;
 
-        if (!__pyx_t_2) break;
+        if (!__pyx_t_1) break;
 
-        /* "ext/jsonl.pyx":206
+        /* "ext/jsonl.pyx":210
  *             name_start = i
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -21087,42 +21105,42 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         __pyx_v_i = (__pyx_v_i + 1);
       }
 
-      /* "ext/jsonl.pyx":207
+      /* "ext/jsonl.pyx":211
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start             # <<<<<<<<<<<<<<
  *         if ok:
  *             # vehicle index: a direct-mapped cache keyed by the id's FNV-1a hash, verified byte for byte;
 */
-      __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+      __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-      if (__pyx_t_17) {
-
-      } else {
-
-        __pyx_t_2 = __pyx_t_17;
-
-        goto __pyx_L28_bool_binop_done;
-      }
-      __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) == 34);
-
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L28_bool_binop_done;
+        goto __pyx_L29_bool_binop_done;
       }
-      __pyx_t_17 = (__pyx_v_i > __pyx_v_name_start);
+      __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) == 34);
+
+      if (__pyx_t_18) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_18;
+
+        goto __pyx_L29_bool_binop_done;
+      }
+      __pyx_t_18 = (__pyx_v_i > __pyx_v_name_start);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L28_bool_binop_done:;
-      __pyx_v_ok = __pyx_t_2;
+      __pyx_L29_bool_binop_done:;
+      __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":203
+      /* "ext/jsonl.pyx":207
  *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21131,7 +21149,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":208
+    /* "ext/jsonl.pyx":212
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21140,7 +21158,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":211
+      /* "ext/jsonl.pyx":215
  *             # vehicle index: a direct-mapped cache keyed by the id's FNV-1a hash, verified byte for byte;
  *             # only a miss builds a Python string and asks the dict
  *             name_len = i - name_start             # <<<<<<<<<<<<<<
@@ -21149,7 +21167,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_name_len = (__pyx_v_i - __pyx_v_name_start);
 
-      /* "ext/jsonl.pyx":212
+      /* "ext/jsonl.pyx":216
  *             # only a miss builds a Python string and asks the dict
  *             name_len = i - name_start
  *             h = 14695981039346656037ULL             # <<<<<<<<<<<<<<
@@ -21158,7 +21176,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_h = 14695981039346656037ULL;
 
-      /* "ext/jsonl.pyx":213
+      /* "ext/jsonl.pyx":217
  *             name_len = i - name_start
  *             h = 14695981039346656037ULL
  *             for k in range(name_len):             # <<<<<<<<<<<<<<
@@ -21166,13 +21184,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *             slot = h & (CACHE_SLOTS - 1)
 */
 
-      __pyx_t_14 = __pyx_v_name_len;
-      __pyx_t_15 = __pyx_t_14;
+      __pyx_t_15 = __pyx_v_name_len;
+      __pyx_t_16 = __pyx_t_15;
 
-      for (__pyx_t_12 = 0; __pyx_t_12 < __pyx_t_15; __pyx_t_12+=1) {
-        __pyx_v_k = __pyx_t_12;
+      for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_16; __pyx_t_13+=1) {
+        __pyx_v_k = __pyx_t_13;
 
-        /* "ext/jsonl.pyx":214
+        /* "ext/jsonl.pyx":218
  *             h = 14695981039346656037ULL
  *             for k in range(name_len):
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL             # <<<<<<<<<<<<<<
@@ -21183,7 +21201,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
 
 
-      /* "ext/jsonl.pyx":215
+      /* "ext/jsonl.pyx":219
  *             for k in range(name_len):
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)             # <<<<<<<<<<<<<<
@@ -21192,69 +21210,69 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_slot = (__pyx_v_h & 0xfff);
 
-      /* "ext/jsonl.pyx":216
+      /* "ext/jsonl.pyx":220
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:
  *                 index_c = cache_index[slot]
 */
-      __pyx_t_17 = ((__pyx_v_cache_index[__pyx_v_slot]) >= 0);
+      __pyx_t_18 = ((__pyx_v_cache_index[__pyx_v_slot]) >= 0);
 
-      if (__pyx_t_17) {
-
-      } else {
-
-        __pyx_t_2 = __pyx_t_17;
-
-        goto __pyx_L35_bool_binop_done;
-      }
-      __pyx_t_17 = ((__pyx_v_cache_hash[__pyx_v_slot]) == __pyx_v_h);
-
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L35_bool_binop_done;
+        goto __pyx_L36_bool_binop_done;
+      }
+      __pyx_t_18 = ((__pyx_v_cache_hash[__pyx_v_slot]) == __pyx_v_h);
+
+      if (__pyx_t_18) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_18;
+
+        goto __pyx_L36_bool_binop_done;
       }
 
-      /* "ext/jsonl.pyx":217
+      /* "ext/jsonl.pyx":221
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:             # <<<<<<<<<<<<<<
  *                 index_c = cache_index[slot]
  *             else:
 */
-      __pyx_t_17 = ((__pyx_v_cache_len[__pyx_v_slot]) == __pyx_v_name_len);
+      __pyx_t_18 = ((__pyx_v_cache_len[__pyx_v_slot]) == __pyx_v_name_len);
 
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L35_bool_binop_done;
+        goto __pyx_L36_bool_binop_done;
       }
-      __pyx_t_17 = (memcmp((__pyx_v_p + (__pyx_v_cache_off[__pyx_v_slot])), (__pyx_v_p + __pyx_v_name_start), __pyx_v_name_len) == 0);
+      __pyx_t_18 = (memcmp((__pyx_v_p + (__pyx_v_cache_off[__pyx_v_slot])), (__pyx_v_p + __pyx_v_name_start), __pyx_v_name_len) == 0);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L35_bool_binop_done:;
+      __pyx_L36_bool_binop_done:;
 
-      /* "ext/jsonl.pyx":216
+      /* "ext/jsonl.pyx":220
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:
  *                 index_c = cache_index[slot]
 */
-      if (__pyx_t_2) {
+      if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":218
+        /* "ext/jsonl.pyx":222
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:
  *                 index_c = cache_index[slot]             # <<<<<<<<<<<<<<
@@ -21263,116 +21281,112 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_index_c = (__pyx_v_cache_index[__pyx_v_slot]);
 
-        /* "ext/jsonl.pyx":216
+        /* "ext/jsonl.pyx":220
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:
  *                 index_c = cache_index[slot]
 */
-        goto __pyx_L34;
+        goto __pyx_L35;
       }
 
-      /* "ext/jsonl.pyx":220
+      /* "ext/jsonl.pyx":224
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
- *                     name = data[name_start:i].decode("utf-8")
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:
 */
       /*else*/ {
         {
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __Pyx_ExceptionSave(&__pyx_t_18, &__pyx_t_19, &__pyx_t_20);
-          __Pyx_XGOTREF(__pyx_t_18);
+          __Pyx_ExceptionSave(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
           __Pyx_XGOTREF(__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_20);
+          __Pyx_XGOTREF(__pyx_t_21);
           /*try:*/ {
 
-            /* "ext/jsonl.pyx":221
+            /* "ext/jsonl.pyx":225
  *             else:
  *                 try:
- *                     name = data[name_start:i].decode("utf-8")             # <<<<<<<<<<<<<<
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)             # <<<<<<<<<<<<<<
  *                 except UnicodeDecodeError:
  *                     ok = False
 */
-            if (unlikely(__pyx_v_data == Py_None)) {
-              PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-              __PYX_ERR(0, 221, __pyx_L39_error)
-            }
-            __pyx_t_3 = __Pyx_decode_bytes(__pyx_v_data, __pyx_v_name_start, __pyx_v_i, NULL, NULL, PyUnicode_DecodeUTF8); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 221, __pyx_L39_error)
-            __Pyx_GOTREF(__pyx_t_3);
-            __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_3));
-            __pyx_t_3 = 0;
+            __pyx_t_2 = PyUnicode_DecodeUTF8((__pyx_v_p + __pyx_v_name_start), __pyx_v_name_len, NULL); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 225, __pyx_L40_error)
+            __Pyx_GOTREF(__pyx_t_2);
+            __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_2));
+            __pyx_t_2 = 0;
 
-            /* "ext/jsonl.pyx":220
+            /* "ext/jsonl.pyx":224
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
- *                     name = data[name_start:i].decode("utf-8")
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:
 */
           }
-          __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
           __Pyx_XDECREF(__pyx_t_19); __pyx_t_19 = 0;
           __Pyx_XDECREF(__pyx_t_20); __pyx_t_20 = 0;
-          goto __pyx_L46_try_end;
-          __pyx_L39_error:;
-          __PYX_XCLEAR_MEMVIEW(&__pyx_t_10, 1);; __pyx_t_10.memview = NULL; __pyx_t_10.data = NULL;
+          __Pyx_XDECREF(__pyx_t_21); __pyx_t_21 = 0;
+          goto __pyx_L47_try_end;
+          __pyx_L40_error:;
+          __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __PYX_XCLEAR_MEMVIEW(&__pyx_t_11, 1);; __pyx_t_11.memview = NULL; __pyx_t_11.data = NULL;
+          __PYX_XCLEAR_MEMVIEW(&__pyx_t_12, 1);; __pyx_t_12.memview = NULL; __pyx_t_12.data = NULL;
+          __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
           __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-          __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-          __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-          __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+          __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
 
-          /* "ext/jsonl.pyx":222
+          /* "ext/jsonl.pyx":226
  *                 try:
- *                     name = data[name_start:i].decode("utf-8")
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:             # <<<<<<<<<<<<<<
  *                     ok = False
  *                 if ok:
 */
-          __pyx_t_12 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_UnicodeDecodeError))));
-          if (__pyx_t_12) {
+          __pyx_t_13 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_UnicodeDecodeError))));
+          if (__pyx_t_13) {
             __Pyx_ErrRestore(0,0,0);
 
-            /* "ext/jsonl.pyx":223
- *                     name = data[name_start:i].decode("utf-8")
+            /* "ext/jsonl.pyx":227
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:
  *                     ok = False             # <<<<<<<<<<<<<<
  *                 if ok:
  *                     index = vehicles.get(name)
 */
             __pyx_v_ok = 0;
-            goto __pyx_L40_exception_handled;
+            goto __pyx_L41_exception_handled;
           }
-          goto __pyx_L41_except_error;
+          goto __pyx_L42_except_error;
 
-          /* "ext/jsonl.pyx":220
+          /* "ext/jsonl.pyx":224
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
- *                     name = data[name_start:i].decode("utf-8")
+ *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:
 */
-          __pyx_L41_except_error:;
-          __Pyx_XGIVEREF(__pyx_t_18);
+          __pyx_L42_except_error:;
           __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
-          __Pyx_ExceptionReset(__pyx_t_18, __pyx_t_19, __pyx_t_20);
+          __Pyx_XGIVEREF(__pyx_t_21);
+          __Pyx_ExceptionReset(__pyx_t_19, __pyx_t_20, __pyx_t_21);
           goto __pyx_L1_error;
-          __pyx_L40_exception_handled:;
-          __Pyx_XGIVEREF(__pyx_t_18);
+          __pyx_L41_exception_handled:;
           __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
-          __Pyx_ExceptionReset(__pyx_t_18, __pyx_t_19, __pyx_t_20);
-          __pyx_L46_try_end:;
+          __Pyx_XGIVEREF(__pyx_t_21);
+          __Pyx_ExceptionReset(__pyx_t_19, __pyx_t_20, __pyx_t_21);
+          __pyx_L47_try_end:;
         }
 
-        /* "ext/jsonl.pyx":224
+        /* "ext/jsonl.pyx":228
  *                 except UnicodeDecodeError:
  *                     ok = False
  *                 if ok:             # <<<<<<<<<<<<<<
@@ -21381,7 +21395,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         if (__pyx_v_ok) {
 
-          /* "ext/jsonl.pyx":225
+          /* "ext/jsonl.pyx":229
  *                     ok = False
  *                 if ok:
  *                     index = vehicles.get(name)             # <<<<<<<<<<<<<<
@@ -21390,26 +21404,26 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           if (unlikely(__pyx_v_vehicles == Py_None)) {
             PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-            __PYX_ERR(0, 225, __pyx_L1_error)
+            __PYX_ERR(0, 229, __pyx_L1_error)
           }
-          if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 225, __pyx_L1_error) }
-          __pyx_t_3 = __Pyx_PyDict_GetItemDefault(__pyx_v_vehicles, __pyx_v_name, Py_None); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 225, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_3);
-          __Pyx_XDECREF_SET(__pyx_v_index, __pyx_t_3);
-          __pyx_t_3 = 0;
+          if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 229, __pyx_L1_error) }
+          __pyx_t_2 = __Pyx_PyDict_GetItemDefault(__pyx_v_vehicles, __pyx_v_name, Py_None); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 229, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_2);
+          __Pyx_XDECREF_SET(__pyx_v_index, __pyx_t_2);
+          __pyx_t_2 = 0;
 
-          /* "ext/jsonl.pyx":226
+          /* "ext/jsonl.pyx":230
  *                 if ok:
  *                     index = vehicles.get(name)
  *                     if index is None:             # <<<<<<<<<<<<<<
  *                         index = vehicles[name] = len(vehicles)
  *                     index_c = index
 */
-          __pyx_t_2 = (__pyx_v_index == Py_None);
-          if (__pyx_t_2) {
+          __pyx_t_1 = (__pyx_v_index == Py_None);
+          if (__pyx_t_1) {
 
 
-            /* "ext/jsonl.pyx":227
+            /* "ext/jsonl.pyx":231
  *                     index = vehicles.get(name)
  *                     if index is None:
  *                         index = vehicles[name] = len(vehicles)             # <<<<<<<<<<<<<<
@@ -21418,23 +21432,23 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
             if (unlikely(__pyx_v_vehicles == Py_None)) {
               PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-              __PYX_ERR(0, 227, __pyx_L1_error)
+              __PYX_ERR(0, 231, __pyx_L1_error)
             }
-            __pyx_t_14 = PyDict_Size(__pyx_v_vehicles); if (unlikely(__pyx_t_14 == ((Py_ssize_t)-1))) __PYX_ERR(0, 227, __pyx_L1_error)
-            __pyx_t_3 = PyLong_FromSsize_t(__pyx_t_14); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 227, __pyx_L1_error)
-            __Pyx_GOTREF(__pyx_t_3);
+            __pyx_t_15 = PyDict_Size(__pyx_v_vehicles); if (unlikely(__pyx_t_15 == ((Py_ssize_t)-1))) __PYX_ERR(0, 231, __pyx_L1_error)
+            __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_15); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 231, __pyx_L1_error)
+            __Pyx_GOTREF(__pyx_t_2);
 
-            __Pyx_INCREF(__pyx_t_3);
-            __Pyx_DECREF_SET(__pyx_v_index, __pyx_t_3);
+            __Pyx_INCREF(__pyx_t_2);
+            __Pyx_DECREF_SET(__pyx_v_index, __pyx_t_2);
             if (unlikely(__pyx_v_vehicles == Py_None)) {
               PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-              __PYX_ERR(0, 227, __pyx_L1_error)
+              __PYX_ERR(0, 231, __pyx_L1_error)
             }
-            if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 227, __pyx_L1_error) }
-            if (unlikely((PyDict_SetItem(__pyx_v_vehicles, __pyx_v_name, __pyx_t_3) < 0))) __PYX_ERR(0, 227, __pyx_L1_error)
-            __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+            if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 231, __pyx_L1_error) }
+            if (unlikely((PyDict_SetItem(__pyx_v_vehicles, __pyx_v_name, __pyx_t_2) < 0))) __PYX_ERR(0, 231, __pyx_L1_error)
+            __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-            /* "ext/jsonl.pyx":226
+            /* "ext/jsonl.pyx":230
  *                 if ok:
  *                     index = vehicles.get(name)
  *                     if index is None:             # <<<<<<<<<<<<<<
@@ -21443,49 +21457,49 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           }
 
-          /* "ext/jsonl.pyx":228
+          /* "ext/jsonl.pyx":232
  *                     if index is None:
  *                         index = vehicles[name] = len(vehicles)
  *                     index_c = index             # <<<<<<<<<<<<<<
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
 */
-          __pyx_t_21 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_v_index); if (unlikely((__pyx_t_21 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 228, __pyx_L1_error)
-          __pyx_v_index_c = __pyx_t_21;
+          __pyx_t_22 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_v_index); if (unlikely((__pyx_t_22 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 232, __pyx_L1_error)
+          __pyx_v_index_c = __pyx_t_22;
 
-          /* "ext/jsonl.pyx":229
+          /* "ext/jsonl.pyx":233
  *                         index = vehicles[name] = len(vehicles)
  *                     index_c = index
  *                     cache_index[slot], cache_hash[slot] = index_c, h             # <<<<<<<<<<<<<<
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
  *             i += 1
 */
-          __pyx_t_21 = __pyx_v_index_c;
+          __pyx_t_22 = __pyx_v_index_c;
 
-          __pyx_t_22 = __pyx_v_h;
+          __pyx_t_23 = __pyx_v_h;
 
-          (__pyx_v_cache_index[__pyx_v_slot]) = __pyx_t_21;
+          (__pyx_v_cache_index[__pyx_v_slot]) = __pyx_t_22;
 
-          (__pyx_v_cache_hash[__pyx_v_slot]) = __pyx_t_22;
+          (__pyx_v_cache_hash[__pyx_v_slot]) = __pyx_t_23;
 
 
-          /* "ext/jsonl.pyx":230
+          /* "ext/jsonl.pyx":234
  *                     index_c = index
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len             # <<<<<<<<<<<<<<
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
 */
-          __pyx_t_14 = __pyx_v_name_start;
+          __pyx_t_15 = __pyx_v_name_start;
 
-          __pyx_t_15 = __pyx_v_name_len;
+          __pyx_t_16 = __pyx_v_name_len;
 
-          (__pyx_v_cache_off[__pyx_v_slot]) = __pyx_t_14;
+          (__pyx_v_cache_off[__pyx_v_slot]) = __pyx_t_15;
 
-          (__pyx_v_cache_len[__pyx_v_slot]) = __pyx_t_15;
+          (__pyx_v_cache_len[__pyx_v_slot]) = __pyx_t_16;
 
 
-          /* "ext/jsonl.pyx":224
+          /* "ext/jsonl.pyx":228
  *                 except UnicodeDecodeError:
  *                     ok = False
  *                 if ok:             # <<<<<<<<<<<<<<
@@ -21494,9 +21508,9 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
       }
-      __pyx_L34:;
+      __pyx_L35:;
 
-      /* "ext/jsonl.pyx":231
+      /* "ext/jsonl.pyx":235
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
  *             i += 1             # <<<<<<<<<<<<<<
@@ -21505,7 +21519,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_i = (__pyx_v_i + 1);
 
-      /* "ext/jsonl.pyx":232
+      /* "ext/jsonl.pyx":236
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)             # <<<<<<<<<<<<<<
@@ -21515,18 +21529,18 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       if (__pyx_v_ok) {
       } else {
 
-        __pyx_t_2 = __pyx_v_ok;
-        goto __pyx_L51_bool_binop_done;
+        __pyx_t_1 = __pyx_v_ok;
+        goto __pyx_L52_bool_binop_done;
       }
-      __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_can_id_0x, 13);
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_can_id_0x, 13);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L51_bool_binop_done:;
-      __pyx_v_ok = __pyx_t_2;
+      __pyx_L52_bool_binop_done:;
+      __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":208
+      /* "ext/jsonl.pyx":212
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21535,7 +21549,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":233
+    /* "ext/jsonl.pyx":237
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21544,7 +21558,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":234
+      /* "ext/jsonl.pyx":238
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:
  *             can_id = 0             # <<<<<<<<<<<<<<
@@ -21553,7 +21567,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_can_id = 0;
 
-      /* "ext/jsonl.pyx":235
+      /* "ext/jsonl.pyx":239
  *         if ok:
  *             can_id = 0
  *             k = 0             # <<<<<<<<<<<<<<
@@ -21562,7 +21576,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_k = 0;
 
-      /* "ext/jsonl.pyx":236
+      /* "ext/jsonl.pyx":240
  *             can_id = 0
  *             k = 0
  *             while i < end and k <= 8:             # <<<<<<<<<<<<<<
@@ -21570,26 +21584,26 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                 if 48 <= c <= 57:
 */
       while (1) {
-        __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+        __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L56_bool_binop_done;
+          goto __pyx_L57_bool_binop_done;
         }
-        __pyx_t_17 = (__pyx_v_k <= 8);
+        __pyx_t_18 = (__pyx_v_k <= 8);
 
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        __pyx_L56_bool_binop_done:;
+        __pyx_L57_bool_binop_done:;
 
-        if (!__pyx_t_2) break;
+        if (!__pyx_t_1) break;
 
-        /* "ext/jsonl.pyx":237
+        /* "ext/jsonl.pyx":241
  *             k = 0
  *             while i < end and k <= 8:
  *                 c = p[i]             # <<<<<<<<<<<<<<
@@ -21598,21 +21612,21 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_c = (__pyx_v_p[__pyx_v_i]);
 
-        /* "ext/jsonl.pyx":238
+        /* "ext/jsonl.pyx":242
  *             while i < end and k <= 8:
  *                 c = p[i]
  *                 if 48 <= c <= 57:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:
 */
-        __pyx_t_2 = (48 <= __pyx_v_c);
-        if (__pyx_t_2) {
-          __pyx_t_2 = (__pyx_v_c <= 57);
+        __pyx_t_1 = (48 <= __pyx_v_c);
+        if (__pyx_t_1) {
+          __pyx_t_1 = (__pyx_v_c <= 57);
         }
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":239
+          /* "ext/jsonl.pyx":243
  *                 c = p[i]
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)             # <<<<<<<<<<<<<<
@@ -21621,31 +21635,31 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 48));
 
-          /* "ext/jsonl.pyx":238
+          /* "ext/jsonl.pyx":242
  *             while i < end and k <= 8:
  *                 c = p[i]
  *                 if 48 <= c <= 57:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:
 */
-          goto __pyx_L58;
+          goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":240
+        /* "ext/jsonl.pyx":244
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:
 */
-        __pyx_t_2 = (97 <= __pyx_v_c);
-        if (__pyx_t_2) {
-          __pyx_t_2 = (__pyx_v_c <= 0x66);
+        __pyx_t_1 = (97 <= __pyx_v_c);
+        if (__pyx_t_1) {
+          __pyx_t_1 = (__pyx_v_c <= 0x66);
         }
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":241
+          /* "ext/jsonl.pyx":245
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)             # <<<<<<<<<<<<<<
@@ -21654,31 +21668,31 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 87));
 
-          /* "ext/jsonl.pyx":240
+          /* "ext/jsonl.pyx":244
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:
 */
-          goto __pyx_L58;
+          goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":242
+        /* "ext/jsonl.pyx":246
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 55)
  *                 else:
 */
-        __pyx_t_2 = (65 <= __pyx_v_c);
-        if (__pyx_t_2) {
-          __pyx_t_2 = (__pyx_v_c <= 70);
+        __pyx_t_1 = (65 <= __pyx_v_c);
+        if (__pyx_t_1) {
+          __pyx_t_1 = (__pyx_v_c <= 70);
         }
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":243
+          /* "ext/jsonl.pyx":247
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:
  *                     can_id = can_id * 16 + (c - 55)             # <<<<<<<<<<<<<<
@@ -21687,17 +21701,17 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 55));
 
-          /* "ext/jsonl.pyx":242
+          /* "ext/jsonl.pyx":246
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:             # <<<<<<<<<<<<<<
  *                     can_id = can_id * 16 + (c - 55)
  *                 else:
 */
-          goto __pyx_L58;
+          goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":245
+        /* "ext/jsonl.pyx":249
  *                     can_id = can_id * 16 + (c - 55)
  *                 else:
  *                     break             # <<<<<<<<<<<<<<
@@ -21705,11 +21719,11 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                 i += 1
 */
         /*else*/ {
-          goto __pyx_L55_break;
+          goto __pyx_L56_break;
         }
-        __pyx_L58:;
+        __pyx_L59:;
 
-        /* "ext/jsonl.pyx":246
+        /* "ext/jsonl.pyx":250
  *                 else:
  *                     break
  *                 k += 1             # <<<<<<<<<<<<<<
@@ -21718,7 +21732,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_k = (__pyx_v_k + 1);
 
-        /* "ext/jsonl.pyx":247
+        /* "ext/jsonl.pyx":251
  *                     break
  *                 k += 1
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -21727,36 +21741,36 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_i = (__pyx_v_i + 1);
       }
-      __pyx_L55_break:;
+      __pyx_L56_break:;
 
-      /* "ext/jsonl.pyx":248
+      /* "ext/jsonl.pyx":252
  *                 k += 1
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)             # <<<<<<<<<<<<<<
  *         if ok:
  *             for s in range(N_SIGNALS):
 */
-      __pyx_t_17 = (1 <= __pyx_v_k);
-      if (__pyx_t_17) {
-        __pyx_t_17 = (__pyx_v_k <= 8);
+      __pyx_t_18 = (1 <= __pyx_v_k);
+      if (__pyx_t_18) {
+        __pyx_t_18 = (__pyx_v_k <= 8);
       }
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L59_bool_binop_done;
+        goto __pyx_L60_bool_binop_done;
       }
-      __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_payload, 13);
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_payload, 13);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L59_bool_binop_done:;
-      __pyx_v_ok = __pyx_t_2;
+      __pyx_L60_bool_binop_done:;
+      __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":233
+      /* "ext/jsonl.pyx":237
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21765,7 +21779,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":249
+    /* "ext/jsonl.pyx":253
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21774,7 +21788,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":250
+      /* "ext/jsonl.pyx":254
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:
  *             for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -21782,13 +21796,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *             guess = 0
 */
 
-      __pyx_t_12 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
-      __pyx_t_23 = __pyx_t_12;
+      __pyx_t_13 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
+      __pyx_t_24 = __pyx_t_13;
 
-      for (__pyx_t_24 = 0; __pyx_t_24 < __pyx_t_23; __pyx_t_24+=1) {
-        __pyx_v_s = __pyx_t_24;
+      for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
+        __pyx_v_s = __pyx_t_25;
 
-        /* "ext/jsonl.pyx":251
+        /* "ext/jsonl.pyx":255
  *         if ok:
  *             for s in range(N_SIGNALS):
  *                 v[s] = NAN             # <<<<<<<<<<<<<<
@@ -21799,7 +21813,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
 
 
-      /* "ext/jsonl.pyx":252
+      /* "ext/jsonl.pyx":256
  *             for s in range(N_SIGNALS):
  *                 v[s] = NAN
  *             guess = 0             # <<<<<<<<<<<<<<
@@ -21808,7 +21822,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_guess = 0;
 
-      /* "ext/jsonl.pyx":253
+      /* "ext/jsonl.pyx":257
  *                 v[s] = NAN
  *             guess = 0
  *             while ok:             # <<<<<<<<<<<<<<
@@ -21818,53 +21832,53 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       while (1) {
         if (!__pyx_v_ok) break;
 
-        /* "ext/jsonl.pyx":254
+        /* "ext/jsonl.pyx":258
  *             guess = 0
  *             while ok:
  *                 ok = i < end and p[i] == 34             # <<<<<<<<<<<<<<
  *                 if not ok:
  *                     break
 */
-        __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+        __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L66_bool_binop_done;
+          goto __pyx_L67_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) == 34);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) == 34);
 
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        __pyx_L66_bool_binop_done:;
-        __pyx_v_ok = __pyx_t_2;
+        __pyx_L67_bool_binop_done:;
+        __pyx_v_ok = __pyx_t_1;
 
-        /* "ext/jsonl.pyx":255
+        /* "ext/jsonl.pyx":259
  *             while ok:
  *                 ok = i < end and p[i] == 34
  *                 if not ok:             # <<<<<<<<<<<<<<
  *                     break
  *                 key = -1
 */
-        __pyx_t_2 = (!__pyx_v_ok);
+        __pyx_t_1 = (!__pyx_v_ok);
 
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":256
+          /* "ext/jsonl.pyx":260
  *                 ok = i < end and p[i] == 34
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
  *                 key = -1
  *                 for k in range(N_SIGNALS):
 */
-          goto __pyx_L65_break;
+          goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":255
+          /* "ext/jsonl.pyx":259
  *             while ok:
  *                 ok = i < end and p[i] == 34
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -21873,7 +21887,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":257
+        /* "ext/jsonl.pyx":261
  *                 if not ok:
  *                     break
  *                 key = -1             # <<<<<<<<<<<<<<
@@ -21882,7 +21896,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_key = -1;
 
-        /* "ext/jsonl.pyx":258
+        /* "ext/jsonl.pyx":262
  *                     break
  *                 key = -1
  *                 for k in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -21890,13 +21904,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \
 */
 
-        __pyx_t_12 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
-        __pyx_t_23 = __pyx_t_12;
+        __pyx_t_13 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
+        __pyx_t_24 = __pyx_t_13;
 
-        for (__pyx_t_24 = 0; __pyx_t_24 < __pyx_t_23; __pyx_t_24+=1) {
-          __pyx_v_k = __pyx_t_24;
+        for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
+          __pyx_v_k = __pyx_t_25;
 
-          /* "ext/jsonl.pyx":259
+          /* "ext/jsonl.pyx":263
  *                 key = -1
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one             # <<<<<<<<<<<<<<
@@ -21905,69 +21919,69 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_s = ((__pyx_v_guess + __pyx_v_k) % __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS);
 
-          /* "ext/jsonl.pyx":260
+          /* "ext/jsonl.pyx":264
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s
 */
-          __pyx_t_17 = ((((__pyx_v_i + 1) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s])) + 2) <= __pyx_v_end);
+          __pyx_t_18 = ((((__pyx_v_i + 1) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s])) + 2) <= __pyx_v_end);
 
-          if (__pyx_t_17) {
+          if (__pyx_t_18) {
 
           } else {
 
-            __pyx_t_2 = __pyx_t_17;
+            __pyx_t_1 = __pyx_t_18;
 
-            goto __pyx_L72_bool_binop_done;
+            goto __pyx_L73_bool_binop_done;
           }
 
-          /* "ext/jsonl.pyx":261
+          /* "ext/jsonl.pyx":265
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:             # <<<<<<<<<<<<<<
  *                         key = s
  *                         break
 */
-          __pyx_t_17 = (memcmp(((__pyx_v_p + __pyx_v_i) + 1), (__pyx_v_6engine_7kernels_8_jsonl_c_NAMES[__pyx_v_s]), (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s])) == 0);
+          __pyx_t_18 = (memcmp(((__pyx_v_p + __pyx_v_i) + 1), (__pyx_v_6engine_7kernels_8_jsonl_c_NAMES[__pyx_v_s]), (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s])) == 0);
 
-          if (__pyx_t_17) {
-
-          } else {
-
-            __pyx_t_2 = __pyx_t_17;
-
-            goto __pyx_L72_bool_binop_done;
-          }
-          __pyx_t_17 = ((__pyx_v_p[((__pyx_v_i + 1) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s]))]) == 34);
-
-          if (__pyx_t_17) {
+          if (__pyx_t_18) {
 
           } else {
 
-            __pyx_t_2 = __pyx_t_17;
+            __pyx_t_1 = __pyx_t_18;
 
-            goto __pyx_L72_bool_binop_done;
+            goto __pyx_L73_bool_binop_done;
           }
-          __pyx_t_17 = ((__pyx_v_p[((__pyx_v_i + 2) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s]))]) == 58);
+          __pyx_t_18 = ((__pyx_v_p[((__pyx_v_i + 1) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s]))]) == 34);
+
+          if (__pyx_t_18) {
+
+          } else {
+
+            __pyx_t_1 = __pyx_t_18;
+
+            goto __pyx_L73_bool_binop_done;
+          }
+          __pyx_t_18 = ((__pyx_v_p[((__pyx_v_i + 2) + (__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_s]))]) == 58);
 
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          __pyx_L72_bool_binop_done:;
+          __pyx_L73_bool_binop_done:;
 
-          /* "ext/jsonl.pyx":260
+          /* "ext/jsonl.pyx":264
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s
 */
-          if (__pyx_t_2) {
+          if (__pyx_t_1) {
 
 
-            /* "ext/jsonl.pyx":262
+            /* "ext/jsonl.pyx":266
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s             # <<<<<<<<<<<<<<
@@ -21976,16 +21990,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
             __pyx_v_key = __pyx_v_s;
 
-            /* "ext/jsonl.pyx":263
+            /* "ext/jsonl.pyx":267
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s
  *                         break             # <<<<<<<<<<<<<<
  *                 guess = key + 1
  *                 ok = key >= 0
 */
-            goto __pyx_L70_break;
+            goto __pyx_L71_break;
 
-            /* "ext/jsonl.pyx":260
+            /* "ext/jsonl.pyx":264
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
@@ -21994,10 +22008,10 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           }
         }
-        __pyx_L70_break:;
+        __pyx_L71_break:;
 
 
-        /* "ext/jsonl.pyx":264
+        /* "ext/jsonl.pyx":268
  *                         key = s
  *                         break
  *                 guess = key + 1             # <<<<<<<<<<<<<<
@@ -22006,7 +22020,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_guess = (__pyx_v_key + 1);
 
-        /* "ext/jsonl.pyx":265
+        /* "ext/jsonl.pyx":269
  *                         break
  *                 guess = key + 1
  *                 ok = key >= 0             # <<<<<<<<<<<<<<
@@ -22015,28 +22029,28 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_ok = (__pyx_v_key >= 0);
 
-        /* "ext/jsonl.pyx":266
+        /* "ext/jsonl.pyx":270
  *                 guess = key + 1
  *                 ok = key >= 0
  *                 if not ok:             # <<<<<<<<<<<<<<
  *                     break
  *                 i += NAME_LEN[key] + 3
 */
-        __pyx_t_2 = (!__pyx_v_ok);
+        __pyx_t_1 = (!__pyx_v_ok);
 
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":267
+          /* "ext/jsonl.pyx":271
  *                 ok = key >= 0
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)
 */
-          goto __pyx_L65_break;
+          goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":266
+          /* "ext/jsonl.pyx":270
  *                 guess = key + 1
  *                 ok = key >= 0
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22045,7 +22059,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":268
+        /* "ext/jsonl.pyx":272
  *                 if not ok:
  *                     break
  *                 i += NAME_LEN[key] + 3             # <<<<<<<<<<<<<<
@@ -22054,7 +22068,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_i = (__pyx_v_i + ((__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_key]) + 3));
 
-        /* "ext/jsonl.pyx":269
+        /* "ext/jsonl.pyx":273
  *                     break
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)             # <<<<<<<<<<<<<<
@@ -22063,28 +22077,28 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_ok = __pyx_f_6engine_7kernels_8_jsonl_c_number(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_x));
 
-        /* "ext/jsonl.pyx":270
+        /* "ext/jsonl.pyx":274
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:             # <<<<<<<<<<<<<<
  *                     break
  *                 v[key] = x
 */
-        __pyx_t_2 = (!__pyx_v_ok);
+        __pyx_t_1 = (!__pyx_v_ok);
 
-        if (__pyx_t_2) {
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":271
+          /* "ext/jsonl.pyx":275
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
  *                 v[key] = x
  *                 if i < end and p[i] == 44:
 */
-          goto __pyx_L65_break;
+          goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":270
+          /* "ext/jsonl.pyx":274
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22093,7 +22107,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":272
+        /* "ext/jsonl.pyx":276
  *                 if not ok:
  *                     break
  *                 v[key] = x             # <<<<<<<<<<<<<<
@@ -22102,33 +22116,33 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         (__pyx_v_v[__pyx_v_key]) = __pyx_v_x;
 
-        /* "ext/jsonl.pyx":273
+        /* "ext/jsonl.pyx":277
  *                     break
  *                 v[key] = x
  *                 if i < end and p[i] == 44:             # <<<<<<<<<<<<<<
  *                     i += 1
  *                     continue
 */
-        __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+        __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L79_bool_binop_done;
+          goto __pyx_L80_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) == 44);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) == 44);
 
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        __pyx_L79_bool_binop_done:;
-        if (__pyx_t_2) {
+        __pyx_L80_bool_binop_done:;
+        if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":274
+          /* "ext/jsonl.pyx":278
  *                 v[key] = x
  *                 if i < end and p[i] == 44:
  *                     i += 1             # <<<<<<<<<<<<<<
@@ -22137,16 +22151,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_i = (__pyx_v_i + 1);
 
-          /* "ext/jsonl.pyx":275
+          /* "ext/jsonl.pyx":279
  *                 if i < end and p[i] == 44:
  *                     i += 1
  *                     continue             # <<<<<<<<<<<<<<
  *                 ok = i < end and p[i] == 125
  *                 i += 1
 */
-          goto __pyx_L64_continue;
+          goto __pyx_L65_continue;
 
-          /* "ext/jsonl.pyx":273
+          /* "ext/jsonl.pyx":277
  *                     break
  *                 v[key] = x
  *                 if i < end and p[i] == 44:             # <<<<<<<<<<<<<<
@@ -22155,32 +22169,32 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":276
+        /* "ext/jsonl.pyx":280
  *                     i += 1
  *                     continue
  *                 ok = i < end and p[i] == 125             # <<<<<<<<<<<<<<
  *                 i += 1
  *                 break
 */
-        __pyx_t_17 = (__pyx_v_i < __pyx_v_end);
+        __pyx_t_18 = (__pyx_v_i < __pyx_v_end);
 
-        if (__pyx_t_17) {
+        if (__pyx_t_18) {
 
         } else {
 
-          __pyx_t_2 = __pyx_t_17;
+          __pyx_t_1 = __pyx_t_18;
 
-          goto __pyx_L81_bool_binop_done;
+          goto __pyx_L82_bool_binop_done;
         }
-        __pyx_t_17 = ((__pyx_v_p[__pyx_v_i]) == 0x7D);
+        __pyx_t_18 = ((__pyx_v_p[__pyx_v_i]) == 0x7D);
 
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        __pyx_L81_bool_binop_done:;
-        __pyx_v_ok = __pyx_t_2;
+        __pyx_L82_bool_binop_done:;
+        __pyx_v_ok = __pyx_t_1;
 
-        /* "ext/jsonl.pyx":277
+        /* "ext/jsonl.pyx":281
  *                     continue
  *                 ok = i < end and p[i] == 125
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -22189,19 +22203,19 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_i = (__pyx_v_i + 1);
 
-        /* "ext/jsonl.pyx":278
+        /* "ext/jsonl.pyx":282
  *                 ok = i < end and p[i] == 125
  *                 i += 1
  *                 break             # <<<<<<<<<<<<<<
  *         if ok:
  *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
 */
-        goto __pyx_L65_break;
-        __pyx_L64_continue:;
+        goto __pyx_L66_break;
+        __pyx_L65_continue:;
       }
-      __pyx_L65_break:;
+      __pyx_L66_break:;
 
-      /* "ext/jsonl.pyx":249
+      /* "ext/jsonl.pyx":253
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -22210,7 +22224,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":279
+    /* "ext/jsonl.pyx":283
  *                 i += 1
  *                 break
  *         if ok:             # <<<<<<<<<<<<<<
@@ -22219,60 +22233,60 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":280
+      /* "ext/jsonl.pyx":284
  *                 break
  *         if ok:
  *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \             # <<<<<<<<<<<<<<
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:
 */
-      __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_ingest_received_at, 22);
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k_ingest_received_at, 22);
 
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L84_bool_binop_done;
+        goto __pyx_L85_bool_binop_done;
       }
 
-      /* "ext/jsonl.pyx":281
+      /* "ext/jsonl.pyx":285
  *         if ok:
  *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
  *                 and expect(p, &i, end, b'}', 1) and i == end             # <<<<<<<<<<<<<<
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
 */
-      __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_in_us));
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_in_us));
 
-      if (__pyx_t_17) {
-
-      } else {
-
-        __pyx_t_2 = __pyx_t_17;
-
-        goto __pyx_L84_bool_binop_done;
-      }
-      __pyx_t_17 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k__5, 1);
-
-      if (__pyx_t_17) {
+      if (__pyx_t_18) {
 
       } else {
 
-        __pyx_t_2 = __pyx_t_17;
+        __pyx_t_1 = __pyx_t_18;
 
-        goto __pyx_L84_bool_binop_done;
+        goto __pyx_L85_bool_binop_done;
       }
-      __pyx_t_17 = (__pyx_v_i == __pyx_v_end);
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_expect(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, __pyx_k__6, 1);
+
+      if (__pyx_t_18) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_18;
+
+        goto __pyx_L85_bool_binop_done;
+      }
+      __pyx_t_18 = (__pyx_v_i == __pyx_v_end);
 
 
-      __pyx_t_2 = __pyx_t_17;
+      __pyx_t_1 = __pyx_t_18;
 
-      __pyx_L84_bool_binop_done:;
-      __pyx_v_ok = __pyx_t_2;
+      __pyx_L85_bool_binop_done:;
+      __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":279
+      /* "ext/jsonl.pyx":283
  *                 i += 1
  *                 break
  *         if ok:             # <<<<<<<<<<<<<<
@@ -22281,7 +22295,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":282
+    /* "ext/jsonl.pyx":286
  *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:             # <<<<<<<<<<<<<<
@@ -22290,35 +22304,35 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":283
+      /* "ext/jsonl.pyx":287
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id             # <<<<<<<<<<<<<<
  *             for s in range(N_SIGNALS):
  *                 values[s, rows] = v[s]
 */
-      __pyx_t_21 = __pyx_v_t_us;
+      __pyx_t_22 = __pyx_v_t_us;
 
-      __pyx_t_25 = __pyx_v_in_us;
+      __pyx_t_26 = __pyx_v_in_us;
 
-      __pyx_t_26 = __pyx_v_index_c;
+      __pyx_t_27 = __pyx_v_index_c;
 
-      __pyx_t_27 = __pyx_v_can_id;
+      __pyx_t_28 = __pyx_v_can_id;
 
-      __pyx_t_28 = __pyx_v_rows;
-      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ts.data) + __pyx_t_28)) )) = __pyx_t_21;
+      __pyx_t_7 = __pyx_v_rows;
+      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ts.data) + __pyx_t_7)) )) = __pyx_t_22;
 
-      __pyx_t_28 = __pyx_v_rows;
-      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ingest.data) + __pyx_t_28)) )) = __pyx_t_25;
+      __pyx_t_7 = __pyx_v_rows;
+      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ingest.data) + __pyx_t_7)) )) = __pyx_t_26;
 
-      __pyx_t_28 = __pyx_v_rows;
-      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_vehicle.data) + __pyx_t_28)) )) = __pyx_t_26;
+      __pyx_t_7 = __pyx_v_rows;
+      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_vehicle.data) + __pyx_t_7)) )) = __pyx_t_27;
 
-      __pyx_t_28 = __pyx_v_rows;
-      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_28)) )) = __pyx_t_27;
+      __pyx_t_7 = __pyx_v_rows;
+      *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_7)) )) = __pyx_t_28;
 
 
-      /* "ext/jsonl.pyx":284
+      /* "ext/jsonl.pyx":288
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
  *             for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -22326,26 +22340,26 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *             rows += 1
 */
 
-      __pyx_t_12 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
-      __pyx_t_23 = __pyx_t_12;
+      __pyx_t_13 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
+      __pyx_t_24 = __pyx_t_13;
 
-      for (__pyx_t_24 = 0; __pyx_t_24 < __pyx_t_23; __pyx_t_24+=1) {
-        __pyx_v_s = __pyx_t_24;
+      for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
+        __pyx_v_s = __pyx_t_25;
 
-        /* "ext/jsonl.pyx":285
+        /* "ext/jsonl.pyx":289
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
  *             for s in range(N_SIGNALS):
  *                 values[s, rows] = v[s]             # <<<<<<<<<<<<<<
  *             rows += 1
  *         else:
 */
-        __pyx_t_28 = __pyx_v_s;
+        __pyx_t_7 = __pyx_v_s;
         __pyx_t_29 = __pyx_v_rows;
-        *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_values.data + __pyx_t_28 * __pyx_v_values.strides[0]) )) + __pyx_t_29)) )) = (__pyx_v_v[__pyx_v_s]);
+        *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_values.data + __pyx_t_7 * __pyx_v_values.strides[0]) )) + __pyx_t_29)) )) = (__pyx_v_v[__pyx_v_s]);
       }
 
 
-      /* "ext/jsonl.pyx":286
+      /* "ext/jsonl.pyx":290
  *             for s in range(N_SIGNALS):
  *                 values[s, rows] = v[s]
  *             rows += 1             # <<<<<<<<<<<<<<
@@ -22354,98 +22368,124 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_rows = (__pyx_v_rows + 1);
 
-      /* "ext/jsonl.pyx":282
+      /* "ext/jsonl.pyx":286
  *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:             # <<<<<<<<<<<<<<
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
  *             for s in range(N_SIGNALS):
 */
-      goto __pyx_L88;
+      goto __pyx_L89;
     }
 
-    /* "ext/jsonl.pyx":289
+    /* "ext/jsonl.pyx":293
  *         else:
  *             # not the receiver's exact shape: the reference decides, for this one line
- *             one = _jsonl_py.parse_lines(data[start:end], vehicles)             # <<<<<<<<<<<<<<
+ *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)             # <<<<<<<<<<<<<<
  *             if one.bad_lines:
  *                 bad.append(number_of_line)
 */
     /*else*/ {
-      __pyx_t_8 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 289, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 289, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
-      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(__pyx_v_data == Py_None)) {
-        PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-        __PYX_ERR(0, 289, __pyx_L1_error)
+      __pyx_t_10 = NULL;
+      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 293, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_9);
+      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 293, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      __pyx_t_5 = NULL;
+      __pyx_t_30.data = __pyx_v_data.data;
+      __pyx_t_30.memview = __pyx_v_data.memview;
+      __pyx_t_13 = -1;
+      if (unlikely(__pyx_memoryview_slice_memviewslice(
+    &__pyx_t_30,
+    __pyx_v_data.shape[0], __pyx_v_data.strides[0], __pyx_v_data.suboffsets[0],
+    0,
+    0,
+    &__pyx_t_13,
+    __pyx_v_start,
+    __pyx_v_end,
+    0,
+    1,
+    1,
+    0,
+    1) < 0))
+{
+    __PYX_ERR(0, 293, __pyx_L1_error)
+}
+
+__pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __pyx_memview_get_unsigned_char__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 293, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      __pyx_t_6 = 1;
+      {
+        PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_t_4};
+        __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+        __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 293, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_9);
       }
-      __pyx_t_7 = PySequence_GetSlice(__pyx_v_data, __pyx_v_start, __pyx_v_end); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 289, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_9 = 1;
+      __pyx_t_6 = 1;
       #if CYTHON_UNPACK_METHODS
-      if (unlikely(PyMethod_Check(__pyx_t_5))) {
-        __pyx_t_8 = PyMethod_GET_SELF(__pyx_t_5);
-        assert(__pyx_t_8);
-        PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_5);
-        __Pyx_INCREF(__pyx_t_8);
+      if (unlikely(PyMethod_Check(__pyx_t_3))) {
+        __pyx_t_10 = PyMethod_GET_SELF(__pyx_t_3);
+        assert(__pyx_t_10);
+        PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
+        __Pyx_INCREF(__pyx_t_10);
         __Pyx_INCREF(__pyx__function);
-        __Pyx_DECREF_SET(__pyx_t_5, __pyx__function);
-        __pyx_t_9 = 0;
+        __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
+        __pyx_t_6 = 0;
       }
       #endif
       {
-        PyObject *__pyx_callargs[3] = {__pyx_t_8, __pyx_t_7, __pyx_v_vehicles};
-        __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_9, (3-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-        __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
-        __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 289, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_3);
+        PyObject *__pyx_callargs[3] = {__pyx_t_10, __pyx_t_9, __pyx_v_vehicles};
+        __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+        __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 293, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
       }
-      __Pyx_XDECREF_SET(__pyx_v_one, __pyx_t_3);
-      __pyx_t_3 = 0;
+      __Pyx_XDECREF_SET(__pyx_v_one, __pyx_t_2);
+      __pyx_t_2 = 0;
 
-      /* "ext/jsonl.pyx":290
+      /* "ext/jsonl.pyx":294
  *             # not the receiver's exact shape: the reference decides, for this one line
- *             one = _jsonl_py.parse_lines(data[start:end], vehicles)
+ *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:             # <<<<<<<<<<<<<<
  *                 bad.append(number_of_line)
  *             else:
 */
-      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_bad_lines); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 290, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_3); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 290, __pyx_L1_error)
-      __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (__pyx_t_2) {
+      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_bad_lines); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 294, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
+      __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_2); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 294, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":291
- *             one = _jsonl_py.parse_lines(data[start:end], vehicles)
+        /* "ext/jsonl.pyx":295
+ *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:
  *                 bad.append(number_of_line)             # <<<<<<<<<<<<<<
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
 */
-        __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_number_of_line); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 291, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_3);
-        __pyx_t_30 = __Pyx_PyList_Append(__pyx_v_bad, __pyx_t_3); if (unlikely(__pyx_t_30 == ((int)-1))) __PYX_ERR(0, 291, __pyx_L1_error)
-        __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_number_of_line); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 295, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
+        __pyx_t_31 = __Pyx_PyList_Append(__pyx_v_bad, __pyx_t_2); if (unlikely(__pyx_t_31 == ((int)-1))) __PYX_ERR(0, 295, __pyx_L1_error)
+        __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
 
-        /* "ext/jsonl.pyx":290
+        /* "ext/jsonl.pyx":294
  *             # not the receiver's exact shape: the reference decides, for this one line
- *             one = _jsonl_py.parse_lines(data[start:end], vehicles)
+ *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:             # <<<<<<<<<<<<<<
  *                 bad.append(number_of_line)
  *             else:
 */
-        goto __pyx_L91;
+        goto __pyx_L92;
       }
 
-      /* "ext/jsonl.pyx":293
+      /* "ext/jsonl.pyx":297
  *                 bad.append(number_of_line)
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]             # <<<<<<<<<<<<<<
@@ -22453,56 +22493,56 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                 for s in range(N_SIGNALS):
 */
       /*else*/ {
-        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_timestamp_us); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 293, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_timestamp_us); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
+        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 297, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 293, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
+        __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 297, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_5); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 293, __pyx_L1_error)
-        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_ingest_us); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 293, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
-        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 293, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_ingest_us); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 297, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_26 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_26 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 293, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 297, __pyx_L1_error)
+        __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
         __pyx_t_29 = __pyx_v_rows;
-        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ts.data) + __pyx_t_29)) )) = __pyx_t_27;
+        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ts.data) + __pyx_t_29)) )) = __pyx_t_28;
 
         __pyx_t_29 = __pyx_v_rows;
-        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ingest.data) + __pyx_t_29)) )) = __pyx_t_26;
+        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ingest.data) + __pyx_t_29)) )) = __pyx_t_27;
 
 
-        /* "ext/jsonl.pyx":294
+        /* "ext/jsonl.pyx":298
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]             # <<<<<<<<<<<<<<
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]
 */
-        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_vehicle); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 294, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_vehicle); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
+        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 298, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __pyx_t_5 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 294, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
+        __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 298, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_26 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_5); if (unlikely((__pyx_t_26 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 294, __pyx_L1_error)
-        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_can_id); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 294, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
-        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_5, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 294, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_can_id); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 298, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 294, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 298, __pyx_L1_error)
+        __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
         __pyx_t_29 = __pyx_v_rows;
-        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_vehicle.data) + __pyx_t_29)) )) = __pyx_t_26;
+        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_vehicle.data) + __pyx_t_29)) )) = __pyx_t_27;
 
         __pyx_t_29 = __pyx_v_rows;
-        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_29)) )) = __pyx_t_27;
+        *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_29)) )) = __pyx_t_28;
 
 
-        /* "ext/jsonl.pyx":295
+        /* "ext/jsonl.pyx":299
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]
  *                 for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -22510,45 +22550,45 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *                 rows += 1
 */
 
-        __pyx_t_12 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
-        __pyx_t_23 = __pyx_t_12;
+        __pyx_t_13 = __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS;
+        __pyx_t_24 = __pyx_t_13;
 
-        for (__pyx_t_24 = 0; __pyx_t_24 < __pyx_t_23; __pyx_t_24+=1) {
-          __pyx_v_s = __pyx_t_24;
+        for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
+          __pyx_v_s = __pyx_t_25;
 
-          /* "ext/jsonl.pyx":296
+          /* "ext/jsonl.pyx":300
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]             # <<<<<<<<<<<<<<
  *                 rows += 1
  *         start = end + 1
 */
-          __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_values); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 296, __pyx_L1_error)
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_values); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_2);
+          __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_s); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 300, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_3);
-          __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_s); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 296, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_5);
-          __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 296, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_7);
-          __Pyx_GIVEREF(__pyx_t_5);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 296, __pyx_L1_error);
+          __pyx_t_9 = PyTuple_New(2); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_9);
+          __Pyx_GIVEREF(__pyx_t_3);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 300, __pyx_L1_error);
           __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
           __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_0);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_mstate_global->__pyx_int_0) != (0)) __PYX_ERR(0, 296, __pyx_L1_error);
-          __pyx_t_5 = 0;
-          __pyx_t_5 = __Pyx_PyObject_GetItem(__pyx_t_3, __pyx_t_7); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 296, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_5);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 1, __pyx_mstate_global->__pyx_int_0) != (0)) __PYX_ERR(0, 300, __pyx_L1_error);
+          __pyx_t_3 = 0;
+          __pyx_t_3 = __Pyx_PyObject_GetItem(__pyx_t_2, __pyx_t_9); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_3);
+          __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+          __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+          __pyx_t_32 = __Pyx_PyFloat_AsDouble(__pyx_t_3); if (unlikely((__pyx_t_32 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 300, __pyx_L1_error)
           __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-          __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-          __pyx_t_31 = __Pyx_PyFloat_AsDouble(__pyx_t_5); if (unlikely((__pyx_t_31 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 296, __pyx_L1_error)
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
           __pyx_t_29 = __pyx_v_s;
-          __pyx_t_28 = __pyx_v_rows;
-          *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_values.data + __pyx_t_29 * __pyx_v_values.strides[0]) )) + __pyx_t_28)) )) = __pyx_t_31;
+          __pyx_t_7 = __pyx_v_rows;
+          *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_values.data + __pyx_t_29 * __pyx_v_values.strides[0]) )) + __pyx_t_7)) )) = __pyx_t_32;
 
         }
 
 
-        /* "ext/jsonl.pyx":297
+        /* "ext/jsonl.pyx":301
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]
  *                 rows += 1             # <<<<<<<<<<<<<<
@@ -22557,11 +22597,11 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_rows = (__pyx_v_rows + 1);
       }
-      __pyx_L91:;
+      __pyx_L92:;
     }
-    __pyx_L88:;
+    __pyx_L89:;
 
-    /* "ext/jsonl.pyx":298
+    /* "ext/jsonl.pyx":302
  *                     values[s, rows] = one.values[s, 0]
  *                 rows += 1
  *         start = end + 1             # <<<<<<<<<<<<<<
@@ -22569,145 +22609,145 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
 */
     __pyx_v_start = (__pyx_v_end + 1);
-    __pyx_L8_continue:;
+    __pyx_L9_continue:;
   }
 
-  /* "ext/jsonl.pyx":299
+  /* "ext/jsonl.pyx":303
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
 */
-  __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 299, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Columns); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 299, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_8);
-  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_9 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 303, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Columns); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 303, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":300
+  /* "ext/jsonl.pyx":304
  *         start = end + 1
  *     return _jsonl_py.Columns(
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),             # <<<<<<<<<<<<<<
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
  *         lines=capacity - 1,
 */
-  __pyx_t_6 = __Pyx_PyObject_GetSlice(__pyx_v_ts_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 300, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_4 = __pyx_t_6;
+  __pyx_t_5 = __Pyx_PyObject_GetSlice(__pyx_v_ts_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 304, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_9 = 0;
+  __pyx_t_6 = 0;
   {
     PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
-    __pyx_t_3 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 300, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_3);
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 304, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_t_32 = __Pyx_PyObject_GetSlice(__pyx_v_ingest_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_32)) __PYX_ERR(0, 300, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_32);
-  __pyx_t_4 = __pyx_t_32;
-  __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_9 = 0;
-  {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
-    __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_32); __pyx_t_32 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 300, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
-  }
-  __pyx_t_33 = __Pyx_PyObject_GetSlice(__pyx_v_vehicle_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 300, __pyx_L1_error)
+  __pyx_t_33 = __Pyx_PyObject_GetSlice(__pyx_v_ingest_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 304, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_33);
   __pyx_t_4 = __pyx_t_33;
   __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_9 = 0;
+  __pyx_t_6 = 0;
   {
     PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
-    __pyx_t_32 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_33); __pyx_t_33 = 0;
-    if (unlikely(!__pyx_t_32)) __PYX_ERR(0, 300, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_32);
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 304, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+  }
+  __pyx_t_34 = __Pyx_PyObject_GetSlice(__pyx_v_vehicle_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 304, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_34);
+  __pyx_t_4 = __pyx_t_34;
+  __Pyx_INCREF(__pyx_t_4);
+  __pyx_t_6 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
+    __pyx_t_33 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_34); __pyx_t_34 = 0;
+    if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 304, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_33);
   }
 
-  /* "ext/jsonl.pyx":301
+  /* "ext/jsonl.pyx":305
  *     return _jsonl_py.Columns(
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,             # <<<<<<<<<<<<<<
  *         lines=capacity - 1,
  *     )
 */
-  __pyx_t_34 = __Pyx_PyObject_GetSlice(__pyx_v_can_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 301, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_34);
-  __pyx_t_4 = __pyx_t_34;
+  __pyx_t_35 = __Pyx_PyObject_GetSlice(__pyx_v_can_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_35);
+  __pyx_t_4 = __pyx_t_35;
   __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_9 = 0;
+  __pyx_t_6 = 0;
   {
     PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
-    __pyx_t_33 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __pyx_t_34 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_34); __pyx_t_34 = 0;
-    if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 301, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_33);
+    __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
+    if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 305, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_34);
   }
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_35, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 301, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_35);
-  __pyx_t_36 = __Pyx_PyObject_GetAttrStr(__pyx_t_35, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 301, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_36);
-  __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
-  __pyx_t_35 = PyLong_FromSsize_t(__pyx_v_rows); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 301, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_35);
-  __pyx_t_37 = PySlice_New(Py_None, __pyx_t_35, Py_None); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 301, __pyx_L1_error)
+  __pyx_t_37 = __Pyx_PyObject_GetAttrStr(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 305, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_37);
-  __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
-  __pyx_t_35 = PyTuple_New(2); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 301, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_35);
+  __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
+  __pyx_t_36 = PyLong_FromSsize_t(__pyx_v_rows); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_36);
+  __pyx_t_38 = PySlice_New(Py_None, __pyx_t_36, Py_None); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_38);
+  __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
+  __pyx_t_36 = PyTuple_New(2); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_36);
   __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_35, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 301, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_37);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_35, 1, __pyx_t_37) != (0)) __PYX_ERR(0, 301, __pyx_L1_error);
-  __pyx_t_37 = 0;
-  __pyx_t_37 = __Pyx_PyObject_GetItem(__pyx_v_values_arr, __pyx_t_35); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 301, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_37);
-  __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
-  __pyx_t_9 = 1;
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 305, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_38);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 1, __pyx_t_38) != (0)) __PYX_ERR(0, 305, __pyx_L1_error);
+  __pyx_t_38 = 0;
+  __pyx_t_38 = __Pyx_PyObject_GetItem(__pyx_v_values_arr, __pyx_t_36); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_38);
+  __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_36))) {
-    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_36);
+  if (unlikely(PyMethod_Check(__pyx_t_37))) {
+    __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_37);
     assert(__pyx_t_4);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_36);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_37);
     __Pyx_INCREF(__pyx_t_4);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_36, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_37, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_37};
-    __pyx_t_34 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_36, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_38};
+    __pyx_t_35 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_37, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_38); __pyx_t_38 = 0;
     __Pyx_DECREF(__pyx_t_37); __pyx_t_37 = 0;
-    __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
-    if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 301, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_34);
+    if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 305, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_35);
   }
 
-  /* "ext/jsonl.pyx":302
+  /* "ext/jsonl.pyx":306
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
  *         lines=capacity - 1,             # <<<<<<<<<<<<<<
  *     )
 */
-  __pyx_t_36 = PyLong_FromSsize_t((__pyx_v_capacity - 1)); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 302, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_36);
+  __pyx_t_37 = PyLong_FromSsize_t((__pyx_v_capacity - 1)); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 306, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_37);
   #if CYTHON_VECTORCALL
 
-  /* "ext/jsonl.pyx":299
+  /* "ext/jsonl.pyx":303
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
@@ -22715,82 +22755,82 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
 */
   #endif
-  __pyx_t_9 = 1;
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_8))) {
-    __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_8);
-    assert(__pyx_t_7);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
-    __Pyx_INCREF(__pyx_t_7);
+  if (unlikely(PyMethod_Check(__pyx_t_10))) {
+    __pyx_t_9 = PyMethod_GET_SELF(__pyx_t_10);
+    assert(__pyx_t_9);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_10);
+    __Pyx_INCREF(__pyx_t_9);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
-    __pyx_t_9 = 0;
+    __Pyx_DECREF_SET(__pyx_t_10, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[8] = {__pyx_t_7, __pyx_t_3, __pyx_t_6, __pyx_t_32, __pyx_t_33, __pyx_t_34, __pyx_v_bad, __pyx_t_36};
+    PyObject *__pyx_callargs[8] = {__pyx_t_9, __pyx_t_2, __pyx_t_5, __pyx_t_33, __pyx_t_34, __pyx_t_35, __pyx_v_bad, __pyx_t_37};
     #if CYTHON_VECTORCALL
-    __pyx_t_37 = __pyx_mstate_global->__pyx_tuple[3];
-    if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 299, __pyx_L1_error)
-    __Pyx_INCREF(__pyx_t_37);
+    __pyx_t_38 = __pyx_mstate_global->__pyx_tuple[3];
+    if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 303, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_38);
     #else
     {
       PyObject *__pyx_temp[7] = {__pyx_mstate_global->__pyx_n_u_timestamp_us, __pyx_mstate_global->__pyx_n_u_ingest_us, __pyx_mstate_global->__pyx_n_u_vehicle, __pyx_mstate_global->__pyx_n_u_can_id, __pyx_mstate_global->__pyx_n_u_values, __pyx_mstate_global->__pyx_n_u_bad_lines, __pyx_mstate_global->__pyx_n_u_lines};
-      __pyx_t_37 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+1, 7);
-      if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 299, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_37);
+      __pyx_t_38 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+1, 7);
+      if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 303, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_38);
     }
     #endif
-    __pyx_t_5 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (__pyx_t_9*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_37);
-    __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __pyx_t_3 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_10, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_38);
+    __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
     #if CYTHON_VECTORCALL
     #endif
-    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __Pyx_DECREF(__pyx_t_32); __pyx_t_32 = 0;
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_33); __pyx_t_33 = 0;
     __Pyx_DECREF(__pyx_t_34); __pyx_t_34 = 0;
-    __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
+    __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
     __Pyx_DECREF(__pyx_t_37); __pyx_t_37 = 0;
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 299, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_38); __pyx_t_38 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 303, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
   }
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_5;
+      __pyx_r = __pyx_t_3;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_5 = 0;
+  __pyx_t_3 = 0;
   goto __pyx_L0;
 
   /* "ext/jsonl.pyx":151
  * 
  * 
- * def parse_lines(bytes data, dict vehicles):             # <<<<<<<<<<<<<<
- *     cdef const char* p = PyBytes_AS_STRING(data)
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+ * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
+ *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+ *     cdef Py_ssize_t size = data.shape[0]
 */
 
   /* function exit code */
   __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
   __Pyx_XDECREF(__pyx_t_5);
-  __Pyx_XDECREF(__pyx_t_6);
-  __Pyx_XDECREF(__pyx_t_7);
-  __Pyx_XDECREF(__pyx_t_8);
-  __PYX_XCLEAR_MEMVIEW(&__pyx_t_10, 1);
+  __Pyx_XDECREF(__pyx_t_9);
+  __Pyx_XDECREF(__pyx_t_10);
   __PYX_XCLEAR_MEMVIEW(&__pyx_t_11, 1);
-  __Pyx_XDECREF(__pyx_t_32);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_12, 1);
   __Pyx_XDECREF(__pyx_t_33);
   __Pyx_XDECREF(__pyx_t_34);
   __Pyx_XDECREF(__pyx_t_35);
   __Pyx_XDECREF(__pyx_t_36);
   __Pyx_XDECREF(__pyx_t_37);
+  __Pyx_XDECREF(__pyx_t_38);
   __Pyx_AddTraceback("engine.kernels._jsonl_c.parse_lines", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -24185,31 +24225,11 @@ static int __Pyx_modinit_Exttype___pyx_memoryviewslice_obj(__pyx_mstatetype *__p
 
 static int __Pyx_modinit_Type_import_code(__pyx_mstatetype *__pyx_mstate) {
   __Pyx_RefNannyDeclarations
-  PyObject *__pyx_t_1 = NULL;
-  int __pyx_lineno = 0;
-  const char *__pyx_filename = NULL;
-  int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_modinit_Type_import_code", 0);
   /*--- Type import code ---*/
-  __pyx_t_1 = PyImport_ImportModule(__Pyx_BUILTIN_MODULE_NAME); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 9, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_mstate->__pyx_ptype_7cpython_4type_type = __Pyx_ImportType_3_3_1(__pyx_t_1, __Pyx_BUILTIN_MODULE_NAME, "type",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyTypeObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  0, 0,
-  #else
-  sizeof(PyHeapTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyHeapTypeObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_7cpython_4type_type) __PYX_ERR(2, 9, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_RefNannyFinishContext();
   return 0;
-  __pyx_L1_error:;
-  __Pyx_XDECREF(__pyx_t_1);
-  __Pyx_RefNannyFinishContext();
-  return -1;
 }
 
 static int __Pyx_modinit_Variable_import_code(__pyx_mstatetype *__pyx_mstate) {
@@ -24517,7 +24537,7 @@ __Pyx_RefNannySetupContext("PyInit__jsonl_c", 0);
   if (unlikely((__Pyx_modinit_Exttype___pyx_MemviewEnum_obj(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
   if (unlikely((__Pyx_modinit_Exttype___pyx_memoryview_obj(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
   if (unlikely((__Pyx_modinit_Exttype___pyx_memoryviewslice_obj(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
-  if (unlikely((__Pyx_modinit_Type_import_code(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
+  (void)__Pyx_modinit_Type_import_code(__pyx_mstate);
   (void)__Pyx_modinit_Variable_import_code(__pyx_mstate);
   (void)__Pyx_modinit_Function_import_code(__pyx_mstate);
   if (__Pyx_InitAfterSharedUtility() < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
@@ -25167,15 +25187,15 @@ __Pyx_RefNannySetupContext("PyInit__jsonl_c", 0);
  * 
  * 
 */
-  static int const __pyx_carray__6[7] = {11,15,15,16,16,13,13};
-  memcpy(&(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]), __pyx_carray__6, sizeof(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]) * (7));
+  static int const __pyx_carray__7[7] = {11,15,15,16,16,13,13};
+  memcpy(&(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]), __pyx_carray__7, sizeof(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]) * (7));
 
   /* "ext/jsonl.pyx":151
  * 
  * 
- * def parse_lines(bytes data, dict vehicles):             # <<<<<<<<<<<<<<
- *     cdef const char* p = PyBytes_AS_STRING(data)
- *     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+ * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
+ *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+ *     cdef Py_ssize_t size = data.shape[0]
 */
   __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6engine_7kernels_8_jsonl_c_1parse_lines, 0, __pyx_mstate_global->__pyx_n_u_parse_lines, NULL, __pyx_mstate_global->__pyx_n_u_engine_kernels__jsonl_c, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 151, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
@@ -25302,7 +25322,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "ext/jsonl.pyx":162
+  /* "ext/jsonl.pyx":166
  *         capacity += 1
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -25311,12 +25331,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 162, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 166, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
 
-  /* "ext/jsonl.pyx":299
+  /* "ext/jsonl.pyx":303
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
@@ -25325,7 +25345,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[7] = {__pyx_mstate_global->__pyx_n_u_timestamp_us, __pyx_mstate_global->__pyx_n_u_ingest_us, __pyx_mstate_global->__pyx_n_u_vehicle, __pyx_mstate_global->__pyx_n_u_can_id, __pyx_mstate_global->__pyx_n_u_values, __pyx_mstate_global->__pyx_n_u_bad_lines, __pyx_mstate_global->__pyx_n_u_lines};
-    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 7); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 299, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 7); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 303, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
@@ -25390,30 +25410,30 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
     const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{13},{2},{9},{50},{30},{37},{5},{7},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{9},{2},{3},{15},{17},{18},{2},{3},{9},{4},{5},{1},{10},{11},{9},{9},{3},{7},{6},{8},{18},{4},{5},{4},{5},{15},{5},{6},{3},{14},{23},{9},{5},{5},{7},{6},{7},{5},{3},{5},{1},{1},{2},{5},{5},{7},{6},{10},{9},{5},{5},{8},{1},{3},{5},{7},{4},{4},{8},{10},{4},{2},{2},{14},{5},{3},{2},{3},{1},{4},{11},{3},{8},{4},{1},{10},{5},{4},{4},{5},{4},{4},{6},{4},{12},{2},{6},{6},{6},{1},{6},{10},{7},{11},{8},{1}};
-    const struct { const unsigned int length: 11; } bytes_length_index[] = {{1},{1730}};
+    const struct { const unsigned int length: 11; } bytes_length_index[] = {{0},{1},{1766}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2055 bytes) */
-static const char cstring[] = "x\332\215UKw\023G\026F \023O\260\023\313\222\301\274B\013\010&\020\224\221l\034\342a\222#?H\234s\302 ?a2\244O\251\273$5juK]\325\262\304\314b\226Z\366\262\226\275\354e/\265\354\245\226\275\354%?\201\237\220{K\0226sr\346\304\330U\325\365\270\217\357\373\356E!\\\371kO\261\253o\250\306\277/l(O\177\241-\333\351\037\031\364D\261k\312S\315\266\270Qwm\227)\304\322\025\335p\360\342\377n\033\326\364\200q\307\320\251~\346\262b;\377\367\374\343\275\0177\277\377a\213X\226\315\025\302\230Q\267\024n+\016%\372#\3332\373JK\006\331\205 w\255.1\r]i\331:\375Z\241\2756\274\005S+\332\n\372]\251\331\016w\210\265\362\265R\007S\323\313\254A\332\024\\)\244g0\345\271\315\251\302\033\200\304V\2377lK\201=\235\232F\225:\204S\360\206\361\201U\007/Y\312\213\235\027\217\326\236\254\311h\035\212\2701\205\271U\315\204@)C\320\252\256ar\260\316\373m\312\n\312nM\351\333\256bQ\210\013\262h\303\275\263\017x\203Z\n\243\034\027\312\212\314\231p\303\266TxnX\365\225\tLF\227\342\353g\304d\264@t]\205{T\263M\023\317l\213\025HU\323\rF\252&\245\226\034{\374\2337\014\340*\264\373\275\272f\260\361\266n\331\220]\215\270&WT\325\241\272\253QUUtW\232\267l\353\021d\3335\210\t\247\232a\031\\U]\371\020\217\211i\332\032\200\242\020\307!}E\047\234\024\376\340t\214/\0024\246\226\025\312\373[\273\273[\266\351\266,\266c\232F\233\031l\237v\\ji\024\265V8\225\235\252\276\350\367\340o\0330W\237C\026{\264\246\252\023\\ T\010\013\221;]\324)78m\341\206\216o\340\247\346Z\032\316p\304\246\257\214V\033\304\200\253\0261,9\333\272k\3123\213\264\3063\272WU\000L\325\032Tk2\2675\376\232X\301%\262:^\271V\333\320\232`a\307\232\336\353r\004\003mt\\bN\315NQ\376\260\322\244\320\316l\320\036~\200\n>\204\302\316\204\376a}\372\216S\206\271\030L\325l\307vAnT\225lC\030j\023\2640%C\255\272\265\032(\231\235\226\254$\217\260\276\245\031v\341\303sFx\225\350\360\253\232\370U%\214VMb55\215\000\026j\203\260\306x\005%J{\343\245\t\374\311\205]\253i\004\326\226\n\306q2t\215\264\211f\360\276\206\346\340\221\n\205\250\321*\321\232\232\335\356k\266kq\324\217\216x""\312\001\223\0317\"\332j\363>\230\206\232\246\340\314\252\203\205B\223:\026\005\361\177\364U\230$\255Q\240@\326+u\034\333\251\231\244\316j\246M\370\372\032\264\200\026\341\223FP\003\267:\250\242\356R\306\032\206\241C\\.\223\031\311\001%_\007h\307#&3Y\341%0\206Bc\343\341-m6i_b\005\355\010{\021\366 \244OR\010\320\310\031\210s84\265\226eZm\010\022\272\n\240%1\206\257v\0372\266\233\266E\333\200V\263M\034F\307\370\267\355\266C\353\006\343\230\320\t\203V\301\047e+\253\013\3753\323\346\322<\\j3n\303\237\343j\034\203\345F\013\242&\2556\256\341\037f\002r\005\027n\033P\247]h\204\000\301x\304\303.m\030\232I\047\323\231\035\326\373\307\177SI\372j|\365A\220\017\212I\372z|\375aP\014\312I\372\226\350\371\235w\351\231dv\301\233\027G~\321\337\364\253A:\330\016g\302\275\360d\250E\213\321\306\250\222\314^\032\254{Y\257\234\314\315\047\2639\230g\347\007G^\311\333\363\034\221I\322\363\203\275A\327\253xo\374\213\360\034|e\274Eo]d\304\003\377Yp\033\035-z\267\275g\"/6\374\243\240\024T\222\364g\203\252w\321#\336[\377\262\357\004\231\351\223E\3617\277\031^\016\235!l\335\214o\026\342\302v\274}\034\037\277L\322y\037\366\320y\372F|c#\336x>\"\357\027\316\315|!*\357?=7\363\227\301\314\340\320\313{\305d6\353\025\321\331\373\213\347f.\r\356y\347\275<\306\373Z\334\363S\376\242_\362\217\047\371u\222\331\317\006d\300dlw\304\276\377i\0007\257\211<\302\221Jf\347\006;\336\022\304x\"H2\367\371\240\343\245\000\203-\217\211\273\202\210\216\177\301_\225`\225\203J\240\205\331\260\234,,\213T\262\220A\270\212\311\\\316\333\026\347\301\330\334\374;05\301\254\010\006:\342\202x\034+\245\360n\250\017\277\212\212\321V\324\031]\030=\216_T\342\312^2\267 \221a\000\327\252\240\361\235o1Pi\361*\200=\207Pnz\372\231 \264 \007!\220\200\205w\302\375\341\314\2602$C\026\335\2166#m\224\031\345G\253#\r\355.,y\225d\016q.y\007\"\047*`\200\371w\374}\310a3\250\206)\351\005P\233_\006Z\027E\021#I\3410\343\035B0E\264\200\214\337\nRA&x\010\010\362ai\0106\263`Q\365\313\010\322\277\341\342\272\237\005\035\351\301\203\260\034\036\rW\207""\325(\035\355\216*\243Z| \231\314-\213\213\340\333\0012\276\003\364\216\303\315\260:\234\213~\236\204yM<\364+>y\007@\346\256\2135H\362\022h\346\030\214U\222+\313I\016QX\000\216\223\334\r\361\223\277\215\301$\271+^\027\010L%\313\212?\013;\313\310\007\334\317}\001\334\345n\201\215O\374\267a&\274\217x\047\271\233\220|\335\177\005\230\365\302\377\300\006\240\222\301!\013\224]\224\260\344\001W\032?\374\373\2602\301^\202\047\3618%\240\n\360\003*\240I\020?\301\240V=M,\241\313\233\342\0300\320\202\354\004\332\245e$\035\002\374\363\047\357rKc\316N\211[\365\250(\211\003\250\231Np\001Jx+p\343\265g\021\231\304x\206)H\310\373\322\353\240\n\313\030r~J^\016\236gdzZ q\\\203[\350\351\n\314\220\312\016\306/:\010\363e\240\010\231$\010/*\242$\366\260a\200\353R\260\007rC\375\336\213R\320$J\321^\344\214\262\243\035`0\336;\212\217~\213\177ScU\213\265Z\\\253\0477\024(\275\214\177[\266\227\363\301\3750\037\256\205lxgx\020e\242\374\344\365\342\350I\274\177\020\037\274\214_\376\032\377\372\257d\031\271[\276\212U\225\026\233\260\206\014\016DV\224\317F\275\344\275\004.)T\265\304\351H\024\305\226,\213\307R\027gn\"\"+c\351`\343\342RY)Hp\313\357\214E5\266\367\007 I\022\246e\235\361.\313\nFGn|\367\207!\217\326\242\276\254]\010\3760>\204\370_\307\257\021\000\304\363\231,c\224\324\227~7\330\017\323\240vm85\206\375\347\304\253\2112P\377#\020\372c\270\032\222\2607\354F\307\243\335\370\360\350#N/\313\256p\037\342*b\261\001\263X\254Y\357+\361\024H\301Ft\024\256\203i(C\206\204g\275o\361\341\273\005\240\037\226\330\376\226A\\\277\0143\303\273\320\332\257\215\212\243\262\344]|\"\025\377$X\r\032\340\236C\315\326\243\n\310\352\254\036\256\311D\032\200\310\2250u\332\356\240U\246\241\034H\222\2764\370\316\373\t\330\231E\032J\342\020\022\346\301F\370\317\241\023-Et\2646\352\305\307\325\270\252\307\272\021\033Vl\331\311\354\347\220|U\314\300\335\273~=\330\213\277)\203\036\036\240\212^\305\257@<:vh\003\377\223\371\035\226D.\331";
-    PyObject *data = __Pyx_DecompressString(cstring, 2055, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2089 bytes) */
+static const char cstring[] = "x\332\215UMw\323V\032\306\340\200\007\2346\216\035H\371(2PB\241\230\261\023(\3150\355q\276\332\314\23128\2370\035\252s-]\333\302\262d\353J\216\315\314\242K/\265\274K-\265\324RK-\275\324R\313\374\004~B\337\367\332!aN\317\234\211\343\253\253\373\361~<\317\363\276\226\210-\375y \231\365wT\261\277/\255J/~\246\035\323\032\036h\364H2\033\322\013\3054l\255\351\230\016\223\210\241J\252f\341\301\377^\326\214\223\rf[\232J\3253\207%\323\372\237\373\237\256}<\371\375\017\353\3040L[\"\214iMC\262M\311\242D}l\032\372P\352\210 \373\020\344\266\321\047\272\246J\035S\245\337Ht\320\205\273`jIYB\277K\r\323\262-b,}#5\301\324\311a\326\"]\n\256$2\320\230\364\322\264\251d\267\000\211\365\241\3352\r\t\326T\252kuj\021\233\2027\214\017\254Zx\310\220^m\276z\274\362|EDkQ\304\215I\314\251+:\004J\031\202Vw4\335\006\353\366\260KYI\332nHC\323\221\014\nqA\026]8w\366\202\335\242\206\304\250\215\023iI\344Ll\3154d\270\256\031\315\245)LZ\237\342\355-\2423Z\"\252*\3039\252\230\272\216{\246\301J\244\256\250\032#u\235RC\214\003\373\311;\006p\225\272\303AS\321\330dY5L\310\256A\034\335\226d\331\242\252\243PY\226TG\2307L\3431d\333\327\210\016\273\212fh\266,;\342\"n\023]7\025\000E\"\226E\206\222JlR\372\203\335\t\276\010\320\204ZV\252\356\256oo\257\233\272\3231\330\246\256k]\246\261]\332s\250\241P\324Z\351Tv\262\374j8\200\357\006`.\277\204,vhC\226\247\270@\250\020\026\"w:iR[\263i\007\027T\274\003\177\r\307P\360\t[\354\344\226\326\351\202\030p\326!\232!\236\246\352\350b\317 \235\311\023\335\3132\000&+-\252\264\231\323\231\274M\255\340\024Y\235\314\034\243\253)m\260\260i\234\234\353\333\010\006\332\3509D?1{\202\362\307\231\"\204vf\201\016\360\005T\3601\024v&\364\217\363\323{6e\230\213\306d\305\264L\007\344Fe\3016\204!\267A\013\047d\310u\247\321\000%\263\323\222\025\344\02164\024\315,}\274\316\210]\047*\374\313:\276\325\t\243u\235\030mE!\200\205\334\"\2545\231A\211\322\301d\252\003\177bb6\032\n\201\271!\203q|h\252B\272D\321\354\241\202\346\340\222\014\205\250\320:Q\332\212\331\035*\246c\330\250\037\025\361\024""\003&3iD\264\323\265\207`\032j\232\2023\243\t\026Jmj\031\024\304\377\311[i\232\264B\201\002Q\257\324\262L\253\241\223&k\350&\261\237\255@\013\350\020{\332\010\032\340V\005U4\035\312XK\323T\210\313a\"#1\240\344\233\000\355d\304d\2463<\004\306Phl2\274\247\3556\035\n\254\240\035a/\302\036\204\364\t\n\001\032\361\004\342,\033\232Z\307\320\215.\004\t]\005\320\022\030\303[w\010\031\233m\323\240]@\253\335%\026\243\023\374\273f\327\242M\215\331\230\320\021\203VaO\313VT\027\372g\272i\013\363p\250\313l\023\276\226\243\330\030\254\255u j\322\351\342\034>\230\t\310\025\\8]@\235\366\241\021\002\004\223\0217\373\264\245):\235>\316\254\260\301?~K\035\247o\360\025\336\367j\036I\322_\360\\\222\276\364\2333Z\037\365\222\314\347\243!\317zUo\337/&\351\314h\326\255\271*/\362r\222\276\315\007^\3578=\223d\346\334Y~\340\225\2755\257\356\247\375\215`&\330\t\216B%\232\217V\307\265$se\364\314\315\273\325$;\233d\n\360\314\314\216\016\334\212\273\343Z\350iv\2643\352\203\325w\336E\270\236J\3229w\336}\306s\374\241\267\345\337\361\253Iz\336\275\343n\201\317U\357\300\257\370\265$\375\331\250\356^t\211\373\336\273\352Y~\356\344\312<\377\213\327\016\256\006V\010K\267\342[\245\270\264\021o\034\306\207\257\223t\321\2035t\236\276\031\337\\\215W_\216\311\207\271s3_\362\332\207\313\347f\3764\232\031\355\273E\267\234d\362n\031\235}\270xn\346\312\350\276{\336-b\274o\371}/\345\315{\025\357p\232\037@\363\331\210\214\230\210\355.\337\365.\003@\231\353\274\210p\244\222Lv\264\351.@\214G\234$\331\317G=7\005\030\254\273\214\337\343\204\367\274\013\336\262\000\253\352\327|%\310\007\325dn\221\247\222\271\034\302UN\262\005w\203\237\007c\331\331c05\305\254\014\006z\374\002\177\032K\225\340^\240\206_G\345h=\352\215/\214\237\306\257jqm\047\311\316\td\030\300\265\314i|\367[\014TXDZ\263\010\345\032\020x\032\204\342\027 \004\342\263\340n\260\033\316\204\265\220\204,\272\023\255E\31287.\216\227\307\n\332\235[pkI\026q\256\270{\274\300k`\200yw\275]\310a\315\257\007)\341\005P\233]\004Z\347A\037Y\204\001\206\031w_\350\005, ""\343\267\375\224\237\363\037\001\202vX\t\301f\036,\312^\025A\3727\034|\346\345AG\252\3770\250\006\007\341rX\217\322\321\366\2706n\304{\202\311\302\"\277\010\276- \343;@\3570X\013\352a6\372\3334\314\353\374\021\252\370\030\200,\334\210o<\361{\301\371\340N\360\367\350\362\270\230\\[L\n\010\303\034\220\234\024n\362\237\274\r\214&)\\s\373\300`*Y\224\274\014\254,\"!A-)|\t\344\025n\003R\227\274\367A.x\200\200\047\205[\220}\323{\003\240\r\202\377\300\002\300\222\303!\017\234]\024\270\024\001X\032?\372kX\233\202/\320\023\200\2342P\007\374\001\026\020%\250\237`P\313\256\302\027\320\345-~\010 (~~\212\355\302\"\262\016\001\376\377;\307\205\205\ti\247\314-\273\224W\370\036\024M\317\277\340\227\375u\337\211W\266\"2\215\361\014U\220\220\373\225\333C\031V1\344\342\t{\005\270\236\023\351)\276\300q\005N\241\247k\360\204T61~\336C\230\257\002GH%AxQ\022\025\276\203\035\003\\W\374\035\320\033\n\370~\224\202.Q\211v\"k\234\037o\002\205\361\316A|\360k\374\253\034\313J\2544\342F3\271)A\355\345\274;\242\277\234\367\037\004\305`%`\341\335p/\312E\305\351\355\371\361\363xw/\336{\035\277\376%\376\345_\311\"r\267\370\005\226U\232\257\301\0342\330\343y^=\033\365\202\373\032\270\244P\326\002\247\003^\346\353\242.\236\n]\2349\211\210,M\244\203\235\313\206v\331\203\250\362\336\272\327\233\210jb\357\017@\022$\234\324u\316\275*J\030\0359\361\275\037B;Z\211\206\242x!\370\375x\037\342\177\033\277E\000\020\317-Q\307(\251\257\274\276\277\033\244A\356Jxb\014\033\320\221\333\340U\240\376G \364\307`9 \301 \354G\207\343\355x\377\340\023N\257\212\266\360\000\342*c\265\001\263X\255y\367k\376\002H\231\201&\240\002\260\317\302kQ\nk\221!\351y\367[\274|<\007\022\200)\366\300E\020\330\317a.\274\007\375\375\372\270<\256\n\356\371%\241\372\347\376\262\337\202\020l(\334fT\003i\235\325\304u\221L\013P\271\026\244N{\036\364\3134\224\004\374\362\\\031}\347\376\004\014e\220\212\n\337\207\244m\1775\370ghE\013\021\035\257\214\007\361a=\256\253\261\252\305\232\021\033&\376<\035\271u>\003g\357yM\177\047~R\005M<D%\275\211\337""\200\200Tl\323\032\376\322\374\016\016\214=:";
+    PyObject *data = __Pyx_DecompressString(cstring, 2089, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2674 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is Note \373th\207 Cytho\373n \021\000delib\237eratek\000\320\001c\367ter!\001n PE\337P-484\212\"re\376\264!s subcl\366\246\000es\261!buil\373ti\260\000ypes.\377 If you \223ne\224 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\355$iv\242\000o F\377alse.add}_\231 ecoll\266@\376+\000s.abcdi\177sableen\001\002\337xt/js\254 .p\277yxgcis\021\003d\377no defau\377lt __red\377uce__ du\336Z\002non-\277@vi\373al\033\000cinit\347__uK\002\376!all\373oc\222  arra\177y data.\013\020\370\332#\254a\211cs.ASC\377IIColumn\377sEllipsi\377sSequenc\365e\350a.\355g__Py\375x\001\000Dict_N\377extRef__l\221$\250\000__\346\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\302@)\001imp\274\212`3\001main\003\002owdulM\002nam\002\003\363ewT\001\256 _che\017cksuT\000\n\001?\004\025\001\370\224@\256 \037\001unpicmk?\000En \005vt\375!\036\230\001qualO\005\336%\347&1c\344b\277\001\372$ex\314\001\203`\301_\203\005\217`\262\006\003\006.\007te\375s\227@_is_co\267rou\354`e_\351B_\317py_k\211`\243E_b\177ufferas\300\206\007\376\270Basyncio\375.6\006satbad\376\000\000_linesb\377aseblank\367cca\211 _has}h\004\003index\017\003\371l\275@\031\002offca\345n\000\000_\227`\003\001idc\377apacityc\372K\001_\357 trace\377backcopy_count\274ad\314!\370\000\002\311\001\203\210\003empty\336\230`odeej\000ng\376\216\000.kernelkse\001\n.\356\004ce\200@\376\253\206\002errorfl\377agsfloat\37764format\352\202\207\004ft\000d\256`gue\277sshiid\207`u\371s\315\002\322\002_cing\200\330 \000\003\311\001\003\004!\001J\000\345as\376\000\002izekkey\016\247\"mem\210\210\001\200\210\001\306a\311b\370\230 \321b\375`rtndi\337mnlnp\245`be\317r_of\337\"\263`py\377objokone""\375p\253 kparse\376\372#popregi\373st\315\001wssse\351t\260\206\004\271\210\002s}\000sloytZ\002\"\000psto\001\000\377ructt_uswtim\236`amp\010\001\267sts\223Aun_\001u\377pdatevva\361l\200 \000\003\260Avehi\347cle\000\004\007\010sxO\377\200\001\330\004\031\320\031*\377\250!\2501\330\004\033\320\377\033+\2501\250A\330\004\377\037\230x\240q\340\004\005\377\330\010\020\220\r\230V\240\3771\240B\240b\250\004\250\377D\260\005\260R\260w\270\377c\300\022\300:\310Q\330\377\010\013\2106\220\023\220A\277\330\014\r\330\010\024\005\000\010\377\r\210V\2202\220R\220\377r\230\021\330\004\r\210R\377\210v\220Q\220j\240\006\374<\000i\000\021\220\022\2206\230\177\021\230*\240F\250\"e\001\377\022\220\"\220F\230!\230\377:\240V\2502\250Q\330\377\004\016\210b\220\006\220a\177\220z\240\026\240r\250A\000\376-\003\022\230;\240k\260\026\367\260r\270T\000\035\320\035.\377\320.D\320DW\320W\237X\330\004!\240h\000y\001\004\377\034\320\034:\320:N\310\377a\360\020\000\005\036\230Q\377\360\n\000\005\t\210\005\210\377U\220!\2201\330\010\023\373\2201i\001\360\006\000\005\013\177\210&\220\002\220!\330\255\000\377]\230&\240\001\240\022\240\3672\240W\331\004q\330\010\016\357\210a\210s\227\002#\230S\267\240\n\250\047\000\032\230,\000\020\377\220\001\330\010\014\210E\220\375\025\241\000w\230a\330\014\017\357\210q\220\001\201 C\220s\377\230$\230a\230q\240\003\373\2403\250\"A\250Q\250c\377\260\023\260A\330\020\030\230\357\001\330\020\021\253!1\330\014\337\024\220D\230\002J\000\014\r\325\340H\000A\200\001V\227\000C\220\377q\230\003\2305\320 2\377\260$\260d\270)\3001\377\300C\300q\310\003\3105\377\320PQ\320QR\330\014\365\020\225\"s\254 3\230e\320\257#7\260qK\004\031\352 \014\356\307!B\220dz\010c\250\024\376\200\000a\250s\260#\260S\377\270\005\270Q\270a\270s\377\300\"\300B\300c\310\021\277\310!\3103\310cT\001\020\337\025\220Q\330\014\227A2\220\337T\230\024\230Q\303\000s\240\367#\240S\356@B\250b\260\331\001\263\002\263 \r\030\324@\022\230\270\300\000\203!\214\000\005\220U\271@1\371\330?\000\356A\037\250\001\250""\021{\250+\237`t\2702\270Q\000\355\023\210`_\240\233`\017\210{\356\342@6\240\023\305`d\250*\377\260A\260V\2703\270b\377\300\004\300I\310Q\310f{\320T\305B\024\030\230\006\277 \375r\212@9\250A\250W\260\177B\260b\270\014\300J\240\004\377\032\230+\240Q\240a\340^\306 \024\033\2304\347 \013\261`\375WJ\000Q\330\027\030\330\024\372\202!\020\341@\330\024\034\230H\373\240D\211\001\330\024\027\220v~\276@\001\330\030 \240\010\234\000}\030\214A\260Q\330\024\036\271@\373\024\037\253@\007\240z\260\021\273\260(\354!\330\024\035\372\000g\377\240Y\250a\250x\260|]\300\251@\021\220\021\227!\023\260@\356\227\001s\240!\332@e\320+\207=\270Q\307D\270\"\213\"\367\047b\374\201`\223 \024\220A\220Q\220\373a\330\222\0003\220c\230\025\376o\001\035\230W\240B\240c\267\250\023\250\325#\025\030\361A\240q\001x\001\000\027\047\n\340\024\025\356!\373Q\330\257G3\220e\2302\377\230T\240\026\240q\250\003\377\2501\250C\250u\32047F\300a\353d\020\220\241F\316\000o\220%\220q\202\204\001A\330\261`\325!\265E\024<\000\021\332\002c\250\245\021\257\0014#\000f\001\027+\000\020\267\024\220E\274\001\230q\343!\026\353\230r\305Ba\333!r\230\022rx\000R\255\207\001x\0002\250R\354`\376\274\204\001&\300\001\300\022\3002\377\300R\300r\310\023\310E\377\320QR\320RV\320V\377^\320^_\320_c\320\377cf\320fg\330\034 \277\240\001\240\021\240\"\332\207\002\002\377\250(\260!\2604\260s\377\270#\270T\300\021\300!\3767\004\022\3108\320ST\320\377TX\320X[\320[\\\333\330\030\270A\030\031\322\205\001\004\230\373B\230\335 \025\220T\230\023\373\230A\252\t\025\220X\230Q\337\230e\2402\240\243\"V\230\0271\230C\227\206\0025\223b\245`\330\005\246\216!\047\230\356\002\265\210\001t\325b\001\337\240\023\240C\240\351\002\021\330\340\352#\320\210\001\226,\265\205\001\316\206\006\021\220\026\374\275\206\002e\001u\320$?\270t\317\3004\300y\267\206\002\272\000U\320]U\275\000]\320]\375\001\330\315 \372\362\210\0013\345\205\002%\240v\250S\177\260\004\260B\260c\270\234\207\005\276\374\207\001w\220f\230A\254`G\377\2501\250G\2603\260a\377\260x\270v\300W\310I\357""\320UV\330\362\205\t\026\220a\377\220s\230(\240!\2401\356\351\205\001\024\220A\251\206\001\023\220)\373\230<\215`\004\250A\250Vo\2606\270\021\250\210\001s\220\356@\367\023\2207\263\206\001\340\020\022\220\371!\010\000\373\210\001\030\250\023\250M\377\270\021\270$\270c\300\032\277\3101\310A\330\020\365@\230\373\007\230\356\204\0018\2503\250h\376|\000t\2703\270g\300Q\364\324`\204i\032\213\210\002h\240c\250\367\027\260\001\345\210\007\010\020\220\004\377\220B\220a\330\004\013\210\3679\220H\233@\010\025\220V\377\2302\230U\240%\240t\377\250:\260Z\270r\300\025\377\300e\3104\310x\320W\377b\320bd\320di\320\377in\320no\330\010\017\277\210w\220b\230\005)\000$\177\240g\250R\320/A\215`]*\302aY\320Y\272`d\236\212\001\001i\341\213\001";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2674, 3303);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2710 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is Note \373th\207 Cytho\373n \021\000delib\237eratek\000\320\001c\367ter!\001n PE\337P-484\212\"re\376\264!s subcl\366\246\000es\261!buil\373ti\260\000ypes.\377 If you \223ne\224 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\355$iv\242\000o F\377alse.add}_\231 ecoll\266@\376+\000s.abcdi\177sableen\001\002\337xt/js\254 .p\277yxgcis\021\003d\377no defau\377lt __red\377uce__ du\336Z\002non-\277@vi\373al\033\000cinit\347__uK\002\376!all\373oc\222  arra\177y data.\013\020\370\332#\254a\211cs.ASC\377IIColumn\377sEllipsi\377sSequenc\365e\350a.\355g__Py\375x\001\000Dict_N\377extRef__l\221$\250\000__\346\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\302@)\001imp\274\212`3\001main\003\002owdulM\002nam\002\003\363ewT\001\256 _che\017cksuT\000\n\001?\004\025\001\370\224@\256 \037\001unpicmk?\000En \005vt\375!\036\230\001qualO\005\336%\347&1c\344b\277\001\372$ex\314\001\203`\301_\203\005\217`\262\006\003\006.\007te\375s\227@_is_co\267rou\354`e_\351B_\317py_k\211`\243E_b\177ufferas\300\206\007\376\270Basyncio\375.6\006satbad\376\000\000_linesb\377aseblank\367cca\211 _has}h\004\003index\017\003\371l\275@\031\002offca\345n\000\000_\227`\003\001idc\377apacityc\372K\001_\357 trace\377backcopy_count\274ad\314!\370\000\002\311\001\203\210\003empty\336\230`odeej\000ng\376\216\000.kernelkse\001\n.\356\004ce\200@\376\253\206\002errorfl\377agsfloat\37764format\352\202\207\004ft\000d\256`gue\277sshiid\207`u\371s\315\002\322\002_cing\200\330 \000\003\311\001\003\004!\001J\000\345as\376\000\002izekkey\016\247\"mem\210\210\001\200\210\001\306a\311b\370\230 \321b\375`rtndi\337mnlnp\245`be\317r_of\337\"\263`py\377objokone""\375p\253 kparse\376\372#popregi\373st\315\001wssse\351t\260\206\004\271\210\002s}\000sloytZ\002\"\000psto\001\000\377ructt_uswtim\236`amp\010\001\267sts\223Aun_\001u\377pdatevva\361l\200 \000\003\260Avehi\347cle\000\004\007\010sxO\377\200\001\340\004\033\2304\230\377v\240Q\240a\330\004\031\377\230\021\330\004\007\200u\210\377C\210q\330\010\017\210y\377\230\014\240A\240U\250!\377\330\004\010\210\r\220Q\220\377d\230!\2301\330\004\037\377\230x\240q\340\004\005\330\377\010\020\220\r\230V\2401\377\240B\240b\250\004\250D\377\260\005\260R\260w\270c\377\300\022\300:\310Q\330\010\377\013\2106\220\023\220A\330\337\014\r\330\010\024\005\000\010\r\377\210V\2202\220R\220r\276f\001\r\210R\210vS\000j\373\240\006<\000\001\330\004\021\220\377\022\2206\230\021\230*\240\377F\250\"\250A\330\004\022\357\220\"\220Fq\000:\240V\377\2502\250Q\330\004\016\210\377b\220\006\220a\220z\240\337\026\240r\250\021+\005\022\230\377;\240k\260\026\260r\270\376\276\000\035\320\035.\320.D\377\320DW\320WX\330\004\363!\240\322\000y\001\004\034\320\034\377:\320:N\310a\360\020\377\000\005\036\230Q\360\n\000\377\005\t\210\005\210U\220!\177\2201\330\010\023\2201i\001\377\360\006\000\005\013\210&\220\357\002\220!\330\255\000]\230&\377\240\001\240\022\2402\240W|\331\004\230 \016\210a\210s\227\002\337#\230S\240\n\236 \010\032\375\230,\000\020\220\001\330\010\014\357\210E\220\025\241\000w\230a\177\330\014\017\210q\220\001\201 \377C\220s\230$\230a\230\337q\240\003\2403\250\"A\250\377Q\250c\260\023\260A\330\177\020\030\230\001\330\020\021\253!\3771\330\014\024\220D\230\002\256J\000\014\r\340H\000A\200\001V\376\227\000C\220q\230\003\2305\377\320 2\260$\260d\270\377)\3001\300C\300q\310\377\003\3105\320PQ\320Q\257R\330\014\020\225\"s\240@3\177\230e\320#7\260qK\004\312\323A\014\307!B\276@{\007c\250\375\024\200\000a\250s\260#\260\377S\270\005\270Q\270a\270\377s\300\"\300B\300c\310\177\021\310!\3103\310cT\001\277\020\025\220Q\330\014\227A2\277\220T\230\024\230Q\303\000s\357\240#\240S\356@B\250b\263\260\001\263\002\263 ""\r\030\324@\022t\235`\207\000\001\213\001\005\220U\253b\374?\000\356A\037\250\001\250\021\250\275+\237`t\2702\270Q\000\023v\210`_\240\233`\017\210{\326`\3676\240\023\305`d\250*\260\377A\260V\2703\270b\300\377\004\300I\310Q\310f\320\275T\305B\024\030\230\006\277 r\376\212@9\250A\250W\260B\277\260b\270\014\300J\240\004\032\353\230+\302\204\001\340\306 \024\033\320\377\033/\250q\260\002\260\"\377\260L\300\n\310!\330\027\327\030\330\024\332\204\001\020\342@\330\024\337\034\230H\240D\212\001\330\024\367\027\220v\277@\001\330\030 \353\240\010\235\000\030\215A\260Q\330\333\024\036\272@\024\037\254@\007\240\337z\260\021\260(\355!\330\024\375\035\373\000g\240Y\250a\250\357x\260|\300\252@\021\220\021r\230!\023\261@\230\001s\240!\333@?e\320+=\270Q\310D\271\"\364\224a\367(b\202`1\330\020\024\177\220A\220Q\220a\330\222\000\3373\220c\230\025o\001\035\230\377W\240B\240c\250\023\2506\326#\025\030\362A\240\001x\001\000\027\236\047\n\340\024\025\330\260B\260G3\377\220e\2302\230T\240\026\377\240q\250\003\2501\250C\177\250u\3204F\300a\354d\363\020\220\242F\316\000\220%\220q\266\203\204\001A\330\262`!\330\267D\024\272<\000\021\332\002c\250\021\257\0014\244#\000f\001\027+\000\310\000E\274\001\230]q\343!\026\230r\306Ba\333!\227r\230\022x\000R\256\207\001x\0002\363\250R\355`\275\204\001&\300\001\300\377\022\3002\300R\300r\310\377\023\310E\320QR\320R\377V\320V^\320^_\320\377_c\320cf\320fg\377\330\034 \240\001\240\021\240\375\"\333\207\002\002\250(\260!\260\3774\260s\270#\270T\300\367\021\300!7\004\022\3108\320\377ST\320TX\320X[\337\320[\\\330\030\270A\030\031\336\323\205\001\004\230B\230\335 \025\220\337T\230\023\230A\252\t\025\220\377X\230Q\230e\2402\240}Q\251!V\2301\230C\230\206\002a5\223b\245`\330\005\216!\047\230\356\002\376\266\210\001t\2304\230q\240\001\337\240\023\240C\240\351\002\021\330\340\352#\321\210\001\226,\266\205\001\317\206\006\021\220\026\374\276\206\002e\001u\320$?\270t\317\3004\300y\270\206\002\272\000U\320\035U\275\000]\320]\375\001\227a\363\210\001\3753\346\205\002%""\240v\250S\260?\004\260B\260c\270\235\207\005\375\207\001_w\220f\230A\254`G\316@\377G\2603\260a\260x\270\377v\300W\310I\320UV\376\362\205\n\026\220a\220s\230(\357\240!\2401\352\205\001\024\220A\276\252\206\001\023\220)\230<\215`\005\357\250Q\250d\326 6\270\027\333\300\001\255\210\001s\220\362@\023\220}7\350\212\001\340\020\022\220!\010\000\376\200\211\001\030\250\023\250M\270\021\377\270$\270c\300\032\3101\357\310A\330\020\371@\230\007\230\276\362\204\0018\2503\250h\200\000t?\2703\270g\300Q\330`\210i\375\032\220\210\002h\240c\250\027\260\375\001\352\210\007\010\020\220\004\220B\377\220a\330\004\013\2109\220\375H\237@\010\025\220V\2302\377\230U\240%\240t\250:\377\260Z\270r\300\025\300e\377\3104\310x\320Wb\320\377bd\320di\320in\367\320no\233\214\001w\220b\230\375\005)\000$\240g\250R\320\353/A\221`*\306aY\320Y~\276`d\330\010\016\210i\346\213\001";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2710, 3339);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3303 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/jsonl.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIColumnsEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutine_jsonl_py_kabcallocate_bufferascontiguousarrayasyncio.coroutinesatbadbad_linesbaseblankccache_hashcache_indexcache_lencache_offcancan_arrcan_idcapacitycline_in_tracebackcopycountdatadtypedtype_is_objectemptyencodeendengine.kernelsengine.kernels._jsonl_cenumerateerrorflagsfloat64formatfortranfoundgetguesshiidin_usindexindex_cingestingest_arringest_usint64itemsitemsizekkeylinesmemviewmodenamename_lenname_startndimnlnpnumber_of_linenumpyobjokoneppackparse_linespopregisterrowsssetdefaultshapesizeslotstartstepstopstructt_ustimestamp_uststs_arrunpackupdatevvaluesvalues_arrvehiclevehicle_arrvehiclesxO\200\001\330\004\031\320\031*\250!\2501\330\004\033\320\033+\2501\250A\330\004\037\230x\240q\340\004\005\330\010\020\220\r\230V\2401\240B\240b\250\004\250D\260\005\260R\260w\270c\300\022\300:\310Q\330\010\013\2106\220\023\220A\330\014\r\330\010\024\220A\330\010\r\210V\2202\220R\220r\230\021\330\004\r\210R\210v\220Q\220j\240\006\240b\250\001\330\004\021\220\022\2206\230\021\230*\240F\250\"\250A\330\004\022""\220\"\220F\230!\230:\240V\2502\250Q\330\004\016\210b\220\006\220a\220z\240\026\240r\250\021\330\004\021\220\022\2206\230\022\230;\240k\260\026\260r\270\021\330\004\035\320\035.\320.D\320DW\320WX\330\004!\240\021\330\004\024\220A\330\004\034\320\034:\320:N\310a\360\020\000\005\036\230Q\360\n\000\005\t\210\005\210U\220!\2201\330\010\023\2201\220F\230!\360\006\000\005\013\210&\220\002\220!\330\010\r\210]\230&\240\001\240\022\2402\240W\250D\260\005\260R\260q\330\010\016\210a\210s\220\"\220F\230#\230S\240\n\250!\330\010\032\230!\330\010\020\220\001\330\010\014\210E\220\025\220a\220w\230a\330\014\017\210q\220\001\220\023\220C\220s\230$\230a\230q\240\003\2403\240b\250\004\250A\250Q\250c\260\023\260A\330\020\030\230\001\330\020\021\330\010\013\2101\330\014\024\220D\230\002\230!\330\014\r\340\010\014\210A\330\010\r\210V\2201\220C\220q\230\003\2305\320 2\260$\260d\270)\3001\300C\300q\310\003\3105\320PQ\320QR\330\014\020\220\006\220a\220s\230!\2303\230e\320#7\260q\330\010\013\2101\330\014\031\230\021\330\014\022\220\"\220B\220d\230$\230a\230q\240\003\2403\240c\250\024\250Q\250a\250s\260#\260S\270\005\270Q\270a\270s\300\"\300B\300c\310\021\310!\3103\310c\320QR\330\020\025\220Q\330\014\021\220\022\2202\220T\230\024\230Q\230a\230s\240#\240S\250\004\250B\250b\260\001\330\010\013\2101\360\006\000\r\030\220r\230\022\2301\330\014\020\220\001\330\014\020\220\005\220U\230!\2301\330\020\025\220R\220r\230\037\250\001\250\021\250+\260R\260t\2702\270Q\330\014\023\2202\220_\240A\330\014\017\210{\230!\2306\240\023\240B\240d\250*\260A\260V\2703\270b\300\004\300I\310Q\310f\320TW\320WX\330\024\030\230\006\230a\230r\240\022\2409\250A\250W\260B\260b\270\014\300J\310c\320QR\330\020\032\230+\240Q\240a\340\020\021\330\024\033\2304\230q\240\013\2502\250W\260A\260Q\330\027\030\330\024\031\230\021\330\020\023\2201\330\024\034\230H\240D\250\001\250\021\330\024\027\220v\230S\240\001\330\030 \240\010\250\001\250\030\260\023\260A\260Q\330\024\036\230a\330\024\037\230q\240\007\240z\260\021\260(\270)\3001""\330\024\035\230Q\230g\240Y\250a\250x\260|\3001\330\014\021\220\021\330\014\021\220\023\220D\230\006\230a\230s\240!\2403\240e\320+=\270Q\330\010\013\2101\330\014\025\220Q\330\014\020\220\001\330\014\022\220\"\220B\220d\230$\230b\240\003\2401\330\020\024\220A\220Q\220a\330\020\023\2203\220c\230\025\230a\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\340\024\025\330\020\025\220Q\330\020\025\220Q\330\014\021\220\022\2203\220e\2302\230T\240\026\240q\250\003\2501\250C\250u\3204F\300a\330\010\013\2101\330\014\020\220\005\220U\230!\2301\330\020\021\220\021\220%\220q\330\014\024\220A\330\014\022\220!\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\023\2204\220q\330\024\025\330\020\027\220q\330\020\024\220E\230\025\230a\230q\330\024\031\230\026\230r\240\023\240B\240a\330\024\027\220r\230\022\2302\230R\230x\240q\250\003\2502\250R\250s\260$\260d\270&\300\001\300\022\3002\300R\300r\310\023\310E\320QR\320RV\320V^\320^_\320_c\320cf\320fg\330\034 \240\001\240\021\240\"\240B\240b\250\002\250(\260!\2604\260s\270#\270T\300\021\300!\3002\300R\300r\310\022\3108\320ST\320TX\320X[\320[\\\330\030\036\230a\330\030\031\330\020\030\230\004\230B\230a\330\020\025\220T\230\023\230A\330\020\023\2204\220q\330\024\025\330\020\025\220X\230Q\230e\2402\240Q\330\020\025\220V\2301\230C\230q\240\003\2405\250\001\250\021\330\020\023\2204\220q\330\024\025\330\020\021\220\021\220\047\230\021\330\020\023\2202\220R\220t\2304\230q\240\001\240\023\240C\240q\330\024\031\230\021\330\024\025\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\025\220Q\330\020\021\330\010\013\2101\330\014\021\220\026\220q\230\003\2301\230C\230u\320$?\270t\3004\300y\320PQ\320QT\320TU\320UX\320X]\320]^\320^_\330\020\024\220F\230!\2303\230a\230s\240%\240v\250S\260\004\260B\260c\270\021\330\010\013\2101\330\014""\016\210a\210w\220f\230A\230W\240G\2501\250G\2603\260a\260x\270v\300W\310I\320UV\330\014\020\220\005\220U\230!\2301\330\020\026\220a\220s\230(\240!\2401\240A\330\014\024\220A\360\006\000\r\023\220)\230<\240q\250\004\250A\250V\2606\270\021\330\014\017\210s\220!\330\020\023\2207\230!\2301\340\020\022\220!\2207\230&\240\001\240\030\250\023\250M\270\021\270$\270c\300\032\3101\310A\330\020\027\220q\230\007\230s\240!\2408\2503\250h\260a\260t\2703\270g\300Q\300a\330\020\024\220E\230\025\230a\230q\330\024\032\230!\2303\230h\240c\250\027\260\001\260\023\260A\330\020\030\230\001\330\010\020\220\004\220B\220a\330\004\013\2109\220H\230A\330\010\025\220V\2302\230U\240%\240t\250:\260Z\270r\300\025\300e\3104\310x\320Wb\320bd\320di\320in\320no\330\010\017\210w\220b\230\005\230U\240$\240g\250R\320/A\300\021\300*\310E\320QY\320Yc\320cd\330\010\016\210i\220r\230\021";
+    #else /* compression: none (3339 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/jsonl.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIColumnsEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutine_jsonl_py_kabcallocate_bufferascontiguousarrayasyncio.coroutinesatbadbad_linesbaseblankccache_hashcache_indexcache_lencache_offcancan_arrcan_idcapacitycline_in_tracebackcopycountdatadtypedtype_is_objectemptyencodeendengine.kernelsengine.kernels._jsonl_cenumerateerrorflagsfloat64formatfortranfoundgetguesshiidin_usindexindex_cingestingest_arringest_usint64itemsitemsizekkeylinesmemviewmodenamename_lenname_startndimnlnpnumber_of_linenumpyobjokoneppackparse_linespopregisterrowsssetdefaultshapesizeslotstartstepstopstructt_ustimestamp_uststs_arrunpackupdatevvaluesvalues_arrvehiclevehicle_arrvehiclesxO\200\001\340\004\033\2304\230v\240Q\240a\330\004\031\230\021\330\004\007\200u\210C\210q\330\010\017\210y\230\014\240A\240U\250!\330\004\010\210\r\220Q\220d\230!\2301\330\004\037\230x\240q\340\004\005\330\010\020\220\r\230V\2401\240B\240b\250\004\250D\260\005\260R\260w\270c\300\022\300:\310Q\330\010\013\2106\220\023\220A\330\014\r\330\010\024\220A\330\010\r\210V\2202\220R\220r\230\021\330\004\r\210R\210v""\220Q\220j\240\006\240b\250\001\330\004\021\220\022\2206\230\021\230*\240F\250\"\250A\330\004\022\220\"\220F\230!\230:\240V\2502\250Q\330\004\016\210b\220\006\220a\220z\240\026\240r\250\021\330\004\021\220\022\2206\230\022\230;\240k\260\026\260r\270\021\330\004\035\320\035.\320.D\320DW\320WX\330\004!\240\021\330\004\024\220A\330\004\034\320\034:\320:N\310a\360\020\000\005\036\230Q\360\n\000\005\t\210\005\210U\220!\2201\330\010\023\2201\220F\230!\360\006\000\005\013\210&\220\002\220!\330\010\r\210]\230&\240\001\240\022\2402\240W\250D\260\005\260R\260q\330\010\016\210a\210s\220\"\220F\230#\230S\240\n\250!\330\010\032\230!\330\010\020\220\001\330\010\014\210E\220\025\220a\220w\230a\330\014\017\210q\220\001\220\023\220C\220s\230$\230a\230q\240\003\2403\240b\250\004\250A\250Q\250c\260\023\260A\330\020\030\230\001\330\020\021\330\010\013\2101\330\014\024\220D\230\002\230!\330\014\r\340\010\014\210A\330\010\r\210V\2201\220C\220q\230\003\2305\320 2\260$\260d\270)\3001\300C\300q\310\003\3105\320PQ\320QR\330\014\020\220\006\220a\220s\230!\2303\230e\320#7\260q\330\010\013\2101\330\014\031\230\021\330\014\022\220\"\220B\220d\230$\230a\230q\240\003\2403\240c\250\024\250Q\250a\250s\260#\260S\270\005\270Q\270a\270s\300\"\300B\300c\310\021\310!\3103\310c\320QR\330\020\025\220Q\330\014\021\220\022\2202\220T\230\024\230Q\230a\230s\240#\240S\250\004\250B\250b\260\001\330\010\013\2101\360\006\000\r\030\220r\230\022\2301\330\014\020\220\001\330\014\020\220\005\220U\230!\2301\330\020\025\220R\220r\230\037\250\001\250\021\250+\260R\260t\2702\270Q\330\014\023\2202\220_\240A\330\014\017\210{\230!\2306\240\023\240B\240d\250*\260A\260V\2703\270b\300\004\300I\310Q\310f\320TW\320WX\330\024\030\230\006\230a\230r\240\022\2409\250A\250W\260B\260b\270\014\300J\310c\320QR\330\020\032\230+\240Q\240a\340\020\021\330\024\033\320\033/\250q\260\002\260\"\260L\300\n\310!\330\027\030\330\024\031\230\021\330\020\023\2201\330\024\034\230H\240D\250\001\250\021\330\024\027\220v\230S\240\001\330\030 \240\010""\250\001\250\030\260\023\260A\260Q\330\024\036\230a\330\024\037\230q\240\007\240z\260\021\260(\270)\3001\330\024\035\230Q\230g\240Y\250a\250x\260|\3001\330\014\021\220\021\330\014\021\220\023\220D\230\006\230a\230s\240!\2403\240e\320+=\270Q\330\010\013\2101\330\014\025\220Q\330\014\020\220\001\330\014\022\220\"\220B\220d\230$\230b\240\003\2401\330\020\024\220A\220Q\220a\330\020\023\2203\220c\230\025\230a\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\340\024\025\330\020\025\220Q\330\020\025\220Q\330\014\021\220\022\2203\220e\2302\230T\240\026\240q\250\003\2501\250C\250u\3204F\300a\330\010\013\2101\330\014\020\220\005\220U\230!\2301\330\020\021\220\021\220%\220q\330\014\024\220A\330\014\022\220!\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\023\2204\220q\330\024\025\330\020\027\220q\330\020\024\220E\230\025\230a\230q\330\024\031\230\026\230r\240\023\240B\240a\330\024\027\220r\230\022\2302\230R\230x\240q\250\003\2502\250R\250s\260$\260d\270&\300\001\300\022\3002\300R\300r\310\023\310E\320QR\320RV\320V^\320^_\320_c\320cf\320fg\330\034 \240\001\240\021\240\"\240B\240b\250\002\250(\260!\2604\260s\270#\270T\300\021\300!\3002\300R\300r\310\022\3108\320ST\320TX\320X[\320[\\\330\030\036\230a\330\030\031\330\020\030\230\004\230B\230a\330\020\025\220T\230\023\230A\330\020\023\2204\220q\330\024\025\330\020\025\220X\230Q\230e\2402\240Q\330\020\025\220V\2301\230C\230q\240\003\2405\250\001\250\021\330\020\023\2204\220q\330\024\025\330\020\021\220\021\220\047\230\021\330\020\023\2202\220R\220t\2304\230q\240\001\240\023\240C\240q\330\024\031\230\021\330\024\025\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\025\220Q\330\020\021\330\010\013\2101\330\014\021\220\026\220q\230\003\2301\230C\230u\320$?\270t\3004\300y\320PQ\320QT\320TU\320UX\320X]\320]^\320^_""\330\020\024\220F\230!\2303\230a\230s\240%\240v\250S\260\004\260B\260c\270\021\330\010\013\2101\330\014\016\210a\210w\220f\230A\230W\240G\2501\250G\2603\260a\260x\270v\300W\310I\320UV\330\014\020\220\005\220U\230!\2301\330\020\026\220a\220s\230(\240!\2401\240A\330\014\024\220A\360\006\000\r\023\220)\230<\240q\250\005\250Q\250d\260!\2606\270\027\300\001\330\014\017\210s\220!\330\020\023\2207\230!\2301\340\020\022\220!\2207\230&\240\001\240\030\250\023\250M\270\021\270$\270c\300\032\3101\310A\330\020\027\220q\230\007\230s\240!\2408\2503\250h\260a\260t\2703\270g\300Q\300a\330\020\024\220E\230\025\230a\230q\330\024\032\230!\2303\230h\240c\250\027\260\001\260\023\260A\330\020\030\230\001\330\010\020\220\004\220B\220a\330\004\013\2109\220H\230A\330\010\025\220V\2302\230U\240%\240t\250:\260Z\270r\300\025\300e\3104\310x\320Wb\320bd\320di\320in\320no\330\010\017\210w\220b\230\005\230U\240$\240g\250R\320/A\300\021\300*\310E\320QY\320Yc\320cd\330\010\016\210i\220r\230\021";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
@@ -25431,7 +25451,7 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 153; i < 155; i++) {
+    for (int i = 153; i < 156; i++) {
       Py_ssize_t bytes_length = bytes_length_index[i-153].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
@@ -25442,7 +25462,7 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 155; i++) {
+    for (Py_ssize_t i = 0; i < 156; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
@@ -25450,7 +25470,7 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
     #if CYTHON_IMMORTAL_CONSTANTS
     {
       PyObject **table = stringtab + 153;
-      for (Py_ssize_t i=0; i<2; ++i) {
+      for (Py_ssize_t i=0; i<3; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -25546,8 +25566,8 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   if (unlikely(!tuple_dedup_map)) return -1;
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 48, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 151};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_vehicles, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_capacity, __pyx_mstate->__pyx_n_u_at, __pyx_mstate->__pyx_n_u_found, __pyx_mstate->__pyx_n_u_ts_arr, __pyx_mstate->__pyx_n_u_ingest_arr, __pyx_mstate->__pyx_n_u_vehicle_arr, __pyx_mstate->__pyx_n_u_can_arr, __pyx_mstate->__pyx_n_u_values_arr, __pyx_mstate->__pyx_n_u_ts, __pyx_mstate->__pyx_n_u_ingest, __pyx_mstate->__pyx_n_u_vehicle, __pyx_mstate->__pyx_n_u_can, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_bad, __pyx_mstate->__pyx_n_u_start, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_name_start, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_number_of_line, __pyx_mstate->__pyx_n_u_nl, __pyx_mstate->__pyx_n_u_t_us, __pyx_mstate->__pyx_n_u_in_us, __pyx_mstate->__pyx_n_u_can_id, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k_2, __pyx_mstate->__pyx_n_u_key, __pyx_mstate->__pyx_n_u_guess, __pyx_mstate->__pyx_n_u_h, __pyx_mstate->__pyx_n_u_slot, __pyx_mstate->__pyx_n_u_name_len, __pyx_mstate->__pyx_n_u_index_c, __pyx_mstate->__pyx_n_u_cache_index, __pyx_mstate->__pyx_n_u_cache_hash, __pyx_mstate->__pyx_n_u_cache_off, __pyx_mstate->__pyx_n_u_cache_len, __pyx_mstate->__pyx_n_u_ok, __pyx_mstate->__pyx_n_u_blank, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_one};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_jsonl_pyx, __pyx_mstate->__pyx_n_u_parse_lines, __pyx_mstate->__pyx_kp_b_iso88591_1_1A_xq_V1Bb_D_Rwc_Q_6_A_A_V2Rr, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_vehicles, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_capacity, __pyx_mstate->__pyx_n_u_at, __pyx_mstate->__pyx_n_u_found, __pyx_mstate->__pyx_n_u_ts_arr, __pyx_mstate->__pyx_n_u_ingest_arr, __pyx_mstate->__pyx_n_u_vehicle_arr, __pyx_mstate->__pyx_n_u_can_arr, __pyx_mstate->__pyx_n_u_values_arr, __pyx_mstate->__pyx_n_u_ts, __pyx_mstate->__pyx_n_u_ingest, __pyx_mstate->__pyx_n_u_vehicle, __pyx_mstate->__pyx_n_u_can, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_bad, __pyx_mstate->__pyx_n_u_start, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_name_start, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_number_of_line, __pyx_mstate->__pyx_n_u_nl, __pyx_mstate->__pyx_n_u_t_us, __pyx_mstate->__pyx_n_u_in_us, __pyx_mstate->__pyx_n_u_can_id, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k_2, __pyx_mstate->__pyx_n_u_key, __pyx_mstate->__pyx_n_u_guess, __pyx_mstate->__pyx_n_u_h, __pyx_mstate->__pyx_n_u_slot, __pyx_mstate->__pyx_n_u_name_len, __pyx_mstate->__pyx_n_u_index_c, __pyx_mstate->__pyx_n_u_cache_index, __pyx_mstate->__pyx_n_u_cache_hash, __pyx_mstate->__pyx_n_u_cache_off, __pyx_mstate->__pyx_n_u_cache_len, __pyx_mstate->__pyx_n_u_ok, __pyx_mstate->__pyx_n_u_blank, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_one};
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_jsonl_pyx, __pyx_mstate->__pyx_n_u_parse_lines, __pyx_mstate->__pyx_kp_b_iso88591_4vQa_uCq_y_AU_Qd_1_xq_V1Bb_D_Rw, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -28871,33 +28891,6 @@ CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize
 }
 #endif
 
-/* decode_c_bytes (used by decode_bytes) */
-static CYTHON_INLINE PyObject* __Pyx_decode_c_bytes(
-         const char* cstring, Py_ssize_t length, Py_ssize_t start, Py_ssize_t stop,
-         const char* encoding, const char* errors,
-         PyObject* (*decode_func)(const char *s, Py_ssize_t size, const char *errors)) {
-    if (unlikely((start < 0) | (stop < 0))) {
-        if (start < 0) {
-            start += length;
-            if (start < 0)
-                start = 0;
-        }
-        if (stop < 0)
-            stop += length;
-    }
-    if (stop > length)
-        stop = length;
-    if (unlikely(stop <= start))
-        return __Pyx_NewRef(__pyx_mstate_global->__pyx_empty_unicode);
-    length = stop - start;
-    cstring += start;
-    if (decode_func) {
-        return decode_func(cstring, length, errors);
-    } else {
-        return PyUnicode_Decode(cstring, length, encoding, errors);
-    }
-}
-
 /* PyObjectCall2Args (used by CallUnboundCMethod1) */
 static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
     PyObject *args[3] = {NULL, arg1, arg2};
@@ -28985,6 +28978,97 @@ static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObjec
             value = __Pyx_CallUnboundCMethod2(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key, default_value);
     }
     return value;
+}
+
+/* SliceMemoryviewSlice */
+static void __pyx_memoryview_slice_memviewslice_err_dim(PyObject *error, const char* msg, int dim) {
+    PyGILState_STATE gilstate = PyGILState_Ensure();
+    PyErr_Format(error, msg, dim);
+    PyGILState_Release(gilstate);
+}
+static CYTHON_INLINE int __pyx_memoryview_slice_memviewslice(
+        __Pyx_memviewslice *dst,
+        Py_ssize_t shape, Py_ssize_t stride, Py_ssize_t suboffset,
+        int dim, int new_ndim, int *suboffset_dim,
+        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t step,
+        int have_start, int have_stop, int have_step,
+        int is_slice) {
+    if (!is_slice) {
+        if (start < 0) {
+            start += shape;
+        }
+        if (unlikely(!(0 <= start && start < shape))) {
+            __pyx_memoryview_slice_memviewslice_err_dim(PyExc_IndexError, "Index out of bounds (axis %d)", dim);
+            return -1;
+        }
+    } else {
+        int negative_step;
+        if (have_step) {
+            negative_step = step < 0;
+            if (unlikely(step == 0)) {
+                __pyx_memoryview_slice_memviewslice_err_dim(PyExc_ValueError, "Step may not be zero (axis %d)", dim);
+                return -1;
+            }
+        } else {
+            negative_step = 0;
+            step = 1;
+        }
+        if (have_start) {
+            if (start < 0) {
+                start += shape;
+                if (start < 0) {
+                    start = 0;
+                }
+            } else if (start >= shape) {
+                start = negative_step ? (shape - 1) : shape;
+            }
+        } else {
+            start = negative_step ? (shape - 1) : 0;
+        }
+        if (have_stop) {
+            if (stop < 0) {
+                stop += shape;
+                if (stop < 0) {
+                    stop = 0;
+                }
+            } else if (stop > shape) {
+                stop = shape;
+            }
+        } else {
+            stop = negative_step ? -1 : shape;
+        }
+        Py_ssize_t new_shape = (stop - start) / step;
+        if ((stop - start) - step * new_shape) {
+            ++new_shape;
+        }
+        if (new_shape < 0) {
+            new_shape = 0;
+        }
+        dst->strides[new_ndim] = stride * step;
+        dst->shape[new_ndim] = new_shape;
+        dst->suboffsets[new_ndim] = suboffset;
+    }
+    if (suboffset_dim[0] < 0) {
+        dst->data += start * stride;
+    } else {
+        dst->suboffsets[suboffset_dim[0]] += start * stride;
+    }
+    if (suboffset >= 0) {
+        if (!is_slice) {
+            if (likely(new_ndim == 0)) {
+                dst->data = ((char **)(dst->data))[0] + suboffset;
+            } else {
+                __pyx_memoryview_slice_memviewslice_err_dim(
+                    PyExc_IndexError,
+                    "All dimensions preceding dimension %d must be indexed and not sliced",
+                    dim);
+                return -1;
+            }
+        } else {
+            suboffset_dim[0] = new_ndim;
+        }
+    }
+    return 0;
 }
 
 /* ListAppend */
@@ -29880,89 +29964,6 @@ __PYX_GOOD:
     Py_XDECREF(setstate_cython);
     return ret;
 }
-
-/* TypeImport */
-#ifndef __PYX_HAVE_RT_ImportType_3_3_1
-#define __PYX_HAVE_RT_ImportType_3_3_1
-static PyTypeObject *__Pyx_ImportType_3_3_1(PyObject *module, const char *module_name, const char *class_name,
-    size_t size, size_t alignment, enum __Pyx_ImportType_CheckSize_3_3_1 check_size)
-{
-    PyObject *result = 0;
-    Py_ssize_t basicsize;
-    Py_ssize_t itemsize;
-#if defined(Py_LIMITED_API) || (defined(CYTHON_COMPILING_IN_LIMITED_API) && CYTHON_COMPILING_IN_LIMITED_API)
-    PyObject *py_basicsize;
-    PyObject *py_itemsize;
-#endif
-    result = PyObject_GetAttrString(module, class_name);
-    if (!result)
-        goto bad;
-    if (!PyType_Check(result)) {
-        PyErr_Format(PyExc_TypeError,
-            "%.200s.%.200s is not a type object",
-            module_name, class_name);
-        goto bad;
-    }
-#if !( defined(Py_LIMITED_API) || (defined(CYTHON_COMPILING_IN_LIMITED_API) && CYTHON_COMPILING_IN_LIMITED_API) )
-    basicsize = ((PyTypeObject *)result)->tp_basicsize;
-    itemsize = ((PyTypeObject *)result)->tp_itemsize;
-#else
-    if (size == 0) {
-        return (PyTypeObject *)result;
-    }
-    py_basicsize = PyObject_GetAttrString(result, "__basicsize__");
-    if (!py_basicsize)
-        goto bad;
-    basicsize = PyLong_AsSsize_t(py_basicsize);
-    Py_DECREF(py_basicsize);
-    py_basicsize = 0;
-    if (basicsize == (Py_ssize_t)-1 && PyErr_Occurred())
-        goto bad;
-    py_itemsize = PyObject_GetAttrString(result, "__itemsize__");
-    if (!py_itemsize)
-        goto bad;
-    itemsize = PyLong_AsSsize_t(py_itemsize);
-    Py_DECREF(py_itemsize);
-    py_itemsize = 0;
-    if (itemsize == (Py_ssize_t)-1 && PyErr_Occurred())
-        goto bad;
-#endif
-    if (itemsize) {
-        if (size % alignment) {
-            alignment = size % alignment;
-        }
-        if (itemsize < (Py_ssize_t)alignment)
-            itemsize = (Py_ssize_t)alignment;
-    }
-    if ((size_t)(basicsize + itemsize) < size) {
-        PyErr_Format(PyExc_ValueError,
-            "%.200s.%.200s size changed, may indicate binary incompatibility. "
-            "Expected %zd from C header, got %zd from PyObject",
-            module_name, class_name, size, basicsize+itemsize);
-        goto bad;
-    }
-    if (check_size == __Pyx_ImportType_CheckSize_Error_3_3_1 &&
-            ((size_t)basicsize > size || (size_t)(basicsize + itemsize) < size)) {
-        PyErr_Format(PyExc_ValueError,
-            "%.200s.%.200s size changed, may indicate binary incompatibility. "
-            "Expected %zd from C header, got %zd-%zd from PyObject",
-            module_name, class_name, size, basicsize, basicsize+itemsize);
-        goto bad;
-    }
-    else if (check_size == __Pyx_ImportType_CheckSize_Warn_3_3_1 && (size_t)basicsize > size) {
-        if (PyErr_WarnFormat(NULL, 0,
-                "%.200s.%.200s size changed, may indicate binary incompatibility. "
-                "Expected %zd from C header, got %zd from PyObject",
-                module_name, class_name, size, basicsize) < 0) {
-            goto bad;
-        }
-    }
-    return (PyTypeObject *)result;
-bad:
-    Py_XDECREF(result);
-    return NULL;
-}
-#endif
 
 /* ImportFrom */
 static PyObject* __Pyx_ImportFrom(PyObject* module, PyObject* name) {
@@ -31979,119 +31980,6 @@ no_fail:
     return retval;
 }
 
-/* SliceMemoryviewSlice */
-static void __pyx_memoryview_slice_memviewslice_err_dim(PyObject *error, const char* msg, int dim) {
-    PyGILState_STATE gilstate = PyGILState_Ensure();
-    PyErr_Format(error, msg, dim);
-    PyGILState_Release(gilstate);
-}
-static CYTHON_INLINE int __pyx_memoryview_slice_memviewslice(
-        __Pyx_memviewslice *dst,
-        Py_ssize_t shape, Py_ssize_t stride, Py_ssize_t suboffset,
-        int dim, int new_ndim, int *suboffset_dim,
-        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t step,
-        int have_start, int have_stop, int have_step,
-        int is_slice) {
-    if (!is_slice) {
-        if (start < 0) {
-            start += shape;
-        }
-        if (unlikely(!(0 <= start && start < shape))) {
-            __pyx_memoryview_slice_memviewslice_err_dim(PyExc_IndexError, "Index out of bounds (axis %d)", dim);
-            return -1;
-        }
-    } else {
-        int negative_step;
-        if (have_step) {
-            negative_step = step < 0;
-            if (unlikely(step == 0)) {
-                __pyx_memoryview_slice_memviewslice_err_dim(PyExc_ValueError, "Step may not be zero (axis %d)", dim);
-                return -1;
-            }
-        } else {
-            negative_step = 0;
-            step = 1;
-        }
-        if (have_start) {
-            if (start < 0) {
-                start += shape;
-                if (start < 0) {
-                    start = 0;
-                }
-            } else if (start >= shape) {
-                start = negative_step ? (shape - 1) : shape;
-            }
-        } else {
-            start = negative_step ? (shape - 1) : 0;
-        }
-        if (have_stop) {
-            if (stop < 0) {
-                stop += shape;
-                if (stop < 0) {
-                    stop = 0;
-                }
-            } else if (stop > shape) {
-                stop = shape;
-            }
-        } else {
-            stop = negative_step ? -1 : shape;
-        }
-        Py_ssize_t new_shape = (stop - start) / step;
-        if ((stop - start) - step * new_shape) {
-            ++new_shape;
-        }
-        if (new_shape < 0) {
-            new_shape = 0;
-        }
-        dst->strides[new_ndim] = stride * step;
-        dst->shape[new_ndim] = new_shape;
-        dst->suboffsets[new_ndim] = suboffset;
-    }
-    if (suboffset_dim[0] < 0) {
-        dst->data += start * stride;
-    } else {
-        dst->suboffsets[suboffset_dim[0]] += start * stride;
-    }
-    if (suboffset >= 0) {
-        if (!is_slice) {
-            if (likely(new_ndim == 0)) {
-                dst->data = ((char **)(dst->data))[0] + suboffset;
-            } else {
-                __pyx_memoryview_slice_memviewslice_err_dim(
-                    PyExc_IndexError,
-                    "All dimensions preceding dimension %d must be indexed and not sliced",
-                    dim);
-                return -1;
-            }
-        } else {
-            suboffset_dim[0] = new_ndim;
-        }
-    }
-    return 0;
-}
-
-/* CIntFromPyVerify */
-#define __PYX_VERIFY_RETURN_INT(target_type, func_type, func_value)\
-    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 0)
-#define __PYX_VERIFY_RETURN_INT_EXC(target_type, func_type, func_value)\
-    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 1)
-#define __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, exc)\
-    {\
-        func_type value = func_value;\
-        if (sizeof(target_type) < sizeof(func_type)) {\
-            if (unlikely(value != (func_type) (target_type) value)) {\
-                func_type zero = 0;\
-                if (exc && unlikely(value == (func_type)-1 && PyErr_Occurred()))\
-                    return (target_type) -1;\
-                if (is_unsigned && unlikely(value < zero))\
-                    goto raise_neg_overflow;\
-                else\
-                    goto raise_overflow;\
-            }\
-        }\
-        return (target_type) value;\
-    }
-
 /* IsLittleEndian (used by BufferFormatCheck) */
 static CYTHON_INLINE int __Pyx_Is_Little_Endian(void)
 {
@@ -32827,6 +32715,51 @@ no_fail:
 }
 
 /* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
+                                                 &__Pyx_TypeInfo_unsigned_char__const__, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* CIntFromPyVerify */
+#define __PYX_VERIFY_RETURN_INT(target_type, func_type, func_value)\
+    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 0)
+#define __PYX_VERIFY_RETURN_INT_EXC(target_type, func_type, func_value)\
+    __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, 1)
+#define __PYX__VERIFY_RETURN_INT(target_type, func_type, func_value, exc)\
+    {\
+        func_type value = func_value;\
+        if (sizeof(target_type) < sizeof(func_type)) {\
+            if (unlikely(value != (func_type) (target_type) value)) {\
+                func_type zero = 0;\
+                if (exc && unlikely(value == (func_type)-1 && PyErr_Occurred()))\
+                    return (target_type) -1;\
+                if (is_unsigned && unlikely(value < zero))\
+                    goto raise_neg_overflow;\
+                else\
+                    goto raise_overflow;\
+            }\
+        }\
+        return (target_type) value;\
+    }
+
+/* ObjectToMemviewSlice */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(PyObject *obj, int writable_flag) {
     __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
     __Pyx_BufFmt_StackElem stack[1];
@@ -32870,6 +32803,11 @@ __pyx_fail:
     result.memview = NULL;
     result.data = NULL;
     return result;
+}
+
+/* MemviewDtypeToObject */
+static CYTHON_INLINE PyObject *__pyx_memview_get_unsigned_char__const__(const char *itemp) {
+    return (PyObject *) __Pyx_PyLong_From_unsigned_char(*(unsigned char const   *) itemp);
 }
 
 /* MemviewSliceCopy */
@@ -33712,6 +33650,85 @@ static CYTHON_INLINE PY_LONG_LONG __Pyx_PyLong_As_PY_LONG_LONG(PyObject *x) {
         return __Pyx_PyLong___Pyx_PyLong_As_PY_LONG_LONG(x);
     } else {
         return __Pyx_NonPyLong___Pyx_PyLong_As_PY_LONG_LONG(x);
+    }
+}
+
+/* CIntToPy */
+static CYTHON_INLINE PyObject* __Pyx_PyLong_From_unsigned_char(unsigned char value) {
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"
+#endif
+    const unsigned char neg_one = (unsigned char) -1, const_zero = (unsigned char) 0;
+#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
+#pragma GCC diagnostic pop
+#endif
+    const int is_unsigned = neg_one > const_zero;
+    if (is_unsigned) {
+        if (sizeof(unsigned char) < sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(unsigned char) <= sizeof(unsigned long)) {
+            return PyLong_FromUnsignedLong((unsigned long) value);
+#if !CYTHON_COMPILING_IN_PYPY
+        } else if (sizeof(unsigned char) <= sizeof(unsigned PY_LONG_LONG)) {
+            return PyLong_FromUnsignedLongLong((unsigned PY_LONG_LONG) value);
+#endif
+        }
+    } else {
+        if (sizeof(unsigned char) <= sizeof(long)) {
+            return PyLong_FromLong((long) value);
+        } else if (sizeof(unsigned char) <= sizeof(PY_LONG_LONG)) {
+            return PyLong_FromLongLong((PY_LONG_LONG) value);
+        }
+    }
+    {
+        unsigned char *bytes = (unsigned char *)&value;
+#if !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX >= 0x030d00A4
+        if (is_unsigned) {
+            return PyLong_FromUnsignedNativeBytes(bytes, sizeof(value), -1);
+        } else {
+            return PyLong_FromNativeBytes(bytes, sizeof(value), -1);
+        }
+#elif !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX < 0x030d0000
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        return _PyLong_FromByteArray(bytes, sizeof(unsigned char),
+                                     little, !is_unsigned);
+#else
+        int one = 1; int little = (int)*(unsigned char *)&one;
+        PyObject *result = NULL, *kwds = NULL;
+        PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
+        py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(unsigned char));
+        if (!py_bytes) goto limited_bad;
+        from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
+        if (!from_bytes_str) goto limited_bad;
+        order_str = PyUnicode_FromString(little ? "little" : "big");
+        if (!order_str) goto limited_bad;
+        {
+            PyObject *args[] = { (PyObject*)&PyLong_Type, py_bytes, order_str, Py_True };
+            if (!is_unsigned) {
+                PyObject *signed_str = PyUnicode_FromStringAndSize("signed", 6);
+                if (!signed_str) goto limited_bad;
+#if CYTHON_VECTORCALL
+                kwds = PyTuple_Pack(1, signed_str);
+#else
+                {
+                    PyObject *keys[] = {signed_str};
+                    PyObject *values[] = {Py_True};
+                    kwds = __Pyx_MakeKwargDict(keys, values, 1);
+                }
+#endif
+                Py_DECREF(signed_str);
+                if (unlikely(!kwds)) goto limited_bad;
+            }
+            result = __Pyx_Object_VectorcallMethodKwds(from_bytes_str, args, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, kwds);
+        }
+        limited_bad:
+        Py_XDECREF(kwds);
+        Py_XDECREF(order_str);
+        Py_XDECREF(py_bytes);
+        Py_XDECREF(from_bytes_str);
+        return result;
+#endif
     }
 }
 

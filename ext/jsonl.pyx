@@ -7,7 +7,7 @@ slightest (other key order, escapes, an offset, ``null``, a number JSON would no
 pure-Python twin, line by line, so both implementations accept and reject exactly the same lines.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport NAN
 from libc.stdlib cimport strtod
 from libc.string cimport memchr, memcmp
@@ -148,9 +148,13 @@ cdef inline bint number(const char* p, Py_ssize_t* i, Py_ssize_t end, double* ou
     return True
 
 
-def parse_lines(bytes data, dict vehicles):
-    cdef const char* p = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+def parse_lines(const unsigned char[::1] data, dict vehicles):
+    """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+    cdef Py_ssize_t size = data.shape[0]
+    cdef const char* p = NULL
+    if size == 0:
+        return _jsonl_py.parse_lines(b"", vehicles)
+    p = <const char*>&data[0]
     cdef Py_ssize_t capacity = 1, at = 0
     cdef const char* found
     while True:  # count lines with memchr (vectorised in libc), not bytes.count
@@ -218,7 +222,7 @@ def parse_lines(bytes data, dict vehicles):
                 index_c = cache_index[slot]
             else:
                 try:
-                    name = data[name_start:i].decode("utf-8")
+                    name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
                 except UnicodeDecodeError:
                     ok = False
                 if ok:
@@ -286,7 +290,7 @@ def parse_lines(bytes data, dict vehicles):
             rows += 1
         else:
             # not the receiver's exact shape: the reference decides, for this one line
-            one = _jsonl_py.parse_lines(data[start:end], vehicles)
+            one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
             if one.bad_lines:
                 bad.append(number_of_line)
             else:

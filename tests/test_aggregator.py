@@ -196,23 +196,24 @@ def test_open_hours_are_left_alone(tmp_path):
     assert len(aggregator.aggregate_pending(tmp_path, HOUR + dt.timedelta(minutes=65))) == 1
 
 
-def test_large_hour_is_spilled_to_partitions_with_the_same_result(tmp_path, monkeypatch, scanner):
+def test_large_hour_spilled_or_parallel_gives_the_same_bytes(tmp_path, monkeypatch, scanner):
     lines = fleet(vehicles=7, per_vehicle=300)
-    write(tmp_path, lines + lines[:100])
+    write(tmp_path, lines[:1000], "a")
+    write(tmp_path, lines[900:] + lines[:100], "b")
+    write(tmp_path, lines[2000:], "c")
     whole = aggregator.output_path(tmp_path, HOUR)
     run(tmp_path)
-    expected = whole.read_bytes()
-    monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # forces ~15 partitions on disk
+    in_memory = whole.read_bytes()
+    monkeypatch.setattr(aggregator, "PARALLEL_FROM_BYTES", 0)  # "large": partitions on disk
+    monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # ~20 of them
     monkeypatch.setattr(aggregator, "CHUNK_BYTES", 30_000)
+    monkeypatch.setattr(aggregator.os, "cpu_count", lambda: 1)
     run(tmp_path)
-    doc, ref = json.loads(whole.read_bytes()), json.loads(expected)
-    assert doc["input"] == ref["input"]
-    for a, b in zip(doc["vehicles"], ref["vehicles"]):
-        for key, value in a.items():
-            if isinstance(value, dict):
-                assert value == pytest.approx(b[key], rel=1e-12, nan_ok=True)
-            else:
-                assert value == pytest.approx(b[key], rel=1e-12) if isinstance(value, float) else value == b[key]
+    assert whole.read_bytes() == in_memory
+    if scanner == "c":  # worker processes use the module's own scanner
+        monkeypatch.setattr(aggregator.os, "cpu_count", lambda: 2)  # two scanning and two aggregating processes
+        run(tmp_path)
+        assert whole.read_bytes() == in_memory
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("canpipe-aggregate-")]  # spill removed
 
 

@@ -56,7 +56,8 @@ def _micros(moment: dt.datetime) -> int:
     return (moment - EPOCH) // MICROSECOND
 
 
-def parse_lines(data: bytes, vehicles: dict[str, int]) -> Columns:
+def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
+    data = bytes(data)
     rows = []
     bad = []
     pieces = data.split(b"\n")
