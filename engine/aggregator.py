@@ -15,12 +15,10 @@ import dataclasses
 import datetime as dt
 import logging
 import math
-import mmap
 import multiprocessing
 import os
 import shutil
 import tempfile
-import zlib
 from pathlib import Path
 
 import msgspec
@@ -28,20 +26,18 @@ import numpy as np
 
 from engine.errors import ConfigError, StorageError
 from engine.kernels import GroupStats
-from engine.kernels.jsonl import SIGNALS, parse_lines
+from engine.kernels.jsonl import SIGNALS
+from engine.partitions import InputReport, load_partition, scan_files
 from engine.storage import hour_path
 
 log = logging.getLogger("canpipe.aggregator")
 
 UTC = dt.timezone.utc
-CHUNK_BYTES = 8 * 1024 * 1024
 PARTITION_INPUT_BYTES = 320 * 1024 * 1024  # JSON per partition: ~1.1M rows, ~100 MB of columns
 PARALLEL_FROM_BYTES = 256 * 1024 * 1024  # smaller hours: one process, in memory (~900k rows)
 MAX_WORKERS = 8
 MAX_GAP_US = 60 * 1_000_000  # no integration across a gap longer than this (vehicle offline)
-MAX_REPORTED_CORRUPT = 100
 SOC, VOLTAGE, CURRENT, CV_MIN, CV_MAX, CT_MIN, CT_MAX = range(7)
-_COLUMNS = (("timestamp_us", np.int64), ("ingest_us", np.int64), ("vehicle", np.int64), ("can_id", np.int64))
 
 
 def parse_hour(text: str) -> dt.datetime:
@@ -109,124 +105,6 @@ def closed_hours(data_dir: Path, now: dt.datetime, grace: dt.timedelta = dt.time
         if hour + dt.timedelta(hours=1) + grace <= now:
             hours.append(hour)
     return hours
-
-
-@dataclasses.dataclass
-class _Input:
-    files: int = 0
-    records: int = 0
-    torn_tail_bytes: int = 0
-    corrupt: list[str] = dataclasses.field(default_factory=list)
-    corrupt_count: int = 0
-
-    def add(self, other: _Input) -> None:
-        self.files += other.files
-        self.records += other.records
-        self.torn_tail_bytes += other.torn_tail_bytes
-        self.corrupt += other.corrupt[: MAX_REPORTED_CORRUPT - len(self.corrupt)]
-        self.corrupt_count += other.corrupt_count
-
-
-_COLUMN_NAMES = (*(name for name, _ in _COLUMNS), "values")
-
-
-class _Partitions:
-    """One scanner's rows spread over partitions by vehicle: in memory (one partition) or in append-only
-    files ``<p>.<tag>.<column>`` (rows of a partition stay in file order)."""
-
-    def __init__(self, count: int, spill_dir: Path | None, tag: str) -> None:
-        self.count, self.spill_dir, self.tag = count, spill_dir, tag
-        self.memory: list[list[np.ndarray]] = []
-        self._files: dict[str, object] = {}
-        self.part_of: np.ndarray = np.zeros(0, dtype=np.int64)  # local vehicle index -> partition
-
-    def vehicles_seen(self, names: list[str]) -> None:
-        """Extend the vehicle -> partition map: a stable hash of the id, the same in every process."""
-        new = [zlib.crc32(name.encode()) % self.count for name in names[len(self.part_of) :]]
-        self.part_of = np.concatenate([self.part_of, np.array(new, dtype=np.int64)])
-
-    def add(self, columns: list[np.ndarray]) -> None:
-        if self.spill_dir is None:
-            self.memory.append(columns)
-            return
-        part = self.part_of[columns[2]]
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(self.count + 1))
-        for p in range(self.count):
-            rows = order[bounds[p] : bounds[p + 1]]
-            if len(rows):
-                for name, column in zip(_COLUMN_NAMES, columns):
-                    out = self._files.get(f"{p}.{name}")
-                    if out is None:
-                        out = self._files[f"{p}.{name}"] = open(self.spill_dir / f"{p}.{self.tag}.{name}", "ab")
-                    (column[rows] if column.ndim == 1 else column[:, rows].T).tofile(out)
-
-    def close(self) -> None:
-        for out in self._files.values():
-            out.close()  # type: ignore[attr-defined]
-
-
-def load_partition(spill_dir: Path, p: int, tag: str) -> list[np.ndarray] | None:
-    if not (spill_dir / f"{p}.{tag}.vehicle").exists():
-        return None
-    cols = [np.fromfile(spill_dir / f"{p}.{tag}.{name}", dtype=dtype) for name, dtype in _COLUMNS]
-    values = np.fromfile(spill_dir / f"{p}.{tag}.values", dtype=np.float64).reshape(-1, len(SIGNALS)).T
-    return [*cols, np.ascontiguousarray(values)]
-
-
-@dataclasses.dataclass
-class _Scan:
-    vehicles: list[str]  # local vehicle index -> id
-    info: _Input
-    memory: list[list[np.ndarray]]  # the rows, when not spilled
-
-
-def _scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str | None, tag: str) -> _Scan:
-    """Read and parse ``paths`` (whole lines, chunk by chunk) into partitions. Runs in a worker process
-    for large hours; vehicle indices are local to the scan and remapped afterwards."""
-    vehicles: dict[str, int] = {}
-    info = _Input()
-    parts = _Partitions(partitions, Path(spill_dir) if spill_dir else None, tag)
-    for name in paths:
-        path = Path(name)
-        info.files += 1
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                continue
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                end = mm.rfind(b"\n") + 1
-                if end < size:  # a torn tail: a crash mid-write; never a record
-                    info.torn_tail_bytes += size - end
-                    log.warning("%s: skipped a torn tail of %d bytes", path, size - end)
-                view = memoryview(mm)
-                try:
-                    start, line_base = 0, 0
-                    while start < end:  # chunks of whole lines, zero-copy slices of the mapping
-                        stop = min(end, start + CHUNK_BYTES)
-                        if stop < end:
-                            cut = mm.rfind(b"\n", start, stop) + 1
-                            stop = cut if cut > start else mm.find(b"\n", stop) + 1
-                        cols = parse_lines(view[start:stop], vehicles)
-                        _note_corrupt(cols.bad_lines, info, str(path.relative_to(raw_dir)), line_base)
-                        line_base += cols.lines
-                        info.records += len(cols.vehicle)
-                        if len(cols.vehicle):
-                            parts.vehicles_seen(list(vehicles))
-                            parts.add([cols.timestamp_us, cols.ingest_us, cols.vehicle, cols.can_id, cols.values])
-                        start = stop
-                finally:
-                    view.release()
-    parts.close()
-    return _Scan(list(vehicles), info, parts.memory)
-
-
-def _note_corrupt(bad_lines: list[int], info: _Input, name: str, line_base: int) -> None:
-    for number in bad_lines:
-        info.corrupt_count += 1
-        if len(info.corrupt) < MAX_REPORTED_CORRUPT:
-            info.corrupt.append(f"{name}:{line_base + number}")
-        log.error("corrupt line %s:%d skipped", name, line_base + number)
 
 
 @dataclasses.dataclass
@@ -352,7 +230,7 @@ def _number(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def _document(hour: dt.datetime, vehicles: dict[str, int], totals: _Totals, info: _Input) -> dict:
+def _document(hour: dt.datetime, vehicles: dict[str, int], totals: _Totals, info: InputReport) -> dict:
     stats = totals.stats
     minimum, maximum, mean = stats.minimum, stats.maximum, stats.mean()
     rows = []
@@ -427,11 +305,11 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
         tags = [f"s{k}" for k in range(len(blocks))]
         jobs = [(block, raw, count, str(spill) if spill else None, tag) for block, tag in zip(blocks, tags)]
         with _pool(workers) as pool:
-            scans = list(pool.map(_scan_files, *zip(*jobs))) if jobs else []
+            scans = list(pool.map(scan_files, *zip(*jobs))) if jobs else []
             names = sorted({name for scan in scans for name in scan.vehicles})
             index = {name: k for k, name in enumerate(names)}
             remaps = [np.array([index[n] for n in scan.vehicles], dtype=np.int64) for scan in scans]
-            info = _Input()
+            info = InputReport()
             for scan in scans:
                 info.add(scan.info)
             totals = _new_totals(len(names))
@@ -496,7 +374,8 @@ class _InProcess:
 def _pool(workers: int) -> concurrent.futures.Executor | _InProcess:
     if workers <= 1:
         return _InProcess()
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # fork: the workers start at once with everything imported (the aggregator runs no threads of its own)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
 def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult]:

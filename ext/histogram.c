@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-rth97vvs/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-rjxuld6i/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._histogram_c",
         "sources": [

@@ -14,7 +14,7 @@
             "-O3"
         ],
         "include_dirs": [
-            "/tmp/pip-build-env-rth97vvs/overlay/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-rjxuld6i/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "engine.kernels._jsonl_c",
         "sources": [
@@ -1762,6 +1762,20 @@ struct __pyx_array_obj;
 struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
+struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache;
+
+/* "ext/jsonl.pyx":63
+ * 
+ * 
+ * cdef struct HourCache:             # <<<<<<<<<<<<<<
+ *     char prefix[13]  # "YYYY-MM-DDTHH" of the last timestamp parsed
+ *     long long base_us  # that hour's start, microseconds since the epoch
+*/
+struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache {
+  char prefix[13];
+  PY_LONG_LONG base_us;
+  int valid;
+};
 
 /* "View.MemoryView":128
  * 
@@ -3313,7 +3327,7 @@ static PyThread_type_lock __pyx_memoryview_thread_locks[8];
 static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_expect(char const *, Py_ssize_t *, Py_ssize_t, char const *, int); /*proto*/
 static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_digits(char const *, Py_ssize_t, int); /*proto*/
 static CYTHON_INLINE PY_LONG_LONG __pyx_f_6engine_7kernels_8_jsonl_c_days_from_civil(PY_LONG_LONG, PY_LONG_LONG, PY_LONG_LONG); /*proto*/
-static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const *, Py_ssize_t *, Py_ssize_t, PY_LONG_LONG *); /*proto*/
+static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const *, Py_ssize_t *, Py_ssize_t, PY_LONG_LONG *, struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache *); /*proto*/
 static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *, Py_ssize_t *, Py_ssize_t, double *); /*proto*/
 static int __pyx_array_allocate_buffer(struct __pyx_array_obj *); /*proto*/
 static struct __pyx_array_obj *__pyx_array_new(PyObject *, Py_ssize_t, char *, char const *, char *); /*proto*/
@@ -3576,7 +3590,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[4];
     PyObject *__pyx_codeobj_tab[1];
-    PyObject *__pyx_string_tab[156];
+    PyObject *__pyx_string_tab[158];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3703,85 +3717,87 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_can_arr __pyx_string_tab[74]
 #define __pyx_n_u_can_id __pyx_string_tab[75]
 #define __pyx_n_u_capacity __pyx_string_tab[76]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[77]
-#define __pyx_n_u_copy __pyx_string_tab[78]
-#define __pyx_n_u_count __pyx_string_tab[79]
-#define __pyx_n_u_data __pyx_string_tab[80]
-#define __pyx_n_u_dtype __pyx_string_tab[81]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[82]
-#define __pyx_n_u_empty __pyx_string_tab[83]
-#define __pyx_n_u_encode __pyx_string_tab[84]
-#define __pyx_n_u_end __pyx_string_tab[85]
-#define __pyx_n_u_engine_kernels __pyx_string_tab[86]
-#define __pyx_n_u_engine_kernels__jsonl_c __pyx_string_tab[87]
-#define __pyx_n_u_enumerate __pyx_string_tab[88]
-#define __pyx_n_u_error __pyx_string_tab[89]
-#define __pyx_n_u_flags __pyx_string_tab[90]
-#define __pyx_n_u_float64 __pyx_string_tab[91]
-#define __pyx_n_u_format __pyx_string_tab[92]
-#define __pyx_n_u_fortran __pyx_string_tab[93]
-#define __pyx_n_u_found __pyx_string_tab[94]
-#define __pyx_n_u_get __pyx_string_tab[95]
-#define __pyx_n_u_guess __pyx_string_tab[96]
-#define __pyx_n_u_h __pyx_string_tab[97]
-#define __pyx_n_u_i __pyx_string_tab[98]
-#define __pyx_n_u_id __pyx_string_tab[99]
-#define __pyx_n_u_in_us __pyx_string_tab[100]
-#define __pyx_n_u_index __pyx_string_tab[101]
-#define __pyx_n_u_index_c __pyx_string_tab[102]
-#define __pyx_n_u_ingest __pyx_string_tab[103]
-#define __pyx_n_u_ingest_arr __pyx_string_tab[104]
-#define __pyx_n_u_ingest_us __pyx_string_tab[105]
-#define __pyx_n_u_int64 __pyx_string_tab[106]
-#define __pyx_n_u_items __pyx_string_tab[107]
-#define __pyx_n_u_itemsize __pyx_string_tab[108]
-#define __pyx_n_u_k_2 __pyx_string_tab[109]
-#define __pyx_n_u_key __pyx_string_tab[110]
-#define __pyx_n_u_lines __pyx_string_tab[111]
-#define __pyx_n_u_memview __pyx_string_tab[112]
-#define __pyx_n_u_mode __pyx_string_tab[113]
-#define __pyx_n_u_name __pyx_string_tab[114]
-#define __pyx_n_u_name_len __pyx_string_tab[115]
-#define __pyx_n_u_name_start __pyx_string_tab[116]
-#define __pyx_n_u_ndim __pyx_string_tab[117]
-#define __pyx_n_u_nl __pyx_string_tab[118]
-#define __pyx_n_u_np __pyx_string_tab[119]
-#define __pyx_n_u_number_of_line __pyx_string_tab[120]
-#define __pyx_n_u_numpy __pyx_string_tab[121]
-#define __pyx_n_u_obj __pyx_string_tab[122]
-#define __pyx_n_u_ok __pyx_string_tab[123]
-#define __pyx_n_u_one __pyx_string_tab[124]
-#define __pyx_n_u_p __pyx_string_tab[125]
-#define __pyx_n_u_pack __pyx_string_tab[126]
-#define __pyx_n_u_parse_lines __pyx_string_tab[127]
-#define __pyx_n_u_pop __pyx_string_tab[128]
-#define __pyx_n_u_register __pyx_string_tab[129]
-#define __pyx_n_u_rows __pyx_string_tab[130]
-#define __pyx_n_u_s __pyx_string_tab[131]
-#define __pyx_n_u_setdefault __pyx_string_tab[132]
-#define __pyx_n_u_shape __pyx_string_tab[133]
-#define __pyx_n_u_size __pyx_string_tab[134]
-#define __pyx_n_u_slot __pyx_string_tab[135]
-#define __pyx_n_u_start __pyx_string_tab[136]
-#define __pyx_n_u_step __pyx_string_tab[137]
-#define __pyx_n_u_stop __pyx_string_tab[138]
-#define __pyx_n_u_struct __pyx_string_tab[139]
-#define __pyx_n_u_t_us __pyx_string_tab[140]
-#define __pyx_n_u_timestamp_us __pyx_string_tab[141]
-#define __pyx_n_u_ts __pyx_string_tab[142]
-#define __pyx_n_u_ts_arr __pyx_string_tab[143]
-#define __pyx_n_u_unpack __pyx_string_tab[144]
-#define __pyx_n_u_update __pyx_string_tab[145]
-#define __pyx_n_u_v __pyx_string_tab[146]
-#define __pyx_n_u_values __pyx_string_tab[147]
-#define __pyx_n_u_values_arr __pyx_string_tab[148]
-#define __pyx_n_u_vehicle __pyx_string_tab[149]
-#define __pyx_n_u_vehicle_arr __pyx_string_tab[150]
-#define __pyx_n_u_vehicles __pyx_string_tab[151]
-#define __pyx_n_u_x __pyx_string_tab[152]
-#define __pyx_kp_b__5 __pyx_string_tab[153]
-#define __pyx_n_b_O __pyx_string_tab[154]
-#define __pyx_kp_b_iso88591_4vQa_uCq_y_AU_Qd_1_xq_V1Bb_D_Rw __pyx_string_tab[155]
+#define __pyx_n_u_client_hour __pyx_string_tab[77]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[78]
+#define __pyx_n_u_copy __pyx_string_tab[79]
+#define __pyx_n_u_count __pyx_string_tab[80]
+#define __pyx_n_u_data __pyx_string_tab[81]
+#define __pyx_n_u_dtype __pyx_string_tab[82]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[83]
+#define __pyx_n_u_empty __pyx_string_tab[84]
+#define __pyx_n_u_encode __pyx_string_tab[85]
+#define __pyx_n_u_end __pyx_string_tab[86]
+#define __pyx_n_u_engine_kernels __pyx_string_tab[87]
+#define __pyx_n_u_engine_kernels__jsonl_c __pyx_string_tab[88]
+#define __pyx_n_u_enumerate __pyx_string_tab[89]
+#define __pyx_n_u_error __pyx_string_tab[90]
+#define __pyx_n_u_flags __pyx_string_tab[91]
+#define __pyx_n_u_float64 __pyx_string_tab[92]
+#define __pyx_n_u_format __pyx_string_tab[93]
+#define __pyx_n_u_fortran __pyx_string_tab[94]
+#define __pyx_n_u_found __pyx_string_tab[95]
+#define __pyx_n_u_get __pyx_string_tab[96]
+#define __pyx_n_u_guess __pyx_string_tab[97]
+#define __pyx_n_u_h __pyx_string_tab[98]
+#define __pyx_n_u_i __pyx_string_tab[99]
+#define __pyx_n_u_id __pyx_string_tab[100]
+#define __pyx_n_u_in_us __pyx_string_tab[101]
+#define __pyx_n_u_index __pyx_string_tab[102]
+#define __pyx_n_u_index_c __pyx_string_tab[103]
+#define __pyx_n_u_ingest __pyx_string_tab[104]
+#define __pyx_n_u_ingest_arr __pyx_string_tab[105]
+#define __pyx_n_u_ingest_hour __pyx_string_tab[106]
+#define __pyx_n_u_ingest_us __pyx_string_tab[107]
+#define __pyx_n_u_int64 __pyx_string_tab[108]
+#define __pyx_n_u_items __pyx_string_tab[109]
+#define __pyx_n_u_itemsize __pyx_string_tab[110]
+#define __pyx_n_u_k_2 __pyx_string_tab[111]
+#define __pyx_n_u_key __pyx_string_tab[112]
+#define __pyx_n_u_lines __pyx_string_tab[113]
+#define __pyx_n_u_memview __pyx_string_tab[114]
+#define __pyx_n_u_mode __pyx_string_tab[115]
+#define __pyx_n_u_name __pyx_string_tab[116]
+#define __pyx_n_u_name_len __pyx_string_tab[117]
+#define __pyx_n_u_name_start __pyx_string_tab[118]
+#define __pyx_n_u_ndim __pyx_string_tab[119]
+#define __pyx_n_u_nl __pyx_string_tab[120]
+#define __pyx_n_u_np __pyx_string_tab[121]
+#define __pyx_n_u_number_of_line __pyx_string_tab[122]
+#define __pyx_n_u_numpy __pyx_string_tab[123]
+#define __pyx_n_u_obj __pyx_string_tab[124]
+#define __pyx_n_u_ok __pyx_string_tab[125]
+#define __pyx_n_u_one __pyx_string_tab[126]
+#define __pyx_n_u_p __pyx_string_tab[127]
+#define __pyx_n_u_pack __pyx_string_tab[128]
+#define __pyx_n_u_parse_lines __pyx_string_tab[129]
+#define __pyx_n_u_pop __pyx_string_tab[130]
+#define __pyx_n_u_register __pyx_string_tab[131]
+#define __pyx_n_u_rows __pyx_string_tab[132]
+#define __pyx_n_u_s __pyx_string_tab[133]
+#define __pyx_n_u_setdefault __pyx_string_tab[134]
+#define __pyx_n_u_shape __pyx_string_tab[135]
+#define __pyx_n_u_size __pyx_string_tab[136]
+#define __pyx_n_u_slot __pyx_string_tab[137]
+#define __pyx_n_u_start __pyx_string_tab[138]
+#define __pyx_n_u_step __pyx_string_tab[139]
+#define __pyx_n_u_stop __pyx_string_tab[140]
+#define __pyx_n_u_struct __pyx_string_tab[141]
+#define __pyx_n_u_t_us __pyx_string_tab[142]
+#define __pyx_n_u_timestamp_us __pyx_string_tab[143]
+#define __pyx_n_u_ts __pyx_string_tab[144]
+#define __pyx_n_u_ts_arr __pyx_string_tab[145]
+#define __pyx_n_u_unpack __pyx_string_tab[146]
+#define __pyx_n_u_update __pyx_string_tab[147]
+#define __pyx_n_u_v __pyx_string_tab[148]
+#define __pyx_n_u_values __pyx_string_tab[149]
+#define __pyx_n_u_values_arr __pyx_string_tab[150]
+#define __pyx_n_u_vehicle __pyx_string_tab[151]
+#define __pyx_n_u_vehicle_arr __pyx_string_tab[152]
+#define __pyx_n_u_vehicles __pyx_string_tab[153]
+#define __pyx_n_u_x __pyx_string_tab[154]
+#define __pyx_kp_b__5 __pyx_string_tab[155]
+#define __pyx_n_b_O __pyx_string_tab[156]
+#define __pyx_kp_b_iso88591_4vQa_uCq_y_AU_Qd_1_xq_V1Bb_D_Rw __pyx_string_tab[157]
 #define __pyx_float_10_0 __pyx_number_tab[0]
 #define __pyx_int_0 __pyx_number_tab[1]
 #define __pyx_int_neg_1 __pyx_number_tab[2]
@@ -3815,7 +3831,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<156; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<158; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3854,7 +3870,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<156; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<158; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -18384,15 +18400,15 @@ static CYTHON_INLINE PY_LONG_LONG __pyx_f_6engine_7kernels_8_jsonl_c_days_from_c
   return __pyx_r;
 }
 
-/* "ext/jsonl.pyx":63
+/* "ext/jsonl.pyx":69
  * 
  * 
- * cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out) noexcept nogil:             # <<<<<<<<<<<<<<
- *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch."""
- *     cdef Py_ssize_t j = i[0]
+ * cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out,             # <<<<<<<<<<<<<<
+ *                            HourCache* cache) noexcept nogil:
+ *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch. Consecutive records
 */
 
-static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const *__pyx_v_p, Py_ssize_t *__pyx_v_i, Py_ssize_t __pyx_v_end, PY_LONG_LONG *__pyx_v_out) {
+static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const *__pyx_v_p, Py_ssize_t *__pyx_v_i, Py_ssize_t __pyx_v_end, PY_LONG_LONG *__pyx_v_out, struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache *__pyx_v_cache) {
   Py_ssize_t __pyx_v_j;
   int __pyx_v_y;
   int __pyx_v_mo;
@@ -18404,38 +18420,41 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
   int __pyx_v_frac;
   int __pyx_v_scale;
   int __pyx_v_mdays;
+  PY_LONG_LONG __pyx_v_base;
   int __pyx_r;
   int __pyx_t_1;
   int __pyx_t_2;
-  int __pyx_t_3;
+  PY_LONG_LONG __pyx_t_3;
   int __pyx_t_4;
   int __pyx_t_5;
+  int __pyx_t_6;
+  int __pyx_t_7;
 
-  /* "ext/jsonl.pyx":65
- * cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out) noexcept nogil:
- *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch."""
+  /* "ext/jsonl.pyx":73
+ *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch. Consecutive records
+ *     mostly share their date and hour: those are parsed once and then compared."""
  *     cdef Py_ssize_t j = i[0]             # <<<<<<<<<<<<<<
  *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \
+ *     cdef long long base
 */
   __pyx_v_j = (__pyx_v_i[0]);
 
-  /* "ext/jsonl.pyx":66
- *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch."""
+  /* "ext/jsonl.pyx":74
+ *     mostly share their date and hour: those are parsed once and then compared."""
  *     cdef Py_ssize_t j = i[0]
  *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays             # <<<<<<<<<<<<<<
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \
- *             or p[j + 17] != 58:
+ *     cdef long long base
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:
 */
   __pyx_v_frac = 0;
   __pyx_v_scale = 0x186A0;
 
-  /* "ext/jsonl.pyx":67
- *     cdef Py_ssize_t j = i[0]
+  /* "ext/jsonl.pyx":76
  *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \             # <<<<<<<<<<<<<<
- *             or p[j + 17] != 58:
+ *     cdef long long base
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:             # <<<<<<<<<<<<<<
  *         return False
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:
 */
   __pyx_t_2 = ((__pyx_v_j + 22) > __pyx_v_end);
 
@@ -18457,44 +18476,6 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 5)]) != 45);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-  __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 8)]) != 45);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-  __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 11)]) != 84);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-
-  /* "ext/jsonl.pyx":68
- *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \
- *             or p[j + 17] != 58:             # <<<<<<<<<<<<<<
- *         return False
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
-*/
   __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 14)]) != 58);
 
   if (!__pyx_t_2) {
@@ -18511,23 +18492,15 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
   __pyx_t_1 = __pyx_t_2;
 
   __pyx_L4_bool_binop_done:;
-
-  /* "ext/jsonl.pyx":67
- *     cdef Py_ssize_t j = i[0]
- *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \             # <<<<<<<<<<<<<<
- *             or p[j + 17] != 58:
- *         return False
-*/
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":69
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \
- *             or p[j + 17] != 58:
+    /* "ext/jsonl.pyx":77
+ *     cdef long long base
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:
  *         return False             # <<<<<<<<<<<<<<
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:
+ *         base = cache.base_us
 */
     {
 
@@ -18535,116 +18508,421 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
     }
     goto __pyx_L0;
 
-    /* "ext/jsonl.pyx":67
- *     cdef Py_ssize_t j = i[0]
+    /* "ext/jsonl.pyx":76
  *     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
- *     if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \             # <<<<<<<<<<<<<<
- *             or p[j + 17] != 58:
+ *     cdef long long base
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:             # <<<<<<<<<<<<<<
  *         return False
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:
 */
   }
 
-  /* "ext/jsonl.pyx":70
- *             or p[j + 17] != 58:
+  /* "ext/jsonl.pyx":78
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:
  *         return False
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)             # <<<<<<<<<<<<<<
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:             # <<<<<<<<<<<<<<
+ *         base = cache.base_us
+ *     else:
 */
-  __pyx_t_3 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 1), 4);
+  if (__pyx_v_cache->valid) {
+  } else {
 
-  __pyx_t_4 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 6), 2);
+    __pyx_t_1 = __pyx_v_cache->valid;
+    goto __pyx_L9_bool_binop_done;
+  }
+  __pyx_t_2 = (memcmp(((__pyx_v_p + __pyx_v_j) + 1), __pyx_v_cache->prefix, 13) == 0);
 
-  __pyx_t_5 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 9), 2);
 
-  __pyx_v_y = __pyx_t_3;
-  __pyx_v_mo = __pyx_t_4;
-  __pyx_v_d = __pyx_t_5;
+  __pyx_t_1 = __pyx_t_2;
 
-  /* "ext/jsonl.pyx":71
+  __pyx_L9_bool_binop_done:;
+  if (__pyx_t_1) {
+
+
+    /* "ext/jsonl.pyx":79
  *         return False
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)             # <<<<<<<<<<<<<<
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:
+ *         base = cache.base_us             # <<<<<<<<<<<<<<
+ *     else:
+ *         if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:
+*/
+    __pyx_t_3 = __pyx_v_cache->base_us;
+
+    __pyx_v_base = __pyx_t_3;
+
+    /* "ext/jsonl.pyx":78
+ *     if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:
+ *         return False
+ *     if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:             # <<<<<<<<<<<<<<
+ *         base = cache.base_us
+ *     else:
+*/
+    goto __pyx_L8;
+  }
+
+  /* "ext/jsonl.pyx":81
+ *         base = cache.base_us
+ *     else:
+ *         if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:             # <<<<<<<<<<<<<<
+ *             return False
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+*/
+  /*else*/ {
+    __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 5)]) != 45);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L12_bool_binop_done;
+    }
+    __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 8)]) != 45);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L12_bool_binop_done;
+    }
+    __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 11)]) != 84);
+
+
+    __pyx_t_1 = __pyx_t_2;
+
+    __pyx_L12_bool_binop_done:;
+    if (__pyx_t_1) {
+
+
+      /* "ext/jsonl.pyx":82
+ *     else:
+ *         if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:
+ *             return False             # <<<<<<<<<<<<<<
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:
+*/
+      {
+
+        __pyx_r = 0;
+      }
+      goto __pyx_L0;
+
+      /* "ext/jsonl.pyx":81
+ *         base = cache.base_us
+ *     else:
+ *         if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:             # <<<<<<<<<<<<<<
+ *             return False
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+*/
+    }
+
+    /* "ext/jsonl.pyx":83
+ *         if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:
+ *             return False
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)             # <<<<<<<<<<<<<<
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:
+ *             return False
+*/
+    __pyx_t_4 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 1), 4);
+
+    __pyx_t_5 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 6), 2);
+
+    __pyx_t_6 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 9), 2);
+
+    __pyx_t_7 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 12), 2);
+
+    __pyx_v_y = __pyx_t_4;
+    __pyx_v_mo = __pyx_t_5;
+    __pyx_v_d = __pyx_t_6;
+    __pyx_v_h = __pyx_t_7;
+
+    /* "ext/jsonl.pyx":84
+ *             return False
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:             # <<<<<<<<<<<<<<
+ *             return False
+ *         mdays = 31
+*/
+    __pyx_t_2 = (__pyx_v_y < 1);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L16_bool_binop_done;
+    }
+    __pyx_t_2 = (__pyx_v_mo < 1);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L16_bool_binop_done;
+    }
+    __pyx_t_2 = (__pyx_v_mo > 12);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L16_bool_binop_done;
+    }
+    __pyx_t_2 = (__pyx_v_d < 1);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L16_bool_binop_done;
+    }
+    __pyx_t_2 = (__pyx_v_h < 0);
+
+    if (!__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L16_bool_binop_done;
+    }
+    __pyx_t_2 = (__pyx_v_h > 23);
+
+
+    __pyx_t_1 = __pyx_t_2;
+
+    __pyx_L16_bool_binop_done:;
+    if (__pyx_t_1) {
+
+
+      /* "ext/jsonl.pyx":85
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:
+ *             return False             # <<<<<<<<<<<<<<
+ *         mdays = 31
+ *         if mo == 2:
+*/
+      {
+
+        __pyx_r = 0;
+      }
+      goto __pyx_L0;
+
+      /* "ext/jsonl.pyx":84
+ *             return False
+ *         y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:             # <<<<<<<<<<<<<<
+ *             return False
+ *         mdays = 31
+*/
+    }
+
+    /* "ext/jsonl.pyx":86
+ *         if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:
+ *             return False
+ *         mdays = 31             # <<<<<<<<<<<<<<
+ *         if mo == 2:
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+*/
+    __pyx_v_mdays = 31;
+
+    /* "ext/jsonl.pyx":87
+ *             return False
+ *         mdays = 31
+ *         if mo == 2:             # <<<<<<<<<<<<<<
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+*/
+    switch (__pyx_v_mo) {
+      case 2:
+
+      /* "ext/jsonl.pyx":88
+ *         mdays = 31
+ *         if mo == 2:
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28             # <<<<<<<<<<<<<<
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+ *             mdays = 30
+*/
+      __pyx_t_2 = ((__pyx_v_y % 4) == 0);
+
+      if (__pyx_t_2) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_2;
+
+        goto __pyx_L22_bool_binop_done;
+      }
+      __pyx_t_2 = ((__pyx_v_y % 0x64) != 0);
+
+      if (!__pyx_t_2) {
+
+      } else {
+
+        __pyx_t_1 = __pyx_t_2;
+
+        goto __pyx_L22_bool_binop_done;
+      }
+      __pyx_t_2 = ((__pyx_v_y % 0x190) == 0);
+
+
+      __pyx_t_1 = __pyx_t_2;
+
+      __pyx_L22_bool_binop_done:;
+      if (__pyx_t_1) {
+
+        __pyx_t_7 = 29;
+      } else {
+
+        __pyx_t_7 = 28;
+      }
+
+      __pyx_v_mdays = __pyx_t_7;
+
+      /* "ext/jsonl.pyx":87
+ *             return False
+ *         mdays = 31
+ *         if mo == 2:             # <<<<<<<<<<<<<<
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+*/
+      break;
+      case 4:
+
+      /* "ext/jsonl.pyx":89
+ *         if mo == 2:
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:             # <<<<<<<<<<<<<<
+ *             mdays = 30
+ *         if d > mdays:
+*/
+      case 6:
+      case 9:
+      case 11:
+
+      /* "ext/jsonl.pyx":90
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+ *             mdays = 30             # <<<<<<<<<<<<<<
+ *         if d > mdays:
+ *             return False
+*/
+      __pyx_v_mdays = 30;
+
+      /* "ext/jsonl.pyx":89
+ *         if mo == 2:
+ *             mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:             # <<<<<<<<<<<<<<
+ *             mdays = 30
+ *         if d > mdays:
+*/
+      break;
+      default: break;
+    }
+
+    /* "ext/jsonl.pyx":91
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+ *             mdays = 30
+ *         if d > mdays:             # <<<<<<<<<<<<<<
+ *             return False
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+*/
+    __pyx_t_1 = (__pyx_v_d > __pyx_v_mdays);
+
+    if (__pyx_t_1) {
+
+
+      /* "ext/jsonl.pyx":92
+ *             mdays = 30
+ *         if d > mdays:
+ *             return False             # <<<<<<<<<<<<<<
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+ *         memcpy(cache.prefix, p + j + 1, 13)
+*/
+      {
+
+        __pyx_r = 0;
+      }
+      goto __pyx_L0;
+
+      /* "ext/jsonl.pyx":91
+ *         elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+ *             mdays = 30
+ *         if d > mdays:             # <<<<<<<<<<<<<<
+ *             return False
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+*/
+    }
+
+    /* "ext/jsonl.pyx":93
+ *         if d > mdays:
+ *             return False
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL             # <<<<<<<<<<<<<<
+ *         memcpy(cache.prefix, p + j + 1, 13)
+ *         cache.base_us = base
+*/
+    __pyx_v_base = (((__pyx_f_6engine_7kernels_8_jsonl_c_days_from_civil(__pyx_v_y, __pyx_v_mo, __pyx_v_d) * 24) + __pyx_v_h) * 3600000000LL);
+
+    /* "ext/jsonl.pyx":94
+ *             return False
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+ *         memcpy(cache.prefix, p + j + 1, 13)             # <<<<<<<<<<<<<<
+ *         cache.base_us = base
+ *         cache.valid = True
+*/
+    (void)(memcpy(__pyx_v_cache->prefix, ((__pyx_v_p + __pyx_v_j) + 1), 13));
+
+    /* "ext/jsonl.pyx":95
+ *         base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+ *         memcpy(cache.prefix, p + j + 1, 13)
+ *         cache.base_us = base             # <<<<<<<<<<<<<<
+ *         cache.valid = True
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+*/
+    __pyx_v_cache->base_us = __pyx_v_base;
+
+    /* "ext/jsonl.pyx":96
+ *         memcpy(cache.prefix, p + j + 1, 13)
+ *         cache.base_us = base
+ *         cache.valid = True             # <<<<<<<<<<<<<<
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:
+*/
+    __pyx_v_cache->valid = 1;
+  }
+  __pyx_L8:;
+
+  /* "ext/jsonl.pyx":97
+ *         cache.base_us = base
+ *         cache.valid = True
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)             # <<<<<<<<<<<<<<
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:
  *         return False
 */
-  __pyx_t_5 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 12), 2);
+  __pyx_t_7 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 15), 2);
 
-  __pyx_t_4 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 15), 2);
+  __pyx_t_6 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 18), 2);
 
-  __pyx_t_3 = __pyx_f_6engine_7kernels_8_jsonl_c_digits(__pyx_v_p, (__pyx_v_j + 18), 2);
+  __pyx_v_mi = __pyx_t_7;
+  __pyx_v_s = __pyx_t_6;
 
-  __pyx_v_h = __pyx_t_5;
-  __pyx_v_mi = __pyx_t_4;
-  __pyx_v_s = __pyx_t_3;
-
-  /* "ext/jsonl.pyx":72
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:             # <<<<<<<<<<<<<<
+  /* "ext/jsonl.pyx":98
+ *         cache.valid = True
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:             # <<<<<<<<<<<<<<
  *         return False
- *     mdays = 31
+ *     j += 20
 */
-  __pyx_t_2 = (__pyx_v_y < 1);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
-  __pyx_t_2 = (__pyx_v_mo < 1);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
-  __pyx_t_2 = (__pyx_v_mo > 12);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
-  __pyx_t_2 = (__pyx_v_d < 1);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
-  __pyx_t_2 = (__pyx_v_h < 0);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
-  __pyx_t_2 = (__pyx_v_h > 23);
-
-  if (!__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L12_bool_binop_done;
-  }
   __pyx_t_2 = (__pyx_v_mi < 0);
 
   if (!__pyx_t_2) {
@@ -18653,7 +18931,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     __pyx_t_1 = __pyx_t_2;
 
-    goto __pyx_L12_bool_binop_done;
+    goto __pyx_L27_bool_binop_done;
   }
   __pyx_t_2 = (__pyx_v_mi > 59);
 
@@ -18663,7 +18941,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     __pyx_t_1 = __pyx_t_2;
 
-    goto __pyx_L12_bool_binop_done;
+    goto __pyx_L27_bool_binop_done;
   }
   __pyx_t_2 = (__pyx_v_s < 0);
 
@@ -18673,157 +18951,20 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     __pyx_t_1 = __pyx_t_2;
 
-    goto __pyx_L12_bool_binop_done;
+    goto __pyx_L27_bool_binop_done;
   }
   __pyx_t_2 = (__pyx_v_s > 59);
 
 
   __pyx_t_1 = __pyx_t_2;
 
-  __pyx_L12_bool_binop_done:;
+  __pyx_L27_bool_binop_done:;
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":73
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:
- *         return False             # <<<<<<<<<<<<<<
- *     mdays = 31
- *     if mo == 2:
-*/
-    {
-
-      __pyx_r = 0;
-    }
-    goto __pyx_L0;
-
-    /* "ext/jsonl.pyx":72
- *     y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
- *     h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:             # <<<<<<<<<<<<<<
- *         return False
- *     mdays = 31
-*/
-  }
-
-  /* "ext/jsonl.pyx":74
- *     if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:
- *         return False
- *     mdays = 31             # <<<<<<<<<<<<<<
- *     if mo == 2:
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
-*/
-  __pyx_v_mdays = 31;
-
-  /* "ext/jsonl.pyx":75
- *         return False
- *     mdays = 31
- *     if mo == 2:             # <<<<<<<<<<<<<<
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
-*/
-  switch (__pyx_v_mo) {
-    case 2:
-
-    /* "ext/jsonl.pyx":76
- *     mdays = 31
- *     if mo == 2:
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28             # <<<<<<<<<<<<<<
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
- *         mdays = 30
-*/
-    __pyx_t_2 = ((__pyx_v_y % 4) == 0);
-
-    if (__pyx_t_2) {
-
-    } else {
-
-      __pyx_t_1 = __pyx_t_2;
-
-      goto __pyx_L22_bool_binop_done;
-    }
-    __pyx_t_2 = ((__pyx_v_y % 0x64) != 0);
-
-    if (!__pyx_t_2) {
-
-    } else {
-
-      __pyx_t_1 = __pyx_t_2;
-
-      goto __pyx_L22_bool_binop_done;
-    }
-    __pyx_t_2 = ((__pyx_v_y % 0x190) == 0);
-
-
-    __pyx_t_1 = __pyx_t_2;
-
-    __pyx_L22_bool_binop_done:;
-    if (__pyx_t_1) {
-
-      __pyx_t_3 = 29;
-    } else {
-
-      __pyx_t_3 = 28;
-    }
-
-    __pyx_v_mdays = __pyx_t_3;
-
-    /* "ext/jsonl.pyx":75
- *         return False
- *     mdays = 31
- *     if mo == 2:             # <<<<<<<<<<<<<<
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
-*/
-    break;
-    case 4:
-
-    /* "ext/jsonl.pyx":77
- *     if mo == 2:
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:             # <<<<<<<<<<<<<<
- *         mdays = 30
- *     if d > mdays:
-*/
-    case 6:
-    case 9:
-    case 11:
-
-    /* "ext/jsonl.pyx":78
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
- *         mdays = 30             # <<<<<<<<<<<<<<
- *     if d > mdays:
- *         return False
-*/
-    __pyx_v_mdays = 30;
-
-    /* "ext/jsonl.pyx":77
- *     if mo == 2:
- *         mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:             # <<<<<<<<<<<<<<
- *         mdays = 30
- *     if d > mdays:
-*/
-    break;
-    default: break;
-  }
-
-  /* "ext/jsonl.pyx":79
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
- *         mdays = 30
- *     if d > mdays:             # <<<<<<<<<<<<<<
- *         return False
- *     j += 20
-*/
-  __pyx_t_1 = (__pyx_v_d > __pyx_v_mdays);
-
-  if (__pyx_t_1) {
-
-
-    /* "ext/jsonl.pyx":80
- *         mdays = 30
- *     if d > mdays:
+    /* "ext/jsonl.pyx":99
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:
  *         return False             # <<<<<<<<<<<<<<
  *     j += 20
  *     if p[j] == 46:  # fraction: 1 to 6 digits
@@ -18834,17 +18975,17 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
     }
     goto __pyx_L0;
 
-    /* "ext/jsonl.pyx":79
- *     elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
- *         mdays = 30
- *     if d > mdays:             # <<<<<<<<<<<<<<
+    /* "ext/jsonl.pyx":98
+ *         cache.valid = True
+ *     mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:             # <<<<<<<<<<<<<<
  *         return False
  *     j += 20
 */
   }
 
-  /* "ext/jsonl.pyx":81
- *     if d > mdays:
+  /* "ext/jsonl.pyx":100
+ *     if mi < 0 or mi > 59 or s < 0 or s > 59:
  *         return False
  *     j += 20             # <<<<<<<<<<<<<<
  *     if p[j] == 46:  # fraction: 1 to 6 digits
@@ -18852,7 +18993,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
   __pyx_v_j = (__pyx_v_j + 20);
 
-  /* "ext/jsonl.pyx":82
+  /* "ext/jsonl.pyx":101
  *         return False
  *     j += 20
  *     if p[j] == 46:  # fraction: 1 to 6 digits             # <<<<<<<<<<<<<<
@@ -18864,7 +19005,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":83
+    /* "ext/jsonl.pyx":102
  *     j += 20
  *     if p[j] == 46:  # fraction: 1 to 6 digits
  *         j += 1             # <<<<<<<<<<<<<<
@@ -18873,7 +19014,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
     __pyx_v_j = (__pyx_v_j + 1);
 
-    /* "ext/jsonl.pyx":84
+    /* "ext/jsonl.pyx":103
  *     if p[j] == 46:  # fraction: 1 to 6 digits
  *         j += 1
  *         k = 0             # <<<<<<<<<<<<<<
@@ -18882,7 +19023,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
     __pyx_v_k = 0;
 
-    /* "ext/jsonl.pyx":85
+    /* "ext/jsonl.pyx":104
  *         j += 1
  *         k = 0
  *         while j < end and p[j] >= 48 and p[j] <= 57:             # <<<<<<<<<<<<<<
@@ -18898,7 +19039,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
         __pyx_t_1 = __pyx_t_2;
 
-        goto __pyx_L29_bool_binop_done;
+        goto __pyx_L34_bool_binop_done;
       }
       __pyx_t_2 = ((__pyx_v_p[__pyx_v_j]) >= 48);
 
@@ -18908,18 +19049,18 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
         __pyx_t_1 = __pyx_t_2;
 
-        goto __pyx_L29_bool_binop_done;
+        goto __pyx_L34_bool_binop_done;
       }
       __pyx_t_2 = ((__pyx_v_p[__pyx_v_j]) <= 57);
 
 
       __pyx_t_1 = __pyx_t_2;
 
-      __pyx_L29_bool_binop_done:;
+      __pyx_L34_bool_binop_done:;
 
       if (!__pyx_t_1) break;
 
-      /* "ext/jsonl.pyx":86
+      /* "ext/jsonl.pyx":105
  *         k = 0
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if k == 6:             # <<<<<<<<<<<<<<
@@ -18931,7 +19072,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
       if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":87
+        /* "ext/jsonl.pyx":106
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if k == 6:
  *                 return False             # <<<<<<<<<<<<<<
@@ -18944,7 +19085,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
         }
         goto __pyx_L0;
 
-        /* "ext/jsonl.pyx":86
+        /* "ext/jsonl.pyx":105
  *         k = 0
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if k == 6:             # <<<<<<<<<<<<<<
@@ -18953,7 +19094,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
       }
 
-      /* "ext/jsonl.pyx":88
+      /* "ext/jsonl.pyx":107
  *             if k == 6:
  *                 return False
  *             frac += (p[j] - 48) * scale             # <<<<<<<<<<<<<<
@@ -18962,7 +19103,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
       __pyx_v_frac = (__pyx_v_frac + (((__pyx_v_p[__pyx_v_j]) - 48) * __pyx_v_scale));
 
-      /* "ext/jsonl.pyx":89
+      /* "ext/jsonl.pyx":108
  *                 return False
  *             frac += (p[j] - 48) * scale
  *             scale //= 10             # <<<<<<<<<<<<<<
@@ -18971,7 +19112,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
       __pyx_v_scale = (__pyx_v_scale / 10);
 
-      /* "ext/jsonl.pyx":90
+      /* "ext/jsonl.pyx":109
  *             frac += (p[j] - 48) * scale
  *             scale //= 10
  *             k += 1             # <<<<<<<<<<<<<<
@@ -18980,7 +19121,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
       __pyx_v_k = (__pyx_v_k + 1);
 
-      /* "ext/jsonl.pyx":91
+      /* "ext/jsonl.pyx":110
  *             scale //= 10
  *             k += 1
  *             j += 1             # <<<<<<<<<<<<<<
@@ -18990,7 +19131,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
       __pyx_v_j = (__pyx_v_j + 1);
     }
 
-    /* "ext/jsonl.pyx":92
+    /* "ext/jsonl.pyx":111
  *             k += 1
  *             j += 1
  *         if k == 0:             # <<<<<<<<<<<<<<
@@ -19002,7 +19143,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":93
+      /* "ext/jsonl.pyx":112
  *             j += 1
  *         if k == 0:
  *             return False             # <<<<<<<<<<<<<<
@@ -19015,7 +19156,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
       }
       goto __pyx_L0;
 
-      /* "ext/jsonl.pyx":92
+      /* "ext/jsonl.pyx":111
  *             k += 1
  *             j += 1
  *         if k == 0:             # <<<<<<<<<<<<<<
@@ -19024,7 +19165,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
     }
 
-    /* "ext/jsonl.pyx":82
+    /* "ext/jsonl.pyx":101
  *         return False
  *     j += 20
  *     if p[j] == 46:  # fraction: 1 to 6 digits             # <<<<<<<<<<<<<<
@@ -19033,12 +19174,12 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 */
   }
 
-  /* "ext/jsonl.pyx":94
+  /* "ext/jsonl.pyx":113
  *         if k == 0:
  *             return False
  *     if j + 2 > end or p[j] != 90 or p[j + 1] != 34:  # Z"             # <<<<<<<<<<<<<<
  *         return False
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac
 */
   __pyx_t_2 = ((__pyx_v_j + 2) > __pyx_v_end);
 
@@ -19048,7 +19189,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     __pyx_t_1 = __pyx_t_2;
 
-    goto __pyx_L35_bool_binop_done;
+    goto __pyx_L40_bool_binop_done;
   }
   __pyx_t_2 = ((__pyx_v_p[__pyx_v_j]) != 90);
 
@@ -19058,22 +19199,22 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
     __pyx_t_1 = __pyx_t_2;
 
-    goto __pyx_L35_bool_binop_done;
+    goto __pyx_L40_bool_binop_done;
   }
   __pyx_t_2 = ((__pyx_v_p[(__pyx_v_j + 1)]) != 34);
 
 
   __pyx_t_1 = __pyx_t_2;
 
-  __pyx_L35_bool_binop_done:;
+  __pyx_L40_bool_binop_done:;
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":95
+    /* "ext/jsonl.pyx":114
  *             return False
  *     if j + 2 > end or p[j] != 90 or p[j + 1] != 34:  # Z"
  *         return False             # <<<<<<<<<<<<<<
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac
  *     i[0] = j + 2
 */
     {
@@ -19082,35 +19223,35 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
     }
     goto __pyx_L0;
 
-    /* "ext/jsonl.pyx":94
+    /* "ext/jsonl.pyx":113
  *         if k == 0:
  *             return False
  *     if j + 2 > end or p[j] != 90 or p[j + 1] != 34:  # Z"             # <<<<<<<<<<<<<<
  *         return False
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac
 */
   }
 
-  /* "ext/jsonl.pyx":96
+  /* "ext/jsonl.pyx":115
  *     if j + 2 > end or p[j] != 90 or p[j + 1] != 34:  # Z"
  *         return False
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac             # <<<<<<<<<<<<<<
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac             # <<<<<<<<<<<<<<
  *     i[0] = j + 2
  *     return True
 */
-  (__pyx_v_out[0]) = (((((((__pyx_f_6engine_7kernels_8_jsonl_c_days_from_civil(__pyx_v_y, __pyx_v_mo, __pyx_v_d) * 24) + __pyx_v_h) * 60) + __pyx_v_mi) * 0x3938700) + (__pyx_v_s * 1000000LL)) + __pyx_v_frac);
+  (__pyx_v_out[0]) = (((__pyx_v_base + (__pyx_v_mi * 60000000LL)) + (__pyx_v_s * 1000000LL)) + __pyx_v_frac);
 
-  /* "ext/jsonl.pyx":97
+  /* "ext/jsonl.pyx":116
  *         return False
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac
  *     i[0] = j + 2             # <<<<<<<<<<<<<<
  *     return True
  * 
 */
   (__pyx_v_i[0]) = (__pyx_v_j + 2);
 
-  /* "ext/jsonl.pyx":98
- *     out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+  /* "ext/jsonl.pyx":117
+ *     out[0] = base + mi * 60000000LL + s * 1000000LL + frac
  *     i[0] = j + 2
  *     return True             # <<<<<<<<<<<<<<
  * 
@@ -19122,12 +19263,12 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
   }
   goto __pyx_L0;
 
-  /* "ext/jsonl.pyx":63
+  /* "ext/jsonl.pyx":69
  * 
  * 
- * cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out) noexcept nogil:             # <<<<<<<<<<<<<<
- *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch."""
- *     cdef Py_ssize_t j = i[0]
+ * cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out,             # <<<<<<<<<<<<<<
+ *                            HourCache* cache) noexcept nogil:
+ *     """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch. Consecutive records
 */
 
   /* function exit code */
@@ -19143,10 +19284,11 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(char const
 
 
 
+
   return __pyx_r;
 }
 
-/* "ext/jsonl.pyx":101
+/* "ext/jsonl.pyx":120
  * 
  * 
  * cdef inline bint number(const char* p, Py_ssize_t* i, Py_ssize_t end, double* out) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -19168,7 +19310,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   int __pyx_t_2;
   double __pyx_t_3;
 
-  /* "ext/jsonl.pyx":105
+  /* "ext/jsonl.pyx":124
  *     exponent make an exact integer scaled by an exact power of ten, and one correctly rounded division
  *     gives the same double as strtod; anything else goes to strtod."""
  *     cdef Py_ssize_t j = i[0], start = i[0]             # <<<<<<<<<<<<<<
@@ -19178,7 +19320,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   __pyx_v_j = (__pyx_v_i[0]);
   __pyx_v_start = (__pyx_v_i[0]);
 
-  /* "ext/jsonl.pyx":107
+  /* "ext/jsonl.pyx":126
  *     cdef Py_ssize_t j = i[0], start = i[0]
  *     cdef char* stop
  *     cdef long long mantissa = 0             # <<<<<<<<<<<<<<
@@ -19187,7 +19329,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   __pyx_v_mantissa = 0;
 
-  /* "ext/jsonl.pyx":108
+  /* "ext/jsonl.pyx":127
  *     cdef char* stop
  *     cdef long long mantissa = 0
  *     cdef int n_digits = 0, scale = 0             # <<<<<<<<<<<<<<
@@ -19197,7 +19339,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   __pyx_v_n_digits = 0;
   __pyx_v_scale = 0;
 
-  /* "ext/jsonl.pyx":109
+  /* "ext/jsonl.pyx":128
  *     cdef long long mantissa = 0
  *     cdef int n_digits = 0, scale = 0
  *     cdef bint negative = False, simple = True             # <<<<<<<<<<<<<<
@@ -19207,7 +19349,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   __pyx_v_negative = 0;
   __pyx_v_simple = 1;
 
-  /* "ext/jsonl.pyx":110
+  /* "ext/jsonl.pyx":129
  *     cdef int n_digits = 0, scale = 0
  *     cdef bint negative = False, simple = True
  *     if j < end and p[j] == 45:             # <<<<<<<<<<<<<<
@@ -19233,7 +19375,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":111
+    /* "ext/jsonl.pyx":130
  *     cdef bint negative = False, simple = True
  *     if j < end and p[j] == 45:
  *         negative = True             # <<<<<<<<<<<<<<
@@ -19242,7 +19384,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_negative = 1;
 
-    /* "ext/jsonl.pyx":112
+    /* "ext/jsonl.pyx":131
  *     if j < end and p[j] == 45:
  *         negative = True
  *         j += 1             # <<<<<<<<<<<<<<
@@ -19251,7 +19393,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_j = (__pyx_v_j + 1);
 
-    /* "ext/jsonl.pyx":110
+    /* "ext/jsonl.pyx":129
  *     cdef int n_digits = 0, scale = 0
  *     cdef bint negative = False, simple = True
  *     if j < end and p[j] == 45:             # <<<<<<<<<<<<<<
@@ -19260,7 +19402,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   }
 
-  /* "ext/jsonl.pyx":113
+  /* "ext/jsonl.pyx":132
  *         negative = True
  *         j += 1
  *     if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19296,7 +19438,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":114
+    /* "ext/jsonl.pyx":133
  *         j += 1
  *     if j >= end or p[j] < 48 or p[j] > 57:
  *         return False             # <<<<<<<<<<<<<<
@@ -19309,7 +19451,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     }
     goto __pyx_L0;
 
-    /* "ext/jsonl.pyx":113
+    /* "ext/jsonl.pyx":132
  *         negative = True
  *         j += 1
  *     if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19318,7 +19460,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   }
 
-  /* "ext/jsonl.pyx":115
+  /* "ext/jsonl.pyx":134
  *     if j >= end or p[j] < 48 or p[j] > 57:
  *         return False
  *     if p[j] == 48:             # <<<<<<<<<<<<<<
@@ -19330,7 +19472,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":116
+    /* "ext/jsonl.pyx":135
  *         return False
  *     if p[j] == 48:
  *         j += 1             # <<<<<<<<<<<<<<
@@ -19339,7 +19481,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_j = (__pyx_v_j + 1);
 
-    /* "ext/jsonl.pyx":115
+    /* "ext/jsonl.pyx":134
  *     if j >= end or p[j] < 48 or p[j] > 57:
  *         return False
  *     if p[j] == 48:             # <<<<<<<<<<<<<<
@@ -19349,7 +19491,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     goto __pyx_L10;
   }
 
-  /* "ext/jsonl.pyx":118
+  /* "ext/jsonl.pyx":137
  *         j += 1
  *     else:
  *         while j < end and p[j] >= 48 and p[j] <= 57:             # <<<<<<<<<<<<<<
@@ -19387,7 +19529,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 
       if (!__pyx_t_1) break;
 
-      /* "ext/jsonl.pyx":119
+      /* "ext/jsonl.pyx":138
  *     else:
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             mantissa = mantissa * 10 + (p[j] - 48)             # <<<<<<<<<<<<<<
@@ -19396,7 +19538,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       __pyx_v_mantissa = ((__pyx_v_mantissa * 10) + ((__pyx_v_p[__pyx_v_j]) - 48));
 
-      /* "ext/jsonl.pyx":120
+      /* "ext/jsonl.pyx":139
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             mantissa = mantissa * 10 + (p[j] - 48)
  *             n_digits += 1             # <<<<<<<<<<<<<<
@@ -19405,7 +19547,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       __pyx_v_n_digits = (__pyx_v_n_digits + 1);
 
-      /* "ext/jsonl.pyx":121
+      /* "ext/jsonl.pyx":140
  *             mantissa = mantissa * 10 + (p[j] - 48)
  *             n_digits += 1
  *             j += 1             # <<<<<<<<<<<<<<
@@ -19417,7 +19559,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   }
   __pyx_L10:;
 
-  /* "ext/jsonl.pyx":122
+  /* "ext/jsonl.pyx":141
  *             n_digits += 1
  *             j += 1
  *     if j < end and p[j] == 46:             # <<<<<<<<<<<<<<
@@ -19443,7 +19585,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":123
+    /* "ext/jsonl.pyx":142
  *             j += 1
  *     if j < end and p[j] == 46:
  *         j += 1             # <<<<<<<<<<<<<<
@@ -19452,7 +19594,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_j = (__pyx_v_j + 1);
 
-    /* "ext/jsonl.pyx":124
+    /* "ext/jsonl.pyx":143
  *     if j < end and p[j] == 46:
  *         j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19488,7 +19630,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":125
+      /* "ext/jsonl.pyx":144
  *         j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:
  *             return False             # <<<<<<<<<<<<<<
@@ -19501,7 +19643,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       }
       goto __pyx_L0;
 
-      /* "ext/jsonl.pyx":124
+      /* "ext/jsonl.pyx":143
  *     if j < end and p[j] == 46:
  *         j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19510,7 +19652,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     }
 
-    /* "ext/jsonl.pyx":126
+    /* "ext/jsonl.pyx":145
  *         if j >= end or p[j] < 48 or p[j] > 57:
  *             return False
  *         while j < end and p[j] >= 48 and p[j] <= 57:             # <<<<<<<<<<<<<<
@@ -19547,7 +19689,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 
       if (!__pyx_t_1) break;
 
-      /* "ext/jsonl.pyx":127
+      /* "ext/jsonl.pyx":146
  *             return False
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if mantissa or p[j] != 48:             # <<<<<<<<<<<<<<
@@ -19573,7 +19715,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":128
+        /* "ext/jsonl.pyx":147
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if mantissa or p[j] != 48:
  *                 n_digits += 1             # <<<<<<<<<<<<<<
@@ -19582,7 +19724,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
         __pyx_v_n_digits = (__pyx_v_n_digits + 1);
 
-        /* "ext/jsonl.pyx":127
+        /* "ext/jsonl.pyx":146
  *             return False
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             if mantissa or p[j] != 48:             # <<<<<<<<<<<<<<
@@ -19591,7 +19733,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       }
 
-      /* "ext/jsonl.pyx":129
+      /* "ext/jsonl.pyx":148
  *             if mantissa or p[j] != 48:
  *                 n_digits += 1
  *             mantissa = mantissa * 10 + (p[j] - 48)             # <<<<<<<<<<<<<<
@@ -19600,7 +19742,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       __pyx_v_mantissa = ((__pyx_v_mantissa * 10) + ((__pyx_v_p[__pyx_v_j]) - 48));
 
-      /* "ext/jsonl.pyx":130
+      /* "ext/jsonl.pyx":149
  *                 n_digits += 1
  *             mantissa = mantissa * 10 + (p[j] - 48)
  *             scale += 1             # <<<<<<<<<<<<<<
@@ -19609,7 +19751,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       __pyx_v_scale = (__pyx_v_scale + 1);
 
-      /* "ext/jsonl.pyx":131
+      /* "ext/jsonl.pyx":150
  *             mantissa = mantissa * 10 + (p[j] - 48)
  *             scale += 1
  *             j += 1             # <<<<<<<<<<<<<<
@@ -19619,7 +19761,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       __pyx_v_j = (__pyx_v_j + 1);
     }
 
-    /* "ext/jsonl.pyx":122
+    /* "ext/jsonl.pyx":141
  *             n_digits += 1
  *             j += 1
  *     if j < end and p[j] == 46:             # <<<<<<<<<<<<<<
@@ -19628,7 +19770,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   }
 
-  /* "ext/jsonl.pyx":132
+  /* "ext/jsonl.pyx":151
  *             scale += 1
  *             j += 1
  *     if j < end and (p[j] == 101 or p[j] == 69):             # <<<<<<<<<<<<<<
@@ -19664,7 +19806,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":133
+    /* "ext/jsonl.pyx":152
  *             j += 1
  *     if j < end and (p[j] == 101 or p[j] == 69):
  *         simple = False             # <<<<<<<<<<<<<<
@@ -19673,7 +19815,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_simple = 0;
 
-    /* "ext/jsonl.pyx":134
+    /* "ext/jsonl.pyx":153
  *     if j < end and (p[j] == 101 or p[j] == 69):
  *         simple = False
  *         j += 1             # <<<<<<<<<<<<<<
@@ -19682,7 +19824,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     __pyx_v_j = (__pyx_v_j + 1);
 
-    /* "ext/jsonl.pyx":135
+    /* "ext/jsonl.pyx":154
  *         simple = False
  *         j += 1
  *         if j < end and (p[j] == 43 or p[j] == 45):             # <<<<<<<<<<<<<<
@@ -19718,7 +19860,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":136
+      /* "ext/jsonl.pyx":155
  *         j += 1
  *         if j < end and (p[j] == 43 or p[j] == 45):
  *             j += 1             # <<<<<<<<<<<<<<
@@ -19727,7 +19869,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
       __pyx_v_j = (__pyx_v_j + 1);
 
-      /* "ext/jsonl.pyx":135
+      /* "ext/jsonl.pyx":154
  *         simple = False
  *         j += 1
  *         if j < end and (p[j] == 43 or p[j] == 45):             # <<<<<<<<<<<<<<
@@ -19736,7 +19878,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     }
 
-    /* "ext/jsonl.pyx":137
+    /* "ext/jsonl.pyx":156
  *         if j < end and (p[j] == 43 or p[j] == 45):
  *             j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19772,7 +19914,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":138
+      /* "ext/jsonl.pyx":157
  *             j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:
  *             return False             # <<<<<<<<<<<<<<
@@ -19785,7 +19927,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       }
       goto __pyx_L0;
 
-      /* "ext/jsonl.pyx":137
+      /* "ext/jsonl.pyx":156
  *         if j < end and (p[j] == 43 or p[j] == 45):
  *             j += 1
  *         if j >= end or p[j] < 48 or p[j] > 57:             # <<<<<<<<<<<<<<
@@ -19794,7 +19936,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
     }
 
-    /* "ext/jsonl.pyx":139
+    /* "ext/jsonl.pyx":158
  *         if j >= end or p[j] < 48 or p[j] > 57:
  *             return False
  *         while j < end and p[j] >= 48 and p[j] <= 57:             # <<<<<<<<<<<<<<
@@ -19831,7 +19973,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 
       if (!__pyx_t_1) break;
 
-      /* "ext/jsonl.pyx":140
+      /* "ext/jsonl.pyx":159
  *             return False
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             j += 1             # <<<<<<<<<<<<<<
@@ -19841,7 +19983,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       __pyx_v_j = (__pyx_v_j + 1);
     }
 
-    /* "ext/jsonl.pyx":132
+    /* "ext/jsonl.pyx":151
  *             scale += 1
  *             j += 1
  *     if j < end and (p[j] == 101 or p[j] == 69):             # <<<<<<<<<<<<<<
@@ -19850,7 +19992,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   }
 
-  /* "ext/jsonl.pyx":141
+  /* "ext/jsonl.pyx":160
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             j += 1
  *     if simple and n_digits <= 15 and scale <= 22:             # <<<<<<<<<<<<<<
@@ -19882,7 +20024,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":142
+    /* "ext/jsonl.pyx":161
  *             j += 1
  *     if simple and n_digits <= 15 and scale <= 22:
  *         out[0] = (-<double>mantissa if negative else <double>mantissa) / POW10[scale]             # <<<<<<<<<<<<<<
@@ -19899,7 +20041,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     (__pyx_v_out[0]) = (__pyx_t_3 / (__pyx_v_6engine_7kernels_8_jsonl_c_POW10[__pyx_v_scale]));
 
 
-    /* "ext/jsonl.pyx":141
+    /* "ext/jsonl.pyx":160
  *         while j < end and p[j] >= 48 and p[j] <= 57:
  *             j += 1
  *     if simple and n_digits <= 15 and scale <= 22:             # <<<<<<<<<<<<<<
@@ -19909,7 +20051,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     goto __pyx_L48;
   }
 
-  /* "ext/jsonl.pyx":144
+  /* "ext/jsonl.pyx":163
  *         out[0] = (-<double>mantissa if negative else <double>mantissa) / POW10[scale]
  *     else:
  *         out[0] = strtod(p + start, &stop)             # <<<<<<<<<<<<<<
@@ -19919,7 +20061,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   /*else*/ {
     (__pyx_v_out[0]) = strtod((__pyx_v_p + __pyx_v_start), (&__pyx_v_stop));
 
-    /* "ext/jsonl.pyx":145
+    /* "ext/jsonl.pyx":164
  *     else:
  *         out[0] = strtod(p + start, &stop)
  *         if stop != p + j:             # <<<<<<<<<<<<<<
@@ -19931,7 +20073,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":146
+      /* "ext/jsonl.pyx":165
  *         out[0] = strtod(p + start, &stop)
  *         if stop != p + j:
  *             return False             # <<<<<<<<<<<<<<
@@ -19944,7 +20086,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
       }
       goto __pyx_L0;
 
-      /* "ext/jsonl.pyx":145
+      /* "ext/jsonl.pyx":164
  *     else:
  *         out[0] = strtod(p + start, &stop)
  *         if stop != p + j:             # <<<<<<<<<<<<<<
@@ -19955,7 +20097,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   }
   __pyx_L48:;
 
-  /* "ext/jsonl.pyx":147
+  /* "ext/jsonl.pyx":166
  *         if stop != p + j:
  *             return False
  *     i[0] = j             # <<<<<<<<<<<<<<
@@ -19964,7 +20106,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
 */
   (__pyx_v_i[0]) = __pyx_v_j;
 
-  /* "ext/jsonl.pyx":148
+  /* "ext/jsonl.pyx":167
  *             return False
  *     i[0] = j
  *     return True             # <<<<<<<<<<<<<<
@@ -19977,7 +20119,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   }
   goto __pyx_L0;
 
-  /* "ext/jsonl.pyx":101
+  /* "ext/jsonl.pyx":120
  * 
  * 
  * cdef inline bint number(const char* p, Py_ssize_t* i, Py_ssize_t end, double* out) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -19998,7 +20140,7 @@ static CYTHON_INLINE int __pyx_f_6engine_7kernels_8_jsonl_c_number(char const *_
   return __pyx_r;
 }
 
-/* "ext/jsonl.pyx":151
+/* "ext/jsonl.pyx":170
  * 
  * 
  * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
@@ -20047,39 +20189,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_data,&__pyx_mstate_global->__pyx_n_u_vehicles,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 151, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 170, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 151, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 170, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 170, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "parse_lines", 0) < (0)) __PYX_ERR(0, 151, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "parse_lines", 0) < (0)) __PYX_ERR(0, 170, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("parse_lines", 1, 2, 2, i); __PYX_ERR(0, 151, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("parse_lines", 1, 2, 2, i); __PYX_ERR(0, 170, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 170, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 151, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 170, __pyx_L3_error)
     }
-    __pyx_v_data = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[0], 0); if (unlikely(!__pyx_v_data.memview)) __PYX_ERR(0, 151, __pyx_L3_error)
+    __pyx_v_data = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[0], 0); if (unlikely(!__pyx_v_data.memview)) __PYX_ERR(0, 170, __pyx_L3_error)
     __pyx_v_vehicles = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("parse_lines", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 151, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("parse_lines", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 170, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -20091,7 +20233,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_vehicles), (&PyDict_Type), 1, "vehicles", 1))) __PYX_ERR(0, 151, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_vehicles), (&PyDict_Type), 1, "vehicles", 1))) __PYX_ERR(0, 170, __pyx_L1_error)
   __pyx_r = __pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(__pyx_self, __pyx_v_data, __pyx_v_vehicles);
 
   /* function exit code */
@@ -20145,6 +20287,8 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   int __pyx_v_k;
   int __pyx_v_key;
   int __pyx_v_guess;
+  struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache __pyx_v_client_hour;
+  struct __pyx_t_6engine_7kernels_8_jsonl_c_HourCache __pyx_v_ingest_hour;
   unsigned PY_LONG_LONG __pyx_v_h;
   Py_ssize_t __pyx_v_slot;
   Py_ssize_t __pyx_v_name_len;
@@ -20204,7 +20348,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("parse_lines", 0);
 
-  /* "ext/jsonl.pyx":153
+  /* "ext/jsonl.pyx":172
  * def parse_lines(const unsigned char[::1] data, dict vehicles):
  *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
  *     cdef Py_ssize_t size = data.shape[0]             # <<<<<<<<<<<<<<
@@ -20213,7 +20357,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   __pyx_v_size = (__pyx_v_data.shape[0]);
 
-  /* "ext/jsonl.pyx":154
+  /* "ext/jsonl.pyx":173
  *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
  *     cdef Py_ssize_t size = data.shape[0]
  *     cdef const char* p = NULL             # <<<<<<<<<<<<<<
@@ -20222,7 +20366,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   __pyx_v_p = NULL;
 
-  /* "ext/jsonl.pyx":155
+  /* "ext/jsonl.pyx":174
  *     cdef Py_ssize_t size = data.shape[0]
  *     cdef const char* p = NULL
  *     if size == 0:             # <<<<<<<<<<<<<<
@@ -20234,7 +20378,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   if (__pyx_t_1) {
 
 
-    /* "ext/jsonl.pyx":156
+    /* "ext/jsonl.pyx":175
  *     cdef const char* p = NULL
  *     if size == 0:
  *         return _jsonl_py.parse_lines(b"", vehicles)             # <<<<<<<<<<<<<<
@@ -20242,9 +20386,9 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     cdef Py_ssize_t capacity = 1, at = 0
 */
     __pyx_t_3 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 156, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 156, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 175, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_6 = 1;
@@ -20264,7 +20408,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 156, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 175, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     {
@@ -20278,7 +20422,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __pyx_t_2 = 0;
     goto __pyx_L0;
 
-    /* "ext/jsonl.pyx":155
+    /* "ext/jsonl.pyx":174
  *     cdef Py_ssize_t size = data.shape[0]
  *     cdef const char* p = NULL
  *     if size == 0:             # <<<<<<<<<<<<<<
@@ -20287,7 +20431,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   }
 
-  /* "ext/jsonl.pyx":157
+  /* "ext/jsonl.pyx":176
  *     if size == 0:
  *         return _jsonl_py.parse_lines(b"", vehicles)
  *     p = <const char*>&data[0]             # <<<<<<<<<<<<<<
@@ -20297,7 +20441,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   __pyx_t_7 = 0;
   __pyx_v_p = ((char const *)(&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_data.data) + __pyx_t_7)) )))));
 
-  /* "ext/jsonl.pyx":158
+  /* "ext/jsonl.pyx":177
  *         return _jsonl_py.parse_lines(b"", vehicles)
  *     p = <const char*>&data[0]
  *     cdef Py_ssize_t capacity = 1, at = 0             # <<<<<<<<<<<<<<
@@ -20307,7 +20451,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   __pyx_v_capacity = 1;
   __pyx_v_at = 0;
 
-  /* "ext/jsonl.pyx":160
+  /* "ext/jsonl.pyx":179
  *     cdef Py_ssize_t capacity = 1, at = 0
  *     cdef const char* found
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count             # <<<<<<<<<<<<<<
@@ -20316,7 +20460,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   while (1) {
 
-    /* "ext/jsonl.pyx":161
+    /* "ext/jsonl.pyx":180
  *     cdef const char* found
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL             # <<<<<<<<<<<<<<
@@ -20335,7 +20479,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
     __pyx_v_found = __pyx_t_8;
 
-    /* "ext/jsonl.pyx":162
+    /* "ext/jsonl.pyx":181
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:             # <<<<<<<<<<<<<<
@@ -20347,7 +20491,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     if (__pyx_t_1) {
 
 
-      /* "ext/jsonl.pyx":163
+      /* "ext/jsonl.pyx":182
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:
  *             break             # <<<<<<<<<<<<<<
@@ -20356,7 +20500,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       goto __pyx_L5_break;
 
-      /* "ext/jsonl.pyx":162
+      /* "ext/jsonl.pyx":181
  *     while True:  # count lines with memchr (vectorised in libc), not bytes.count
  *         found = <const char*>memchr(p + at, 10, size - at) if at < size else NULL
  *         if found == NULL:             # <<<<<<<<<<<<<<
@@ -20365,7 +20509,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":164
+    /* "ext/jsonl.pyx":183
  *         if found == NULL:
  *             break
  *         capacity += 1             # <<<<<<<<<<<<<<
@@ -20374,7 +20518,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_capacity = (__pyx_v_capacity + 1);
 
-    /* "ext/jsonl.pyx":165
+    /* "ext/jsonl.pyx":184
  *             break
  *         capacity += 1
  *         at = found - p + 1             # <<<<<<<<<<<<<<
@@ -20385,7 +20529,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   }
   __pyx_L5_break:;
 
-  /* "ext/jsonl.pyx":166
+  /* "ext/jsonl.pyx":185
  *         capacity += 1
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -20393,16 +20537,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 185, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 185, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 185, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 185, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 185, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
@@ -20423,13 +20567,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_3, __pyx_t_10};
     #if CYTHON_VECTORCALL
     __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 185, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 185, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
@@ -20441,13 +20585,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 185, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __pyx_v_ts_arr = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":167
+  /* "ext/jsonl.pyx":186
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)
  *     ingest_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -20455,16 +20599,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     can_arr = np.empty(capacity, dtype=np.int64)
 */
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 186, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 186, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 186, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 186, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 186, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -20485,13 +20629,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_9, __pyx_t_5};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 186, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 186, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -20503,13 +20647,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 167, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 186, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __pyx_v_ingest_arr = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":168
+  /* "ext/jsonl.pyx":187
  *     ts_arr = np.empty(capacity, dtype=np.int64)
  *     ingest_arr = np.empty(capacity, dtype=np.int64)
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -20517,16 +20661,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
 */
   __pyx_t_10 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 187, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 187, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_3 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 187, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 187, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 187, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
@@ -20547,13 +20691,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     PyObject *__pyx_callargs[3] = {__pyx_t_10, __pyx_t_3, __pyx_t_4};
     #if CYTHON_VECTORCALL
     __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 187, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 187, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
@@ -20565,13 +20709,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 187, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __pyx_v_vehicle_arr = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":169
+  /* "ext/jsonl.pyx":188
  *     ingest_arr = np.empty(capacity, dtype=np.int64)
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
  *     can_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -20579,16 +20723,16 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_int64); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 188, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -20609,13 +20753,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_9, __pyx_t_10};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 188, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 188, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -20627,13 +20771,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 169, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 188, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __pyx_v_can_arr = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":170
+  /* "ext/jsonl.pyx":189
  *     vehicle_arr = np.empty(capacity, dtype=np.int64)
  *     can_arr = np.empty(capacity, dtype=np.int64)
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)             # <<<<<<<<<<<<<<
@@ -20641,26 +20785,26 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
  *     cdef double[:, ::1] values = values_arr
 */
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_capacity); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_GIVEREF(__pyx_t_3);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 170, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 189, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_9);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_9) != (0)) __PYX_ERR(0, 170, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_9) != (0)) __PYX_ERR(0, 189, __pyx_L1_error);
   __pyx_t_3 = 0;
   __pyx_t_9 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_float64); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 189, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   #if CYTHON_VECTORCALL
@@ -20681,13 +20825,13 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_5, __pyx_t_3};
     #if CYTHON_VECTORCALL
     __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[2];
-    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 189, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_9);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 170, __pyx_L1_error)
+      if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 189, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
     }
     #endif
@@ -20699,61 +20843,61 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 170, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 189, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   __pyx_v_values_arr = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":171
+  /* "ext/jsonl.pyx":190
  *     can_arr = np.empty(capacity, dtype=np.int64)
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr             # <<<<<<<<<<<<<<
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []
 */
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ts_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ts_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 190, __pyx_L1_error)
   __pyx_v_ts = __pyx_t_11;
   __pyx_t_11.memview = NULL;
   __pyx_t_11.data = NULL;
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ingest_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_ingest_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 190, __pyx_L1_error)
   __pyx_v_ingest = __pyx_t_11;
   __pyx_t_11.memview = NULL;
   __pyx_t_11.data = NULL;
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_vehicle_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_vehicle_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 190, __pyx_L1_error)
   __pyx_v_vehicle = __pyx_t_11;
   __pyx_t_11.memview = NULL;
   __pyx_t_11.data = NULL;
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_can_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_dc_PY_LONG_LONG(__pyx_v_can_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 190, __pyx_L1_error)
   __pyx_v_can = __pyx_t_11;
   __pyx_t_11.memview = NULL;
   __pyx_t_11.data = NULL;
 
-  /* "ext/jsonl.pyx":172
+  /* "ext/jsonl.pyx":191
  *     values_arr = np.empty((N_SIGNALS, capacity), dtype=np.float64)
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
  *     cdef double[:, ::1] values = values_arr             # <<<<<<<<<<<<<<
  *     cdef list bad = []
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0
 */
-  __pyx_t_12 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(__pyx_v_values_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_12.memview)) __PYX_ERR(0, 172, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(__pyx_v_values_arr, PyBUF_WRITABLE); if (unlikely(!__pyx_t_12.memview)) __PYX_ERR(0, 191, __pyx_L1_error)
   __pyx_v_values = __pyx_t_12;
   __pyx_t_12.memview = NULL;
   __pyx_t_12.data = NULL;
 
-  /* "ext/jsonl.pyx":173
+  /* "ext/jsonl.pyx":192
  *     cdef long long[::1] ts = ts_arr, ingest = ingest_arr, vehicle = vehicle_arr, can = can_arr
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0
  *     cdef const char* nl
 */
-  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 173, __pyx_L1_error)
+  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 192, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_v_bad = ((PyObject*)__pyx_t_2);
   __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":174
+  /* "ext/jsonl.pyx":193
  *     cdef double[:, ::1] values = values_arr
  *     cdef list bad = []
  *     cdef Py_ssize_t start = 0, end, i, name_start, rows = 0, number_of_line = 0             # <<<<<<<<<<<<<<
@@ -20764,7 +20908,25 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   __pyx_v_rows = 0;
   __pyx_v_number_of_line = 0;
 
-  /* "ext/jsonl.pyx":182
+  /* "ext/jsonl.pyx":200
+ *     cdef int s, k, key, guess
+ *     cdef HourCache client_hour, ingest_hour
+ *     client_hour.valid = False             # <<<<<<<<<<<<<<
+ *     ingest_hour.valid = False
+ *     cdef unsigned long long h
+*/
+  __pyx_v_client_hour.valid = 0;
+
+  /* "ext/jsonl.pyx":201
+ *     cdef HourCache client_hour, ingest_hour
+ *     client_hour.valid = False
+ *     ingest_hour.valid = False             # <<<<<<<<<<<<<<
+ *     cdef unsigned long long h
+ *     cdef Py_ssize_t slot, name_len
+*/
+  __pyx_v_ingest_hour.valid = 0;
+
+  /* "ext/jsonl.pyx":204
  *     cdef unsigned long long h
  *     cdef Py_ssize_t slot, name_len
  *     cdef long long index_c = 0             # <<<<<<<<<<<<<<
@@ -20773,7 +20935,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
   __pyx_v_index_c = 0;
 
-  /* "ext/jsonl.pyx":187
+  /* "ext/jsonl.pyx":209
  *     cdef Py_ssize_t cache_off[CACHE_SLOTS]
  *     cdef Py_ssize_t cache_len[CACHE_SLOTS]
  *     for k in range(CACHE_SLOTS):             # <<<<<<<<<<<<<<
@@ -20783,7 +20945,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
   for (__pyx_t_13 = 0; __pyx_t_13 < 0x1000; __pyx_t_13+=1) {
     __pyx_v_k = __pyx_t_13;
 
-    /* "ext/jsonl.pyx":188
+    /* "ext/jsonl.pyx":210
  *     cdef Py_ssize_t cache_len[CACHE_SLOTS]
  *     for k in range(CACHE_SLOTS):
  *         cache_index[k] = -1             # <<<<<<<<<<<<<<
@@ -20793,7 +20955,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     (__pyx_v_cache_index[__pyx_v_k]) = -1LL;
   }
 
-  /* "ext/jsonl.pyx":191
+  /* "ext/jsonl.pyx":213
  *     cdef bint ok, blank
  *     cdef char c
  *     while start < size:             # <<<<<<<<<<<<<<
@@ -20806,7 +20968,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
     if (!__pyx_t_1) break;
 
-    /* "ext/jsonl.pyx":192
+    /* "ext/jsonl.pyx":214
  *     cdef char c
  *     while start < size:
  *         nl = <const char*>memchr(p + start, 10, size - start)             # <<<<<<<<<<<<<<
@@ -20815,7 +20977,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_nl = ((char const *)memchr((__pyx_v_p + __pyx_v_start), 10, (__pyx_v_size - __pyx_v_start)));
 
-    /* "ext/jsonl.pyx":193
+    /* "ext/jsonl.pyx":215
  *     while start < size:
  *         nl = <const char*>memchr(p + start, 10, size - start)
  *         end = (nl - p) if nl != NULL else size             # <<<<<<<<<<<<<<
@@ -20834,7 +20996,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
     __pyx_v_end = __pyx_t_14;
 
-    /* "ext/jsonl.pyx":194
+    /* "ext/jsonl.pyx":216
  *         nl = <const char*>memchr(p + start, 10, size - start)
  *         end = (nl - p) if nl != NULL else size
  *         number_of_line += 1             # <<<<<<<<<<<<<<
@@ -20843,7 +21005,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_number_of_line = (__pyx_v_number_of_line + 1);
 
-    /* "ext/jsonl.pyx":195
+    /* "ext/jsonl.pyx":217
  *         end = (nl - p) if nl != NULL else size
  *         number_of_line += 1
  *         blank = True             # <<<<<<<<<<<<<<
@@ -20852,7 +21014,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     __pyx_v_blank = 1;
 
-    /* "ext/jsonl.pyx":196
+    /* "ext/jsonl.pyx":218
  *         number_of_line += 1
  *         blank = True
  *         for i in range(start, end):             # <<<<<<<<<<<<<<
@@ -20866,7 +21028,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     for (__pyx_t_17 = __pyx_v_start; __pyx_t_17 < __pyx_t_16; __pyx_t_17+=1) {
       __pyx_v_i = __pyx_t_17;
 
-      /* "ext/jsonl.pyx":197
+      /* "ext/jsonl.pyx":219
  *         blank = True
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:             # <<<<<<<<<<<<<<
@@ -20902,7 +21064,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":198
+        /* "ext/jsonl.pyx":220
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:
  *                 blank = False             # <<<<<<<<<<<<<<
@@ -20911,7 +21073,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_blank = 0;
 
-        /* "ext/jsonl.pyx":199
+        /* "ext/jsonl.pyx":221
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:
  *                 blank = False
  *                 break             # <<<<<<<<<<<<<<
@@ -20920,7 +21082,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         goto __pyx_L12_break;
 
-        /* "ext/jsonl.pyx":197
+        /* "ext/jsonl.pyx":219
  *         blank = True
  *         for i in range(start, end):
  *             if p[i] != 32 and p[i] != 9 and p[i] != 13:             # <<<<<<<<<<<<<<
@@ -20932,7 +21094,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __pyx_L12_break:;
 
 
-    /* "ext/jsonl.pyx":200
+    /* "ext/jsonl.pyx":222
  *                 blank = False
  *                 break
  *         if blank:             # <<<<<<<<<<<<<<
@@ -20941,7 +21103,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_blank) {
 
-      /* "ext/jsonl.pyx":201
+      /* "ext/jsonl.pyx":223
  *                 break
  *         if blank:
  *             start = end + 1             # <<<<<<<<<<<<<<
@@ -20950,7 +21112,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_start = (__pyx_v_end + 1);
 
-      /* "ext/jsonl.pyx":202
+      /* "ext/jsonl.pyx":224
  *         if blank:
  *             start = end + 1
  *             continue             # <<<<<<<<<<<<<<
@@ -20959,7 +21121,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       goto __pyx_L9_continue;
 
-      /* "ext/jsonl.pyx":200
+      /* "ext/jsonl.pyx":222
  *                 blank = False
  *                 break
  *         if blank:             # <<<<<<<<<<<<<<
@@ -20968,19 +21130,19 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":204
+    /* "ext/jsonl.pyx":226
  *             continue
  *         # --- the fast path: the receiver's exact shape ---
  *         i = start             # <<<<<<<<<<<<<<
- *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
+ *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
 */
     __pyx_v_i = __pyx_v_start;
 
-    /* "ext/jsonl.pyx":205
+    /* "ext/jsonl.pyx":227
  *         # --- the fast path: the receiver's exact shape ---
  *         i = start
- *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \             # <<<<<<<<<<<<<<
+ *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \             # <<<<<<<<<<<<<<
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:
 */
@@ -20995,14 +21157,14 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       goto __pyx_L18_bool_binop_done;
     }
 
-    /* "ext/jsonl.pyx":206
+    /* "ext/jsonl.pyx":228
  *         i = start
- *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
+ *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)             # <<<<<<<<<<<<<<
  *         if ok:
  *             name_start = i
 */
-    __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_t_us));
+    __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_t_us), (&__pyx_v_client_hour));
 
     if (__pyx_t_18) {
 
@@ -21020,8 +21182,8 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     __pyx_L18_bool_binop_done:;
     __pyx_v_ok = __pyx_t_1;
 
-    /* "ext/jsonl.pyx":207
- *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
+    /* "ext/jsonl.pyx":229
+ *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:             # <<<<<<<<<<<<<<
  *             name_start = i
@@ -21029,7 +21191,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":208
+      /* "ext/jsonl.pyx":230
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:
  *             name_start = i             # <<<<<<<<<<<<<<
@@ -21038,7 +21200,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_name_start = __pyx_v_i;
 
-      /* "ext/jsonl.pyx":209
+      /* "ext/jsonl.pyx":231
  *         if ok:
  *             name_start = i
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):             # <<<<<<<<<<<<<<
@@ -21095,7 +21257,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
         if (!__pyx_t_1) break;
 
-        /* "ext/jsonl.pyx":210
+        /* "ext/jsonl.pyx":232
  *             name_start = i
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -21105,7 +21267,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         __pyx_v_i = (__pyx_v_i + 1);
       }
 
-      /* "ext/jsonl.pyx":211
+      /* "ext/jsonl.pyx":233
  *             while i < end and p[i] != 34 and p[i] != 92 and (p[i] < 0 or p[i] >= 32):
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start             # <<<<<<<<<<<<<<
@@ -21140,8 +21302,8 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       __pyx_L29_bool_binop_done:;
       __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":207
- *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
+      /* "ext/jsonl.pyx":229
+ *         ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \
  *             and expect(p, &i, end, b',"vehicle_id":"', 15)
  *         if ok:             # <<<<<<<<<<<<<<
  *             name_start = i
@@ -21149,7 +21311,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":212
+    /* "ext/jsonl.pyx":234
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21158,7 +21320,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":215
+      /* "ext/jsonl.pyx":237
  *             # vehicle index: a direct-mapped cache keyed by the id's FNV-1a hash, verified byte for byte;
  *             # only a miss builds a Python string and asks the dict
  *             name_len = i - name_start             # <<<<<<<<<<<<<<
@@ -21167,7 +21329,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_name_len = (__pyx_v_i - __pyx_v_name_start);
 
-      /* "ext/jsonl.pyx":216
+      /* "ext/jsonl.pyx":238
  *             # only a miss builds a Python string and asks the dict
  *             name_len = i - name_start
  *             h = 14695981039346656037ULL             # <<<<<<<<<<<<<<
@@ -21176,7 +21338,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_h = 14695981039346656037ULL;
 
-      /* "ext/jsonl.pyx":217
+      /* "ext/jsonl.pyx":239
  *             name_len = i - name_start
  *             h = 14695981039346656037ULL
  *             for k in range(name_len):             # <<<<<<<<<<<<<<
@@ -21190,7 +21352,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       for (__pyx_t_13 = 0; __pyx_t_13 < __pyx_t_16; __pyx_t_13+=1) {
         __pyx_v_k = __pyx_t_13;
 
-        /* "ext/jsonl.pyx":218
+        /* "ext/jsonl.pyx":240
  *             h = 14695981039346656037ULL
  *             for k in range(name_len):
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL             # <<<<<<<<<<<<<<
@@ -21201,7 +21363,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
 
 
-      /* "ext/jsonl.pyx":219
+      /* "ext/jsonl.pyx":241
  *             for k in range(name_len):
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)             # <<<<<<<<<<<<<<
@@ -21210,7 +21372,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_slot = (__pyx_v_h & 0xfff);
 
-      /* "ext/jsonl.pyx":220
+      /* "ext/jsonl.pyx":242
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
@@ -21238,7 +21400,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         goto __pyx_L36_bool_binop_done;
       }
 
-      /* "ext/jsonl.pyx":221
+      /* "ext/jsonl.pyx":243
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:             # <<<<<<<<<<<<<<
@@ -21262,7 +21424,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
       __pyx_L36_bool_binop_done:;
 
-      /* "ext/jsonl.pyx":220
+      /* "ext/jsonl.pyx":242
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
@@ -21272,7 +21434,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":222
+        /* "ext/jsonl.pyx":244
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \
  *                     and memcmp(p + cache_off[slot], p + name_start, name_len) == 0:
  *                 index_c = cache_index[slot]             # <<<<<<<<<<<<<<
@@ -21281,7 +21443,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_index_c = (__pyx_v_cache_index[__pyx_v_slot]);
 
-        /* "ext/jsonl.pyx":220
+        /* "ext/jsonl.pyx":242
  *                 h = (h ^ <unsigned char>p[name_start + k]) * 1099511628211ULL
  *             slot = h & (CACHE_SLOTS - 1)
  *             if cache_index[slot] >= 0 and cache_hash[slot] == h and cache_len[slot] == name_len \             # <<<<<<<<<<<<<<
@@ -21291,7 +21453,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         goto __pyx_L35;
       }
 
-      /* "ext/jsonl.pyx":224
+      /* "ext/jsonl.pyx":246
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
@@ -21308,19 +21470,19 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           __Pyx_XGOTREF(__pyx_t_21);
           /*try:*/ {
 
-            /* "ext/jsonl.pyx":225
+            /* "ext/jsonl.pyx":247
  *             else:
  *                 try:
  *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)             # <<<<<<<<<<<<<<
  *                 except UnicodeDecodeError:
  *                     ok = False
 */
-            __pyx_t_2 = PyUnicode_DecodeUTF8((__pyx_v_p + __pyx_v_name_start), __pyx_v_name_len, NULL); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 225, __pyx_L40_error)
+            __pyx_t_2 = PyUnicode_DecodeUTF8((__pyx_v_p + __pyx_v_name_start), __pyx_v_name_len, NULL); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 247, __pyx_L40_error)
             __Pyx_GOTREF(__pyx_t_2);
             __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_2));
             __pyx_t_2 = 0;
 
-            /* "ext/jsonl.pyx":224
+            /* "ext/jsonl.pyx":246
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
@@ -21342,7 +21504,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
 
-          /* "ext/jsonl.pyx":226
+          /* "ext/jsonl.pyx":248
  *                 try:
  *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:             # <<<<<<<<<<<<<<
@@ -21353,7 +21515,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           if (__pyx_t_13) {
             __Pyx_ErrRestore(0,0,0);
 
-            /* "ext/jsonl.pyx":227
+            /* "ext/jsonl.pyx":249
  *                     name = PyUnicode_DecodeUTF8(p + name_start, name_len, NULL)
  *                 except UnicodeDecodeError:
  *                     ok = False             # <<<<<<<<<<<<<<
@@ -21365,7 +21527,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           }
           goto __pyx_L42_except_error;
 
-          /* "ext/jsonl.pyx":224
+          /* "ext/jsonl.pyx":246
  *                 index_c = cache_index[slot]
  *             else:
  *                 try:             # <<<<<<<<<<<<<<
@@ -21386,7 +21548,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           __pyx_L47_try_end:;
         }
 
-        /* "ext/jsonl.pyx":228
+        /* "ext/jsonl.pyx":250
  *                 except UnicodeDecodeError:
  *                     ok = False
  *                 if ok:             # <<<<<<<<<<<<<<
@@ -21395,7 +21557,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         if (__pyx_v_ok) {
 
-          /* "ext/jsonl.pyx":229
+          /* "ext/jsonl.pyx":251
  *                     ok = False
  *                 if ok:
  *                     index = vehicles.get(name)             # <<<<<<<<<<<<<<
@@ -21404,15 +21566,15 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           if (unlikely(__pyx_v_vehicles == Py_None)) {
             PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-            __PYX_ERR(0, 229, __pyx_L1_error)
+            __PYX_ERR(0, 251, __pyx_L1_error)
           }
-          if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 229, __pyx_L1_error) }
-          __pyx_t_2 = __Pyx_PyDict_GetItemDefault(__pyx_v_vehicles, __pyx_v_name, Py_None); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 229, __pyx_L1_error)
+          if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 251, __pyx_L1_error) }
+          __pyx_t_2 = __Pyx_PyDict_GetItemDefault(__pyx_v_vehicles, __pyx_v_name, Py_None); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 251, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_2);
           __Pyx_XDECREF_SET(__pyx_v_index, __pyx_t_2);
           __pyx_t_2 = 0;
 
-          /* "ext/jsonl.pyx":230
+          /* "ext/jsonl.pyx":252
  *                 if ok:
  *                     index = vehicles.get(name)
  *                     if index is None:             # <<<<<<<<<<<<<<
@@ -21423,7 +21585,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           if (__pyx_t_1) {
 
 
-            /* "ext/jsonl.pyx":231
+            /* "ext/jsonl.pyx":253
  *                     index = vehicles.get(name)
  *                     if index is None:
  *                         index = vehicles[name] = len(vehicles)             # <<<<<<<<<<<<<<
@@ -21432,23 +21594,23 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
             if (unlikely(__pyx_v_vehicles == Py_None)) {
               PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-              __PYX_ERR(0, 231, __pyx_L1_error)
+              __PYX_ERR(0, 253, __pyx_L1_error)
             }
-            __pyx_t_15 = PyDict_Size(__pyx_v_vehicles); if (unlikely(__pyx_t_15 == ((Py_ssize_t)-1))) __PYX_ERR(0, 231, __pyx_L1_error)
-            __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_15); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 231, __pyx_L1_error)
+            __pyx_t_15 = PyDict_Size(__pyx_v_vehicles); if (unlikely(__pyx_t_15 == ((Py_ssize_t)-1))) __PYX_ERR(0, 253, __pyx_L1_error)
+            __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_15); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 253, __pyx_L1_error)
             __Pyx_GOTREF(__pyx_t_2);
 
             __Pyx_INCREF(__pyx_t_2);
             __Pyx_DECREF_SET(__pyx_v_index, __pyx_t_2);
             if (unlikely(__pyx_v_vehicles == Py_None)) {
               PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-              __PYX_ERR(0, 231, __pyx_L1_error)
+              __PYX_ERR(0, 253, __pyx_L1_error)
             }
-            if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 231, __pyx_L1_error) }
-            if (unlikely((PyDict_SetItem(__pyx_v_vehicles, __pyx_v_name, __pyx_t_2) < 0))) __PYX_ERR(0, 231, __pyx_L1_error)
+            if (unlikely(!__pyx_v_name)) { __Pyx_RaiseUnboundLocalError("name"); __PYX_ERR(0, 253, __pyx_L1_error) }
+            if (unlikely((PyDict_SetItem(__pyx_v_vehicles, __pyx_v_name, __pyx_t_2) < 0))) __PYX_ERR(0, 253, __pyx_L1_error)
             __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-            /* "ext/jsonl.pyx":230
+            /* "ext/jsonl.pyx":252
  *                 if ok:
  *                     index = vehicles.get(name)
  *                     if index is None:             # <<<<<<<<<<<<<<
@@ -21457,17 +21619,17 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           }
 
-          /* "ext/jsonl.pyx":232
+          /* "ext/jsonl.pyx":254
  *                     if index is None:
  *                         index = vehicles[name] = len(vehicles)
  *                     index_c = index             # <<<<<<<<<<<<<<
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
 */
-          __pyx_t_22 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_v_index); if (unlikely((__pyx_t_22 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 232, __pyx_L1_error)
+          __pyx_t_22 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_v_index); if (unlikely((__pyx_t_22 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 254, __pyx_L1_error)
           __pyx_v_index_c = __pyx_t_22;
 
-          /* "ext/jsonl.pyx":233
+          /* "ext/jsonl.pyx":255
  *                         index = vehicles[name] = len(vehicles)
  *                     index_c = index
  *                     cache_index[slot], cache_hash[slot] = index_c, h             # <<<<<<<<<<<<<<
@@ -21483,7 +21645,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           (__pyx_v_cache_hash[__pyx_v_slot]) = __pyx_t_23;
 
 
-          /* "ext/jsonl.pyx":234
+          /* "ext/jsonl.pyx":256
  *                     index_c = index
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len             # <<<<<<<<<<<<<<
@@ -21499,7 +21661,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           (__pyx_v_cache_len[__pyx_v_slot]) = __pyx_t_16;
 
 
-          /* "ext/jsonl.pyx":228
+          /* "ext/jsonl.pyx":250
  *                 except UnicodeDecodeError:
  *                     ok = False
  *                 if ok:             # <<<<<<<<<<<<<<
@@ -21510,7 +21672,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
       __pyx_L35:;
 
-      /* "ext/jsonl.pyx":235
+      /* "ext/jsonl.pyx":257
  *                     cache_index[slot], cache_hash[slot] = index_c, h
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
  *             i += 1             # <<<<<<<<<<<<<<
@@ -21519,7 +21681,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_i = (__pyx_v_i + 1);
 
-      /* "ext/jsonl.pyx":236
+      /* "ext/jsonl.pyx":258
  *                     cache_off[slot], cache_len[slot] = name_start, name_len
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)             # <<<<<<<<<<<<<<
@@ -21540,7 +21702,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       __pyx_L52_bool_binop_done:;
       __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":212
+      /* "ext/jsonl.pyx":234
  *                 i += 1
  *             ok = i < end and p[i] == 34 and i > name_start
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21549,7 +21711,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":237
+    /* "ext/jsonl.pyx":259
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21558,7 +21720,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":238
+      /* "ext/jsonl.pyx":260
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:
  *             can_id = 0             # <<<<<<<<<<<<<<
@@ -21567,7 +21729,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_can_id = 0;
 
-      /* "ext/jsonl.pyx":239
+      /* "ext/jsonl.pyx":261
  *         if ok:
  *             can_id = 0
  *             k = 0             # <<<<<<<<<<<<<<
@@ -21576,7 +21738,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_k = 0;
 
-      /* "ext/jsonl.pyx":240
+      /* "ext/jsonl.pyx":262
  *             can_id = 0
  *             k = 0
  *             while i < end and k <= 8:             # <<<<<<<<<<<<<<
@@ -21603,7 +21765,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
         if (!__pyx_t_1) break;
 
-        /* "ext/jsonl.pyx":241
+        /* "ext/jsonl.pyx":263
  *             k = 0
  *             while i < end and k <= 8:
  *                 c = p[i]             # <<<<<<<<<<<<<<
@@ -21612,7 +21774,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_c = (__pyx_v_p[__pyx_v_i]);
 
-        /* "ext/jsonl.pyx":242
+        /* "ext/jsonl.pyx":264
  *             while i < end and k <= 8:
  *                 c = p[i]
  *                 if 48 <= c <= 57:             # <<<<<<<<<<<<<<
@@ -21626,7 +21788,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":243
+          /* "ext/jsonl.pyx":265
  *                 c = p[i]
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)             # <<<<<<<<<<<<<<
@@ -21635,7 +21797,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 48));
 
-          /* "ext/jsonl.pyx":242
+          /* "ext/jsonl.pyx":264
  *             while i < end and k <= 8:
  *                 c = p[i]
  *                 if 48 <= c <= 57:             # <<<<<<<<<<<<<<
@@ -21645,7 +21807,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":244
+        /* "ext/jsonl.pyx":266
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:             # <<<<<<<<<<<<<<
@@ -21659,7 +21821,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":245
+          /* "ext/jsonl.pyx":267
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)             # <<<<<<<<<<<<<<
@@ -21668,7 +21830,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 87));
 
-          /* "ext/jsonl.pyx":244
+          /* "ext/jsonl.pyx":266
  *                 if 48 <= c <= 57:
  *                     can_id = can_id * 16 + (c - 48)
  *                 elif 97 <= c <= 102:             # <<<<<<<<<<<<<<
@@ -21678,7 +21840,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":246
+        /* "ext/jsonl.pyx":268
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:             # <<<<<<<<<<<<<<
@@ -21692,7 +21854,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":247
+          /* "ext/jsonl.pyx":269
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:
  *                     can_id = can_id * 16 + (c - 55)             # <<<<<<<<<<<<<<
@@ -21701,7 +21863,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_can_id = ((__pyx_v_can_id * 16) + (__pyx_v_c - 55));
 
-          /* "ext/jsonl.pyx":246
+          /* "ext/jsonl.pyx":268
  *                 elif 97 <= c <= 102:
  *                     can_id = can_id * 16 + (c - 87)
  *                 elif 65 <= c <= 70:             # <<<<<<<<<<<<<<
@@ -21711,7 +21873,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           goto __pyx_L59;
         }
 
-        /* "ext/jsonl.pyx":249
+        /* "ext/jsonl.pyx":271
  *                     can_id = can_id * 16 + (c - 55)
  *                 else:
  *                     break             # <<<<<<<<<<<<<<
@@ -21723,7 +21885,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         }
         __pyx_L59:;
 
-        /* "ext/jsonl.pyx":250
+        /* "ext/jsonl.pyx":272
  *                 else:
  *                     break
  *                 k += 1             # <<<<<<<<<<<<<<
@@ -21732,7 +21894,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_k = (__pyx_v_k + 1);
 
-        /* "ext/jsonl.pyx":251
+        /* "ext/jsonl.pyx":273
  *                     break
  *                 k += 1
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -21743,7 +21905,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
       __pyx_L56_break:;
 
-      /* "ext/jsonl.pyx":252
+      /* "ext/jsonl.pyx":274
  *                 k += 1
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)             # <<<<<<<<<<<<<<
@@ -21770,7 +21932,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       __pyx_L60_bool_binop_done:;
       __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":237
+      /* "ext/jsonl.pyx":259
  *             i += 1
  *             ok = ok and expect(p, &i, end, b',"can_id":"0x', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21779,7 +21941,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":253
+    /* "ext/jsonl.pyx":275
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -21788,7 +21950,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":254
+      /* "ext/jsonl.pyx":276
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:
  *             for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -21802,7 +21964,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
         __pyx_v_s = __pyx_t_25;
 
-        /* "ext/jsonl.pyx":255
+        /* "ext/jsonl.pyx":277
  *         if ok:
  *             for s in range(N_SIGNALS):
  *                 v[s] = NAN             # <<<<<<<<<<<<<<
@@ -21813,7 +21975,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
 
 
-      /* "ext/jsonl.pyx":256
+      /* "ext/jsonl.pyx":278
  *             for s in range(N_SIGNALS):
  *                 v[s] = NAN
  *             guess = 0             # <<<<<<<<<<<<<<
@@ -21822,7 +21984,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_guess = 0;
 
-      /* "ext/jsonl.pyx":257
+      /* "ext/jsonl.pyx":279
  *                 v[s] = NAN
  *             guess = 0
  *             while ok:             # <<<<<<<<<<<<<<
@@ -21832,7 +21994,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       while (1) {
         if (!__pyx_v_ok) break;
 
-        /* "ext/jsonl.pyx":258
+        /* "ext/jsonl.pyx":280
  *             guess = 0
  *             while ok:
  *                 ok = i < end and p[i] == 34             # <<<<<<<<<<<<<<
@@ -21857,7 +22019,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         __pyx_L67_bool_binop_done:;
         __pyx_v_ok = __pyx_t_1;
 
-        /* "ext/jsonl.pyx":259
+        /* "ext/jsonl.pyx":281
  *             while ok:
  *                 ok = i < end and p[i] == 34
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -21869,7 +22031,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":260
+          /* "ext/jsonl.pyx":282
  *                 ok = i < end and p[i] == 34
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
@@ -21878,7 +22040,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":259
+          /* "ext/jsonl.pyx":281
  *             while ok:
  *                 ok = i < end and p[i] == 34
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -21887,7 +22049,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":261
+        /* "ext/jsonl.pyx":283
  *                 if not ok:
  *                     break
  *                 key = -1             # <<<<<<<<<<<<<<
@@ -21896,7 +22058,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_key = -1;
 
-        /* "ext/jsonl.pyx":262
+        /* "ext/jsonl.pyx":284
  *                     break
  *                 key = -1
  *                 for k in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -21910,7 +22072,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
           __pyx_v_k = __pyx_t_25;
 
-          /* "ext/jsonl.pyx":263
+          /* "ext/jsonl.pyx":285
  *                 key = -1
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one             # <<<<<<<<<<<<<<
@@ -21919,7 +22081,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_s = ((__pyx_v_guess + __pyx_v_k) % __pyx_v_6engine_7kernels_8_jsonl_c_N_SIGNALS);
 
-          /* "ext/jsonl.pyx":264
+          /* "ext/jsonl.pyx":286
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
@@ -21937,7 +22099,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
             goto __pyx_L73_bool_binop_done;
           }
 
-          /* "ext/jsonl.pyx":265
+          /* "ext/jsonl.pyx":287
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:             # <<<<<<<<<<<<<<
@@ -21971,7 +22133,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 
           __pyx_L73_bool_binop_done:;
 
-          /* "ext/jsonl.pyx":264
+          /* "ext/jsonl.pyx":286
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
@@ -21981,7 +22143,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
           if (__pyx_t_1) {
 
 
-            /* "ext/jsonl.pyx":266
+            /* "ext/jsonl.pyx":288
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s             # <<<<<<<<<<<<<<
@@ -21990,7 +22152,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
             __pyx_v_key = __pyx_v_s;
 
-            /* "ext/jsonl.pyx":267
+            /* "ext/jsonl.pyx":289
  *                             and p[i + 1 + NAME_LEN[s]] == 34 and p[i + 2 + NAME_LEN[s]] == 58:
  *                         key = s
  *                         break             # <<<<<<<<<<<<<<
@@ -21999,7 +22161,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
             goto __pyx_L71_break;
 
-            /* "ext/jsonl.pyx":264
+            /* "ext/jsonl.pyx":286
  *                 for k in range(N_SIGNALS):
  *                     s = (guess + k) % N_SIGNALS  # keys come in schema order: the next one is the likely one
  *                     if i + 1 + NAME_LEN[s] + 2 <= end and memcmp(p + i + 1, NAMES[s], NAME_LEN[s]) == 0 \             # <<<<<<<<<<<<<<
@@ -22011,7 +22173,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         __pyx_L71_break:;
 
 
-        /* "ext/jsonl.pyx":268
+        /* "ext/jsonl.pyx":290
  *                         key = s
  *                         break
  *                 guess = key + 1             # <<<<<<<<<<<<<<
@@ -22020,7 +22182,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_guess = (__pyx_v_key + 1);
 
-        /* "ext/jsonl.pyx":269
+        /* "ext/jsonl.pyx":291
  *                         break
  *                 guess = key + 1
  *                 ok = key >= 0             # <<<<<<<<<<<<<<
@@ -22029,7 +22191,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_ok = (__pyx_v_key >= 0);
 
-        /* "ext/jsonl.pyx":270
+        /* "ext/jsonl.pyx":292
  *                 guess = key + 1
  *                 ok = key >= 0
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22041,7 +22203,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":271
+          /* "ext/jsonl.pyx":293
  *                 ok = key >= 0
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
@@ -22050,7 +22212,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":270
+          /* "ext/jsonl.pyx":292
  *                 guess = key + 1
  *                 ok = key >= 0
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22059,7 +22221,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":272
+        /* "ext/jsonl.pyx":294
  *                 if not ok:
  *                     break
  *                 i += NAME_LEN[key] + 3             # <<<<<<<<<<<<<<
@@ -22068,7 +22230,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_i = (__pyx_v_i + ((__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[__pyx_v_key]) + 3));
 
-        /* "ext/jsonl.pyx":273
+        /* "ext/jsonl.pyx":295
  *                     break
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)             # <<<<<<<<<<<<<<
@@ -22077,7 +22239,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_ok = __pyx_f_6engine_7kernels_8_jsonl_c_number(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_x));
 
-        /* "ext/jsonl.pyx":274
+        /* "ext/jsonl.pyx":296
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22089,7 +22251,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":275
+          /* "ext/jsonl.pyx":297
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:
  *                     break             # <<<<<<<<<<<<<<
@@ -22098,7 +22260,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           goto __pyx_L66_break;
 
-          /* "ext/jsonl.pyx":274
+          /* "ext/jsonl.pyx":296
  *                 i += NAME_LEN[key] + 3
  *                 ok = number(p, &i, end, &x)
  *                 if not ok:             # <<<<<<<<<<<<<<
@@ -22107,7 +22269,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":276
+        /* "ext/jsonl.pyx":298
  *                 if not ok:
  *                     break
  *                 v[key] = x             # <<<<<<<<<<<<<<
@@ -22116,7 +22278,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         (__pyx_v_v[__pyx_v_key]) = __pyx_v_x;
 
-        /* "ext/jsonl.pyx":277
+        /* "ext/jsonl.pyx":299
  *                     break
  *                 v[key] = x
  *                 if i < end and p[i] == 44:             # <<<<<<<<<<<<<<
@@ -22142,7 +22304,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         if (__pyx_t_1) {
 
 
-          /* "ext/jsonl.pyx":278
+          /* "ext/jsonl.pyx":300
  *                 v[key] = x
  *                 if i < end and p[i] == 44:
  *                     i += 1             # <<<<<<<<<<<<<<
@@ -22151,7 +22313,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           __pyx_v_i = (__pyx_v_i + 1);
 
-          /* "ext/jsonl.pyx":279
+          /* "ext/jsonl.pyx":301
  *                 if i < end and p[i] == 44:
  *                     i += 1
  *                     continue             # <<<<<<<<<<<<<<
@@ -22160,7 +22322,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
           goto __pyx_L65_continue;
 
-          /* "ext/jsonl.pyx":277
+          /* "ext/jsonl.pyx":299
  *                     break
  *                 v[key] = x
  *                 if i < end and p[i] == 44:             # <<<<<<<<<<<<<<
@@ -22169,7 +22331,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         }
 
-        /* "ext/jsonl.pyx":280
+        /* "ext/jsonl.pyx":302
  *                     i += 1
  *                     continue
  *                 ok = i < end and p[i] == 125             # <<<<<<<<<<<<<<
@@ -22194,7 +22356,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         __pyx_L82_bool_binop_done:;
         __pyx_v_ok = __pyx_t_1;
 
-        /* "ext/jsonl.pyx":281
+        /* "ext/jsonl.pyx":303
  *                     continue
  *                 ok = i < end and p[i] == 125
  *                 i += 1             # <<<<<<<<<<<<<<
@@ -22203,19 +22365,19 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
         __pyx_v_i = (__pyx_v_i + 1);
 
-        /* "ext/jsonl.pyx":282
+        /* "ext/jsonl.pyx":304
  *                 ok = i < end and p[i] == 125
  *                 i += 1
  *                 break             # <<<<<<<<<<<<<<
  *         if ok:
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
 */
         goto __pyx_L66_break;
         __pyx_L65_continue:;
       }
       __pyx_L66_break:;
 
-      /* "ext/jsonl.pyx":253
+      /* "ext/jsonl.pyx":275
  *                 i += 1
  *             ok = 1 <= k <= 8 and expect(p, &i, end, b'","payload":{', 13)
  *         if ok:             # <<<<<<<<<<<<<<
@@ -22224,19 +22386,19 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     }
 
-    /* "ext/jsonl.pyx":283
+    /* "ext/jsonl.pyx":305
  *                 i += 1
  *                 break
  *         if ok:             # <<<<<<<<<<<<<<
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":284
+      /* "ext/jsonl.pyx":306
  *                 break
  *         if ok:
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \             # <<<<<<<<<<<<<<
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \             # <<<<<<<<<<<<<<
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:
 */
@@ -22251,14 +22413,14 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
         goto __pyx_L85_bool_binop_done;
       }
 
-      /* "ext/jsonl.pyx":285
+      /* "ext/jsonl.pyx":307
  *         if ok:
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
  *                 and expect(p, &i, end, b'}', 1) and i == end             # <<<<<<<<<<<<<<
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
 */
-      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_in_us));
+      __pyx_t_18 = __pyx_f_6engine_7kernels_8_jsonl_c_timestamp(__pyx_v_p, (&__pyx_v_i), __pyx_v_end, (&__pyx_v_in_us), (&__pyx_v_ingest_hour));
 
       if (__pyx_t_18) {
 
@@ -22286,17 +22448,17 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       __pyx_L85_bool_binop_done:;
       __pyx_v_ok = __pyx_t_1;
 
-      /* "ext/jsonl.pyx":283
+      /* "ext/jsonl.pyx":305
  *                 i += 1
  *                 break
  *         if ok:             # <<<<<<<<<<<<<<
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
 */
     }
 
-    /* "ext/jsonl.pyx":286
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+    /* "ext/jsonl.pyx":308
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:             # <<<<<<<<<<<<<<
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
@@ -22304,7 +22466,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     if (__pyx_v_ok) {
 
-      /* "ext/jsonl.pyx":287
+      /* "ext/jsonl.pyx":309
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id             # <<<<<<<<<<<<<<
@@ -22332,7 +22494,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_7)) )) = __pyx_t_28;
 
 
-      /* "ext/jsonl.pyx":288
+      /* "ext/jsonl.pyx":310
  *         if ok:
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
  *             for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -22346,7 +22508,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
         __pyx_v_s = __pyx_t_25;
 
-        /* "ext/jsonl.pyx":289
+        /* "ext/jsonl.pyx":311
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
  *             for s in range(N_SIGNALS):
  *                 values[s, rows] = v[s]             # <<<<<<<<<<<<<<
@@ -22359,7 +22521,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       }
 
 
-      /* "ext/jsonl.pyx":290
+      /* "ext/jsonl.pyx":312
  *             for s in range(N_SIGNALS):
  *                 values[s, rows] = v[s]
  *             rows += 1             # <<<<<<<<<<<<<<
@@ -22368,8 +22530,8 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
       __pyx_v_rows = (__pyx_v_rows + 1);
 
-      /* "ext/jsonl.pyx":286
- *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+      /* "ext/jsonl.pyx":308
+ *             ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
  *                 and expect(p, &i, end, b'}', 1) and i == end
  *         if ok:             # <<<<<<<<<<<<<<
  *             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id
@@ -22378,7 +22540,7 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
       goto __pyx_L89;
     }
 
-    /* "ext/jsonl.pyx":293
+    /* "ext/jsonl.pyx":315
  *         else:
  *             # not the receiver's exact shape: the reference decides, for this one line
  *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)             # <<<<<<<<<<<<<<
@@ -22387,9 +22549,9 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
 */
     /*else*/ {
       __pyx_t_10 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 293, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 315, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 293, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_parse_lines); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 315, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       __pyx_t_5 = NULL;
@@ -22410,10 +22572,10 @@ static PyObject *__pyx_pf_6engine_7kernels_8_jsonl_c_parse_lines(CYTHON_UNUSED P
     0,
     1) < 0))
 {
-    __PYX_ERR(0, 293, __pyx_L1_error)
+    __PYX_ERR(0, 315, __pyx_L1_error)
 }
 
-__pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __pyx_memview_get_unsigned_char__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 293, __pyx_L1_error)
+__pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __pyx_memview_get_unsigned_char__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 315, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __pyx_t_6 = 1;
       {
@@ -22421,7 +22583,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 293, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 315, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
       __pyx_t_6 = 1;
@@ -22442,40 +22604,40 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 293, __pyx_L1_error)
+        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 315, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
       }
       __Pyx_XDECREF_SET(__pyx_v_one, __pyx_t_2);
       __pyx_t_2 = 0;
 
-      /* "ext/jsonl.pyx":294
+      /* "ext/jsonl.pyx":316
  *             # not the receiver's exact shape: the reference decides, for this one line
  *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:             # <<<<<<<<<<<<<<
  *                 bad.append(number_of_line)
  *             else:
 */
-      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_bad_lines); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 294, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_bad_lines); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 316, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_2); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 294, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_2); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 316, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
       if (__pyx_t_1) {
 
 
-        /* "ext/jsonl.pyx":295
+        /* "ext/jsonl.pyx":317
  *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:
  *                 bad.append(number_of_line)             # <<<<<<<<<<<<<<
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
 */
-        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_number_of_line); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 295, __pyx_L1_error)
+        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_number_of_line); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 317, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
-        __pyx_t_31 = __Pyx_PyList_Append(__pyx_v_bad, __pyx_t_2); if (unlikely(__pyx_t_31 == ((int)-1))) __PYX_ERR(0, 295, __pyx_L1_error)
+        __pyx_t_31 = __Pyx_PyList_Append(__pyx_v_bad, __pyx_t_2); if (unlikely(__pyx_t_31 == ((int)-1))) __PYX_ERR(0, 317, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
 
-        /* "ext/jsonl.pyx":294
+        /* "ext/jsonl.pyx":316
  *             # not the receiver's exact shape: the reference decides, for this one line
  *             one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
  *             if one.bad_lines:             # <<<<<<<<<<<<<<
@@ -22485,7 +22647,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         goto __pyx_L92;
       }
 
-      /* "ext/jsonl.pyx":297
+      /* "ext/jsonl.pyx":319
  *                 bad.append(number_of_line)
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]             # <<<<<<<<<<<<<<
@@ -22493,19 +22655,19 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
  *                 for s in range(N_SIGNALS):
 */
       /*else*/ {
-        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_timestamp_us); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_timestamp_us); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
-        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_ingest_us); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_ingest_us); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 297, __pyx_L1_error)
+        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 319, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
         __pyx_t_29 = __pyx_v_rows;
         *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ts.data) + __pyx_t_29)) )) = __pyx_t_28;
@@ -22514,26 +22676,26 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_ingest.data) + __pyx_t_29)) )) = __pyx_t_27;
 
 
-        /* "ext/jsonl.pyx":298
+        /* "ext/jsonl.pyx":320
  *             else:
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]             # <<<<<<<<<<<<<<
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]
 */
-        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_vehicle); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_vehicle); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
-        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_27 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_27 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_can_id); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_can_id); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
-        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 298, __pyx_L1_error)
+        __pyx_t_28 = __Pyx_PyLong_As_PY_LONG_LONG(__pyx_t_2); if (unlikely((__pyx_t_28 == (PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
         __pyx_t_29 = __pyx_v_rows;
         *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_vehicle.data) + __pyx_t_29)) )) = __pyx_t_27;
@@ -22542,7 +22704,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         *((PY_LONG_LONG *) ( /* dim=0 */ ((char *) (((PY_LONG_LONG *) __pyx_v_can.data) + __pyx_t_29)) )) = __pyx_t_28;
 
 
-        /* "ext/jsonl.pyx":299
+        /* "ext/jsonl.pyx":321
  *                 ts[rows], ingest[rows] = one.timestamp_us[0], one.ingest_us[0]
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]
  *                 for s in range(N_SIGNALS):             # <<<<<<<<<<<<<<
@@ -22556,30 +22718,30 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         for (__pyx_t_25 = 0; __pyx_t_25 < __pyx_t_24; __pyx_t_25+=1) {
           __pyx_v_s = __pyx_t_25;
 
-          /* "ext/jsonl.pyx":300
+          /* "ext/jsonl.pyx":322
  *                 vehicle[rows], can[rows] = one.vehicle[0], one.can_id[0]
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]             # <<<<<<<<<<<<<<
  *                 rows += 1
  *         start = end + 1
 */
-          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_values); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_one, __pyx_mstate_global->__pyx_n_u_values); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 322, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_2);
-          __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_s); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __pyx_t_3 = __Pyx_PyLong_From_int(__pyx_v_s); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 322, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_3);
-          __pyx_t_9 = PyTuple_New(2); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __pyx_t_9 = PyTuple_New(2); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 322, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_GIVEREF(__pyx_t_3);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 300, __pyx_L1_error);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 322, __pyx_L1_error);
           __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
           __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_0);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 1, __pyx_mstate_global->__pyx_int_0) != (0)) __PYX_ERR(0, 300, __pyx_L1_error);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_9, 1, __pyx_mstate_global->__pyx_int_0) != (0)) __PYX_ERR(0, 322, __pyx_L1_error);
           __pyx_t_3 = 0;
-          __pyx_t_3 = __Pyx_PyObject_GetItem(__pyx_t_2, __pyx_t_9); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 300, __pyx_L1_error)
+          __pyx_t_3 = __Pyx_PyObject_GetItem(__pyx_t_2, __pyx_t_9); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 322, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_3);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          __pyx_t_32 = __Pyx_PyFloat_AsDouble(__pyx_t_3); if (unlikely((__pyx_t_32 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 300, __pyx_L1_error)
+          __pyx_t_32 = __Pyx_PyFloat_AsDouble(__pyx_t_3); if (unlikely((__pyx_t_32 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 322, __pyx_L1_error)
           __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
           __pyx_t_29 = __pyx_v_s;
           __pyx_t_7 = __pyx_v_rows;
@@ -22588,7 +22750,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
         }
 
 
-        /* "ext/jsonl.pyx":301
+        /* "ext/jsonl.pyx":323
  *                 for s in range(N_SIGNALS):
  *                     values[s, rows] = one.values[s, 0]
  *                 rows += 1             # <<<<<<<<<<<<<<
@@ -22601,7 +22763,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     }
     __pyx_L89:;
 
-    /* "ext/jsonl.pyx":302
+    /* "ext/jsonl.pyx":324
  *                     values[s, rows] = one.values[s, 0]
  *                 rows += 1
  *         start = end + 1             # <<<<<<<<<<<<<<
@@ -22612,7 +22774,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __pyx_L9_continue:;
   }
 
-  /* "ext/jsonl.pyx":303
+  /* "ext/jsonl.pyx":325
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
@@ -22620,20 +22782,20 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
 */
   __pyx_t_9 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 303, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_jsonl_py); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 325, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Columns); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 303, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_Columns); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 325, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "ext/jsonl.pyx":304
+  /* "ext/jsonl.pyx":326
  *         start = end + 1
  *     return _jsonl_py.Columns(
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),             # <<<<<<<<<<<<<<
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
  *         lines=capacity - 1,
 */
-  __pyx_t_5 = __Pyx_PyObject_GetSlice(__pyx_v_ts_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 304, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetSlice(__pyx_v_ts_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
@@ -22643,10 +22805,10 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 304, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 326, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
-  __pyx_t_33 = __Pyx_PyObject_GetSlice(__pyx_v_ingest_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 304, __pyx_L1_error)
+  __pyx_t_33 = __Pyx_PyObject_GetSlice(__pyx_v_ingest_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 326, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_33);
   __pyx_t_4 = __pyx_t_33;
   __Pyx_INCREF(__pyx_t_4);
@@ -22656,10 +22818,10 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_33); __pyx_t_33 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 304, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
-  __pyx_t_34 = __Pyx_PyObject_GetSlice(__pyx_v_vehicle_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 304, __pyx_L1_error)
+  __pyx_t_34 = __Pyx_PyObject_GetSlice(__pyx_v_vehicle_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 326, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_34);
   __pyx_t_4 = __pyx_t_34;
   __Pyx_INCREF(__pyx_t_4);
@@ -22669,18 +22831,18 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __pyx_t_33 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_34); __pyx_t_34 = 0;
-    if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 304, __pyx_L1_error)
+    if (unlikely(!__pyx_t_33)) __PYX_ERR(0, 326, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_33);
   }
 
-  /* "ext/jsonl.pyx":305
+  /* "ext/jsonl.pyx":327
  *     return _jsonl_py.Columns(
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,             # <<<<<<<<<<<<<<
  *         lines=capacity - 1,
  *     )
 */
-  __pyx_t_35 = __Pyx_PyObject_GetSlice(__pyx_v_can_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_35 = __Pyx_PyObject_GetSlice(__pyx_v_can_arr, 0, __pyx_v_rows, NULL, NULL, NULL, 0, 1, 0); if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_35);
   __pyx_t_4 = __pyx_t_35;
   __Pyx_INCREF(__pyx_t_4);
@@ -22690,29 +22852,29 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __pyx_t_34 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_35); __pyx_t_35 = 0;
-    if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 305, __pyx_L1_error)
+    if (unlikely(!__pyx_t_34)) __PYX_ERR(0, 327, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_34);
   }
   __pyx_t_4 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_36);
-  __pyx_t_37 = __Pyx_PyObject_GetAttrStr(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_37 = __Pyx_PyObject_GetAttrStr(__pyx_t_36, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_37);
   __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
-  __pyx_t_36 = PyLong_FromSsize_t(__pyx_v_rows); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_36 = PyLong_FromSsize_t(__pyx_v_rows); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_36);
-  __pyx_t_38 = PySlice_New(Py_None, __pyx_t_36, Py_None); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_38 = PySlice_New(Py_None, __pyx_t_36, Py_None); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_38);
   __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
-  __pyx_t_36 = PyTuple_New(2); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_36 = PyTuple_New(2); if (unlikely(!__pyx_t_36)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_36);
   __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 305, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 327, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_38);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 1, __pyx_t_38) != (0)) __PYX_ERR(0, 305, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_36, 1, __pyx_t_38) != (0)) __PYX_ERR(0, 327, __pyx_L1_error);
   __pyx_t_38 = 0;
-  __pyx_t_38 = __Pyx_PyObject_GetItem(__pyx_v_values_arr, __pyx_t_36); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 305, __pyx_L1_error)
+  __pyx_t_38 = __Pyx_PyObject_GetItem(__pyx_v_values_arr, __pyx_t_36); if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 327, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_38);
   __Pyx_DECREF(__pyx_t_36); __pyx_t_36 = 0;
   __pyx_t_6 = 1;
@@ -22733,21 +22895,21 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_38); __pyx_t_38 = 0;
     __Pyx_DECREF(__pyx_t_37); __pyx_t_37 = 0;
-    if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 305, __pyx_L1_error)
+    if (unlikely(!__pyx_t_35)) __PYX_ERR(0, 327, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_35);
   }
 
-  /* "ext/jsonl.pyx":306
+  /* "ext/jsonl.pyx":328
  *         timestamp_us=ts_arr[:rows].copy(), ingest_us=ingest_arr[:rows].copy(), vehicle=vehicle_arr[:rows].copy(),
  *         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
  *         lines=capacity - 1,             # <<<<<<<<<<<<<<
  *     )
 */
-  __pyx_t_37 = PyLong_FromSsize_t((__pyx_v_capacity - 1)); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 306, __pyx_L1_error)
+  __pyx_t_37 = PyLong_FromSsize_t((__pyx_v_capacity - 1)); if (unlikely(!__pyx_t_37)) __PYX_ERR(0, 328, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_37);
   #if CYTHON_VECTORCALL
 
-  /* "ext/jsonl.pyx":303
+  /* "ext/jsonl.pyx":325
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
@@ -22771,13 +22933,13 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     PyObject *__pyx_callargs[8] = {__pyx_t_9, __pyx_t_2, __pyx_t_5, __pyx_t_33, __pyx_t_34, __pyx_t_35, __pyx_v_bad, __pyx_t_37};
     #if CYTHON_VECTORCALL
     __pyx_t_38 = __pyx_mstate_global->__pyx_tuple[3];
-    if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 303, __pyx_L1_error)
+    if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 325, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_38);
     #else
     {
       PyObject *__pyx_temp[7] = {__pyx_mstate_global->__pyx_n_u_timestamp_us, __pyx_mstate_global->__pyx_n_u_ingest_us, __pyx_mstate_global->__pyx_n_u_vehicle, __pyx_mstate_global->__pyx_n_u_can_id, __pyx_mstate_global->__pyx_n_u_values, __pyx_mstate_global->__pyx_n_u_bad_lines, __pyx_mstate_global->__pyx_n_u_lines};
       __pyx_t_38 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+1, 7);
-      if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 303, __pyx_L1_error)
+      if (unlikely(!__pyx_t_38)) __PYX_ERR(0, 325, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_38);
     }
     #endif
@@ -22793,7 +22955,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
     __Pyx_DECREF(__pyx_t_37); __pyx_t_37 = 0;
     __Pyx_DECREF(__pyx_t_38); __pyx_t_38 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 303, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 325, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
   }
   {
@@ -22807,7 +22969,7 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
   __pyx_t_3 = 0;
   goto __pyx_L0;
 
-  /* "ext/jsonl.pyx":151
+  /* "ext/jsonl.pyx":170
  * 
  * 
  * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
@@ -22850,6 +23012,8 @@ __pyx_t_4 = __pyx_memoryview_fromslice(__pyx_t_30, 1, (PyObject *(*)(char *)) __
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_can, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_values, 1);
   __Pyx_XDECREF(__pyx_v_bad);
+
+
 
 
 
@@ -25036,7 +25200,7 @@ __Pyx_RefNannySetupContext("PyInit__jsonl_c", 0);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "ext/jsonl.pyx":15
- * from libc.string cimport memchr, memcmp
+ * from libc.string cimport memchr, memcmp, memcpy
  * 
  * import numpy as np             # <<<<<<<<<<<<<<
  * 
@@ -25190,19 +25354,19 @@ __Pyx_RefNannySetupContext("PyInit__jsonl_c", 0);
   static int const __pyx_carray__7[7] = {11,15,15,16,16,13,13};
   memcpy(&(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]), __pyx_carray__7, sizeof(__pyx_v_6engine_7kernels_8_jsonl_c_NAME_LEN[0]) * (7));
 
-  /* "ext/jsonl.pyx":151
+  /* "ext/jsonl.pyx":170
  * 
  * 
  * def parse_lines(const unsigned char[::1] data, dict vehicles):             # <<<<<<<<<<<<<<
  *     """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
  *     cdef Py_ssize_t size = data.shape[0]
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6engine_7kernels_8_jsonl_c_1parse_lines, 0, __pyx_mstate_global->__pyx_n_u_parse_lines, NULL, __pyx_mstate_global->__pyx_n_u_engine_kernels__jsonl_c, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 151, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6engine_7kernels_8_jsonl_c_1parse_lines, 0, __pyx_mstate_global->__pyx_n_u_parse_lines, NULL, __pyx_mstate_global->__pyx_n_u_engine_kernels__jsonl_c, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 170, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_parse_lines, __pyx_t_5) < (0)) __PYX_ERR(0, 151, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_parse_lines, __pyx_t_5) < (0)) __PYX_ERR(0, 170, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "ext/jsonl.pyx":1
@@ -25322,7 +25486,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "ext/jsonl.pyx":166
+  /* "ext/jsonl.pyx":185
  *         capacity += 1
  *         at = found - p + 1
  *     ts_arr = np.empty(capacity, dtype=np.int64)             # <<<<<<<<<<<<<<
@@ -25331,12 +25495,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 166, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 185, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
 
-  /* "ext/jsonl.pyx":303
+  /* "ext/jsonl.pyx":325
  *                 rows += 1
  *         start = end + 1
  *     return _jsonl_py.Columns(             # <<<<<<<<<<<<<<
@@ -25345,7 +25509,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[7] = {__pyx_mstate_global->__pyx_n_u_timestamp_us, __pyx_mstate_global->__pyx_n_u_ingest_us, __pyx_mstate_global->__pyx_n_u_vehicle, __pyx_mstate_global->__pyx_n_u_can_id, __pyx_mstate_global->__pyx_n_u_values, __pyx_mstate_global->__pyx_n_u_bad_lines, __pyx_mstate_global->__pyx_n_u_lines};
-    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 7); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 303, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 7); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 325, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
@@ -25409,38 +25573,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{13},{2},{9},{50},{30},{37},{5},{7},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{9},{2},{3},{15},{17},{18},{2},{3},{9},{4},{5},{1},{10},{11},{9},{9},{3},{7},{6},{8},{18},{4},{5},{4},{5},{15},{5},{6},{3},{14},{23},{9},{5},{5},{7},{6},{7},{5},{3},{5},{1},{1},{2},{5},{5},{7},{6},{10},{9},{5},{5},{8},{1},{3},{5},{7},{4},{4},{8},{10},{4},{2},{2},{14},{5},{3},{2},{3},{1},{4},{11},{3},{8},{4},{1},{10},{5},{4},{4},{5},{4},{4},{6},{4},{12},{2},{6},{6},{6},{1},{6},{10},{7},{11},{8},{1}};
-    const struct { const unsigned int length: 11; } bytes_length_index[] = {{0},{1},{1766}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{13},{2},{9},{50},{30},{37},{5},{7},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{9},{2},{3},{15},{17},{18},{2},{3},{9},{4},{5},{1},{10},{11},{9},{9},{3},{7},{6},{8},{11},{18},{4},{5},{4},{5},{15},{5},{6},{3},{14},{23},{9},{5},{5},{7},{6},{7},{5},{3},{5},{1},{1},{2},{5},{5},{7},{6},{10},{11},{9},{5},{5},{8},{1},{3},{5},{7},{4},{4},{8},{10},{4},{2},{2},{14},{5},{3},{2},{3},{1},{4},{11},{3},{8},{4},{1},{10},{5},{4},{4},{5},{4},{4},{6},{4},{12},{2},{6},{6},{6},{1},{6},{10},{7},{11},{8},{1}};
+    const struct { const unsigned int length: 11; } bytes_length_index[] = {{0},{1},{1794}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2089 bytes) */
-static const char cstring[] = "x\332\215UMw\323V\032\306\340\200\007\2346\216\035H\371(2PB\241\230\261\023(\3150\355q\276\332\314\23128\2370\035\252s-]\333\302\262d\353J\216\315\314\242K/\265\274K-\265\324RK-\275\324R\313\374\004~B\337\367\332!aN\317\234\211\343\253\253\373\361~<\317\363\276\226\210-\375y \231\365wT\261\277/\255J/~\246\035\323\032\036h\364H2\033\322\013\3054l\255\351\230\016\223\210\241J\252f\341\301\377^\326\214\223\rf[\232J\3253\207%\323\372\237\373\237\256}<\371\375\017\353\3040L[\"\214iMC\262M\311\242D}l\032\372P\352\210 \373\020\344\266\321\047\272\246J\035S\245\337Ht\320\205\273`jIYB\277K\r\323\262-b,}#5\301\324\311a\326\"]\n\256$2\320\230\364\322\264\251d\267\000\211\365\241\3352\r\t\326T\252kuj\021\233\2027\214\017\254Zx\310\220^m\276z\274\362|EDkQ\304\215I\314\251+:\004J\031\202Vw4\335\006\353\366\260KYI\332nHC\323\221\014\nqA\026]8w\366\202\335\242\206\304\250\215\023iI\344Ll\3154d\270\256\031\315\245)LZ\237\342\355-\2423Z\"\252*\3039\252\230\272\216{\246\301J\244\256\250\032#u\235RC\214\003\373\311;\006p\225\272\303AS\321\330dY5L\310\256A\034\335\226d\331\242\252\243PY\226TG\2307L\3431d\333\327\210\016\273\212fh\266,;\342\"n\023]7\025\000E\"\226E\206\222JlR\372\203\335\t\276\010\320\204ZV\252\356\256oo\257\233\272\3231\330\246\256k]\246\261]\332s\250\241P\324Z\351Tv\262\374j8\200\357\006`.\277\204,vhC\226\247\270@\250\020\026\"w:iR[\263i\007\027T\274\003\177\r\307P\360\t[\354\344\226\326\351\202\030p\326!\232!\236\246\352\350b\317 \235\311\023\335\3132\000&+-\252\264\231\323\231\274M\255\340\024Y\235\314\034\243\253)m\260\260i\234\234\353\333\010\006\332\3509D?1{\202\362\307\231\"\204vf\201\016\360\005T\3601\024v&\364\217\363\323{6e\230\213\306d\305\264L\007\344Fe\3016\204!\267A\013\047d\310u\247\321\000%\263\323\222\025\344\02164\024\315,}\274\316\210]\047*\374\313:\276\325\t\243u\235\030mE!\200\205\334\"\2545\231A\211\322\301d\252\003\177bb6\032\n\201\271!\203q|h\252B\272D\321\354\241\202\346\340\222\014\205\250\320:Q\332\212\331\035*\246c\330\250\037\025\361\024""\003&3iD\264\323\265\207`\032j\232\2023\243\t\026Jmj\031\024\304\377\311[i\232\264B\201\002Q\257\324\262L\253\241\223&k\350&\261\237\255@\013\350\020{\332\010\032\340V\005U4\035\312XK\323T\210\313a\"#1\240\344\233\000\355d\304d\2463<\004\306Phl2\274\247\3556\035\n\254\240\035a/\302\036\204\364\t\n\001\032\361\004\342,\033\232Z\307\320\215.\004\t]\005\320\022\030\303[w\010\031\233m\323\240]@\253\335%\026\243\023\374\273f\327\242M\215\331\230\320\021\203VaO\313VT\027\372g\272i\013\363p\250\313l\023\276\226\243\330\030\254\255u j\322\351\342\034>\230\t\310\025\\8]@\235\366\241\021\002\004\223\0217\373\264\245):\235>\316\254\260\301?~K\035\247o\360\025\336\367j\036I\322_\360\\\222\276\364\2333Z\037\365\222\314\347\243!\317zUo\337/&\351\314h\326\255\271*/\362r\222\276\315\007^\3578=\223d\346\334Y~\340\225\2755\257\356\247\375\215`&\330\t\216B%\232\217V\307\265$se\364\314\315\273\325$;\233d\n\360\314\314\216\016\334\212\273\343Z\350iv\2643\352\203\325w\336E\270\236J\3229w\336}\306s\374\241\267\345\337\361\253Iz\336\275\343n\201\317U\357\300\257\370\265$\375\331\250\356^t\211\373\336\273\352Y~\356\344\312<\377\213\327\016\256\006V\010K\267\342[\245\270\264\021o\034\306\207\257\223t\321\2035t\236\276\031\337\\\215W_\216\311\207\271s3_\362\332\207\313\347f\3764\232\031\355\273E\267\234d\362n\031\235}\270xn\346\312\350\276{\336-b\274o\371}/\345\315{\025\357p\232\037@\363\331\210\214\230\210\355.\337\365.\003@\231\353\274\210p\244\222Lv\264\351.@\214G\234$\331\317G=7\005\030\254\273\214\337\343\204\367\274\013\336\262\000\253\352\327|%\310\007\325dn\221\247\222\271\034\302UN\262\005w\203\237\007c\331\331c05\305\254\014\006z\374\002\177\032K\225\340^\240\206_G\345h=\352\215/\214\237\306\257jqm\047\311\316\td\030\300\265\314i|\367[\014TXDZ\263\010\345\032\020x\032\204\342\027 \004\342\263\340n\260\033\316\204\265\220\204,\272\023\255E\31287.\216\227\307\n\332\235[pkI\026q\256\270{\274\300k`\200yw\275]\310a\315\257\007)\341\005P\233]\004Z\347A\037Y\204\001\206\031w_\350\005, ""\343\267\375\224\237\363\037\001\202vX\t\301f\036,\312^\025A\3727\034|\346\345AG\252\3770\250\006\007\341rX\217\322\321\366\2706n\304{\202\311\302\"\277\010\276- \343;@\3570X\013\352a6\372\3334\314\353\374\021\252\370\030\200,\334\210o<\361{\301\371\340N\360\367\350\362\270\230\\[L\n\010\303\034\220\234\024n\362\237\274\r\214&)\\s\373\300`*Y\224\274\014\254,\"!A-)|\t\344\025n\003R\227\274\367A.x\200\200\047\205[\220}\323{\003\240\r\202\377\300\002\300\222\303!\017\234]\024\270\024\001X\032?\372kX\233\202/\320\023\200\2342P\007\374\001\026\020%\250\237`P\313\256\302\027\320\345-~\010 (~~\212\355\302\"\262\016\001\376\377;\307\205\205\ti\247\314-\273\224W\370\036\024M\317\277\340\227\375u\337\211W\266\"2\215\361\014U\220\220\373\225\333C\031V1\344\342\t{\005\270\236\023\351)\276\300q\005N\241\247k\360\204T61~\336C\230\257\002GH%AxQ\022\025\276\203\035\003\\W\374\035\320\033\n\370~\224\202.Q\211v\"k\234\037o\002\205\361\316A|\360k\374\253\034\313J\2544\342F3\271)A\355\345\274;\242\277\234\367\037\004\305`%`\341\335p/\312E\305\351\355\371\361\363xw/\336{\035\277\376%\376\345_\311\"r\267\370\005\226U\232\257\301\0342\330\343y^=\033\365\202\373\032\270\244P\326\002\247\003^\346\353\242.\236\n]\2349\211\210,M\244\203\235\313\206v\331\203\250\362\336\272\327\233\210jb\357\017@\022$\234\324u\316\275*J\030\0359\361\275\037B;Z\211\206\242x!\370\375x\037\342\177\033\277E\000\020\317-Q\307(\251\257\274\276\277\033\244A\356Jxb\014\033\320\221\333\340U\240\376G \364\307`9 \301 \354G\207\343\355x\377\340\023N\257\212\266\360\000\342*c\265\001\263X\255y\367k\376\002H\231\201&\240\002\260\317\302kQ\nk\221!\351y\367[\274|<\007\022\200)\366\300E\020\330\317a.\274\007\375\375\372\270<\256\n\356\371%\241\372\347\376\262\337\202\020l(\334fT\003i\235\325\304u\221L\013P\271\026\244N{\036\364\3134\224\004\374\362\\\031}\347\376\004\014e\220\212\n\337\207\244m\1775\370ghE\013\021\035\257\214\007\361a=\256\253\261\252\305\232\021\033&\376<\035\271u>\003g\357yM\177\047~R\005M<D%\275\211\337""\200\200Tl\323\032\376\322\374\016\016\214=:";
-    PyObject *data = __Pyx_DecompressString(cstring, 2089, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2118 bytes) */
+static const char cstring[] = "x\332\215UMw\323V\032\306\340\200\007\034\032\307\016\244|\024\031(\241P\314\330\t\224f\230\3668\037\264\231\32328\2370\035\252s-]\333\302\262d\353J\216\315\314\242K/\265\274K-\265\324RK-\275\324R\313\374\004~B\337\367\332!aN\317\234\306\361\325\325\375x?\236\347y_K\304\226\376:\220\314\372;\252\330\337\225V\245\347?\323\216i\r\3675z(\231\r\351\271b\032\266\326tL\207I\304P%U\263\360\340\377.k\306\361\006\263-M\245\352\251\303\222i\375\337\375O\327>\236\374\356\373ub\030\246-\021\306\264\246!\331\246dQ\242>2\r}(uD\220}\010r\313\350\023]S\245\216\251\322\257%:\350\302]0\265\244,\241\337\245\206i\331\0261\226\276\226\232`\352\3700k\221.\005W\022\031hLzi\332T\262[\200\304\372\320n\231\206\004k*\325\265:\265\210M\301\033\306\007V-<dH\2576_=Zy\266\"\242\265(\342\306$\346\324\025\035\002\245\014A\253;\232n\203u{\330\245\254$m5\244\241\351H\006\205\270 \213.\234;}\301nQCb\324\306\211\264$r&\266f\0322\\\327\214\346\322\024&\255O\361\366\013\2423Z\"\252*\3039\252\230\272\216{\246\301J\244\256\250\032#u\235RC\214\003\373\361;\006p\225\272\303AS\321\330dY5L\310\256A\034\335\226d\331\242\252\243PY\226TG\2307L\343\021d\333\327\210\016\273\212fh\266,;\342\"n\023]7\025\000E\"\226E\206\222JlR\372\203\335\t\276\010\320\204ZV\252\356\254om\255\233\272\3231\330\246\256k]\246\261\035\332s\250\241P\324Z\351Dv\262\374j8\200\357\006`.\277\204,\266iC\226\247\270@\250\020\026\"w2iR[\263i\007\027T\274\003\177\r\307P\360\t[\354\370\226\326\351\202\030p\326!\232!\236\246\352\350b\317 \235\311\023\335\3132\000&+-\252\264\231\323\231\274M\255\340\024Y\235\314\034\243\253)m\260\260i\034\237\353\333\010\006\332\3509D?6{\214\362\307\231\"\204vj\201\016\360\005T\3601\024v*\364\217\363\223{6e\230\213\306d\305\264L\007\344Fe\3016\204!\267A\013\307d\310u\247\321\000%\263\223\222\025\344\02164\024\315,}\274\316\210]\047*\374\313:\276\325\t\243u\235\030mE!\200\205\334\"\2545\231A\211\322\301d\252\003\177bb6\032\n\201\271!\203q|h\252B\272D\321\354\241\242k\324\260\345\226\351X\nZ\206\3732\324\244B\353Di+fw""\250\230\216a\243\224T\204V\014\230\327\244\047\321N\327\036\202\027(o\n~\215&X(\265\251eP\250\203O\336J\323\374\025\nl\210\322\245\226eZ\r\2354YC7\211\375t\005\272A\207\330\323\236\320\000\267*\010\244\351P\306Z\232\246B\\\016\023\311\211\001\325\337\004\224\047#\3465\235a&\323)\236\007\273(?6\031\336\323v\233\016\005\202\320\244\260CagBR\005\261\000\230x\002\235\226\r\255\256c\350F\027\342\205^\003\030\n\344\341\255;\204\344\315\266i\320.`\330\356\022\213\321\t+]\263k\321\246\306l\314\355\220A\003\261\247\305,j\016\3753\335\264\205y8\324e\266\t_\313Ql\014\326\326:\0205\351tq\016\037L\nD\014.\234.\020@\373\320\036\001\215\311\210\233}\332\322\024\235N\037\247V\330\340\237\277\245\216\322\327\371\n\357{5\217$\351\317y.I_\370\315\031\255\217zI\346\263\321\220g\275\252\267\347\027\223tf4\353\326\\\225\027y9I\337\342\003\257w\224\236I2s\356,\337\367\312\336\232W\367\323\376F0\023l\007\207\241\022\315G\253\343Z\222\2714z\352\346\335j\222\235M2\005xffG\373n\305\335v-\3644;\332\036\365\301\352;\357<\\O%\351\234;\357>\3459\376\300{\341\337\366\253Iz\336\275\355\276\000\237\253\336\276_\361kI\372\362\250\356\236w\211\373\336\273\342Y~\356\370\312<\377\233\327\016\256\004V\010K7\343\233\245\270\264\021o\034\304\007\257\223t\321\2035t\236\276\021\337X\215W_\216\311\207\313gf\346 ;p\211I\246>\234?3\363\005\257}\270xf\346/\243\231\321\236[t\313I&\357\226\3219n^\032\335s\317\272E\214\377-\277\347\245\274y\257\342\035L\363\005\250.\217\310\210\211X\357\360\035\357\"\000\226\271\306\213\010O*\311dG\233\356\002\304|\310I\222\375l\324sS\200\311\272\313\370]Nx\317;\347-\013\360\252~\315W\202|PM\346\026!\262\271\034\302WN\262\005w\203\237\005c\331\331#05\305\260\014\006z\374\034\177\022K\225\340n\240\206_E\345h=\352\215\317\215\237\304\257jq\rs\217_\277I\262s\002/\006 .s\032\337\371\006\303\025v\221\354,\002\274\006\264\236\204\242\370\005\010\204\370,\270\023\354\2043a-$!\213nGk\2212\316\215\213\343\345\261\022\327\266\223\271\005\267\226d\021\375\212\273\313\013\274\006\006\230w""\307\333\201L\326\374z\220\022^\000\273\331E {\036T\223E0`\230q\367\204\212\300\002\352\340\226\237\362s\376C\300\321\016+!\330\314\203E\331\253\"T\377\201\203O\275<\250K\365\037\004\325`?\\\016\353Q:\332\032\327\306\215xW\360[X\344\347\301\267\005\224|\013\030\036\004kA=\314F\377\230\206y\215?Dm\037\001\234\205\353\361\365\307~/8\033\334\016~\212.\216\213\311\325\305\244\2000\314\001\325I\341\006\377\321\333\300h\222\302U\267\017<\246\222E\311\313\300\312\"\322\022\324\222\302\027@a\341\026 u\301{\037\344\202\373\010{R\270\t\3317\2757\000\332 \370/,\000,9\034\362\300\334y\201K\021\200\245\361\303\277\207\265)\370\002=\001\310\t\003u\300\037`\001\251BM\020\014j\331U\370\002\272\274\311\017\000\004\305\317O\261]XD\356!\300?\277sTX\230\220v\302\334\262Ky\205\357B)\365\374s~\331_\367\235x\345ED\2461\236\242\n\022r\277t{(\306*\206\\<f\257\000\327s\"=\305\0278\256\300)\364t\025\236\220\312&\306\317{\010\363\025\340\010\251$\010/J\242\302\267\261\217\200\353\212\277\rzC\031\337\213R\320;*\321vd\215\363\343M\2400\336\336\217\367\177\215\177\225cY\211\225F\334h&7$\250\300\234w[t\235\263\376\375\240\030\254\004,\274\023\356F\271\2508\275=?~\026\357\354\306\273P\005\277\304\277\374;YD\356\026?\307\342J\3635\230C\006\273<\317\253\247\243^p_\003\227\024\212[\340\264\317\313|]\324\305\023\241\213S\047\021\221\245\211t\260\237\331\320D{\020U\336[\367z\023QM\354\375\001H\202\204\343\352\316\271WD!\243#\047\276\373}hG+\321P\2240\004\277\027\357A\374o\343\267\000\000\215\251\310\036P}!\252\031\205\365\245\327\367w\2024\210^\t\217Mb3:t\033\274\n\002\370\001h\375!X\016H0\010\373\321\301x+\336\333\377\204\331+\2429\334\207\350\312Xs\300/\326l\336\375\212?\007jf\240\025\250\000\357\323\360j\224\302\212dH}\336\375\006/\037\315\201\020`\212\375p\021d\366s\230\013\357B\357\2776.\217\253B\001\374\202\320\3763\177\331oA\0106\224o3\252\201\300N+\343\232H\246\005\330\\\rR\047\375\017zg\032\n\003~\225.\215\276u\177\004\2362HH\205\357A\322\266\277\032\374+\264\242\205\210\216W\306\203\370\240""\036\327\325X\325b\315\210\r\023\177\272\016\335:\237\201\263w\275\246\277\035?\256\2022\036\240\236\336\304o@F*\266l\r\177\205~\007\376\247Q\350";
+    PyObject *data = __Pyx_DecompressString(cstring, 2118, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2710 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is Note \373th\207 Cytho\373n \021\000delib\237eratek\000\320\001c\367ter!\001n PE\337P-484\212\"re\376\264!s subcl\366\246\000es\261!buil\373ti\260\000ypes.\377 If you \223ne\224 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\355$iv\242\000o F\377alse.add}_\231 ecoll\266@\376+\000s.abcdi\177sableen\001\002\337xt/js\254 .p\277yxgcis\021\003d\377no defau\377lt __red\377uce__ du\336Z\002non-\277@vi\373al\033\000cinit\347__uK\002\376!all\373oc\222  arra\177y data.\013\020\370\332#\254a\211cs.ASC\377IIColumn\377sEllipsi\377sSequenc\365e\350a.\355g__Py\375x\001\000Dict_N\377extRef__l\221$\250\000__\346\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\302@)\001imp\274\212`3\001main\003\002owdulM\002nam\002\003\363ewT\001\256 _che\017cksuT\000\n\001?\004\025\001\370\224@\256 \037\001unpicmk?\000En \005vt\375!\036\230\001qualO\005\336%\347&1c\344b\277\001\372$ex\314\001\203`\301_\203\005\217`\262\006\003\006.\007te\375s\227@_is_co\267rou\354`e_\351B_\317py_k\211`\243E_b\177ufferas\300\206\007\376\270Basyncio\375.6\006satbad\376\000\000_linesb\377aseblank\367cca\211 _has}h\004\003index\017\003\371l\275@\031\002offca\345n\000\000_\227`\003\001idc\377apacityc\372K\001_\357 trace\377backcopy_count\274ad\314!\370\000\002\311\001\203\210\003empty\336\230`odeej\000ng\376\216\000.kernelkse\001\n.\356\004ce\200@\376\253\206\002errorfl\377agsfloat\37764format\352\202\207\004ft\000d\256`gue\277sshiid\207`u\371s\315\002\322\002_cing\200\330 \000\003\311\001\003\004!\001J\000\345as\376\000\002izekkey\016\247\"mem\210\210\001\200\210\001\306a\311b\370\230 \321b\375`rtndi\337mnlnp\245`be\317r_of\337\"\263`py\377objokone""\375p\253 kparse\376\372#popregi\373st\315\001wssse\351t\260\206\004\271\210\002s}\000sloytZ\002\"\000psto\001\000\377ructt_uswtim\236`amp\010\001\267sts\223Aun_\001u\377pdatevva\361l\200 \000\003\260Avehi\347cle\000\004\007\010sxO\377\200\001\340\004\033\2304\230\377v\240Q\240a\330\004\031\377\230\021\330\004\007\200u\210\377C\210q\330\010\017\210y\377\230\014\240A\240U\250!\377\330\004\010\210\r\220Q\220\377d\230!\2301\330\004\037\377\230x\240q\340\004\005\330\377\010\020\220\r\230V\2401\377\240B\240b\250\004\250D\377\260\005\260R\260w\270c\377\300\022\300:\310Q\330\010\377\013\2106\220\023\220A\330\337\014\r\330\010\024\005\000\010\r\377\210V\2202\220R\220r\276f\001\r\210R\210vS\000j\373\240\006<\000\001\330\004\021\220\377\022\2206\230\021\230*\240\377F\250\"\250A\330\004\022\357\220\"\220Fq\000:\240V\377\2502\250Q\330\004\016\210\377b\220\006\220a\220z\240\337\026\240r\250\021+\005\022\230\377;\240k\260\026\260r\270\376\276\000\035\320\035.\320.D\377\320DW\320WX\330\004\363!\240\322\000y\001\004\034\320\034\377:\320:N\310a\360\020\377\000\005\036\230Q\360\n\000\377\005\t\210\005\210U\220!\177\2201\330\010\023\2201i\001\377\360\006\000\005\013\210&\220\357\002\220!\330\255\000]\230&\377\240\001\240\022\2402\240W|\331\004\230 \016\210a\210s\227\002\337#\230S\240\n\236 \010\032\375\230,\000\020\220\001\330\010\014\357\210E\220\025\241\000w\230a\177\330\014\017\210q\220\001\201 \377C\220s\230$\230a\230\337q\240\003\2403\250\"A\250\377Q\250c\260\023\260A\330\177\020\030\230\001\330\020\021\253!\3771\330\014\024\220D\230\002\256J\000\014\r\340H\000A\200\001V\376\227\000C\220q\230\003\2305\377\320 2\260$\260d\270\377)\3001\300C\300q\310\377\003\3105\320PQ\320Q\257R\330\014\020\225\"s\240@3\177\230e\320#7\260qK\004\312\323A\014\307!B\276@{\007c\250\375\024\200\000a\250s\260#\260\377S\270\005\270Q\270a\270\377s\300\"\300B\300c\310\177\021\310!\3103\310cT\001\277\020\025\220Q\330\014\227A2\277\220T\230\024\230Q\303\000s\357\240#\240S\356@B\250b\263\260\001\263\002\263 ""\r\030\324@\022t\235`\207\000\001\213\001\005\220U\253b\374?\000\356A\037\250\001\250\021\250\275+\237`t\2702\270Q\000\023v\210`_\240\233`\017\210{\326`\3676\240\023\305`d\250*\260\377A\260V\2703\270b\300\377\004\300I\310Q\310f\320\275T\305B\024\030\230\006\277 r\376\212@9\250A\250W\260B\277\260b\270\014\300J\240\004\032\353\230+\302\204\001\340\306 \024\033\320\377\033/\250q\260\002\260\"\377\260L\300\n\310!\330\027\327\030\330\024\332\204\001\020\342@\330\024\337\034\230H\240D\212\001\330\024\367\027\220v\277@\001\330\030 \353\240\010\235\000\030\215A\260Q\330\333\024\036\272@\024\037\254@\007\240\337z\260\021\260(\355!\330\024\375\035\373\000g\240Y\250a\250\357x\260|\300\252@\021\220\021r\230!\023\261@\230\001s\240!\333@?e\320+=\270Q\310D\271\"\364\224a\367(b\202`1\330\020\024\177\220A\220Q\220a\330\222\000\3373\220c\230\025o\001\035\230\377W\240B\240c\250\023\2506\326#\025\030\362A\240\001x\001\000\027\236\047\n\340\024\025\330\260B\260G3\377\220e\2302\230T\240\026\377\240q\250\003\2501\250C\177\250u\3204F\300a\354d\363\020\220\242F\316\000\220%\220q\266\203\204\001A\330\262`!\330\267D\024\272<\000\021\332\002c\250\021\257\0014\244#\000f\001\027+\000\310\000E\274\001\230]q\343!\026\230r\306Ba\333!\227r\230\022x\000R\256\207\001x\0002\363\250R\355`\275\204\001&\300\001\300\377\022\3002\300R\300r\310\377\023\310E\320QR\320R\377V\320V^\320^_\320\377_c\320cf\320fg\377\330\034 \240\001\240\021\240\375\"\333\207\002\002\250(\260!\260\3774\260s\270#\270T\300\367\021\300!7\004\022\3108\320\377ST\320TX\320X[\337\320[\\\330\030\270A\030\031\336\323\205\001\004\230B\230\335 \025\220\337T\230\023\230A\252\t\025\220\377X\230Q\230e\2402\240}Q\251!V\2301\230C\230\206\002a5\223b\245`\330\005\216!\047\230\356\002\376\266\210\001t\2304\230q\240\001\337\240\023\240C\240\351\002\021\330\340\352#\321\210\001\226,\266\205\001\317\206\006\021\220\026\374\276\206\002e\001u\320$?\270t\317\3004\300y\270\206\002\272\000U\320\035U\275\000]\320]\375\001\227a\363\210\001\3753\346\205\002%""\240v\250S\260?\004\260B\260c\270\235\207\005\375\207\001_w\220f\230A\254`G\316@\377G\2603\260a\260x\270\377v\300W\310I\320UV\376\362\205\n\026\220a\220s\230(\357\240!\2401\352\205\001\024\220A\276\252\206\001\023\220)\230<\215`\005\357\250Q\250d\326 6\270\027\333\300\001\255\210\001s\220\362@\023\220}7\350\212\001\340\020\022\220!\010\000\376\200\211\001\030\250\023\250M\270\021\377\270$\270c\300\032\3101\357\310A\330\020\371@\230\007\230\276\362\204\0018\2503\250h\200\000t?\2703\270g\300Q\330`\210i\375\032\220\210\002h\240c\250\027\260\375\001\352\210\007\010\020\220\004\220B\377\220a\330\004\013\2109\220\375H\237@\010\025\220V\2302\377\230U\240%\240t\250:\377\260Z\270r\300\025\300e\377\3104\310x\320Wb\320\377bd\320di\320in\367\320no\233\214\001w\220b\230\375\005)\000$\240g\250R\320\353/A\221`*\306aY\320Y~\276`d\330\010\016\210i\346\213\001";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2710, 3339);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2751 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is Note \373th\207 Cytho\373n \021\000delib\237eratek\000\320\001c\367ter!\001n PE\337P-484\212\"re\376\264!s subcl\366\246\000es\261!buil\373ti\260\000ypes.\377 If you \223ne\224 \303\000p\316\000%\tt\177hen set\200\000\367e \047\357\002atio\377n_typing\355\047\355$iv\242\000o F\377alse.add}_\231 ecoll\266@\376+\000s.abcdi\177sableen\001\002\337xt/js\254 .p\277yxgcis\021\003d\377no defau\377lt __red\377uce__ du\336Z\002non-\277@vi\373al\033\000cinit\347__uK\002\376!all\373oc\222  arra\177y data.\013\020\370\332#\254a\211cs.ASC\377IIColumn\377sEllipsi\377sSequenc\365e\350a.\355g__Py\375x\001\000Dict_N\377extRef__l\221$\250\000__\346\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\302@)\001imp\274\212`3\001main\003\002owdulM\002nam\002\003\363ewT\001\256 _che\017cksuT\000\n\001?\004\025\001\370\224@\256 \037\001unpicmk?\000En \005vt\375!\036\230\001qualO\005\336%\347&1c\344b\277\001\372$ex\314\001\203`\301_\203\005\217`\262\006\003\006.\007te\375s\227@_is_co\267rou\354`e_\351B_\317py_k\211`\243E_b\177ufferas\300\206\007\376\270Basyncio\375.6\006satbad\376\000\000_linesb\377aseblank\367cca\211 _has}h\004\003index\017\003\371l\275@\031\002offca\345n\000\000_\227`\003\001idc\377apacityc\377lient_ho\273ur\010\000ne_\372 t\377raceback\377copycoun\205t\307ad\327!\000\002\324\001\216\210\003e\357mpty\243`ode\355eu\000ng\231\000.ke\277rnelse\001\n.\346\371\004ce\213@\266\206\002err\377orflagsf\377loat64fo\257rmat\215\207\004ft\000d\376\271`guesshi\233id\222`us\330\002\335\002_\017cing\343 \000\003\324\001\003\004\240\306\001\016\004,\001U\000\373as\000\002i\277zekkey\275\"m\003em\236\210\001\226\210\001\334a\337b\256 \347b\377startndi\337mnlnp""\273`be\317r_of\365\"\311`py\377objokone\375p\301 kparse\376\220Cpopregi\373st\330\001wssse\351t\306\206\004\317\210\002s}\000sloytZ\002\"\000psto\001\000\377ructt_uswtim\264`amp\010\001\267sts\251Aun_\001u\377pdatevva\361l\213 \000\003\306Avehi\347cle\000\004\007\010sxO\377\200\001\340\004\033\2304\230\377v\240Q\240a\330\004\031\377\230\021\330\004\007\200u\210\377C\210q\330\010\017\210y\377\230\014\240A\240U\250!\377\330\004\010\210\r\220Q\220\377d\230!\2301\330\004\037\377\230x\240q\340\004\005\330\377\010\020\220\r\230V\2401\377\240B\240b\250\004\250D\377\260\005\260R\260w\270c\377\300\022\300:\310Q\330\010\377\013\2106\220\023\220A\330\337\014\r\330\010\024\005\000\010\r\377\210V\2202\220R\220r\276f\001\r\210R\210vS\000j\373\240\006<\000\001\330\004\021\220\377\022\2206\230\021\230*\240\377F\250\"\250A\330\004\022\357\220\"\220Fq\000:\240V\377\2502\250Q\330\004\016\210\377b\220\006\220a\220z\240\337\026\240r\250\021+\005\022\230\377;\240k\260\026\260r\270\376\276\000\035\320\035.\320.D\377\320DW\320WX\330\004\363!\240\322\000y\001\004\034\320\034\377:\320:N\310a\360\016\307\000\005\020\333\000p\000\341\001\001\360\377\006\000\005\036\230Q\360\n\377\000\005\t\210\005\210U\220\377!\2201\330\010\023\2201\374y\001\031\001\013\210&\220\002\220\373!\330\275\000]\230&\240\001?\240\022\2402\240W\351\004\250 \337\016\210a\210s\247\002#\230wS\240\n\256 \010\032\230,\000\377\020\220\001\330\010\014\210E\373\220\025\261\000w\230a\330\014\337\017\210q\220\001\221 C\220\377s\230$\230a\230q\240\367\003\2403\270\"A\250Q\250\377c\260\023\260A\330\020\030\337\230\001\330\020\021\273!1\330\277\014\024\220D\230\002J\000\014\253\r\340H\000A\200\001V\227\000C\377\220q\230\003\2305\320 \3772\260$\260d\270)\300\3771\300C\300q\310\003\310\2775\320PQ\320Q\370\001\320_XY\330\014\020\253\"s\266@\3773\230e\320#7\260q\224Q\004\351A\014\335!B\324@\201\007c\373\250\024\206\000a\250s\260#\377\260S\270\005\270Q\270a\377\270s\300\"\300B\300c\377\310\021\310!\3103\310c\377\320QR\330\020\025\220Q""\373\330\014\255A2\220T\230\024\373\230Q\311\000s\240#\240S>\204`B\250b\260\001\271\002\326 K\r\030\352@\022\263`\207\000\001\213\001\307\005\220U\301b?\000\204a\037\250\337\001\250\021\250+\265`t\270k2\270Q\000\023\236`_\240\261`w\017\210{\354`6\240\023\333`\377d\250*\260A\260V\270\3773\270b\300\004\300I\310\337Q\310f\320T\333B\024\030\353\230\006\305 r\220@9\250A\377\250W\260B\260b\270\014\273\300J\240\004\032\230+\330\204\001\340\376\314 \024\033\320\033/\250q\377\260\002\260\"\260L\300\n\177\310!\330\027\030\330\024\360\204\001\375\020\350@\330\024\034\230H\240}D\212\001\330\024\027\220v\305@\277\001\330\030 \240\010\235\000\030\276\223A\260Q\330\024\036\300@\024\375\037\262@\007\240z\260\021\260\335(\363!\330\024\035\373\000g\240\377Y\250a\250x\260|\300.\260@\021\220\021\230!\023\267@\230\001\367s\240!\341@e\320+=C\270Q\316D\271\"\232a\367(b\210`\3771\330\020\024\220A\220Q\367\220a\330\222\0003\220c\230\375\025o\001\035\230W\240B\240oc\250\023\250\326#\025\030\370A\343\240\001x\001\000\027\047\n\340\024\025\374\257C\260G3\220e\2302\230\377T\240\026\240q\250\003\250\3771\250C\250u\3204F\233\300a\362d\020\220\242F\316\000\220\267%\220q\211\204\001A\330\262`!\325\330\267D\024<\000\021\332\002c\250%\021\257\0014#\000f\001\027+\000\310\000\355E\274\001\230q\343!\026\230r\272\306Ba\333!r\230\022x\000R\234\304\207\001x\0002\250R\355`\303\204\001&\377\300\001\300\022\3002\300R\277\300r\310\023\310E\347`\320\377RV\320V^\320^_\377\320_c\320cf\320f\377g\330\034 \240\001\240\021\373\240\"\361\207\002\002\250(\260!\377\2604\260s\270#\270T\357\300\021\300!7\004\022\3108\377\320ST\320TX\320X\277[\320[\\\330\030\270A\030\275\031\331\205\001\004\230B\230\335 \025\277\220T\230\023\230A\252\t\025\377\220X\230Q\230e\2402\373\240Q\336\204\001V\2301\230C\302\236\206\0025\223b\245`\330\005\216!\047\230\374\356\002\314\210\001t\2304\230q\240\277\001\240\023\240C\240\351\002\021\301\330\352#\347\210\001\226,\266\205\001\325\206\006\021\220\371\026\304\206\002e\001u\320$?\270\237t\3004""\300y\276\206\002\272\000U\273\320U\275\000]\320]\376\000e\243\320e\371\002\236`\217\211\0013\354\205\002%\377\240v\250S\260\004\260B\347\260c\270\251\207\005\211\210\001w\220f\353\230A\262`G\324@G\2603\377\260a\260x\270v\300W\337\310I\320UV\370\205\n\026\220\377a\220s\230(\240!\240\3351\360\205\001\024\220A\260\206\001\023\220\367)\230<\223`\005\250Q\250}d\334 6\270\027\300\001\271\210\001\273s\220\370@\023\2207\204\213\001\340\317\020\022\220!\010\000\214\211\001\030\250\377\023\250M\270\021\270$\270\377c\300\032\3101\310A\330\335\020\377@\230\007\230\370\204\0018\250\3673\250h\200\000t\2703\270\247g\300Q\336`\216i\032\226\210\002h\277\240c\250\027\260\001\366\210\007\010\377\020\220\004\220B\220a\330\277\004\013\2109\220H\245@\010\377\025\220V\2302\230U\240\377%\240t\250:\260Z\270\377r\300\025\300e\3104\310\377x\320Wb\320bd\320\377di\320in\320no\276\267\214\001w\220b\230\005)\000$\177\240g\250R\320/A\227`\335*\314aY\320Y\304`d\330\017\010\016\210i\202\214\001";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2751, 3389);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3339 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/jsonl.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIColumnsEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutine_jsonl_py_kabcallocate_bufferascontiguousarrayasyncio.coroutinesatbadbad_linesbaseblankccache_hashcache_indexcache_lencache_offcancan_arrcan_idcapacitycline_in_tracebackcopycountdatadtypedtype_is_objectemptyencodeendengine.kernelsengine.kernels._jsonl_cenumerateerrorflagsfloat64formatfortranfoundgetguesshiidin_usindexindex_cingestingest_arringest_usint64itemsitemsizekkeylinesmemviewmodenamename_lenname_startndimnlnpnumber_of_linenumpyobjokoneppackparse_linespopregisterrowsssetdefaultshapesizeslotstartstepstopstructt_ustimestamp_uststs_arrunpackupdatevvaluesvalues_arrvehiclevehicle_arrvehiclesxO\200\001\340\004\033\2304\230v\240Q\240a\330\004\031\230\021\330\004\007\200u\210C\210q\330\010\017\210y\230\014\240A\240U\250!\330\004\010\210\r\220Q\220d\230!\2301\330\004\037\230x\240q\340\004\005\330\010\020\220\r\230V\2401\240B\240b\250\004\250D\260\005\260R\260w\270c\300\022\300:\310Q\330\010\013\2106\220\023\220A\330\014\r\330\010\024\220A\330\010\r\210V\2202\220R\220r\230\021\330\004\r\210R\210v""\220Q\220j\240\006\240b\250\001\330\004\021\220\022\2206\230\021\230*\240F\250\"\250A\330\004\022\220\"\220F\230!\230:\240V\2502\250Q\330\004\016\210b\220\006\220a\220z\240\026\240r\250\021\330\004\021\220\022\2206\230\022\230;\240k\260\026\260r\270\021\330\004\035\320\035.\320.D\320DW\320WX\330\004!\240\021\330\004\024\220A\330\004\034\320\034:\320:N\310a\360\020\000\005\036\230Q\360\n\000\005\t\210\005\210U\220!\2201\330\010\023\2201\220F\230!\360\006\000\005\013\210&\220\002\220!\330\010\r\210]\230&\240\001\240\022\2402\240W\250D\260\005\260R\260q\330\010\016\210a\210s\220\"\220F\230#\230S\240\n\250!\330\010\032\230!\330\010\020\220\001\330\010\014\210E\220\025\220a\220w\230a\330\014\017\210q\220\001\220\023\220C\220s\230$\230a\230q\240\003\2403\240b\250\004\250A\250Q\250c\260\023\260A\330\020\030\230\001\330\020\021\330\010\013\2101\330\014\024\220D\230\002\230!\330\014\r\340\010\014\210A\330\010\r\210V\2201\220C\220q\230\003\2305\320 2\260$\260d\270)\3001\300C\300q\310\003\3105\320PQ\320QR\330\014\020\220\006\220a\220s\230!\2303\230e\320#7\260q\330\010\013\2101\330\014\031\230\021\330\014\022\220\"\220B\220d\230$\230a\230q\240\003\2403\240c\250\024\250Q\250a\250s\260#\260S\270\005\270Q\270a\270s\300\"\300B\300c\310\021\310!\3103\310c\320QR\330\020\025\220Q\330\014\021\220\022\2202\220T\230\024\230Q\230a\230s\240#\240S\250\004\250B\250b\260\001\330\010\013\2101\360\006\000\r\030\220r\230\022\2301\330\014\020\220\001\330\014\020\220\005\220U\230!\2301\330\020\025\220R\220r\230\037\250\001\250\021\250+\260R\260t\2702\270Q\330\014\023\2202\220_\240A\330\014\017\210{\230!\2306\240\023\240B\240d\250*\260A\260V\2703\270b\300\004\300I\310Q\310f\320TW\320WX\330\024\030\230\006\230a\230r\240\022\2409\250A\250W\260B\260b\270\014\300J\310c\320QR\330\020\032\230+\240Q\240a\340\020\021\330\024\033\320\033/\250q\260\002\260\"\260L\300\n\310!\330\027\030\330\024\031\230\021\330\020\023\2201\330\024\034\230H\240D\250\001\250\021\330\024\027\220v\230S\240\001\330\030 \240\010""\250\001\250\030\260\023\260A\260Q\330\024\036\230a\330\024\037\230q\240\007\240z\260\021\260(\270)\3001\330\024\035\230Q\230g\240Y\250a\250x\260|\3001\330\014\021\220\021\330\014\021\220\023\220D\230\006\230a\230s\240!\2403\240e\320+=\270Q\330\010\013\2101\330\014\025\220Q\330\014\020\220\001\330\014\022\220\"\220B\220d\230$\230b\240\003\2401\330\020\024\220A\220Q\220a\330\020\023\2203\220c\230\025\230a\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\340\024\025\330\020\025\220Q\330\020\025\220Q\330\014\021\220\022\2203\220e\2302\230T\240\026\240q\250\003\2501\250C\250u\3204F\300a\330\010\013\2101\330\014\020\220\005\220U\230!\2301\330\020\021\220\021\220%\220q\330\014\024\220A\330\014\022\220!\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\023\2204\220q\330\024\025\330\020\027\220q\330\020\024\220E\230\025\230a\230q\330\024\031\230\026\230r\240\023\240B\240a\330\024\027\220r\230\022\2302\230R\230x\240q\250\003\2502\250R\250s\260$\260d\270&\300\001\300\022\3002\300R\300r\310\023\310E\320QR\320RV\320V^\320^_\320_c\320cf\320fg\330\034 \240\001\240\021\240\"\240B\240b\250\002\250(\260!\2604\260s\270#\270T\300\021\300!\3002\300R\300r\310\022\3108\320ST\320TX\320X[\320[\\\330\030\036\230a\330\030\031\330\020\030\230\004\230B\230a\330\020\025\220T\230\023\230A\330\020\023\2204\220q\330\024\025\330\020\025\220X\230Q\230e\2402\240Q\330\020\025\220V\2301\230C\230q\240\003\2405\250\001\250\021\330\020\023\2204\220q\330\024\025\330\020\021\220\021\220\047\230\021\330\020\023\2202\220R\220t\2304\230q\240\001\240\023\240C\240q\330\024\031\230\021\330\024\025\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\025\220Q\330\020\021\330\010\013\2101\330\014\021\220\026\220q\230\003\2301\230C\230u\320$?\270t\3004\300y\320PQ\320QT\320TU\320UX\320X]\320]^\320^_""\330\020\024\220F\230!\2303\230a\230s\240%\240v\250S\260\004\260B\260c\270\021\330\010\013\2101\330\014\016\210a\210w\220f\230A\230W\240G\2501\250G\2603\260a\260x\270v\300W\310I\320UV\330\014\020\220\005\220U\230!\2301\330\020\026\220a\220s\230(\240!\2401\240A\330\014\024\220A\360\006\000\r\023\220)\230<\240q\250\005\250Q\250d\260!\2606\270\027\300\001\330\014\017\210s\220!\330\020\023\2207\230!\2301\340\020\022\220!\2207\230&\240\001\240\030\250\023\250M\270\021\270$\270c\300\032\3101\310A\330\020\027\220q\230\007\230s\240!\2408\2503\250h\260a\260t\2703\270g\300Q\300a\330\020\024\220E\230\025\230a\230q\330\024\032\230!\2303\230h\240c\250\027\260\001\260\023\260A\330\020\030\230\001\330\010\020\220\004\220B\220a\330\004\013\2109\220H\230A\330\010\025\220V\2302\230U\240%\240t\250:\260Z\270r\300\025\300e\3104\310x\320Wb\320bd\320di\320in\320no\330\010\017\210w\220b\230\005\230U\240$\240g\250R\320/A\300\021\300*\310E\320QY\320Yc\320cd\330\010\016\210i\220r\230\021";
+    #else /* compression: none (3389 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableext/jsonl.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.ASCIIColumnsEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutine_jsonl_py_kabcallocate_bufferascontiguousarrayasyncio.coroutinesatbadbad_linesbaseblankccache_hashcache_indexcache_lencache_offcancan_arrcan_idcapacityclient_hourcline_in_tracebackcopycountdatadtypedtype_is_objectemptyencodeendengine.kernelsengine.kernels._jsonl_cenumerateerrorflagsfloat64formatfortranfoundgetguesshiidin_usindexindex_cingestingest_arringest_houringest_usint64itemsitemsizekkeylinesmemviewmodenamename_lenname_startndimnlnpnumber_of_linenumpyobjokoneppackparse_linespopregisterrowsssetdefaultshapesizeslotstartstepstopstructt_ustimestamp_uststs_arrunpackupdatevvaluesvalues_arrvehiclevehicle_arrvehiclesxO\200\001\340\004\033\2304\230v\240Q\240a\330\004\031\230\021\330\004\007\200u\210C\210q\330\010\017\210y\230\014\240A\240U\250!\330\004\010\210\r\220Q\220d\230!\2301\330\004\037\230x\240q\340\004\005\330\010\020\220\r\230V\2401\240B\240b\250\004\250D\260\005\260R\260w\270c\300\022\300:\310Q\330\010\013\2106\220\023\220A\330\014\r\330\010\024\220A\330\010\r\210V\2202\220R\220r\230\021""\330\004\r\210R\210v\220Q\220j\240\006\240b\250\001\330\004\021\220\022\2206\230\021\230*\240F\250\"\250A\330\004\022\220\"\220F\230!\230:\240V\2502\250Q\330\004\016\210b\220\006\220a\220z\240\026\240r\250\021\330\004\021\220\022\2206\230\022\230;\240k\260\026\260r\270\021\330\004\035\320\035.\320.D\320DW\320WX\330\004!\240\021\330\004\024\220A\330\004\034\320\034:\320:N\310a\360\016\000\005\020\210y\230\001\330\004\017\210y\230\001\360\006\000\005\036\230Q\360\n\000\005\t\210\005\210U\220!\2201\330\010\023\2201\220F\230!\360\006\000\005\013\210&\220\002\220!\330\010\r\210]\230&\240\001\240\022\2402\240W\250D\260\005\260R\260q\330\010\016\210a\210s\220\"\220F\230#\230S\240\n\250!\330\010\032\230!\330\010\020\220\001\330\010\014\210E\220\025\220a\220w\230a\330\014\017\210q\220\001\220\023\220C\220s\230$\230a\230q\240\003\2403\240b\250\004\250A\250Q\250c\260\023\260A\330\020\030\230\001\330\020\021\330\010\013\2101\330\014\024\220D\230\002\230!\330\014\r\340\010\014\210A\330\010\r\210V\2201\220C\220q\230\003\2305\320 2\260$\260d\270)\3001\300C\300q\310\003\3105\320PQ\320QW\320WX\320XY\330\014\020\220\006\220a\220s\230!\2303\230e\320#7\260q\330\010\013\2101\330\014\031\230\021\330\014\022\220\"\220B\220d\230$\230a\230q\240\003\2403\240c\250\024\250Q\250a\250s\260#\260S\270\005\270Q\270a\270s\300\"\300B\300c\310\021\310!\3103\310c\320QR\330\020\025\220Q\330\014\021\220\022\2202\220T\230\024\230Q\230a\230s\240#\240S\250\004\250B\250b\260\001\330\010\013\2101\360\006\000\r\030\220r\230\022\2301\330\014\020\220\001\330\014\020\220\005\220U\230!\2301\330\020\025\220R\220r\230\037\250\001\250\021\250+\260R\260t\2702\270Q\330\014\023\2202\220_\240A\330\014\017\210{\230!\2306\240\023\240B\240d\250*\260A\260V\2703\270b\300\004\300I\310Q\310f\320TW\320WX\330\024\030\230\006\230a\230r\240\022\2409\250A\250W\260B\260b\270\014\300J\310c\320QR\330\020\032\230+\240Q\240a\340\020\021\330\024\033\320\033/\250q\260\002\260\"\260L\300\n\310!\330\027\030\330\024\031\230\021\330\020\023""\2201\330\024\034\230H\240D\250\001\250\021\330\024\027\220v\230S\240\001\330\030 \240\010\250\001\250\030\260\023\260A\260Q\330\024\036\230a\330\024\037\230q\240\007\240z\260\021\260(\270)\3001\330\024\035\230Q\230g\240Y\250a\250x\260|\3001\330\014\021\220\021\330\014\021\220\023\220D\230\006\230a\230s\240!\2403\240e\320+=\270Q\330\010\013\2101\330\014\025\220Q\330\014\020\220\001\330\014\022\220\"\220B\220d\230$\230b\240\003\2401\330\020\024\220A\220Q\220a\330\020\023\2203\220c\230\025\230a\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\330\025\030\230\003\2305\240\001\330\024\035\230W\240B\240c\250\023\250B\250b\260\001\340\024\025\330\020\025\220Q\330\020\025\220Q\330\014\021\220\022\2203\220e\2302\230T\240\026\240q\250\003\2501\250C\250u\3204F\300a\330\010\013\2101\330\014\020\220\005\220U\230!\2301\330\020\021\220\021\220%\220q\330\014\024\220A\330\014\022\220!\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\023\2204\220q\330\024\025\330\020\027\220q\330\020\024\220E\230\025\230a\230q\330\024\031\230\026\230r\240\023\240B\240a\330\024\027\220r\230\022\2302\230R\230x\240q\250\003\2502\250R\250s\260$\260d\270&\300\001\300\022\3002\300R\300r\310\023\310E\320QR\320RV\320V^\320^_\320_c\320cf\320fg\330\034 \240\001\240\021\240\"\240B\240b\250\002\250(\260!\2604\260s\270#\270T\300\021\300!\3002\300R\300r\310\022\3108\320ST\320TX\320X[\320[\\\330\030\036\230a\330\030\031\330\020\030\230\004\230B\230a\330\020\025\220T\230\023\230A\330\020\023\2204\220q\330\024\025\330\020\025\220X\230Q\230e\2402\240Q\330\020\025\220V\2301\230C\230q\240\003\2405\250\001\250\021\330\020\023\2204\220q\330\024\025\330\020\021\220\021\220\047\230\021\330\020\023\2202\220R\220t\2304\230q\240\001\240\023\240C\240q\330\024\031\230\021\330\024\025\330\020\025\220R\220r\230\024\230T\240\021\240!\2403\240c\250\021\330\020\025\220Q\330\020\021\330\010\013\2101\330\014\021\220\026""\220q\230\003\2301\230C\230u\320$?\270t\3004\300y\320PQ\320QT\320TU\320UX\320X]\320]^\320^e\320ef\320fg\330\020\024\220F\230!\2303\230a\230s\240%\240v\250S\260\004\260B\260c\270\021\330\010\013\2101\330\014\016\210a\210w\220f\230A\230W\240G\2501\250G\2603\260a\260x\270v\300W\310I\320UV\330\014\020\220\005\220U\230!\2301\330\020\026\220a\220s\230(\240!\2401\240A\330\014\024\220A\360\006\000\r\023\220)\230<\240q\250\005\250Q\250d\260!\2606\270\027\300\001\330\014\017\210s\220!\330\020\023\2207\230!\2301\340\020\022\220!\2207\230&\240\001\240\030\250\023\250M\270\021\270$\270c\300\032\3101\310A\330\020\027\220q\230\007\230s\240!\2408\2503\250h\260a\260t\2703\270g\300Q\300a\330\020\024\220E\230\025\230a\230q\330\024\032\230!\2303\230h\240c\250\027\260\001\260\023\260A\330\020\030\230\001\330\010\020\220\004\220B\220a\330\004\013\2109\220H\230A\330\010\025\220V\2302\230U\240%\240t\250:\260Z\270r\300\025\300e\3104\310x\320Wb\320bd\320di\320in\320no\330\010\017\210w\220b\230\005\230U\240$\240g\250R\320/A\300\021\300*\310E\320QY\320Yc\320cd\330\010\016\210i\220r\230\021";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 153; i++) {
+    for (int i = 0; i < 155; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 26) PyUnicode_InternInPlace(&string);
@@ -25451,8 +25615,8 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 153; i < 156; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-153].length;
+    for (int i = 155; i < 158; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-155].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -25462,14 +25626,14 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 156; i++) {
+    for (Py_ssize_t i = 0; i < 158; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 153;
+      PyObject **table = stringtab + 155;
       for (Py_ssize_t i=0; i<3; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -25565,8 +25729,8 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 48, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 151};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_vehicles, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_capacity, __pyx_mstate->__pyx_n_u_at, __pyx_mstate->__pyx_n_u_found, __pyx_mstate->__pyx_n_u_ts_arr, __pyx_mstate->__pyx_n_u_ingest_arr, __pyx_mstate->__pyx_n_u_vehicle_arr, __pyx_mstate->__pyx_n_u_can_arr, __pyx_mstate->__pyx_n_u_values_arr, __pyx_mstate->__pyx_n_u_ts, __pyx_mstate->__pyx_n_u_ingest, __pyx_mstate->__pyx_n_u_vehicle, __pyx_mstate->__pyx_n_u_can, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_bad, __pyx_mstate->__pyx_n_u_start, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_name_start, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_number_of_line, __pyx_mstate->__pyx_n_u_nl, __pyx_mstate->__pyx_n_u_t_us, __pyx_mstate->__pyx_n_u_in_us, __pyx_mstate->__pyx_n_u_can_id, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k_2, __pyx_mstate->__pyx_n_u_key, __pyx_mstate->__pyx_n_u_guess, __pyx_mstate->__pyx_n_u_h, __pyx_mstate->__pyx_n_u_slot, __pyx_mstate->__pyx_n_u_name_len, __pyx_mstate->__pyx_n_u_index_c, __pyx_mstate->__pyx_n_u_cache_index, __pyx_mstate->__pyx_n_u_cache_hash, __pyx_mstate->__pyx_n_u_cache_off, __pyx_mstate->__pyx_n_u_cache_len, __pyx_mstate->__pyx_n_u_ok, __pyx_mstate->__pyx_n_u_blank, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_one};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 50, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 170};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_vehicles, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_capacity, __pyx_mstate->__pyx_n_u_at, __pyx_mstate->__pyx_n_u_found, __pyx_mstate->__pyx_n_u_ts_arr, __pyx_mstate->__pyx_n_u_ingest_arr, __pyx_mstate->__pyx_n_u_vehicle_arr, __pyx_mstate->__pyx_n_u_can_arr, __pyx_mstate->__pyx_n_u_values_arr, __pyx_mstate->__pyx_n_u_ts, __pyx_mstate->__pyx_n_u_ingest, __pyx_mstate->__pyx_n_u_vehicle, __pyx_mstate->__pyx_n_u_can, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_bad, __pyx_mstate->__pyx_n_u_start, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_name_start, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_number_of_line, __pyx_mstate->__pyx_n_u_nl, __pyx_mstate->__pyx_n_u_t_us, __pyx_mstate->__pyx_n_u_in_us, __pyx_mstate->__pyx_n_u_can_id, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_s, __pyx_mstate->__pyx_n_u_k_2, __pyx_mstate->__pyx_n_u_key, __pyx_mstate->__pyx_n_u_guess, __pyx_mstate->__pyx_n_u_client_hour, __pyx_mstate->__pyx_n_u_ingest_hour, __pyx_mstate->__pyx_n_u_h, __pyx_mstate->__pyx_n_u_slot, __pyx_mstate->__pyx_n_u_name_len, __pyx_mstate->__pyx_n_u_index_c, __pyx_mstate->__pyx_n_u_cache_index, __pyx_mstate->__pyx_n_u_cache_hash, __pyx_mstate->__pyx_n_u_cache_off, __pyx_mstate->__pyx_n_u_cache_len, __pyx_mstate->__pyx_n_u_ok, __pyx_mstate->__pyx_n_u_blank, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_index, __pyx_mstate->__pyx_n_u_one};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_ext_jsonl_pyx, __pyx_mstate->__pyx_n_u_parse_lines, __pyx_mstate->__pyx_kp_b_iso88591_4vQa_uCq_y_AU_Qd_1_xq_V1Bb_D_Rw, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);

@@ -10,7 +10,7 @@ pure-Python twin, line by line, so both implementations accept and reject exactl
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport NAN
 from libc.stdlib cimport strtod
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr, memcmp, memcpy
 
 import numpy as np
 
@@ -60,23 +60,42 @@ cdef inline long long days_from_civil(long long y, long long m, long long d) noe
     return era * 146097 + doe - 719468
 
 
-cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out) noexcept nogil:
-    """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch."""
+cdef struct HourCache:
+    char prefix[13]  # "YYYY-MM-DDTHH" of the last timestamp parsed
+    long long base_us  # that hour's start, microseconds since the epoch
+    bint valid
+
+
+cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out,
+                           HourCache* cache) noexcept nogil:
+    """'"YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z"' at p[i] -> microseconds since the epoch. Consecutive records
+    mostly share their date and hour: those are parsed once and then compared."""
     cdef Py_ssize_t j = i[0]
     cdef int y, mo, d, h, mi, s, k, frac = 0, scale = 100000, mdays
-    if j + 22 > end or p[j] != 34 or p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84 or p[j + 14] != 58 \
-            or p[j + 17] != 58:
+    cdef long long base
+    if j + 22 > end or p[j] != 34 or p[j + 14] != 58 or p[j + 17] != 58:
         return False
-    y, mo, d = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2)
-    h, mi, s = digits(p, j + 12, 2), digits(p, j + 15, 2), digits(p, j + 18, 2)
-    if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23 or mi < 0 or mi > 59 or s < 0 or s > 59:
-        return False
-    mdays = 31
-    if mo == 2:
-        mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
-    elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
-        mdays = 30
-    if d > mdays:
+    if cache.valid and memcmp(p + j + 1, cache.prefix, 13) == 0:
+        base = cache.base_us
+    else:
+        if p[j + 5] != 45 or p[j + 8] != 45 or p[j + 11] != 84:
+            return False
+        y, mo, d, h = digits(p, j + 1, 4), digits(p, j + 6, 2), digits(p, j + 9, 2), digits(p, j + 12, 2)
+        if y < 1 or mo < 1 or mo > 12 or d < 1 or h < 0 or h > 23:
+            return False
+        mdays = 31
+        if mo == 2:
+            mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+        elif mo == 4 or mo == 6 or mo == 9 or mo == 11:
+            mdays = 30
+        if d > mdays:
+            return False
+        base = (days_from_civil(y, mo, d) * 24 + h) * 3600000000LL
+        memcpy(cache.prefix, p + j + 1, 13)
+        cache.base_us = base
+        cache.valid = True
+    mi, s = digits(p, j + 15, 2), digits(p, j + 18, 2)
+    if mi < 0 or mi > 59 or s < 0 or s > 59:
         return False
     j += 20
     if p[j] == 46:  # fraction: 1 to 6 digits
@@ -93,7 +112,7 @@ cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long lo
             return False
     if j + 2 > end or p[j] != 90 or p[j + 1] != 34:  # Z"
         return False
-    out[0] = ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000000 + s * 1000000LL + frac
+    out[0] = base + mi * 60000000LL + s * 1000000LL + frac
     i[0] = j + 2
     return True
 
@@ -177,6 +196,9 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
     cdef double x
     cdef double v[7]
     cdef int s, k, key, guess
+    cdef HourCache client_hour, ingest_hour
+    client_hour.valid = False
+    ingest_hour.valid = False
     cdef unsigned long long h
     cdef Py_ssize_t slot, name_len
     cdef long long index_c = 0
@@ -202,7 +224,7 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
             continue
         # --- the fast path: the receiver's exact shape ---
         i = start
-        ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us) \
+        ok = expect(p, &i, end, b'{"timestamp":', 13) and timestamp(p, &i, end, &t_us, &client_hour) \
             and expect(p, &i, end, b',"vehicle_id":"', 15)
         if ok:
             name_start = i
@@ -281,7 +303,7 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
                 i += 1
                 break
         if ok:
-            ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us) \
+            ok = expect(p, &i, end, b',"ingest_received_at":', 22) and timestamp(p, &i, end, &in_us, &ingest_hour) \
                 and expect(p, &i, end, b'}', 1) and i == end
         if ok:
             ts[rows], ingest[rows], vehicle[rows], can[rows] = t_us, in_us, index_c, can_id

@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from engine import aggregator
+from engine import aggregator, partitions
 from engine.errors import ConfigError
 from engine.kernels import _jsonl_py, jsonl
 from engine.storage import PartitionWriter, hour_path
@@ -77,7 +77,7 @@ def scanner(request, monkeypatch):
     if request.param == "c" and jsonl.IMPLEMENTATION != "c":
         pytest.skip("compiled scanner not built")
     if request.param == "py":
-        monkeypatch.setattr(aggregator, "parse_lines", _jsonl_py.parse_lines)
+        monkeypatch.setattr(partitions, "parse_lines", _jsonl_py.parse_lines)
     return request.param
 
 
@@ -206,7 +206,7 @@ def test_large_hour_spilled_or_parallel_gives_the_same_bytes(tmp_path, monkeypat
     in_memory = whole.read_bytes()
     monkeypatch.setattr(aggregator, "PARALLEL_FROM_BYTES", 0)  # "large": partitions on disk
     monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # ~20 of them
-    monkeypatch.setattr(aggregator, "CHUNK_BYTES", 30_000)
+    monkeypatch.setattr(partitions, "CHUNK_BYTES", 30_000)
     monkeypatch.setattr(aggregator.os, "cpu_count", lambda: 1)
     run(tmp_path)
     assert whole.read_bytes() == in_memory
