@@ -101,3 +101,14 @@ def test_serialized_form_round_trips_and_is_compact(Hist):
     assert np.array_equal(back.counts, hist.counts) and back.quantile(0.99) == hist.quantile(0.99)
     with pytest.raises(ValueError):
         Hist.from_bytes(b"XXXX" + blob[4:])
+
+
+def test_no_extensions_selects_every_twin():
+    import subprocess
+    import sys
+
+    code = ("import engine.kernels.histogram as h, engine.kernels.groupby as g, engine.kernels.jsonl as j;"
+            "print(h.IMPLEMENTATION, g.IMPLEMENTATION, j.IMPLEMENTATION, j.parse_lines.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "CANPIPE_NO_EXTENSIONS": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["py", "py", "py", "engine.kernels._jsonl_py"]
