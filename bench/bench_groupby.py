@@ -80,8 +80,10 @@ def test_guard_groupby_ratios(columns, duck):
     _, c_s, py_ratio = ratio(lambda: group_py(group, values), lambda: group_c(group, values))
     _, _, sort_ratio = ratio(lambda: group_numpy_sort(group, values), lambda: group_c(group, values))
     _, _, duck_ratio = ratio(duck, lambda: group_c(group, values))
-    print(f"compiled {values.size / c_s / 1e6:.0f} M values/s; vs numpy twin {py_ratio:.1f}x, "
-          f"vs numpy sort {sort_ratio:.1f}x, vs DuckDB {duck_ratio:.2f}x")
+    print(
+        f"compiled {values.size / c_s / 1e6:.0f} M values/s; vs numpy twin {py_ratio:.1f}x, "
+        f"vs numpy sort {sort_ratio:.1f}x, vs DuckDB {duck_ratio:.2f}x"
+    )
     assert py_ratio >= 1.5, f"compiled only {py_ratio:.1f}x faster than its numpy twin (guard 1.5x)"
     assert sort_ratio >= 3, f"compiled only {sort_ratio:.1f}x faster than a numpy sort baseline (guard 3x)"
     assert duck_ratio >= 0.5, f"compiled at {duck_ratio:.2f}x of DuckDB's speed (guard 0.5x)"

@@ -69,8 +69,10 @@ def test_guard_histogram_ratios(latencies_ms):
     hdr_s, c_s, hdr_ratio = ratio(lambda: record_hdr(part), lambda: record_c(part), repeats=2)
     _, _, py_ratio = ratio(lambda: record_py(latencies_ms), lambda: record_c(latencies_ms))
     _, _, np_ratio = ratio(lambda: percentiles_numpy(latencies_ms), lambda: record_c(latencies_ms))
-    print(f"compiled {c_s / part.size * 1e9:.2f} ns/value; vs hdrhistogram {hdr_ratio:.0f}x, "
-          f"vs numpy twin {py_ratio:.1f}x, vs numpy.percentile {np_ratio:.1f}x")
+    print(
+        f"compiled {c_s / part.size * 1e9:.2f} ns/value; vs hdrhistogram {hdr_ratio:.0f}x, "
+        f"vs numpy twin {py_ratio:.1f}x, vs numpy.percentile {np_ratio:.1f}x"
+    )
     assert hdr_ratio >= 50, f"compiled record_many only {hdr_ratio:.0f}x faster than hdrhistogram (guard 50x)"
     assert py_ratio >= 3, f"compiled only {py_ratio:.1f}x faster than its numpy twin (guard 3x)"
     assert np_ratio >= 1.5, f"compiled only {np_ratio:.1f}x faster than numpy.percentile (guard 1.5x)"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.storage import PartitionWriter  # noqa: E402
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _encoder = msgspec.json.Encoder()
 
 
@@ -58,8 +58,10 @@ def generate(data_dir: Path, hour: dt.datetime, rate: int, vehicles: int, duplic
                 "vehicle_id": ids[vehicle[k]],
                 "can_id": "0x132",
                 "payload": {
-                    "battery_soc": round(float(soc_now[k]), 1), "battery_voltage": float(voltage[k]),
-                    "battery_current": float(current[k]), "cell_voltage_min": round(float(cell[k] - spread[k] / 2), 3),
+                    "battery_soc": round(float(soc_now[k]), 1),
+                    "battery_voltage": float(voltage[k]),
+                    "battery_current": float(current[k]),
+                    "cell_voltage_min": round(float(cell[k] - spread[k] / 2), 3),
                     "cell_voltage_max": round(float(cell[k] + spread[k] / 2), 3),
                     "cell_temp_min": round(float(t[k] - tspread[k] / 2), 1),
                     "cell_temp_max": round(float(t[k] + tspread[k] / 2), 1),

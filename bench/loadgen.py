@@ -23,7 +23,7 @@ import uvloop
 
 from engine.kernels import LatencyHistogram
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class Connection(asyncio.Protocol):
@@ -42,7 +42,11 @@ class Connection(asyncio.Protocol):
             return
         head = bytes(self.buffer[:end]).lower()
         start = head.find(b"content-length:")
-        length = int(head[start + 15 : head.find(b"\r\n", start) if head.find(b"\r\n", start) > 0 else None]) if start >= 0 else 0
+        length = (
+            int(head[start + 15 : head.find(b"\r\n", start) if head.find(b"\r\n", start) > 0 else None])
+            if start >= 0
+            else 0
+        )
         if len(self.buffer) < end + 4 + length:
             return
         status = int(self.buffer[9:12])
@@ -57,9 +61,20 @@ class Connection(asyncio.Protocol):
 
 def record(vehicle: str, seq: int) -> dict:
     now = dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return {"timestamp": now, "vehicle_id": vehicle, "can_id": "0x132", "payload": {
-        "battery_soc": 50.0 + (seq % 500) / 10, "battery_voltage": 390.5, "battery_current": 40.0 + seq % 50,
-        "cell_voltage_min": 4.05, "cell_voltage_max": 4.07, "cell_temp_min": 25.0, "cell_temp_max": 27.5}}
+    return {
+        "timestamp": now,
+        "vehicle_id": vehicle,
+        "can_id": "0x132",
+        "payload": {
+            "battery_soc": 50.0 + (seq % 500) / 10,
+            "battery_voltage": 390.5,
+            "battery_current": 40.0 + seq % 50,
+            "cell_voltage_min": 4.05,
+            "cell_voltage_max": 4.07,
+            "cell_temp_min": 25.0,
+            "cell_temp_max": 27.5,
+        },
+    }
 
 
 async def worker(index: int, args, stats, hist, end: float) -> None:
@@ -75,8 +90,10 @@ async def worker(index: int, args, stats, hist, end: float) -> None:
         records = [record(vehicle, seq + i) for i in range(args.batch)]
         seq += args.batch
         body = json.dumps(records if args.batch > 1 else records[0], separators=(",", ":")).encode()
-        head = (f"POST /ingest HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-                f"X-API-Key: {args.key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST /ingest HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"X-API-Key: {args.key}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         conn.waiter = loop.create_future()
         t0 = time.perf_counter()
         conn.transport.write(head + body)
@@ -102,8 +119,13 @@ async def main(args) -> dict:
     end = start + args.duration
     await asyncio.gather(*(worker(i, args, stats, hist, end) for i in range(args.connections)))
     elapsed = time.monotonic() - start
-    return {**stats, "elapsed_s": elapsed, "http_p50_ms": hist.quantile(0.5), "http_p99_ms": hist.quantile(0.99),
-            "http_hist": base64.b64encode(hist.to_bytes()).decode()}
+    return {
+        **stats,
+        "elapsed_s": elapsed,
+        "http_p50_ms": hist.quantile(0.5),
+        "http_p99_ms": hist.quantile(0.99),
+        "http_hist": base64.b64encode(hist.to_bytes()).decode(),
+    }
 
 
 if __name__ == "__main__":

@@ -71,13 +71,24 @@ def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="canpipe-bench-"))
     key = f"bench:{secrets.token_hex(8)}"
     port = free_port()
-    env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_API_KEYS": key,
-                        "CANPIPE_QUEUE_URL": args.queue_url or f"sqlite:///{data_dir / 'queue.db'}"}
+    env = os.environ | {
+        "CANPIPE_DATA_DIR": str(data_dir),
+        "CANPIPE_API_KEYS": key,
+        "CANPIPE_QUEUE_URL": args.queue_url or f"sqlite:///{data_dir / 'queue.db'}",
+    }
     py = [sys.executable, "-m", "engine"]
-    server = subprocess.Popen([*py, "serve", "--port", str(port), "--workers", str(args.receiver_workers)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    consumers = subprocess.Popen([*py, "consume", "--workers", str(args.consumers)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*py, "serve", "--port", str(port), "--workers", str(args.receiver_workers)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    consumers = subprocess.Popen(
+        [*py, "consume", "--workers", str(args.consumers)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: healthy(url), 30), "receiver did not start"
@@ -85,16 +96,36 @@ def main() -> int:
         before = {name: cpu_seconds(tree(p.pid)) for name, p in (("receiver", server), ("consumers", consumers))}
         t0 = time.monotonic()
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-        gen = subprocess.run([sys.executable, str(ROOT / "bench/loadgen.py"), "--url", url, "--key", key,
-                              "--rate", str(args.rate), "--duration", str(args.duration), "--batch", str(args.batch),
-                              "--connections", str(args.connections)], capture_output=True, text=True, env=env,
-                             cwd=ROOT)
+        gen = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench/loadgen.py"),
+                "--url",
+                url,
+                "--key",
+                key,
+                "--rate",
+                str(args.rate),
+                "--duration",
+                str(args.duration),
+                "--batch",
+                str(args.batch),
+                "--connections",
+                str(args.connections),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         load_s = time.monotonic() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the generator was reaped meanwhile
         gen_cpu = usage.ru_utime + usage.ru_stime - reaped.ru_utime - reaped.ru_stime
         load = json.loads(gen.stdout.strip().splitlines()[-1])
-        during = {name: cpu_seconds(tree(p.pid)) - before[name] for name, p in
-                  (("receiver", server), ("consumers", consumers))}
+        during = {
+            name: cpu_seconds(tree(p.pid)) - before[name]
+            for name, p in (("receiver", server), ("consumers", consumers))
+        }
         accepted = load.get("accepted", 0)
 
         def written() -> int:
@@ -111,26 +142,41 @@ def main() -> int:
     metrics = read_snapshots(data_dir / "metrics")
     e2e = metrics.summary("end_to_end")
     report = {
-        "target_rate": args.rate, "batch": args.batch, "duration_s": round(load_s, 2),
-        "sent": load.get("sent", 0), "accepted": accepted, "written": written(), "drained": drained,
+        "target_rate": args.rate,
+        "batch": args.batch,
+        "duration_s": round(load_s, 2),
+        "sent": load.get("sent", 0),
+        "accepted": accepted,
+        "written": written(),
+        "drained": drained,
         "drain_after_load_s": round(drain_s, 2),
-        "accepted_per_s": round(accepted / load["elapsed_s"]), "written_per_s": round(written() / (load_s + drain_s)),
-        "statuses": {k: v for k, v in load.items() if k.startswith("status_")}, "generator_behind": load.get("behind", 0),
-        "http_p50_ms": round(load["http_p50_ms"], 2), "http_p99_ms": round(load["http_p99_ms"], 2),
+        "accepted_per_s": round(accepted / load["elapsed_s"]),
+        "written_per_s": round(written() / (load_s + drain_s)),
+        "statuses": {k: v for k, v in load.items() if k.startswith("status_")},
+        "generator_behind": load.get("behind", 0),
+        "http_p50_ms": round(load["http_p50_ms"], 2),
+        "http_p99_ms": round(load["http_p99_ms"], 2),
         "ingest_p50_ms": round(metrics.summary("ingest")["p50"], 1),
         "ingest_p99_ms": round(metrics.summary("ingest")["p99"], 1),
-        "e2e_p50_ms": round(e2e["p50"], 1), "e2e_p95_ms": round(e2e["p95"], 1), "e2e_p99_ms": round(e2e["p99"], 1),
+        "e2e_p50_ms": round(e2e["p50"], 1),
+        "e2e_p95_ms": round(e2e["p95"], 1),
+        "e2e_p99_ms": round(e2e["p99"], 1),
         "cpu_s": {**{k: round(v, 1) for k, v in during.items()}, "loadgen": round(gen_cpu, 1)},
-        "cpu_cores_during_load": {**{k: round(v / load_s, 2) for k, v in during.items()},
-                                  "loadgen": round(gen_cpu / load_s, 2)},
+        "cpu_cores_during_load": {
+            **{k: round(v / load_s, 2) for k, v in during.items()},
+            "loadgen": round(gen_cpu / load_s, 2),
+        },
     }
     consumer_sqs = {k: v for k, v in metrics.counters.items() if k.startswith("canpipe_sqs_")}
     if receiver_sqs or consumer_sqs:
         billed = receiver_sqs.get("canpipe_sqs_billed_requests_total", 0) + consumer_sqs.get(
-            "canpipe_sqs_billed_requests_total", 0)
+            "canpipe_sqs_billed_requests_total", 0
+        )
         per_1000 = cost.requests_per_1000(int(billed), accepted)
         report["sqs"] = {
-            "receiver": receiver_sqs, "consumers": consumer_sqs, "billed_requests": int(billed),
+            "receiver": receiver_sqs,
+            "consumers": consumer_sqs,
+            "billed_requests": int(billed),
             "requests_per_1000_records": round(per_1000, 2),
             "monthly_usd": {rate: round(cost.monthly_bill_usd(rate, per_1000), 2) for rate in cost.RATES_PER_S},
         }

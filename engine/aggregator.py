@@ -32,7 +32,7 @@ from engine.storage import hour_path
 
 log = logging.getLogger("canpipe.aggregator")
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 PARTITION_INPUT_BYTES = 320 * 1024 * 1024  # JSON per partition: ~1.1M rows, ~100 MB of columns
 PARALLEL_FROM_BYTES = 256 * 1024 * 1024  # smaller hours: one process, in memory (~900k rows)
 MAX_WORKERS = 8
@@ -121,8 +121,14 @@ class _Totals:
 
 
 def _new_totals(groups: int) -> _Totals:
-    return _Totals(GroupStats(len(SIGNALS) + 3, groups), np.zeros(groups, np.int64), np.full(groups, np.nan),
-                   np.full(groups, np.nan), np.zeros(groups), np.zeros(groups))
+    return _Totals(
+        GroupStats(len(SIGNALS) + 3, groups),
+        np.zeros(groups, np.int64),
+        np.full(groups, np.nan),
+        np.full(groups, np.nan),
+        np.zeros(groups),
+        np.zeros(groups),
+    )
 
 
 def _merge_totals(into: _Totals, part: _Totals) -> None:
@@ -254,12 +260,19 @@ def _document(hour: dt.datetime, vehicles: dict[str, int], totals: _Totals, info
     return {
         # the ingest time of the newest record aggregated: "as of", and the same on every re-run
         "aggregation_timestamp": iso_micros(totals.latest_ingest_us) if totals.latest_ingest_us >= 0 else None,
-        "time_range": {"start": hour.strftime("%Y-%m-%dT%H:00:00Z"),
-                       "end": (hour + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:00:00Z")},
+        "time_range": {
+            "start": hour.strftime("%Y-%m-%dT%H:00:00Z"),
+            "end": (hour + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:00:00Z"),
+        },
         "vehicles": rows,
-        "input": {"files": info.files, "records": info.records, "duplicates_dropped": int(totals.duplicates.sum()),
-                  "torn_tail_bytes": info.torn_tail_bytes, "corrupt_lines": info.corrupt_count,
-                  "corrupt_line_locations": info.corrupt},
+        "input": {
+            "files": info.files,
+            "records": info.records,
+            "duplicates_dropped": int(totals.duplicates.sum()),
+            "torn_tail_bytes": info.torn_tail_bytes,
+            "corrupt_lines": info.corrupt_count,
+            "corrupt_line_locations": info.corrupt,
+        },
     }
 
 
@@ -325,8 +338,14 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
                     del pieces  # the chunks are copied: free them before the sort
                     _partition_totals(columns, totals)
             else:
-                parts = pool.map(_partition_job, [str(spill)] * count, range(count), [tags] * count,
-                                 [remaps] * count, [len(names)] * count)
+                parts = pool.map(
+                    _partition_job,
+                    [str(spill)] * count,
+                    range(count),
+                    [tags] * count,
+                    [remaps] * count,
+                    [len(names)] * count,
+                )
                 for part in parts:
                     _merge_totals(totals, part)
     except OSError as exc:
@@ -339,8 +358,16 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     out = output_path(data_dir, hour)
     write_atomically(out, body)
     write_atomically(manifest_path(data_dir, hour), msgspec.json.encode(Manifest(hour_label(hour), inputs, len(body))))
-    return HourResult(hour_label(hour), str(out), len(document["vehicles"]), info.records,
-                      document["input"]["duplicates_dropped"], info.files, info.torn_tail_bytes, info.corrupt_count)
+    return HourResult(
+        hour_label(hour),
+        str(out),
+        len(document["vehicles"]),
+        info.records,
+        document["input"]["duplicates_dropped"],
+        info.files,
+        info.torn_tail_bytes,
+        info.corrupt_count,
+    )
 
 
 def _blocks(paths: list[str], sizes: list[int], workers: int) -> list[list[str]]:

@@ -33,6 +33,6 @@ def run_checks(settings: Settings, *, serving: bool = True) -> list[str]:
 
     try:
         asyncio.run(ping())
-    except (CanpipeError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, CanpipeError, OSError) as exc:
         problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {exc or 'timeout'}")
     return problems

@@ -66,8 +66,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     key = args.api_key or os.environ.get("CANPIPE_API_KEY")
     sim = Simulator(
-        args.url, api_key=key, vehicles=args.vehicles, rate_ms=args.rate_ms, duration_s=args.duration, batch=args.batch,
-        seed=args.seed, count=args.count,
+        args.url,
+        api_key=key,
+        vehicles=args.vehicles,
+        rate_ms=args.rate_ms,
+        duration_s=args.duration,
+        batch=args.batch,
+        seed=args.seed,
+        count=args.count,
     )
     result = asyncio.run(sim.run())
     print(describe(result))
@@ -83,14 +89,21 @@ def cmd_queue(args: argparse.Namespace) -> int:
         queue = open_queue(settings.queue_url)
         try:
             if args.action == "create":
-                await queue.create(QueueAttributes(
-                    visibility_timeout_s=args.visibility_timeout, max_receive_count=args.max_receive_count))
-                print(f"created {settings.queue_url} (visibility {args.visibility_timeout} s, "
-                      f"dead-letter after {args.max_receive_count} receives)")
+                await queue.create(
+                    QueueAttributes(
+                        visibility_timeout_s=args.visibility_timeout, max_receive_count=args.max_receive_count
+                    )
+                )
+                print(
+                    f"created {settings.queue_url} (visibility {args.visibility_timeout} s, "
+                    f"dead-letter after {args.max_receive_count} receives)"
+                )
             elif args.action == "stats":
                 stats = await queue.stats()
-                print(f"visible {stats.visible}  in_flight {stats.in_flight}  delayed {stats.delayed}  "
-                      f"dead_letter {stats.dead_letter}")
+                print(
+                    f"visible {stats.visible}  in_flight {stats.in_flight}  delayed {stats.delayed}  "
+                    f"dead_letter {stats.dead_letter}"
+                )
             elif args.action == "purge":
                 print(f"purged {await queue.purge()} messages")
             else:
@@ -113,13 +126,17 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     else:
         results = aggregator.aggregate_pending(settings.data_dir)
     for r in results:
-        print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records ({r.duplicates_dropped} duplicates "
-              f"dropped) from {r.files} files -> {r.path}")
+        print(
+            f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records ({r.duplicates_dropped} duplicates "
+            f"dropped) from {r.files} files -> {r.path}"
+        )
         if r.torn_tail_bytes:
             print(f"  skipped torn tails: {r.torn_tail_bytes} bytes")
         if r.corrupt_lines:
-            print(f"  WARNING: {r.corrupt_lines} corrupt lines skipped (listed in the output's input section)",
-                  file=sys.stderr)
+            print(
+                f"  WARNING: {r.corrupt_lines} corrupt lines skipped (listed in the output's input section)",
+                file=sys.stderr,
+            )
     if not results:
         print("nothing to aggregate: every closed hour is up to date")
     return 0
@@ -139,7 +156,7 @@ def aggregator_schedule(data_dir: Path) -> int:
     while not stop.is_set():
         for r in aggregator.aggregate_pending(data_dir):
             print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         stop.wait((aggregator.next_run(now) - now).total_seconds())
     print("aggregate --schedule: stopped", flush=True)
     return 0
@@ -159,9 +176,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.run import RunOptions, run_pipeline
 
     settings = _settings(args)
-    options = RunOptions(vehicles=args.vehicles, rate_ms=args.rate_ms, duration_s=args.duration,
-                         consumers=args.consumers, batch=args.batch, receiver_workers=args.receiver_workers,
-                         timeout_s=args.timeout)
+    options = RunOptions(
+        vehicles=args.vehicles,
+        rate_ms=args.rate_ms,
+        duration_s=args.duration,
+        consumers=args.consumers,
+        batch=args.batch,
+        receiver_workers=args.receiver_workers,
+        timeout_s=args.timeout,
+    )
     return run_pipeline(settings, options)
 
 
@@ -195,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consume", help="the consumers")
     common(p)
     p.add_argument("--workers", type=int, default=2, help="consumer processes")
-    p.add_argument("--batch-seconds", type=float, help="flush a batch this long after its first record (CANPIPE_BATCH_SECONDS)")
+    p.add_argument(
+        "--batch-seconds", type=float, help="flush a batch this long after its first record (CANPIPE_BATCH_SECONDS)"
+    )
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("simulate", help="the battery simulator posting to a receiver")

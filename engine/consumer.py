@@ -55,8 +55,10 @@ def parse_message(message: Received, received_s: float) -> _Held:
     """Split a message body (NDJSON) by the hour of ``ingest_received_at``; no copy of the record bytes."""
     body = message.body
     stamps = _stamps.decode_lines(body)
-    hours = [(s.ingest_received_at.year, s.ingest_received_at.month, s.ingest_received_at.day,
-              s.ingest_received_at.hour) for s in stamps]
+    hours = [
+        (s.ingest_received_at.year, s.ingest_received_at.month, s.ingest_received_at.day, s.ingest_received_at.hour)
+        for s in stamps
+    ]
     view = memoryview(body)
     if len(set(hours)) == 1:
         parts = {hours[0]: [view]}
@@ -105,10 +107,15 @@ class Consumer:
         stop_wait = loop.create_task(stop.wait())
         try:
             while not stop.is_set():
-                timeout = None if self.first_at is None else self.first_at + self.settings.batch_seconds - time.monotonic()
+                timeout = (
+                    None if self.first_at is None else self.first_at + self.settings.batch_seconds - time.monotonic()
+                )
                 arrived = loop.create_task(self._arrived.wait())
-                await asyncio.wait({arrived, stop_wait}, timeout=None if timeout is None else max(0.0, timeout),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {arrived, stop_wait},
+                    timeout=None if timeout is None else max(0.0, timeout),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 arrived.cancel()
                 self._arrived.clear()
                 if self.held and (
@@ -230,7 +237,9 @@ class Consumer:
         while True:
             await asyncio.sleep(min(1.0, timeout / 3))
             self.write_snapshot()
-            old = [h.message.receipt for h in self.held + self._flushing if time.time() - h.visible_since_s > timeout / 2]
+            old = [
+                h.message.receipt for h in self.held + self._flushing if time.time() - h.visible_since_s > timeout / 2
+            ]
             if old:
                 with contextlib.suppress(QueueError):
                     for i in range(0, len(old), MAX_BATCH_ENTRIES):

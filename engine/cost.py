@@ -27,5 +27,7 @@ def describe(billed_requests: int, records: int, calls: dict[str, float]) -> str
     per_1000 = requests_per_1000(billed_requests, records)
     bills = ", ".join(f"{rate:,} rec/s ${monthly_bill_usd(rate, per_1000):,.2f}" for rate in RATES_PER_S)
     by_action = ", ".join(f"{action} {int(n)}" for action, n in sorted(calls.items()))
-    return (f"SQS: {billed_requests} billed requests for {records} records = {per_1000:.2f} per 1,000 "
-            f"({by_action}); monthly at {bills} (${PRICE_PER_MILLION_USD}/million, price of {PRICE_DATE})")
+    return (
+        f"SQS: {billed_requests} billed requests for {records} records = {per_1000:.2f} per 1,000 "
+        f"({by_action}); monthly at {bills} (${PRICE_PER_MILLION_USD}/million, price of {PRICE_DATE})"
+    )

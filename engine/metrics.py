@@ -71,7 +71,9 @@ class Metrics:
         for stage, hist in self.latency.items():
             if hist.count:
                 for q in QUANTILES:
-                    lines.append(f'canpipe_latency_seconds{{stage="{stage}",quantile="{q}"}} {hist.quantile(q) / 1000:.6f}')
+                    lines.append(
+                        f'canpipe_latency_seconds{{stage="{stage}",quantile="{q}"}} {hist.quantile(q) / 1000:.6f}'
+                    )
             lines.append(f'canpipe_latency_seconds_sum{{stage="{stage}"}} {hist.total / 1000 if hist.count else 0:.6f}')
             lines.append(f'canpipe_latency_seconds_count{{stage="{stage}"}} {hist.count}')
         typed: set[str] = set()

@@ -138,7 +138,9 @@ class Receiver:
         try:
             records = decode_records(body, ndjson=ndjson)
             if not records:
-                return _error(422, "validation", "no records in the request", errors=[{"path": "$", "message": "empty"}])
+                return _error(
+                    422, "validation", "no records in the request", errors=[{"path": "$", "message": "empty"}]
+                )
             check_clock(
                 records, received_at, max_future_s=self.settings.max_future_skew_s, max_age_s=self.settings.max_age_s
             )
@@ -165,14 +167,17 @@ class Receiver:
     async def health(self, request: Request) -> Response:
         try:
             await asyncio.wait_for(self.queue.ping(), 2.0)
-        except (QueueError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QueueError) as exc:
             return JSONResponse({"status": "unavailable", "queue": str(exc) or "timeout"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self, request: Request) -> Response:
         text = self.metrics.render_prometheus()
-        text += f"# TYPE canpipe_publisher_pending_records gauge\ncanpipe_publisher_pending_records {self.publisher.pending_records}\n"
-        text += f"# TYPE canpipe_queue_send_calls_total counter\ncanpipe_queue_send_calls_total {self.publisher.calls}\n"
+        pending = self.publisher.pending_records
+        text += f"# TYPE canpipe_publisher_pending_records gauge\ncanpipe_publisher_pending_records {pending}\n"
+        text += (
+            f"# TYPE canpipe_queue_send_calls_total counter\ncanpipe_queue_send_calls_total {self.publisher.calls}\n"
+        )
         text += render_queue_usage(self.queue)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -187,26 +192,47 @@ def openapi_document() -> dict:
     components["Error"] = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
     body = {"oneOf": [record, {"type": "array", "items": record, "minItems": 1}]}
     ingest_responses = {
-        "202": {"description": "all records are in the queue", "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"accepted": {"type": "integer"}}}}}},
-        **{code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in [
-            ("401", "missing or wrong X-API-Key"), ("413", "body too large"), ("415", "unsupported content type"),
-            ("422", "malformed JSON or a field out of range; nothing enqueued"),
-            ("503", "queue unavailable or saturated; see Retry-After")]},
+        "202": {
+            "description": "all records are in the queue",
+            "content": {
+                "application/json": {"schema": {"type": "object", "properties": {"accepted": {"type": "integer"}}}}
+            },
+        },
+        **{
+            code: {"description": text, "content": {"application/json": {"schema": error}}}
+            for code, text in [
+                ("401", "missing or wrong X-API-Key"),
+                ("413", "body too large"),
+                ("415", "unsupported content type"),
+                ("422", "malformed JSON or a field out of range; nothing enqueued"),
+                ("503", "queue unavailable or saturated; see Retry-After"),
+            ]
+        },
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "canpipe", "version": "0.1.0"},
         "paths": {
-            "/ingest": {"post": {
-                "summary": "Ingest decoded battery telemetry",
-                "security": [{"apiKey": []}],
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": body},
-                    "application/x-ndjson": {"schema": {"type": "string"}}}},
-                "responses": ingest_responses}},
-            "/health": {"get": {"summary": "200 when the queue is reachable", "responses": {
-                "200": {"description": "ok"}, "503": {"description": "queue unreachable"}}}},
+            "/ingest": {
+                "post": {
+                    "summary": "Ingest decoded battery telemetry",
+                    "security": [{"apiKey": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": body},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "responses": ingest_responses,
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 when the queue is reachable",
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "queue unreachable"}},
+                }
+            },
             "/metrics": {"get": {"summary": "Prometheus text", "responses": {"200": {"description": "metrics"}}}},
         },
         "components": {

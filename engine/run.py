@@ -22,9 +22,9 @@ from pathlib import Path
 
 import msgspec
 
+from engine import cost
 from engine.config import Settings
 from engine.errors import CanpipeError
-from engine import cost
 from engine.metrics import STAGES, parse_counters, read_snapshots
 from engine.queues import open_queue
 from engine.simulator import Simulator, describe
@@ -123,12 +123,20 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     try:
         if not wait_until(lambda: healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
             raise CanpipeError("the receiver did not become healthy within 30 s")
-        sim = Simulator(url, api_key=key, vehicles=options.vehicles, rate_ms=options.rate_ms,
-                        duration_s=options.duration_s, batch=options.batch, keep_accepted=True)
+        sim = Simulator(
+            url,
+            api_key=key,
+            vehicles=options.vehicles,
+            rate_ms=options.rate_ms,
+            duration_s=options.duration_s,
+            batch=options.batch,
+            keep_accepted=True,
+        )
         result = asyncio.run(sim.run())
         print(f"simulator: {describe(result)}", flush=True)
-        accepted = {(r["vehicle_id"], r["can_id"], dt.datetime.fromisoformat(r["timestamp"]))
-                    for r in result.accepted_records}
+        accepted = {
+            (r["vehicle_id"], r["can_id"], dt.datetime.fromisoformat(r["timestamp"])) for r in result.accepted_records
+        }
 
         def on_disk() -> bool:
             return read_snapshots(metrics_dir).counters["canpipe_consumer_records_written_total"] >= len(accepted)
@@ -144,8 +152,10 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     missing = accepted - unique
     metrics = read_snapshots(metrics_dir)
     written = metrics.counters["canpipe_consumer_records_written_total"]
-    print(f"records: sent {result.sent}, accepted {len(accepted)}, written {written}, "
-          f"unique on disk {len(unique & accepted)}, duplicates {len(keys) - len(unique)}, missing {len(missing)}")
+    print(
+        f"records: sent {result.sent}, accepted {len(accepted)}, written {written}, "
+        f"unique on disk {len(unique & accepted)}, duplicates {len(keys) - len(unique)}, missing {len(missing)}"
+    )
     print(f"{'stage':<12}{'count':>9}{'P50 ms':>10}{'P95 ms':>10}{'P99 ms':>10}{'max ms':>10}")
     for stage in STAGES:
         s = metrics.summary(stage)
@@ -157,8 +167,10 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
             if name.startswith("canpipe_sqs_requests_total"):
                 action = name.split('"')[1]
                 calls[action] = calls.get(action, 0) + value
-        billed = int(receiver_usage.get("canpipe_sqs_billed_requests_total", 0)
-                     + consumer_usage.get("canpipe_sqs_billed_requests_total", 0))
+        billed = int(
+            receiver_usage.get("canpipe_sqs_billed_requests_total", 0)
+            + consumer_usage.get("canpipe_sqs_billed_requests_total", 0)
+        )
         print(cost.describe(billed, len(accepted), calls))
     print(f"files: {data_dir / 'raw'} (hour-partitioned JSONL), metrics snapshots: {metrics_dir}")
     if missing:

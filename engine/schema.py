@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 SOC = Annotated[float, msgspec.Meta(ge=0.0, le=100.0, description="state of charge, percent")]
 PackVoltage = Annotated[float, msgspec.Meta(ge=0.0, le=1500.0, description="pack voltage, V")]

@@ -16,7 +16,7 @@ import msgspec
 
 from engine.kernels import LatencyHistogram
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 CELLS_IN_SERIES = 96
 CAPACITY_AH = 230.0
 CAN_IDS = ("0x132", "0x292", "0x332")
@@ -101,7 +101,9 @@ class Simulator:
         connector = aiohttp.TCPConnector(limit=min(256, self.vehicles), force_close=False)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
             start = time.monotonic()
-            await asyncio.gather(*(self._vehicle(session, vid, i, start) for i, vid in enumerate(vehicle_ids(self.vehicles))))
+            await asyncio.gather(
+                *(self._vehicle(session, vid, i, start) for i, vid in enumerate(vehicle_ids(self.vehicles)))
+            )
         return self.result
 
     async def _vehicle(self, session: aiohttp.ClientSession, vehicle_id: str, index: int, start: float) -> None:
@@ -113,12 +115,14 @@ class Simulator:
         tick = 0
         while time.monotonic() - start < self.duration_s and not (self.count and self.generated >= self.count):
             self.generated += 1
-            pending.append({
-                "timestamp": dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-                "vehicle_id": vehicle_id,
-                "can_id": CAN_IDS[tick % len(CAN_IDS)],
-                "payload": pack.step(period),
-            })
+            pending.append(
+                {
+                    "timestamp": dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+                    "vehicle_id": vehicle_id,
+                    "can_id": CAN_IDS[tick % len(CAN_IDS)],
+                    "payload": pack.step(period),
+                }
+            )
             tick += 1
             if len(pending) >= self.batch:
                 await self._post(session, pending)
@@ -140,7 +144,7 @@ class Simulator:
                 async with session.post(self.url, data=body, headers=self.headers) as response:
                     await response.read()
                     status, retry_after = response.status, response.headers.get("Retry-After")
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status, retry_after = 0, None
             result.requests += 1
             result.http_ms.record((time.perf_counter() - t0) * 1000.0)
@@ -166,5 +170,3 @@ def describe(result: SimulationResult) -> str:
         f"sent {result.sent}, accepted {result.accepted}, rejected {result.rejected}, failed {result.failed}, "
         f"retries {result.retries}; HTTP P50 {p(0.5)} ms, P99 {p(0.99)} ms over {result.requests} requests"
     )
-
-

@@ -86,7 +86,9 @@ class Supervisor:
             multiprocessing.connection.wait([p.sentinel for p in self._procs], timeout=0.5)
             for index, proc in enumerate(self._procs):
                 if proc.exitcode is not None and not self._stopping:
-                    log.error("consumer pid %s exited with %s; restarting in %.1f s", proc.pid, proc.exitcode, backoff[index])
+                    log.error(
+                        "consumer pid %s exited with %s; restarting in %.1f s", proc.pid, proc.exitcode, backoff[index]
+                    )
                     time.sleep(backoff[index])
                     backoff[index] = min(backoff[index] * 2, 10.0)
                     self._procs[index] = self._spawn()
@@ -105,5 +107,8 @@ class Supervisor:
                 proc.kill()
                 proc.join()
         codes = [proc.exitcode for proc in self._procs]
-        print(f"supervisor: {self.workers} consumers stopped, exit codes {codes}, {self.restarts} restarts", file=sys.stderr)
+        print(
+            f"supervisor: {self.workers} consumers stopped, exit codes {codes}, {self.restarts} restarts",
+            file=sys.stderr,
+        )
         return 0 if all(code == 0 for code in codes) else 1

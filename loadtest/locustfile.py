@@ -24,7 +24,7 @@ import random
 from locust import FastHttpUser, between, constant, tag, task
 
 KEY = os.environ.get("CANPIPE_API_KEY", "")
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _ids = itertools.count()
 
 
@@ -35,9 +35,15 @@ def record(vehicle: str, rng: random.Random, soc: float) -> dict:
         "timestamp": dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "vehicle_id": vehicle,
         "can_id": "0x132",
-        "payload": {"battery_soc": round(soc, 2), "battery_voltage": round(96 * cell - current * 0.07, 1),
-                    "battery_current": current, "cell_voltage_min": cell - 0.004, "cell_voltage_max": cell + 0.004,
-                    "cell_temp_min": 24.0, "cell_temp_max": 26.5},
+        "payload": {
+            "battery_soc": round(soc, 2),
+            "battery_voltage": round(96 * cell - current * 0.07, 1),
+            "battery_current": current,
+            "cell_voltage_min": cell - 0.004,
+            "cell_voltage_max": cell + 0.004,
+            "cell_temp_min": 24.0,
+            "cell_temp_max": 26.5,
+        },
     }
 
 
@@ -53,8 +59,9 @@ class Vehicle(FastHttpUser):
     @task
     def post_one(self) -> None:
         self.soc = max(0.0, self.soc - 0.001)
-        with self.client.post("/ingest", json=record(self.vehicle, self.rng, self.soc), headers={"X-API-Key": KEY},
-                              catch_response=True) as response:
+        with self.client.post(
+            "/ingest", json=record(self.vehicle, self.rng, self.soc), headers={"X-API-Key": KEY}, catch_response=True
+        ) as response:
             if response.status_code == 503:
                 response.success()  # load shedding is an answer, not an error: the client retries later
             elif response.status_code != 202:
@@ -72,8 +79,12 @@ class Gateway(FastHttpUser):
     @task
     def post_batch(self) -> None:
         body = "\n".join(json.dumps(record(v, self.rng, 60.0)) for v in self.vehicles) + "\n"
-        with self.client.post("/ingest", data=body, headers={"X-API-Key": KEY, "Content-Type": "application/x-ndjson"},
-                              catch_response=True) as response:
+        with self.client.post(
+            "/ingest",
+            data=body,
+            headers={"X-API-Key": KEY, "Content-Type": "application/x-ndjson"},
+            catch_response=True,
+        ) as response:
             if response.status_code != 202 or response.json() != {"accepted": 100}:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
 

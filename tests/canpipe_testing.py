@@ -11,18 +11,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-
 from engine.run import wait_until
 
 API_KEY = "test:s3cret-test-key"
 
 
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-
-
 
 
 class Proc:
@@ -31,8 +25,9 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "engine", *args], env=env, stdout=self._out,
-                                      stderr=subprocess.STDOUT, cwd=ROOT)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "engine", *args], env=env, stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
     @property
     def pid(self) -> int:
@@ -53,9 +48,9 @@ class Proc:
         return code
 
 
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
     """One real HTTP request; returns (status, headers, body) whatever the status."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
@@ -65,38 +60,39 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
-
 def post_json(url: str, payload: object, key: str | None = API_KEY, **kw) -> tuple[int, dict, object]:
     headers = {"Content-Type": "application/json"} | ({"X-API-Key": key} if key else {})
     status, hdrs, body = http("POST", url + "/ingest", json.dumps(payload).encode(), headers, **kw)
     return status, hdrs, json.loads(body) if body else None
 
 
-
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
 
 
 def wait_for(condition: Callable[[], object], timeout: float, message: str = "condition") -> None:
     assert wait_until(condition, timeout, 0.05), f"timed out after {timeout} s waiting for {message}"
 
 
-
 def make_record(index: int = 0, vehicle_id: str = "EV-00001", **payload: float) -> dict:
     """A valid seed-shaped record, timestamped now (distinct per index)."""
     import datetime as dt
 
-    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=index)
+    moment = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=index)
     return {
         "timestamp": moment.isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "vehicle_id": vehicle_id,
         "can_id": "0x132",
         "payload": {
-            "battery_soc": 80.5, "battery_voltage": 396.2, "battery_current": 42.0, "cell_voltage_min": 4.11,
-            "cell_voltage_max": 4.13, "cell_temp_min": 24.0, "cell_temp_max": 26.5, **payload,
+            "battery_soc": 80.5,
+            "battery_voltage": 396.2,
+            "battery_current": 42.0,
+            "cell_voltage_min": 4.11,
+            "cell_voltage_max": 4.13,
+            "cell_temp_min": 24.0,
+            "cell_temp_max": 26.5,
+            **payload,
         },
     }
-
 
 
 def queued_records(data_dir: Path) -> list[dict]:
@@ -106,4 +102,3 @@ def queued_records(data_dir: Path) -> list[dict]:
     with sqlite3.connect(data_dir / "queue.db") as conn:
         bodies = [row[0] for row in conn.execute("SELECT body FROM messages ORDER BY id")]
     return [json.loads(line) for body in bodies for line in body.splitlines()]
-

@@ -21,7 +21,6 @@ def data_dir(tmp_path: Path) -> Path:
     return path
 
 
-
 @pytest.fixture
 def env(data_dir: Path) -> dict[str, str]:
     return os.environ | {
@@ -30,7 +29,6 @@ def env(data_dir: Path) -> dict[str, str]:
         "CANPIPE_API_KEYS": f"old:retired-but-valid,{API_KEY}",
         "CANPIPE_BATCH_SECONDS": "0.5",
     }
-
 
 
 @pytest.fixture
@@ -46,7 +44,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield _start
     for proc in procs:
         proc.stop()
-
 
 
 @pytest.fixture
@@ -71,15 +68,17 @@ def serve(start: Callable[..., Proc]) -> Callable[..., str]:
     return _serve
 
 
-
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory) -> Iterator[str]:
     """moto's SQS server over real HTTP on 127.0.0.1, started for this test session and stopped by PID."""
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -101,7 +100,6 @@ def moto_endpoint(tmp_path_factory) -> Iterator[str]:
             proc.wait()
 
 
-
 @pytest.fixture
 def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
     """A fresh SQS queue (with its DLQ) on the emulator; the AWS variables set for this process too."""
@@ -113,4 +111,3 @@ def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     url = f"{moto_endpoint}/123456789012/canpipe-{uuid.uuid4().hex[:12]}"
     return AWS_TEST_ENV | {"CANPIPE_QUEUE_URL": url}
-

@@ -79,13 +79,20 @@ class FaultProxy:
             status, content_type = 200, "application/x-amz-json-1.0"
         else:
             headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            async with self._session.request(request.method, self.upstream + request.path_qs, data=body,
-                                             headers=headers) as upstream:
+            async with self._session.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
+            ) as upstream:
                 raw, status = await upstream.read(), upstream.status
                 content_type = upstream.headers.get("Content-Type", "application/x-amz-json-1.0")
             if injected is None:
                 return web.Response(body=raw, status=status, headers={"Content-Type": content_type})
             result = json.loads(raw)
-        result.setdefault("Failed", []).append({"Id": injected["Id"], "SenderFault": False, "Code": "InternalError",
-                                                "Message": "injected by the test proxy"})
+        result.setdefault("Failed", []).append(
+            {
+                "Id": injected["Id"],
+                "SenderFault": False,
+                "Code": "InternalError",
+                "Message": "injected by the test proxy",
+            }
+        )
         return web.Response(body=json.dumps(result).encode(), status=status, headers={"Content-Type": content_type})

@@ -21,7 +21,7 @@ from engine.storage import PartitionWriter, hour_path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import duckdb_hour  # noqa: E402
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 HOUR = dt.datetime(2025, 10, 19, 17, tzinfo=UTC)
 KEY = (2025, 10, 19, 17)
 SEED = 1917
@@ -32,8 +32,13 @@ def iso(moment: dt.datetime) -> str:
 
 
 def record(vehicle: str, ts: dt.datetime, can_id: str = "0x132", **payload: float) -> bytes:
-    body = {"timestamp": iso(ts), "vehicle_id": vehicle, "can_id": can_id, "payload": payload,
-            "ingest_received_at": iso(ts + dt.timedelta(milliseconds=20))}
+    body = {
+        "timestamp": iso(ts),
+        "vehicle_id": vehicle,
+        "can_id": can_id,
+        "payload": payload,
+        "ingest_received_at": iso(ts + dt.timedelta(milliseconds=20)),
+    }
     return msgspec.json.encode(body) + b"\n"
 
 
@@ -48,9 +53,14 @@ def fleet(seed: int = SEED, vehicles: int = 5, per_vehicle: int = 200) -> list[b
             soc -= rng.uniform(0, 0.05)
             cur = round(rng.uniform(-80, 250), 1)
             vmin = round(rng.uniform(3.6, 4.1), 3)
-            payload = {"battery_soc": round(soc, 2), "battery_voltage": round(380 - cur * 0.07, 1), "battery_current": cur,
-                       "cell_voltage_min": vmin, "cell_voltage_max": round(vmin + rng.uniform(0, 0.03), 3),
-                       "cell_temp_min": round(rng.uniform(20, 30), 1)}
+            payload = {
+                "battery_soc": round(soc, 2),
+                "battery_voltage": round(380 - cur * 0.07, 1),
+                "battery_current": cur,
+                "cell_voltage_min": vmin,
+                "cell_voltage_max": round(vmin + rng.uniform(0, 0.03), 3),
+                "cell_temp_min": round(rng.uniform(20, 30), 1),
+            }
             payload["cell_temp_max"] = round(payload["cell_temp_min"] + rng.uniform(0, 3), 1)
             if n % 7 == 3:
                 payload = {"battery_soc": payload["battery_soc"]}  # a frame that carries only SOC
@@ -112,19 +122,31 @@ def test_statistics_are_right(tmp_path, scanner):
             xs = [r["payload"][name] for r in mine if name in r["payload"]]
             assert v[name]["min"] == min(xs) and v[name]["max"] == max(xs)
             assert v[name]["avg"] == pytest.approx(sum(xs) / len(xs), rel=1e-12)
-        spreads = [r["payload"]["cell_voltage_max"] - r["payload"]["cell_voltage_min"] for r in mine
-                   if "cell_voltage_max" in r["payload"]]
+        spreads = [
+            r["payload"]["cell_voltage_max"] - r["payload"]["cell_voltage_min"]
+            for r in mine
+            if "cell_voltage_max" in r["payload"]
+        ]
         assert v["cell_voltage_spread_max"] == pytest.approx(max(spreads))
         socs = [r["payload"]["battery_soc"] for r in mine]
         assert v["soc_change"] == pytest.approx(socs[-1] - socs[0])
         assert v["first_timestamp"] == mine[0]["timestamp"] and v["last_timestamp"] == mine[-1]["timestamp"]
-        cur = [(dt.datetime.fromisoformat(r["timestamp"]), r["payload"]) for r in mine if "battery_current" in r["payload"]]
+        cur = [
+            (dt.datetime.fromisoformat(r["timestamp"]), r["payload"]) for r in mine if "battery_current" in r["payload"]
+        ]
         ah = kwh = 0.0
         for (t0, p0), (t1, p1) in zip(cur, cur[1:]):
             seconds = (t1 - t0).total_seconds()
             ah += (abs(p0["battery_current"]) + abs(p1["battery_current"])) / 2 * seconds / 3600
-            kwh += (abs(p0["battery_current"] * p0["battery_voltage"]) + abs(p1["battery_current"] * p1["battery_voltage"])
-                    ) / 2 * seconds / 3.6e6
+            kwh += (
+                (
+                    abs(p0["battery_current"] * p0["battery_voltage"])
+                    + abs(p1["battery_current"] * p1["battery_voltage"])
+                )
+                / 2
+                * seconds
+                / 3.6e6
+            )
         assert v["charge_throughput_ah"] == pytest.approx(ah, rel=1e-9)
         assert v["energy_throughput_kwh"] == pytest.approx(kwh, rel=1e-9)
     newest = max(r["ingest_received_at"] for r in records)

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def canpipe(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_drives_the_whole_pipeline_and_reports(env, data_dir):
@@ -75,11 +76,25 @@ def test_queue_admin_commands(env, data_dir, capsys, monkeypatch):
 
 def test_simulate_command_against_a_receiver(serve, env):
     url = serve(env)
-    done = canpipe("simulate", "--url", url, "--api-key", "test:s3cret-test-key", "--vehicles", "3", "--duration", "1",
-                   "--batch", "2", env=env)
+    done = canpipe(
+        "simulate",
+        "--url",
+        url,
+        "--api-key",
+        "test:s3cret-test-key",
+        "--vehicles",
+        "3",
+        "--duration",
+        "1",
+        "--batch",
+        "2",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "failed 0" in done.stdout and "rejected 0" in done.stdout
-    wrong = canpipe("simulate", "--url", url, "--api-key", "test:wrong", "--vehicles", "1", "--duration", "0.5", env=env)
+    wrong = canpipe(
+        "simulate", "--url", url, "--api-key", "test:wrong", "--vehicles", "1", "--duration", "0.5", env=env
+    )
     assert wrong.returncode == 1 and "rejected 0" not in wrong.stdout
 
 
@@ -94,7 +109,10 @@ def test_aggregate_commands(env, data_dir, capsys, monkeypatch, start):
         monkeypatch.setenv(name, value)
     write(data_dir, fleet(vehicles=2))
     assert main(["aggregate", "--hour", "2025-10-19T17"]) == 0
-    assert "aggregated 2025-10-19T17: 2 vehicles, 400 records (0 duplicates dropped) from 1 files" in capsys.readouterr().out
+    assert (
+        "aggregated 2025-10-19T17: 2 vehicles, 400 records (0 duplicates dropped) from 1 files"
+        in capsys.readouterr().out
+    )
     assert main(["aggregate"]) == 0
     assert "nothing to aggregate" in capsys.readouterr().out
     with open(next((data_dir / "raw").rglob("*.jsonl")), "ab") as f:
@@ -109,4 +127,4 @@ def test_aggregate_commands(env, data_dir, capsys, monkeypatch, start):
     wait_for(lambda: "aggregated 2025-10-19T17" in scheduled.output(), 30, "the scheduler's catch-up run")
     assert scheduled.stop(signal.SIGTERM) == 0
     assert "aggregate --schedule: stopped" in scheduled.output()
-    assert dt.datetime.now(dt.timezone.utc) > HOUR
+    assert dt.datetime.now(dt.UTC) > HOUR

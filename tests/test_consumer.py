@@ -11,6 +11,7 @@ import time
 from typing import NamedTuple
 
 import pytest
+from canpipe_testing import make_record
 
 from engine.config import Settings
 from engine.consumer import Consumer
@@ -19,9 +20,7 @@ from engine.queues import QueueAttributes, open_queue
 from engine.schema import decode_records, encode_stored
 from engine.storage import PartitionWriter, iter_raw_files
 
-from canpipe_testing import make_record
-
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class QueueCounts(NamedTuple):

@@ -97,8 +97,10 @@ def test_bad_input_is_refused():
     for Stats in IMPLEMENTATIONS:
         stats = Stats(2, 3)
         with pytest.raises(ValueError):
-            stats._groupby_into(np.zeros(3, np.int64), np.zeros((2, 4)), stats.records, stats.count, stats.low,
-                                stats.high, stats.total)
+            stats._groupby_into(
+                np.zeros(3, np.int64), np.zeros((2, 4)), stats.records, stats.count, stats.low, stats.high, stats.total
+            )
         with pytest.raises(IndexError):
-            stats._groupby_into(np.array([5]), np.zeros((2, 1)), stats.records, stats.count, stats.low,
-                                stats.high, stats.total)
+            stats._groupby_into(
+                np.array([5]), np.zeros((2, 1)), stats.records, stats.count, stats.low, stats.high, stats.total
+            )

@@ -29,8 +29,9 @@ def test_compiled_kernel_is_built_and_selected():
     assert engine.kernels.IMPLEMENTATION == "c", "ext/histogram.pyx was not built: run pip install -e ."
 
 
-latencies_ms = arrays(np.float64, st.integers(1, 3000),
-                      elements=st.floats(0.001, 3.6e6, allow_nan=False, allow_infinity=False))
+latencies_ms = arrays(
+    np.float64, st.integers(1, 3000), elements=st.floats(0.001, 3.6e6, allow_nan=False, allow_infinity=False)
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -107,8 +108,15 @@ def test_no_extensions_selects_every_twin():
     import subprocess
     import sys
 
-    code = ("import engine.kernels.histogram as h, engine.kernels.groupby as g, engine.kernels.jsonl as j;"
-            "print(h.IMPLEMENTATION, g.IMPLEMENTATION, j.IMPLEMENTATION, j.parse_lines.__module__)")
-    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "CANPIPE_NO_EXTENSIONS": "1"},
-                         capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import engine.kernels.histogram as h, engine.kernels.groupby as g, engine.kernels.jsonl as j;"
+        "print(h.IMPLEMENTATION, g.IMPLEMENTATION, j.IMPLEMENTATION, j.parse_lines.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**__import__("os").environ, "CANPIPE_NO_EXTENSIONS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == ["py", "py", "py", "engine.kernels._jsonl_py"]

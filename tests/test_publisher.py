@@ -82,8 +82,9 @@ def test_request_fails_when_its_entry_keeps_failing_and_others_succeed():
 
     async def body(publisher):
         big = lines("a", 40)  # fills an entry of its own
-        return await asyncio.gather(publisher.publish(big, 40), publisher.publish(lines("b", 1), 1),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            publisher.publish(big, 40), publisher.publish(lines("b", 1), 1), return_exceptions=True
+        )
 
     first, second = run(with_publisher(queue, body, max_attempts=3))
     assert isinstance(first, QueueError) or isinstance(second, QueueError)
@@ -133,7 +134,10 @@ def test_timeout_withdraws_a_request_not_yet_sent():
 
 def test_pack_keeps_requests_whole_and_splits_only_oversized_ones():
     loop = asyncio.new_event_loop()
-    requests = [_Request(lines("a", 10), 10, loop.create_future()), _Request(lines("b", 200), 200, loop.create_future())]
+    requests = [
+        _Request(lines("a", 10), 10, loop.create_future()),
+        _Request(lines("b", 200), 200, loop.create_future()),
+    ]
     entries = pack(requests, 1000)
     loop.close()
     assert entries[0].requests == [requests[0], requests[1]] or entries[0].requests == [requests[0]]

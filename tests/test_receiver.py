@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-
 from canpipe_testing import API_KEY, http, make_record, post_json, queued_records
 
 
@@ -23,7 +22,9 @@ def test_single_array_and_ndjson_are_accepted_and_queued_with_server_stamp(url, 
     assert post_json(url, one)[::2] == (202, {"accepted": 1})
     assert post_json(url, [make_record(2), make_record(3)])[::2] == (202, {"accepted": 2})
     ndjson = b"\n".join(json.dumps(make_record(i)).encode() for i in (4, 5, 6)) + b"\n"
-    status, _, body = http("POST", url + "/ingest", ndjson, {"Content-Type": "application/x-ndjson", "X-API-Key": API_KEY})
+    status, _, body = http(
+        "POST", url + "/ingest", ndjson, {"Content-Type": "application/x-ndjson", "X-API-Key": API_KEY}
+    )
     assert (status, json.loads(body)) == (202, {"accepted": 3})
     stored = queued_records(data_dir)
     assert len(stored) == 6
@@ -53,21 +54,25 @@ def test_key_never_appears_in_logs(serve, env, start, tmp_path):
 
 
 def test_unsupported_media_type_is_415(url):
-    status, _, _ = http("POST", url + "/ingest", b"a=1", {"Content-Type": "application/x-www-form-urlencoded",
-                                                          "X-API-Key": API_KEY})
+    status, _, _ = http(
+        "POST", url + "/ingest", b"a=1", {"Content-Type": "application/x-www-form-urlencoded", "X-API-Key": API_KEY}
+    )
     assert status == 415
 
 
 def test_body_over_limit_is_413_before_the_body_is_read(serve, env):
     url = serve(env | {"CANPIPE_MAX_BODY_BYTES": "4096"})
-    status, _, body = http("POST", url + "/ingest", b"[" + b" " * 5000 + b"]",
-                           {"Content-Type": "application/json", "X-API-Key": API_KEY})
+    status, _, body = http(
+        "POST", url + "/ingest", b"[" + b" " * 5000 + b"]", {"Content-Type": "application/json", "X-API-Key": API_KEY}
+    )
     assert status == 413 and json.loads(body)["error"] == "too_large"
     # declare a huge body and send none of it: the answer must come without waiting for the body
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Length: 100000000\r\n\r\n")
+        sock.sendall(
+            b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Length: 100000000\r\n\r\n"
+        )
         assert sock.recv(100).startswith(b"HTTP/1.1 413")
 
 
@@ -75,8 +80,10 @@ def test_chunked_body_over_limit_is_413(serve, env):
     url = serve(env | {"CANPIPE_MAX_BODY_BYTES": "4096"})
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"X-API-Key: " + API_KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-API-Key: " + API_KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for _ in range(3):
             sock.sendall(b"800\r\n" + b" " * 0x800 + b"\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 413")
@@ -110,8 +117,12 @@ def test_validation_errors_name_every_bad_field_and_enqueue_nothing(url, data_di
 def test_physically_invalid_records_are_422_with_path(url, data_dir, mutate, path):
     record = make_record()
     mutate(record)
-    status, _, body = http("POST", url + "/ingest", json.dumps(record).replace("Infinity", "1e999").encode(),
-                           {"Content-Type": "application/json", "X-API-Key": API_KEY})
+    status, _, body = http(
+        "POST",
+        url + "/ingest",
+        json.dumps(record).replace("Infinity", "1e999").encode(),
+        {"Content-Type": "application/json", "X-API-Key": API_KEY},
+    )
     assert status == 422, body
     assert json.loads(body)["errors"][0]["path"] == path
     assert queued_records(data_dir) == []
@@ -121,8 +132,12 @@ def test_malformed_json_and_empty_input_are_422(url):
     for body in (b"{not json", b"[]", b"", b"[1, 2"):
         status, _, _ = http("POST", url + "/ingest", body, {"Content-Type": "application/json", "X-API-Key": API_KEY})
         assert status == 422, body
-    status, _, body = http("POST", url + "/ingest", b'{"timestamp": 1}\n{oops\n',
-                           {"Content-Type": "application/x-ndjson", "X-API-Key": API_KEY})
+    status, _, body = http(
+        "POST",
+        url + "/ingest",
+        b'{"timestamp": 1}\n{oops\n',
+        {"Content-Type": "application/x-ndjson", "X-API-Key": API_KEY},
+    )
     assert status == 422 and json.loads(body)["errors"][0]["path"].startswith("$[0]")
 
 

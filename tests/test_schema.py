@@ -7,12 +7,11 @@ import json
 
 import msgspec
 import pytest
+from canpipe_testing import make_record
 
 from engine.schema import SkewError, check_clock, decode_records, encode_stored, json_schema
 
-from canpipe_testing import make_record
-
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def body(*records: dict) -> bytes:

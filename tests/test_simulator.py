@@ -20,8 +20,11 @@ def test_pack_model_stays_physically_valid_for_an_hour():
     decoder = msgspec.json.Decoder(Telemetry)
     for _ in range(18_000):  # one hour at 200 ms
         payload = pack.step(0.2)
-        decoder.decode(json.dumps({"timestamp": "2026-01-01T00:00:00Z", "vehicle_id": "EV-1", "can_id": "0x132",
-                                   "payload": payload}))
+        decoder.decode(
+            json.dumps(
+                {"timestamp": "2026-01-01T00:00:00Z", "vehicle_id": "EV-1", "can_id": "0x132", "payload": payload}
+            )
+        )
     assert pack.soc < soc0  # driving drains the pack (seed 11)
     assert 250 < payload["battery_voltage"] < 420
 

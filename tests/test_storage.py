@@ -37,7 +37,7 @@ def test_two_writers_never_share_a_file(tmp_path):
 def test_rotates_at_the_size_limit(tmp_path):
     writer = PartitionWriter(tmp_path, "w", rotate_bytes=5 * 1024 * 1024)
     batch = lines(1000, width=1000)  # about 1 MB a batch
-    for i in range(12):
+    for _ in range(12):
         writer.append(HOUR, batch)
     writer.close()
     files = list(iter_raw_files(tmp_path / "raw"))

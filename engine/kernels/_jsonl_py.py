@@ -23,7 +23,7 @@ SIGNALS = (
     "cell_temp_min",
     "cell_temp_max",
 )
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MICROSECOND = dt.timedelta(microseconds=1)
 
 
@@ -73,8 +73,15 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
             bad.append(number)
             continue
         index = vehicles.setdefault(record.vehicle_id, len(vehicles))
-        rows.append((_micros(record.timestamp), _micros(record.ingest_received_at), index, can,
-                     [np.nan if v is None else v for v in msgspec.structs.astuple(record.payload)]))
+        rows.append(
+            (
+                _micros(record.timestamp),
+                _micros(record.ingest_received_at),
+                index,
+                can,
+                [np.nan if v is None else v for v in msgspec.structs.astuple(record.payload)],
+            )
+        )
     n = len(rows)
     values = np.array([r[4] for r in rows], dtype=np.float64).reshape(n, len(SIGNALS)).T.copy()
     return Columns(

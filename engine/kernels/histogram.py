@@ -12,8 +12,8 @@ import struct
 import numpy as np
 
 from engine.kernels import _histogram_py
-from engine.kernels._select import compiled_or_twin
 from engine.kernels._histogram_py import N_BUCKETS, SUB_BUCKETS
+from engine.kernels._select import compiled_or_twin
 
 IMPLEMENTATION, _kernel = compiled_or_twin("histogram")
 

@@ -258,7 +258,8 @@ class SqliteQueue:
             now = _now_ms()
             conn.execute("BEGIN IMMEDIATE")
             moved = conn.execute(
-                "INSERT INTO messages (body, sent_ms, visible_ms) SELECT body, sent_ms, ? FROM dead_letters ORDER BY id",
+                "INSERT INTO messages (body, sent_ms, visible_ms) "
+                "SELECT body, sent_ms, ? FROM dead_letters ORDER BY id",
                 (now,),
             ).rowcount
             conn.execute("DELETE FROM dead_letters")

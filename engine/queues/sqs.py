@@ -78,15 +78,26 @@ class SqsQueue:
             except ImportError as exc:  # pragma: no cover - aiobotocore is a dependency
                 raise QueueError("the SQS backend needs aiobotocore: pip install aiobotocore") from exc
             parts = urlsplit(self.url)
-            endpoint = (os.environ.get("AWS_ENDPOINT_URL_SQS") or os.environ.get("AWS_ENDPOINT_URL")
-                        or f"{parts.scheme}://{parts.netloc}")
+            endpoint = (
+                os.environ.get("AWS_ENDPOINT_URL_SQS")
+                or os.environ.get("AWS_ENDPOINT_URL")
+                or f"{parts.scheme}://{parts.netloc}"
+            )
             match = _REGION_IN_HOST.search(parts.netloc)
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or (
-                match.group(1) if match else "us-east-1")
-            config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=30,
-                            max_pool_connections=32)
-            self._client_cm = get_session().create_client("sqs", region_name=region, endpoint_url=endpoint,
-                                                           config=config)
+            region = (
+                os.environ.get("AWS_REGION")
+                or os.environ.get("AWS_DEFAULT_REGION")
+                or (match.group(1) if match else "us-east-1")
+            )
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=5,
+                read_timeout=30,
+                max_pool_connections=32,
+            )
+            self._client_cm = get_session().create_client(
+                "sqs", region_name=region, endpoint_url=endpoint, config=config
+            )
             self._client = await self._client_cm.__aenter__()
         return self._client
 
@@ -104,8 +115,9 @@ class SqsQueue:
 
     async def _read_limits(self) -> None:
         if not self._limits_read:
-            attrs = (await self._call("GetQueueAttributes", QueueUrl=self.url,
-                                      AttributeNames=["MaximumMessageSize"]))["Attributes"]
+            attrs = (await self._call("GetQueueAttributes", QueueUrl=self.url, AttributeNames=["MaximumMessageSize"]))[
+                "Attributes"
+            ]
             limit = int(attrs.get("MaximumMessageSize", DEFAULT_MAX_MESSAGE_BYTES))
             self._max_request_bytes = limit
             self.max_message_bytes = limit * 3 // 4
@@ -134,14 +146,21 @@ class SqsQueue:
         return failed
 
     async def _send_group(self, group: list[int], texts: list[str], size: int) -> list[int]:
-        response = await self._call("SendMessageBatch", size, QueueUrl=self.url,
-                                    Entries=[{"Id": str(i), "MessageBody": texts[i]} for i in group])
+        response = await self._call(
+            "SendMessageBatch",
+            size,
+            QueueUrl=self.url,
+            Entries=[{"Id": str(i), "MessageBody": texts[i]} for i in group],
+        )
         return sorted(int(entry["Id"]) for entry in response.get("Failed", []))
 
     async def receive(self, max_messages: int = 10, wait_s: float = 20.0) -> list[Received]:
-        params: dict[str, Any] = {"QueueUrl": self.url, "MaxNumberOfMessages": min(10, max_messages),
-                                  "WaitTimeSeconds": int(max(0, min(20, round(wait_s)))),
-                                  "MessageSystemAttributeNames": _SYSTEM_ATTRIBUTES}
+        params: dict[str, Any] = {
+            "QueueUrl": self.url,
+            "MaxNumberOfMessages": min(10, max_messages),
+            "WaitTimeSeconds": int(max(0, min(20, round(wait_s)))),
+            "MessageSystemAttributeNames": _SYSTEM_ATTRIBUTES,
+        }
         if self.visibility_timeout_s is not None:
             params["VisibilityTimeout"] = int(self.visibility_timeout_s)
         response = await self._call("ReceiveMessage", **params)
@@ -149,25 +168,40 @@ class SqsQueue:
         for message in response.get("Messages", []):
             attrs = message.get("Attributes", {})
             sent = int(attrs.get("SentTimestamp", 0))
-            out.append(Received(message["MessageId"], message["ReceiptHandle"], decode_body(message["Body"]), sent,
-                                int(attrs.get("ApproximateFirstReceiveTimestamp", sent)),
-                                int(attrs.get("ApproximateReceiveCount", 1))))
+            out.append(
+                Received(
+                    message["MessageId"],
+                    message["ReceiptHandle"],
+                    decode_body(message["Body"]),
+                    sent,
+                    int(attrs.get("ApproximateFirstReceiveTimestamp", sent)),
+                    int(attrs.get("ApproximateReceiveCount", 1)),
+                )
+            )
         return out
 
     async def delete_batch(self, receipts: Sequence[str]) -> list[str]:
         failed: list[str] = []
         for start in range(0, len(receipts), MAX_BATCH_ENTRIES):
             chunk = receipts[start : start + MAX_BATCH_ENTRIES]
-            response = await self._call("DeleteMessageBatch", QueueUrl=self.url,
-                                        Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)])
+            response = await self._call(
+                "DeleteMessageBatch",
+                QueueUrl=self.url,
+                Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)],
+            )
             failed += [chunk[int(entry["Id"])] for entry in response.get("Failed", [])]
         return failed
 
     async def change_visibility(self, receipts: Sequence[str], timeout_s: float) -> None:
         for start in range(0, len(receipts), MAX_BATCH_ENTRIES):
             chunk = receipts[start : start + MAX_BATCH_ENTRIES]
-            await self._call("ChangeMessageVisibilityBatch", QueueUrl=self.url, Entries=[
-                {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": int(timeout_s)} for i, r in enumerate(chunk)])
+            await self._call(
+                "ChangeMessageVisibilityBatch",
+                QueueUrl=self.url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": int(timeout_s)} for i, r in enumerate(chunk)
+                ],
+            )
 
     async def _attributes(self, url: str, names: list[str]) -> dict[str, str]:
         return (await self._call("GetQueueAttributes", QueueUrl=url, AttributeNames=names))["Attributes"]
@@ -180,24 +214,32 @@ class SqsQueue:
         return (await self._call("GetQueueUrl", QueueName=dlq_name))["QueueUrl"]
 
     async def stats(self) -> QueueStats:
-        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                 "ApproximateNumberOfMessagesDelayed"]
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ]
         attrs = await self._attributes(self.url, names)
         dlq = await self._dlq_url()
         dead = int((await self._attributes(dlq, names[:1]))["ApproximateNumberOfMessages"]) if dlq else 0
-        return QueueStats(visible=int(attrs[names[0]]), in_flight=int(attrs[names[1]]), delayed=int(attrs[names[2]]),
-                          dead_letter=dead)
+        return QueueStats(
+            visible=int(attrs[names[0]]), in_flight=int(attrs[names[1]]), delayed=int(attrs[names[2]]), dead_letter=dead
+        )
 
     async def create(self, attributes: QueueAttributes = QueueAttributes()) -> None:
-        dlq = await self._call("CreateQueue", QueueName=f"{self.name}-dlq",
-                               Attributes={"MessageRetentionPeriod": str(attributes.dlq_retention_s)})
+        dlq = await self._call(
+            "CreateQueue",
+            QueueName=f"{self.name}-dlq",
+            Attributes={"MessageRetentionPeriod": str(attributes.dlq_retention_s)},
+        )
         dlq_arn = (await self._attributes(dlq["QueueUrl"], ["QueueArn"]))["QueueArn"]
         settings = {
             "MessageRetentionPeriod": str(attributes.retention_s),
             "VisibilityTimeout": str(attributes.visibility_timeout_s),
             "ReceiveMessageWaitTimeSeconds": str(attributes.receive_wait_s),
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn,
-                                         "maxReceiveCount": str(attributes.max_receive_count)}),
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(attributes.max_receive_count)}
+            ),
         }
         created = await self._call("CreateQueue", QueueName=self.name, Attributes=settings)
         if created["QueueUrl"].rstrip("/").rsplit("/", 1)[-1] != self.name:  # pragma: no cover - defensive
@@ -217,17 +259,25 @@ class SqsQueue:
             return 0
         moved = 0
         while True:
-            response = await self._call("ReceiveMessage", QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1,
-                                        VisibilityTimeout=60)
+            response = await self._call(
+                "ReceiveMessage", QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1, VisibilityTimeout=60
+            )
             messages = response.get("Messages", [])
             if not messages:
                 return moved
-            sent = await self._call("SendMessageBatch", sum(len(m["Body"]) for m in messages), QueueUrl=self.url,
-                                    Entries=[{"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)])
+            sent = await self._call(
+                "SendMessageBatch",
+                sum(len(m["Body"]) for m in messages),
+                QueueUrl=self.url,
+                Entries=[{"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)],
+            )
             ok = [messages[int(entry["Id"])] for entry in sent.get("Successful", [])]
             if ok:
-                await self._call("DeleteMessageBatch", QueueUrl=dlq, Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(ok)])
+                await self._call(
+                    "DeleteMessageBatch",
+                    QueueUrl=dlq,
+                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(ok)],
+                )
             moved += len(ok)
 
     async def ping(self) -> None:

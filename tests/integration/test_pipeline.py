@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from canpipe_testing import API_KEY, make_record, post_json, wait_for
 
 from engine.metrics import read_snapshots
 from engine.simulator import Simulator
 from engine.storage import iter_raw_files
-
-from canpipe_testing import API_KEY, make_record, post_json, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +60,9 @@ def children(pid: int) -> set[int]:
 def test_seed_integration_1000_messages_every_one_on_disk_unchanged(serve, start, env, data_dir):
     url = serve(env)
     consumers = start(["consume", "--workers", "2"], env)
-    sim = Simulator(url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True, seed=7)
+    sim = Simulator(
+        url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True, seed=7
+    )
     result = asyncio.run(sim.run())
     assert result.accepted == 1000 and result.failed == result.rejected == 0
     sent = {key(r): r for r in result.accepted_records}

@@ -9,14 +9,13 @@ import sys
 import time
 
 import pytest
+from canpipe_testing import API_KEY, make_record, post_json, wait_for
+from integration.test_pipeline import key, on_disk
+from sqs_proxy import FaultProxy
 
 from engine.metrics import read_snapshots
 from engine.queues import QueueAttributes, open_queue
 from engine.simulator import Simulator
-
-from canpipe_testing import API_KEY, make_record, post_json, wait_for
-from integration.test_pipeline import key, on_disk
-from sqs_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +66,9 @@ def sqs(env, sqs_env):
 def test_seed_integration_on_sqs_with_two_consumers(serve, start, sqs, data_dir):
     url = serve(sqs)
     consumers = start(["consume", "--workers", "2"], sqs)
-    sim = Simulator(url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True,
-                    seed=3)
+    sim = Simulator(
+        url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True, seed=3
+    )
     result = asyncio.run(sim.run())
     assert result.accepted == 1000 and result.failed == result.rejected == 0
     sent = {key(r): r for r in result.accepted_records}
@@ -85,8 +85,26 @@ def test_seed_integration_on_sqs_with_two_consumers(serve, start, sqs, data_dir)
 
 
 def test_canpipe_run_on_sqs_reports_cost(sqs, data_dir):
-    done = subprocess.run([sys.executable, "-m", "engine", "run", "--data-dir", str(data_dir), "--duration", "2",
-                           "--vehicles", "5", "--rate-ms", "50"], env=sqs, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--duration",
+            "2",
+            "--vehicles",
+            "5",
+            "--rate-ms",
+            "50",
+        ],
+        env=sqs,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "missing 0" in done.stdout
     assert "SQS: " in done.stdout and "per 1,000" in done.stdout and "SendMessageBatch" in done.stdout
@@ -145,11 +163,13 @@ def test_sqs_outage_gives_503_in_bounded_time_then_recovers(serve, sqs, moto_end
 
 def test_timestamps_survive_the_sqs_round_trip(sqs):
     """Compressed bodies come back byte for byte."""
-    from engine.schema import decode_records, encode_stored
     import json
 
-    body = encode_stored(decode_records(json.dumps([make_record(i) for i in range(50)]).encode(), ndjson=False),
-                         dt.datetime.now(dt.timezone.utc))
+    from engine.schema import decode_records, encode_stored
+
+    body = encode_stored(
+        decode_records(json.dumps([make_record(i) for i in range(50)]).encode(), ndjson=False), dt.datetime.now(dt.UTC)
+    )
     assert len(body) > 2048  # large enough to be compressed on the way
 
     async def go():
