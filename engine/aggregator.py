@@ -101,7 +101,7 @@ def closed_hours(data_dir: Path, now: dt.datetime, grace: dt.timedelta = dt.time
     hours = []
     for folder in sorted((Path(data_dir) / "raw").glob("year=*/month=*/day=*/hour=*")):
         parts = [int(p.name.split("=")[1]) for p in (folder.parents[2], folder.parents[1], folder.parent, folder)]
-        hour = dt.datetime(*parts, tzinfo=UTC)
+        hour = dt.datetime(parts[0], parts[1], parts[2], parts[3], tzinfo=UTC)
         if hour + dt.timedelta(hours=1) + grace <= now:
             hours.append(hour)
     return hours

@@ -14,6 +14,7 @@ import mmap
 import os
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class Partitions:
     def __init__(self, count: int, spill_dir: Path | None, tag: str) -> None:
         self.count, self.spill_dir, self.tag = count, spill_dir, tag
         self.memory: list[list[np.ndarray]] = []
-        self._files: dict[str, object] = {}
+        self._files: dict[str, BinaryIO] = {}
         self.part_of: np.ndarray = np.zeros(0, dtype=np.int64)  # local vehicle index -> partition
 
     def vehicles_seen(self, names: list[str]) -> None:
@@ -78,7 +79,7 @@ class Partitions:
 
     def close(self) -> None:
         for out in self._files.values():
-            out.close()  # type: ignore[attr-defined]
+            out.close()
 
 
 def load_partition(spill_dir: Path, p: int, tag: str) -> list[np.ndarray] | None:

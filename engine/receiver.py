@@ -64,6 +64,7 @@ def _error(status: int, error: str, detail: str, headers: dict[str, str] | None 
 
 def _validation_errors(body: bytes, ndjson: bool) -> list[dict[str, str]]:
     """Every bad record's error (decode each record alone; only on the error path)."""
+    items: list[bytes] | list[msgspec.Raw]
     if ndjson:
         items = [line for line in body.splitlines() if line.strip()]
         prefix = "$[{}]"

@@ -77,7 +77,7 @@ def healthy(url: str) -> bool:
 
 def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.datetime]]:
     """Every record key in the raw files modified after ``since_ns`` (complete lines only)."""
-    keys = []
+    keys: list[tuple[str, str, dt.datetime]] = []
     for path in iter_raw_files(raw_dir):
         if path.stat().st_mtime_ns < since_ns:
             continue

@@ -10,6 +10,7 @@ within ``data``) and contribute no row.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -31,12 +32,17 @@ MICROSECOND = dt.timedelta(microseconds=1)
 _Payload = msgspec.defstruct("_Payload", [(name, float | None, None) for name in SIGNALS], gc=False)
 
 
-class _Line(msgspec.Struct, gc=False):
-    timestamp: dt.datetime
-    vehicle_id: str
-    can_id: str
-    payload: _Payload
-    ingest_received_at: dt.datetime
+_Line = msgspec.defstruct(
+    "_Line",
+    [
+        ("timestamp", dt.datetime),
+        ("vehicle_id", str),
+        ("can_id", str),
+        ("payload", _Payload),
+        ("ingest_received_at", dt.datetime),
+    ],
+    gc=False,
+)
 
 
 _decoder = msgspec.json.Decoder(_Line)
@@ -65,7 +71,7 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
         if not line.strip():
             continue
         try:
-            record = _decoder.decode(line)
+            record: Any = _decoder.decode(line)  # a defstruct: its fields are not visible to mypy
             can = int(record.can_id, 16)
             if record.timestamp.tzinfo is None or record.ingest_received_at.tzinfo is None:
                 raise ValueError("naive timestamp")

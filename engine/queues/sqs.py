@@ -135,14 +135,14 @@ class SqsQueue:
         # one call carries at most 10 entries and at most MaximumMessageSize bytes in all
         group: list[int] = []
         size = 0
-        for index, text in enumerate(texts + [None]):  # type: ignore[list-item]
-            length = len(text) if text is not None else 0
-            if group and (text is None or len(group) == MAX_BATCH_ENTRIES or size + length > self._max_request_bytes):
+        for index, text in enumerate(texts):
+            if group and (len(group) == MAX_BATCH_ENTRIES or size + len(text) > self._max_request_bytes):
                 failed += await self._send_group(group, texts, size)
                 group, size = [], 0
-            if text is not None:
-                group.append(index)
-                size += length
+            group.append(index)
+            size += len(text)
+        if group:
+            failed += await self._send_group(group, texts, size)
         return failed
 
     async def _send_group(self, group: list[int], texts: list[str], size: int) -> list[int]:
