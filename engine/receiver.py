@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -108,6 +109,7 @@ class Receiver:
         self.queue = queue
         self.auth = Authenticator(settings)
         self.metrics = Metrics()
+        self._last_auth_log = -1e9
         self.publisher = Publisher(
             queue,
             max_pending_records=settings.max_pending_records,
@@ -115,6 +117,15 @@ class Receiver:
             concurrency=getattr(queue, "send_concurrency", 1),
             linger_s=settings.backend_default(settings.send_linger_ms, queue, "send_linger_s"),
         )
+
+    def _auth_failed(self, header: str | None) -> None:
+        """Count every rejected key; log the key id (never the secret) at most every 10 s."""
+        self.metrics.inc("canpipe_auth_failures_total")
+        now = time.monotonic()
+        if now - self._last_auth_log >= 10.0:
+            self._last_auth_log = now
+            key_id = (header or "").partition(":")[0][:64]
+            log.warning("rejected X-API-Key (key id %r); rejections in the next 10 s are only counted", key_id)
 
     def _count(self, status: int) -> None:
         self.metrics.inc(f'canpipe_http_responses_total{{route="/ingest",status="{status}"}}')
@@ -126,6 +137,7 @@ class Receiver:
 
     async def _ingest(self, request: Request) -> Response:
         if self.auth.enabled and self.auth.key_id(request.headers.get("x-api-key")) is None:
+            self._auth_failed(request.headers.get("x-api-key"))
             return _error(401, "unauthorized", "missing or invalid X-API-Key")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         ndjson = content_type in NDJSON_TYPES

@@ -51,6 +51,8 @@ def test_key_never_appears_in_logs(serve, env, start, tmp_path):
     post_json(url, make_record())
     logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert "s3cret-test-key" not in logs and "not-the-secret-xyz" not in logs
+    assert "rejected X-API-Key (key id 'test')" in logs  # the id is logged, so operators can tell who
+    assert "canpipe_auth_failures_total 1" in http("GET", url + "/metrics")[2].decode()
 
 
 def test_unsupported_media_type_is_415(url):
