@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from canpipe_testing import API_KEY, http, make_record, post_json, queued_records
+from canpipe_testing import API_KEY, http, make_record, post_json, queued_records, wait_for
 
 
 @pytest.fixture
@@ -185,7 +185,11 @@ def test_saturated_publisher_sheds_load_with_503(serve, env, data_dir):
     try:
         holder = threading.Thread(target=post_json, args=(url, [make_record(i) for i in range(5)]))
         holder.start()
-        time.sleep(0.3)
+        wait_for(
+            lambda: "canpipe_publisher_pending_records 5" in http("GET", url + "/metrics")[2].decode(),
+            10,
+            "the first request to be in flight",
+        )
         status, headers, body = post_json(url, make_record(9))
         assert (status, body["error"], headers["retry-after"]) == (503, "saturated", "1")
     finally:
