@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import duckdb
 
-SIGNALS = (
-    "battery_soc",
-    "battery_voltage",
-    "battery_current",
-    "cell_voltage_min",
-    "cell_voltage_max",
-    "cell_temp_min",
-    "cell_temp_max",
-)
+from engine.schema import SIGNALS
+
 COLUMNS = (
     "{timestamp: 'TIMESTAMPTZ', vehicle_id: 'VARCHAR', can_id: 'VARCHAR', payload: 'STRUCT("
     + ", ".join(f"{s} DOUBLE" for s in SIGNALS)

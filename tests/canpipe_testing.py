@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.queues import QueueAttributes, open_queue
 from engine.run import wait_until
 
 API_KEY = "test:s3cret-test-key"
@@ -102,3 +104,28 @@ def queued_records(data_dir: Path) -> list[dict]:
     with sqlite3.connect(data_dir / "queue.db") as conn:
         bodies = [row[0] for row in conn.execute("SELECT body FROM messages ORDER BY id")]
     return [json.loads(line) for body in bodies for line in body.splitlines()]
+
+
+def create_queue(url: str, **attributes) -> None:
+    async def go():
+        queue = open_queue(url)
+        await queue.create(QueueAttributes(**attributes))
+        await queue.close()
+
+    asyncio.run(go())
+
+
+def queue_stats(url: str):
+    async def go():
+        queue = open_queue(url)
+        try:
+            return await queue.stats()
+        finally:
+            await queue.close()
+
+    return asyncio.run(go())
+
+
+def queue_empty(url: str) -> bool:
+    stats = queue_stats(url)
+    return stats.visible == stats.in_flight == 0

@@ -9,35 +9,14 @@ import sys
 import time
 
 import pytest
-from canpipe_testing import API_KEY, make_record, post_json, wait_for
+from canpipe_testing import create_queue, make_record, post_json, queue_empty, wait_for
 from integration.test_pipeline import key, on_disk
 from sqs_proxy import FaultProxy
 
 from engine.metrics import read_snapshots
-from engine.queues import QueueAttributes, open_queue
-from engine.simulator import Simulator
+from engine.queues import open_queue
 
 pytestmark = pytest.mark.slow
-
-
-def create_queue(url: str, **attributes) -> None:
-    async def go():
-        queue = open_queue(url)
-        await queue.create(QueueAttributes(**attributes))
-        await queue.close()
-
-    asyncio.run(go())
-
-
-def queue_stats(url: str):
-    async def go():
-        queue = open_queue(url)
-        try:
-            return await queue.stats()
-        finally:
-            await queue.close()
-
-    return asyncio.run(go())
 
 
 def drain_bodies(url: str) -> list[bytes]:
@@ -52,36 +31,10 @@ def drain_bodies(url: str) -> list[bytes]:
     return asyncio.run(go())
 
 
-def _empty(url: str) -> bool:
-    stats = queue_stats(url)
-    return stats.visible == stats.in_flight == 0
-
-
 @pytest.fixture
 def sqs(env, sqs_env):
     create_queue(sqs_env["CANPIPE_QUEUE_URL"])
     return env | sqs_env
-
-
-def test_seed_integration_on_sqs_with_two_consumers(serve, start, sqs, data_dir):
-    url = serve(sqs)
-    consumers = start(["consume", "--workers", "2"], sqs)
-    sim = Simulator(
-        url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True, seed=3
-    )
-    result = asyncio.run(sim.run())
-    assert result.accepted == 1000 and result.failed == result.rejected == 0
-    sent = {key(r): r for r in result.accepted_records}
-    wait_for(lambda: set(sent) <= {key(r) for r in on_disk(data_dir)}, 90, "every accepted record on disk")
-    stored = {key(r): r for r in on_disk(data_dir)}
-    assert all(stored[k]["payload"] == r["payload"] for k, r in sent.items())
-    assert consumers.stop() == 0
-    metrics = read_snapshots(data_dir / "metrics")
-    assert metrics.latency["end_to_end"].quantile(0.95) < 5000
-    writers = {p.name.split("-", 2)[2] for p in (data_dir / "raw").rglob("*.jsonl")}
-    assert len(writers) >= 2  # both consumer processes took part
-    stats = queue_stats(sqs["CANPIPE_QUEUE_URL"])
-    assert (stats.visible, stats.in_flight) == (0, 0)
 
 
 def test_canpipe_run_on_sqs_reports_cost(sqs, data_dir):
@@ -135,7 +88,7 @@ def test_partial_delete_failure_becomes_a_duplicate_never_a_loss(serve, start, s
         records = [make_record(i) for i in range(30)]
         assert post_json(url, records)[0] == 202
         wait_for(lambda: len(on_disk(data_dir)) >= 60, 60, "the redelivered copy")
-        wait_for(lambda: _empty(sqs["CANPIPE_QUEUE_URL"]), 30, "an empty queue")
+        wait_for(lambda: queue_empty(sqs["CANPIPE_QUEUE_URL"]), 30, "an empty queue")
         assert consumers.stop() == 0
     keys = [key(r) for r in on_disk(data_dir)]
     assert set(keys) == {key(r) for r in records} and len(keys) == 60
