@@ -43,15 +43,15 @@ def _fsync_dir(path: Path) -> None:
 def _writev_all(fd: int, buffers: Sequence[Buffer]) -> int:
     """Write every buffer with as few writev calls as the kernel allows; no copy of the data."""
     views = [memoryview(b) for b in buffers if len(b)]
-    total = 0
-    while views:
-        written = os.writev(fd, views[:IOV_MAX])
+    total = first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + IOV_MAX])
         total += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:  # a partial write: go on from inside this buffer
+            views[first] = views[first][written:]
     return total
 
 
