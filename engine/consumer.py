@@ -237,16 +237,15 @@ class Consumer:
         while True:
             await asyncio.sleep(min(1.0, timeout / 3))
             self.write_snapshot()
-            old = [
-                h.message.receipt for h in self.held + self._flushing if time.time() - h.visible_since_s > timeout / 2
-            ]
+            now = time.time()
+            old = [h for h in self.held + self._flushing if now - h.visible_since_s > timeout / 2]
             if old:
+                receipts = [h.message.receipt for h in old]
                 with contextlib.suppress(QueueError):
-                    for i in range(0, len(old), MAX_BATCH_ENTRIES):
-                        await self.queue.change_visibility(old[i : i + MAX_BATCH_ENTRIES], timeout)
-                    for h in self.held + self._flushing:
-                        if h.message.receipt in old:
-                            h.visible_since_s = time.time()
+                    for i in range(0, len(receipts), MAX_BATCH_ENTRIES):
+                        await self.queue.change_visibility(receipts[i : i + MAX_BATCH_ENTRIES], timeout)
+                    for h in old:
+                        h.visible_since_s = now
 
     def write_snapshot(self) -> None:
         for name, value in queue_usage(self.queue).items():
