@@ -19,3 +19,11 @@ class QueueSaturated(QueueError):
 
 class StorageError(CanpipeError):
     """Writing or reading the raw files failed."""
+
+
+class QueueBroken(QueueError):
+    """The queue's storage is gone or damaged (an embedded file deleted, replaced or corrupted).
+
+    Not transient: a process that sees it fails closed (the receiver answers 503, a consumer exits non-zero
+    for its supervisor to restart it), and nothing is written to a queue that would lose it.
+    """
