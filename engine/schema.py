@@ -142,3 +142,16 @@ def encode_stored(records: list[Telemetry], received_at: dt.datetime) -> bytes:
 def json_schema() -> dict:
     """JSON Schema of one record (for the OpenAPI document)."""
     return msgspec.json.schema(Telemetry)
+
+
+class StoredRecord(Telemetry, forbid_unknown_fields=True):
+    """One stored line: the record as the door validated it plus the server's ``ingest_received_at``.
+
+    Consumers validate every line they write with it (same field rules as the door), so a queue message
+    that is not canpipe NDJSON never reaches a raw file.
+    """
+
+    ingest_received_at: Timestamp
+
+
+stored_decoder = msgspec.json.Decoder(StoredRecord)
