@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from engine.queues import QueueAttributes, open_queue
 from engine.run import wait_until
+from engine.storage import iter_raw_files
 
 API_KEY = "test:s3cret-test-key"
 
@@ -129,3 +133,47 @@ def queue_stats(url: str):
 def queue_empty(url: str) -> bool:
     stats = queue_stats(url)
     return stats.visible == stats.in_flight == 0
+
+
+# --- what is on disk, in the queue, and which processes run -------------------------------------------------
+
+
+def on_disk(data_dir: Path) -> list[dict]:
+    out = []
+    for path in iter_raw_files(data_dir / "raw"):
+        data = path.read_bytes()
+        out += [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+    return out
+
+
+def key(record: dict) -> tuple[str, str, dt.datetime]:
+    return record["vehicle_id"], record["can_id"], dt.datetime.fromisoformat(record["timestamp"])
+
+
+def queue_counts(data_dir: Path) -> tuple[int, int]:
+    with sqlite3.connect(data_dir / "queue.db") as conn:
+        total = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        now = time.time_ns() // 1_000_000
+        in_flight = conn.execute("SELECT COUNT(*) FROM messages WHERE visible_ms > ?", (now,)).fetchone()[0]
+    return total, in_flight
+
+
+def child_pids(pid: int) -> set[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    try:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def children(pid: int) -> set[int]:
+    """The consumer worker processes of a supervisor (not multiprocessing's resource tracker)."""
+    pids = child_pids(pid)
+    workers = set()
+    for child in pids:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.add(child)
+        except FileNotFoundError:
+            pass
+    return workers

@@ -3,58 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import os
 import signal
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
-from canpipe_testing import API_KEY, create_queue, make_record, post_json, queue_empty, wait_for
+from canpipe_testing import (
+    API_KEY,
+    children,
+    create_queue,
+    key,
+    make_record,
+    on_disk,
+    post_json,
+    queue_counts,
+    queue_empty,
+    wait_for,
+)
 
 from engine.metrics import read_snapshots
 from engine.simulator import Simulator
-from engine.storage import iter_raw_files
 
 pytestmark = pytest.mark.slow
-
-
-def on_disk(data_dir: Path) -> list[dict]:
-    out = []
-    for path in iter_raw_files(data_dir / "raw"):
-        data = path.read_bytes()
-        out += [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
-    return out
-
-
-def key(record: dict) -> tuple[str, str, dt.datetime]:
-    return record["vehicle_id"], record["can_id"], dt.datetime.fromisoformat(record["timestamp"])
-
-
-def queue_counts(data_dir: Path) -> tuple[int, int]:
-    with sqlite3.connect(data_dir / "queue.db") as conn:
-        total = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-        now = time.time_ns() // 1_000_000
-        in_flight = conn.execute("SELECT COUNT(*) FROM messages WHERE visible_ms > ?", (now,)).fetchone()[0]
-    return total, in_flight
-
-
-def children(pid: int) -> set[int]:
-    """The consumer worker processes of a supervisor (not multiprocessing's resource tracker)."""
-    try:
-        pids = {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except FileNotFoundError:
-        return set()
-    workers = set()
-    for child in pids:
-        try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                workers.add(child)
-        except FileNotFoundError:
-            pass
-    return workers
 
 
 @pytest.fixture(params=["sqlite", "sqs"])
