@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["CANPIPE_QUEUE_URL"] = settings.queue_url
     os.environ["CANPIPE_DATA_DIR"] = str(settings.data_dir)
     Granian(
-        "engine.receiver:create_app",
+        "engine.receiver:worker_app",
         factory=True,
         address=args.host,
         port=args.port,
@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop=Loops.uvloop,
         backlog=2048,
         log_access=False,
+        respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
+        respawn_interval=0.5,
     ).serve()
     return 0
 

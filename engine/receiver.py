@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
+from engine.lifetime import exit_with_parent
 from engine.metrics import Metrics, render_queue_usage
 from engine.publisher import Publisher
 from engine.queues import Queue, open_queue
@@ -256,7 +257,7 @@ def openapi_document() -> dict:
 
 
 def create_app(settings: Settings | None = None, queue: Queue | None = None) -> Starlette:
-    """The ASGI app. Granian calls this factory in each worker (``engine.receiver:create_app``)."""
+    """The ASGI app for ``settings`` (from the environment when omitted) on ``queue`` (opened from the settings)."""
     settings = settings or Settings.from_env()
     settings.require_auth()
     queue = queue or open_queue(settings.queue_url)
@@ -282,3 +283,10 @@ def create_app(settings: Settings | None = None, queue: Queue | None = None) -> 
     )
     app.state.receiver = receiver
     return app
+
+
+def worker_app() -> Starlette:
+    """The app of one Granian worker (``engine.receiver:worker_app``): ``create_app`` from the environment,
+    in a process that ends with its server, so a server killed with SIGKILL leaves no worker on the port."""
+    exit_with_parent()
+    return create_app()
