@@ -1,0 +1,163 @@
+"""The receiver under faults, for real: kill -9 of a Granian worker and of the whole server, and SIGTERM,
+while a simulated fleet keeps posting. The promise checked every time: every record a client got 202 for
+is in the raw files once the consumers drained; a killed receiver costs clients connection errors (they
+retry), never a 202 for something that was not queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from canpipe_testing import API_KEY, Proc, child_pids, http, key, on_disk, queue_counts, queued_records, wait_for
+
+from engine.run import free_port, wait_until
+from engine.simulator import SimulationResult, Simulator
+
+pytestmark = pytest.mark.slow
+
+
+class Fleet:
+    """The simulator posting from a background thread; ``progress`` is what has been accepted so far."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        vehicles: int = 20,
+        rate_ms: float = 40.0,
+        duration_s: float = 8.0,
+        max_attempts: int = 12,  # rides out a receiver restart (backoff capped at 5 s)
+        seed: int = 1,
+    ):
+        self.sim = Simulator(
+            url,
+            api_key=API_KEY,
+            vehicles=vehicles,
+            rate_ms=rate_ms,
+            duration_s=duration_s,
+            keep_accepted=True,
+            seed=seed,
+            max_attempts=max_attempts,
+        )
+        self.result: SimulationResult | None = None
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def _run(self) -> None:
+        self.result = asyncio.run(self.sim.run())
+
+    @property
+    def accepted(self) -> int:
+        return self.sim.result.accepted
+
+    def start(self) -> Fleet:
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float = 90.0) -> SimulationResult:
+        self._thread.join(timeout_s)
+        assert self.result is not None, f"the fleet did not finish within {timeout_s} s"
+        return self.result
+
+
+def serving(url: str) -> bool:
+    try:
+        return http("GET", url + "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def port_closed(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def start_server(start, env: dict[str, str], port: int, workers: int = 2) -> Proc:
+    proc = start(["serve", "--port", str(port), "--workers", str(workers)], env)
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: serving(url) or proc.popen.poll() is not None, 30), proc.output()
+    assert proc.popen.poll() is None, proc.output()
+    wait_for(lambda: len(child_pids(proc.pid)) == workers, 30, f"{workers} receiver workers")
+    return proc
+
+
+def assert_every_accepted_record_on_disk(result: SimulationResult, data_dir: Path) -> None:
+    accepted = {key(r) for r in result.accepted_records}
+    assert len(accepted) == result.accepted > 0
+    wait_for(lambda: queue_counts(data_dir) == (0, 0), 90, "the consumers to drain the queue")
+    stored = {key(r) for r in on_disk(data_dir)}
+    missing = accepted - stored
+    assert not missing, f"{len(missing)} of {len(accepted)} records got 202 and are not on disk: {sorted(missing)[:3]}"
+    assert result.rejected == 0  # no 4xx/5xx other than the retried 503/429
+
+
+@pytest.fixture
+def fault_env(env: dict[str, str]) -> dict[str, str]:
+    return env | {"CANPIPE_VISIBILITY_TIMEOUT_S": "5", "CANPIPE_BATCH_SECONDS": "0.3"}
+
+
+def test_kill_9_of_a_receiver_worker_under_load_loses_no_accepted_record(start, fault_env, data_dir):
+    port = free_port()
+    server = start_server(start, fault_env, port)
+    consumers = start(["consume", "--workers", "1"], fault_env)
+    fleet = Fleet(f"http://127.0.0.1:{port}").start()
+    wait_for(lambda: fleet.accepted >= 500, 30, "load to be flowing")
+    victim = min(child_pids(server.pid))
+    os.kill(victim, signal.SIGKILL)
+    at_kill = fleet.accepted
+    # the server keeps serving on the other worker and replaces the dead one
+    wait_for(lambda: fleet.accepted >= at_kill + 500, 30, "records accepted after the kill")
+    wait_for(lambda: len(child_pids(server.pid) - {victim}) == 2, 30, "the killed worker replaced")
+    result = fleet.join()
+    assert_every_accepted_record_on_disk(result, data_dir)
+    assert server.popen.poll() is None, server.output()
+    assert server.stop() == 0
+    assert consumers.stop() == 0
+
+
+def test_kill_9_of_the_whole_receiver_under_load_loses_no_accepted_record(start, fault_env, data_dir):
+    port = free_port()
+    server = start_server(start, fault_env, port)
+    workers = child_pids(server.pid)
+    consumers = start(["consume", "--workers", "1"], fault_env)
+    fleet = Fleet(f"http://127.0.0.1:{port}", duration_s=10.0).start()
+    wait_for(lambda: fleet.accepted >= 500, 30, "load to be flowing")
+    server.stop(signal.SIGKILL)
+    # its workers die with it: no orphan keeps answering on the port with nobody to stop it
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 15, "the workers to exit")
+    assert port_closed(port)
+    at_kill = fleet.accepted
+    start_server(start, fault_env, port)  # the operator (or systemd) restarts it; clients retry
+    wait_for(lambda: fleet.accepted >= at_kill + 500, 30, "records accepted after the restart")
+    result = fleet.join()
+    assert result.retries > 0  # the clients did see the outage
+    assert_every_accepted_record_on_disk(result, data_dir)
+    assert consumers.stop() == 0
+
+
+def test_sigterm_of_consumers_and_receiver_under_load_loses_nothing_and_exits_0(start, fault_env, data_dir):
+    port = free_port()
+    server = start_server(start, fault_env, port)
+    consumers = start(["consume", "--workers", "2"], fault_env)
+    fleet = Fleet(f"http://127.0.0.1:{port}", duration_s=6.0, max_attempts=2).start()
+    wait_for(lambda: fleet.accepted >= 500 and on_disk(data_dir), 30, "load flowing and records on disk")
+    # consumers first: each flushes the batch it holds, deletes it, and exits 0 while records keep coming
+    assert consumers.stop(signal.SIGTERM) == 0, consumers.output()
+    assert consumers.output().count(", 0 errors") == 2, consumers.output()
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0, server.output()  # in-flight requests finish first
+    assert time.monotonic() - started < 30
+    assert port_closed(port)
+    result = fleet.join()  # the fleet's later requests fail: the receiver is gone
+    accepted = {key(r) for r in result.accepted_records}
+    # nothing lost at the stop: each accepted record is on disk or still in the queue
+    assert accepted <= {key(r) for r in on_disk(data_dir) + queued_records(data_dir)}
+    start(["consume", "--workers", "1"], fault_env)  # the next start writes the rest
+    assert_every_accepted_record_on_disk(result, data_dir)
