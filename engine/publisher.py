@@ -4,7 +4,8 @@ Every request hands over its stored bytes (NDJSON) and waits. One flusher packs 
 into entries of up to the queue's message size, at most 10 entries a call, and sends. While a call is
 in flight new requests pile up and ride the next one, so the batch grows with the load. A request is
 acknowledged only when every entry holding its records was stored; exactly the failed entries of a
-partial batch are retried with jittered backoff. Work in flight is bounded: past the bound, publish
+partial batch are retried with jittered backoff; a queue that is full (QueueSaturated) or broken
+(QueueBroken) is not retried but reported as it is, at once. Work in flight is bounded: past the bound, publish
 raises QueueSaturated at once (the receiver answers 503) instead of growing memory.
 """
 
@@ -16,7 +17,7 @@ import logging
 import random
 from collections.abc import Sequence
 
-from engine.errors import QueueError, QueueSaturated
+from engine.errors import QueueBroken, QueueError, QueueSaturated
 from engine.queues import MAX_BATCH_ENTRIES, Queue
 
 log = logging.getLogger("canpipe.publisher")
@@ -105,6 +106,7 @@ class Publisher:
         self.linger_s = linger_s
         self.pending_records = 0
         self.calls = 0
+        self._last_refusal_log = -1e9
         self._pending: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
@@ -191,6 +193,15 @@ class Publisher:
             self.calls += 1
             try:
                 failed = set(await self.queue.send_batch([b"".join(entry.parts) for entry in todo]))
+            except (QueueSaturated, QueueBroken) as exc:
+                # not transient within a request's timeout: answer at once (503), as saturation or breakage,
+                # instead of retrying into a full or damaged queue and reporting a generic failure
+                now = asyncio.get_running_loop().time()
+                if now - self._last_refusal_log >= 10.0:  # one line per 10 s, not one per batch under load
+                    self._last_refusal_log = now
+                    log.warning("send_batch refused (stage=publish): %s", exc)
+                error = exc
+                break
             except QueueError as exc:
                 error, failed = exc, set(range(len(todo)))
                 log.warning("send_batch failed (attempt %d of %d): %s", attempt + 1, self.max_attempts, exc)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine.errors import QueueError, QueueSaturated
+from engine.errors import QueueBroken, QueueError, QueueSaturated
 from engine.publisher import Publisher, _Request, pack
 
 
@@ -161,3 +161,31 @@ def test_linger_gathers_requests_into_fewer_calls():
     run(with_publisher(queue, body, linger_s=0.03, concurrency=4))
     assert len(queue.calls) <= 6  # about 80 ms of requests in calls that each gathered 30 ms
     assert b"".join(queue.stored).count(b"\n") == 40
+
+
+class RefusingQueue(RecordingQueue):
+    """A backend that refuses every send with one error, as a full or a damaged queue does."""
+
+    def __init__(self, error: QueueError):
+        super().__init__()
+        self.error = error
+
+    async def send_batch(self, bodies):
+        self.calls.append(list(bodies))
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [QueueSaturated("queue full"), QueueBroken("queue file deleted")])
+def test_a_full_or_broken_queue_is_reported_at_once_as_itself(error):
+    """The receiver answers 503 'saturated' (with Retry-After) for a full queue, not a generic failure after
+    five retries into it; a broken queue is not retried either."""
+    queue = RefusingQueue(error)
+
+    async def body(publisher):
+        with pytest.raises(type(error)) as caught:
+            await publisher.publish(lines("x", 1), 1)
+        return caught.value
+
+    raised = run(with_publisher(queue, body, timeout_s=5.0))
+    assert raised is error
+    assert len(queue.calls) == 1
