@@ -6,9 +6,11 @@ import asyncio
 import datetime as dt
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from engine.queues import QueueAttributes, open_queue
 from engine.run import wait_until
+from engine.simulator import SimulationResult, Simulator
 from engine.storage import iter_raw_files
 
 API_KEY = "test:s3cret-test-key"
@@ -177,3 +180,70 @@ def children(pid: int) -> set[int]:
         except FileNotFoundError:
             pass
     return workers
+
+
+# --- a fleet under load and a receiver to take it ----------------------------------------------------------
+
+
+class Fleet:
+    """The simulator posting from a background thread; ``progress`` is what has been accepted so far."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        vehicles: int = 20,
+        rate_ms: float = 40.0,
+        duration_s: float = 8.0,
+        max_attempts: int = 12,  # rides out a receiver restart (backoff capped at 5 s)
+        seed: int = 1,
+    ):
+        self.sim = Simulator(
+            url,
+            api_key=API_KEY,
+            vehicles=vehicles,
+            rate_ms=rate_ms,
+            duration_s=duration_s,
+            keep_accepted=True,
+            seed=seed,
+            max_attempts=max_attempts,
+        )
+        self.result: SimulationResult | None = None
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def _run(self) -> None:
+        self.result = asyncio.run(self.sim.run())
+
+    @property
+    def accepted(self) -> int:
+        return self.sim.result.accepted
+
+    def start(self) -> Fleet:
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float = 90.0) -> SimulationResult:
+        self._thread.join(timeout_s)
+        assert self.result is not None, f"the fleet did not finish within {timeout_s} s"
+        return self.result
+
+
+def serving(url: str) -> bool:
+    try:
+        return http("GET", url + "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def start_server(start, env: dict[str, str], port: int, workers: int = 2) -> Proc:
+    proc = start(["serve", "--port", str(port), "--workers", str(workers)], env)
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: serving(url) or proc.popen.poll() is not None, 30), proc.output()
+    assert proc.popen.poll() is None, proc.output()
+    wait_for(lambda: len(child_pids(proc.pid)) == workers, 30, f"{workers} receiver workers")
+    return proc

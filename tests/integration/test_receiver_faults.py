@@ -6,86 +6,28 @@ retry), never a 202 for something that was not queued.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from canpipe_testing import API_KEY, Proc, child_pids, http, key, on_disk, queue_counts, queued_records, wait_for
+from canpipe_testing import (
+    Fleet,
+    child_pids,
+    key,
+    on_disk,
+    port_closed,
+    queue_counts,
+    queued_records,
+    start_server,
+    wait_for,
+)
 
-from engine.run import free_port, wait_until
-from engine.simulator import SimulationResult, Simulator
+from engine.run import free_port
+from engine.simulator import SimulationResult
 
 pytestmark = pytest.mark.slow
-
-
-class Fleet:
-    """The simulator posting from a background thread; ``progress`` is what has been accepted so far."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        vehicles: int = 20,
-        rate_ms: float = 40.0,
-        duration_s: float = 8.0,
-        max_attempts: int = 12,  # rides out a receiver restart (backoff capped at 5 s)
-        seed: int = 1,
-    ):
-        self.sim = Simulator(
-            url,
-            api_key=API_KEY,
-            vehicles=vehicles,
-            rate_ms=rate_ms,
-            duration_s=duration_s,
-            keep_accepted=True,
-            seed=seed,
-            max_attempts=max_attempts,
-        )
-        self.result: SimulationResult | None = None
-        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
-
-    def _run(self) -> None:
-        self.result = asyncio.run(self.sim.run())
-
-    @property
-    def accepted(self) -> int:
-        return self.sim.result.accepted
-
-    def start(self) -> Fleet:
-        self._thread.start()
-        return self
-
-    def join(self, timeout_s: float = 90.0) -> SimulationResult:
-        self._thread.join(timeout_s)
-        assert self.result is not None, f"the fleet did not finish within {timeout_s} s"
-        return self.result
-
-
-def serving(url: str) -> bool:
-    try:
-        return http("GET", url + "/health", timeout=2)[0] == 200
-    except OSError:
-        return False
-
-
-def port_closed(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def start_server(start, env: dict[str, str], port: int, workers: int = 2) -> Proc:
-    proc = start(["serve", "--port", str(port), "--workers", str(workers)], env)
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: serving(url) or proc.popen.poll() is not None, 30), proc.output()
-    assert proc.popen.poll() is None, proc.output()
-    wait_for(lambda: len(child_pids(proc.pid)) == workers, 30, f"{workers} receiver workers")
-    return proc
 
 
 def assert_every_accepted_record_on_disk(result: SimulationResult, data_dir: Path) -> None:
