@@ -28,12 +28,31 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(env)
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on. Granian binds with SO_REUSEPORT, so a second ``serve`` on
+    the same port would start without error and silently take half the traffic; a bind without it fails
+    while anyone listens (SO_REUSEADDR only lets it past connections left in TIME_WAIT)."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CanpipeError(
+                f"cannot serve on {host}:{port}: {exc.strerror} (is another receiver running?)"
+            ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     settings = _settings(args)
     settings.require_auth()  # fail here, with the setting's name, not inside a worker
+    ensure_port_free(args.host, args.port)
     if args.insecure_no_auth:
         os.environ["CANPIPE_INSECURE_NO_AUTH"] = "1"
     os.environ["CANPIPE_QUEUE_URL"] = settings.queue_url
@@ -47,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop=Loops.uvloop,
         backlog=2048,
+        # a client that trickles its headers is cut off (the body has its own deadline in the app)
+        http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.header_timeout_s * 1000))),
         log_access=False,
         respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
         respawn_interval=0.5,

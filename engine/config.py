@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,10 @@ def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
         key_id, sep, secret = item.partition(":")
         if not sep or not key_id or not secret:
             raise ConfigError("CANPIPE_API_KEYS: each key must be 'key_id:secret' (got an entry without ':')")
+        if key_id != key_id.strip() or secret != secret.strip():
+            # 'ops : s3cret' would silently make the id 'ops ' and the secret ' s3cret'
+            raise ConfigError(f"CANPIPE_API_KEYS: no spaces around ':' (key id {key_id.strip()!r})")
+        # UTF-8, as clients send it: the receiver compares the header's raw bytes
         keys.append(ApiKey(key_id, hashlib.sha256(secret.encode()).digest()))
     ids = [k.key_id for k in keys]
     if len(set(ids)) != len(ids):
@@ -32,7 +37,7 @@ def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-def _number(env: Mapping[str, str], name: str, default: Any, *, minimum: float = 0.0) -> Any:
+def _number(env: Mapping[str, str], name: str, default: Any, *, minimum: float = 0.0, maximum: float = math.inf) -> Any:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -42,6 +47,8 @@ def _number(env: Mapping[str, str], name: str, default: Any, *, minimum: float =
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name}: must be >= {minimum:g}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name}: must be <= {maximum:g}, got {raw!r}")
     return value
 
 
@@ -58,6 +65,11 @@ class Settings:
     max_age_s: float = 7 * 86400.0
     publish_timeout_s: float = 5.0
     max_pending_records: int = 200_000
+    max_records_per_request: int = 10_000
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    rate_limit_records_per_s: float = 0.0  # 0: off
+    rate_limit_burst: float = 0.0  # 0: one second's worth
     batch_records: int = 100
     batch_seconds: float = 2.0
     visibility_timeout_s: float = 30.0
@@ -81,6 +93,13 @@ class Settings:
             max_age_s=_number(env, "CANPIPE_MAX_AGE_S", cls.max_age_s),
             publish_timeout_s=_number(env, "CANPIPE_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.01),
             max_pending_records=int(_number(env, "CANPIPE_MAX_PENDING_RECORDS", cls.max_pending_records, minimum=1)),
+            max_records_per_request=int(
+                _number(env, "CANPIPE_MAX_RECORDS_PER_REQUEST", cls.max_records_per_request, minimum=1)
+            ),
+            body_timeout_s=_number(env, "CANPIPE_BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
+            header_timeout_s=_number(env, "CANPIPE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.001, maximum=60),
+            rate_limit_records_per_s=_number(env, "CANPIPE_RATE_LIMIT_RECORDS_PER_S", cls.rate_limit_records_per_s),
+            rate_limit_burst=_number(env, "CANPIPE_RATE_LIMIT_BURST", cls.rate_limit_burst),
             batch_records=int(_number(env, "CANPIPE_BATCH_RECORDS", cls.batch_records, minimum=1)),
             batch_seconds=_number(env, "CANPIPE_BATCH_SECONDS", cls.batch_seconds, minimum=0.01),
             visibility_timeout_s=_number(env, "CANPIPE_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),

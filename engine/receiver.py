@@ -13,13 +13,15 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
 import msgspec
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -27,16 +29,16 @@ from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
 from engine.lifetime import exit_with_parent
 from engine.metrics import Metrics, render_queue_usage
+from engine.openapi import openapi_document
 from engine.publisher import Publisher
 from engine.queues import Queue, open_queue
-from engine.schema import UTC, SkewError, Telemetry, check_clock, decode_records, encode_stored
+from engine.schema import UTC, SkewError, check_clock, decode_records, encode_stored
 
 log = logging.getLogger("canpipe.receiver")
 
-JSON_TYPES = {"application/json", ""}
+JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
-_one = msgspec.json.Decoder(Telemetry)
 _DUMMY_DIGEST = hashlib.sha256(b"canpipe-no-such-key").digest()
 MAX_REPORTED_ERRORS = 50
 
@@ -46,47 +48,92 @@ class BodyTooLarge(Exception):
 
 
 class Authenticator:
-    """Constant-time check of ``X-API-Key: key_id:secret`` against SHA-256 digests held in memory."""
+    """Constant-time check of ``X-API-Key: key_id:secret`` against SHA-256 digests held in memory.
+
+    Timing does not depend on how much of a key was right: the secret is hashed and its fixed-length digest
+    compared with ``hmac.compare_digest``, against a dummy digest when the key id is unknown. Headers are
+    compared as bytes: Starlette decodes them as Latin-1, so ``encode("latin-1")`` gives back exactly what the
+    client sent, and a UTF-8 secret matches its UTF-8 configuration (its Latin-1 bytes do not).
+    """
 
     def __init__(self, settings: Settings) -> None:
-        self.digests = {key.key_id: key.secret_sha256 for key in settings.api_keys}
+        self.digests = {key.key_id.encode(): key.secret_sha256 for key in settings.api_keys}
         self.enabled = not settings.insecure_no_auth or bool(self.digests)
 
     def key_id(self, header: str | None) -> str | None:
-        """The key id when the header holds a valid key, else None. Never logs the secret."""
-        key_id, _, secret = (header or "").partition(":")
+        """The key id when the header holds a valid key, else None."""
+        key_id, _, secret = (header or "").encode("latin-1", "replace").partition(b":")
         expected = self.digests.get(key_id, _DUMMY_DIGEST)
-        valid = hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
-        return key_id if valid and key_id in self.digests else None
+        valid = hmac.compare_digest(hashlib.sha256(secret).digest(), expected)
+        return key_id.decode() if valid and key_id in self.digests else None
+
+    def describe(self, header: str | None) -> str:
+        """What a log line may say about a rejected header: a configured key id by name, any other id only as
+        a short hash (a client that put its secret where the id goes must not leak it), nothing without ':'."""
+        key_id, colon, _ = (header or "").encode("latin-1", "replace").partition(b":")
+        if not colon:
+            return "no key id"
+        if key_id in self.digests:
+            return f"key id {key_id.decode()!r}"
+        return f"unknown key id sha256:{hashlib.sha256(key_id).hexdigest()[:8]}"
+
+
+class RateLimiter:
+    """A token bucket of records per API key, in this worker process (each Granian worker has its own).
+
+    A request may take more tokens than are left as long as the bucket is full enough for it or full, so
+    one request larger than the burst is never refused forever; the debt delays the next ones.
+    """
+
+    def __init__(self, records_per_s: float, burst: float) -> None:
+        self.rate = records_per_s
+        self.capacity = burst or records_per_s
+        self.buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, monotonic time)
+
+    def retry_after_s(self, key: str, records: int) -> float:
+        """0 and the records taken when the request may go ahead, else the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        tokens, then = self.buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        needed = min(records, self.capacity)
+        if tokens < needed:
+            self.buckets[key] = (tokens, now)
+            return (needed - tokens) / self.rate
+        self.buckets[key] = (tokens - records, now)
+        return 0.0
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
 
 
-def _validation_errors(body: bytes, ndjson: bool) -> list[dict[str, str]]:
+def _validation_errors(body: bytes, ndjson: bool, first: Exception) -> list[dict[str, str]]:
     """Every bad record's error (decode each record alone; only on the error path)."""
     items: list[bytes] | list[msgspec.Raw]
     if ndjson:
         items = [line for line in body.splitlines() if line.strip()]
         prefix = "$[{}]"
     else:
+        array = body.lstrip()[:1] == b"["
         try:
-            items = _raw_list.decode(body) if body.lstrip()[:1] == b"[" else [body]
-        except msgspec.DecodeError as exc:
-            return [{"path": "$", "message": str(exc)}]
-        prefix = "$[{}]" if body.lstrip()[:1] == b"[" else "$"
+            items = _raw_list.decode(body) if array else [body]
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            message, _, path = str(first).partition(" - at `")
+            return [{"path": path.rstrip("`") or "$", "message": message}]
+        prefix = "$[{}]" if array else "$"
     errors = []
     for index, item in enumerate(items):
         try:
-            _one.decode(item)
+            decode_records(bytes(item), ndjson=False)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             message, _, path = str(exc).partition(" - at `")
             path = path.rstrip("`") or "$"
             errors.append({"path": prefix.format(index) + path[1:], "message": message})
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
-    return errors
+    return errors or [{"path": "$", "message": str(first)}]
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -102,6 +149,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_CLOSE = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
+
+
+def _seconds(wait_s: float) -> str:
+    """A Retry-After value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(wait_s)))
+
+
 class Receiver:
     """Request handlers bound to one queue, publisher and metrics (one per Granian worker)."""
 
@@ -110,6 +165,9 @@ class Receiver:
         self.queue = queue
         self.auth = Authenticator(settings)
         self.metrics = Metrics()
+        self.limiter = RateLimiter(settings.rate_limit_records_per_s, settings.rate_limit_burst)
+        # past the pending cap a request could never be accepted: 413, not a 503 that invites a retry
+        self.max_records = min(settings.max_records_per_request, settings.max_pending_records)
         self._last_auth_log = -1e9
         self.publisher = Publisher(
             queue,
@@ -125,8 +183,9 @@ class Receiver:
         now = time.monotonic()
         if now - self._last_auth_log >= 10.0:
             self._last_auth_log = now
-            key_id = (header or "").partition(":")[0][:64]
-            log.warning("rejected X-API-Key (key id %r); rejections in the next 10 s are only counted", key_id)
+            log.warning(
+                "rejected X-API-Key (%s); rejections in the next 10 s are only counted", self.auth.describe(header)
+            )
 
     def _count(self, status: int) -> None:
         self.metrics.inc(f'canpipe_http_responses_total{{route="/ingest",status="{status}"}}')
@@ -137,7 +196,8 @@ class Receiver:
         return response
 
     async def _ingest(self, request: Request) -> Response:
-        if self.auth.enabled and self.auth.key_id(request.headers.get("x-api-key")) is None:
+        key_id = self.auth.key_id(request.headers.get("x-api-key")) if self.auth.enabled else ""
+        if key_id is None:
             self._auth_failed(request.headers.get("x-api-key"))
             return _error(401, "unauthorized", "missing or invalid X-API-Key")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -145,9 +205,20 @@ class Receiver:
         if not ndjson and content_type not in JSON_TYPES:
             return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
         try:
-            body = await _read_body(request, self.settings.max_body_bytes)
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                body = await _read_body(request, self.settings.max_body_bytes)
         except BodyTooLarge:
-            return _error(413, "too_large", f"body exceeds {self.settings.max_body_bytes} bytes")
+            return _error(413, "too_large", f"body exceeds {self.settings.max_body_bytes} bytes", headers=_CLOSE)
+        except TimeoutError:
+            return _error(
+                408, "timeout", f"body not received within {self.settings.body_timeout_s:g} s", headers=_CLOSE
+            )
+        except ClientDisconnect:  # a malformed chunked body ends the stream early
+            return _error(400, "bad_body", "the body could not be read", headers=_CLOSE)
+        # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
+        # before any of them is decoded: memory and time stay bounded by the limit, not by the body
+        if body.count(b"{") > 2 * self.max_records:
+            return _error(413, "too_many_records", f"more than {self.max_records} records in one request; split it")
         received_at = dt.datetime.now(UTC)
         try:
             records = decode_records(body, ndjson=ndjson)
@@ -161,7 +232,16 @@ class Receiver:
         except SkewError as exc:
             return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(422, "validation", str(exc), errors=_validation_errors(body, ndjson))
+            return _error(422, "validation", str(exc), errors=_validation_errors(body, ndjson, exc))
+        wait_s = self.limiter.retry_after_s(key_id, len(records))
+        if wait_s:
+            self.metrics.inc("canpipe_ingest_rate_limited_records_total", len(records))
+            return _error(
+                429,
+                "rate_limited",
+                "over this key's record rate; retry later",
+                headers={"Retry-After": _seconds(wait_s)},
+            )
         try:
             await self.publisher.publish(encode_stored(records, received_at), len(records))
         except QueueSaturated:
@@ -196,64 +276,7 @@ class Receiver:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document())
-
-
-def openapi_document() -> dict:
-    """OpenAPI 3.1 generated from the msgspec schema."""
-    (record,), components = msgspec.json.schema_components([Telemetry], ref_template="#/components/schemas/{name}")
-    error = {"$ref": "#/components/schemas/Error"}
-    components["Error"] = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
-    body = {"oneOf": [record, {"type": "array", "items": record, "minItems": 1}]}
-    ingest_responses = {
-        "202": {
-            "description": "all records are in the queue",
-            "content": {
-                "application/json": {"schema": {"type": "object", "properties": {"accepted": {"type": "integer"}}}}
-            },
-        },
-        **{
-            code: {"description": text, "content": {"application/json": {"schema": error}}}
-            for code, text in [
-                ("401", "missing or wrong X-API-Key"),
-                ("413", "body too large"),
-                ("415", "unsupported content type"),
-                ("422", "malformed JSON or a field out of range; nothing enqueued"),
-                ("503", "queue unavailable or saturated; see Retry-After"),
-            ]
-        },
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "canpipe", "version": "0.1.0"},
-        "paths": {
-            "/ingest": {
-                "post": {
-                    "summary": "Ingest decoded battery telemetry",
-                    "security": [{"apiKey": []}],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": body},
-                            "application/x-ndjson": {"schema": {"type": "string"}},
-                        },
-                    },
-                    "responses": ingest_responses,
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "200 when the queue is reachable",
-                    "responses": {"200": {"description": "ok"}, "503": {"description": "queue unreachable"}},
-                }
-            },
-            "/metrics": {"get": {"summary": "Prometheus text", "responses": {"200": {"description": "metrics"}}}},
-        },
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
-        },
-    }
+        return JSONResponse(openapi_document(self.settings))
 
 
 def create_app(settings: Settings | None = None, queue: Queue | None = None) -> Starlette:
@@ -272,7 +295,12 @@ def create_app(settings: Settings | None = None, queue: Queue | None = None) -> 
             await receiver.publisher.close()
             await queue.close()
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, "http", exc.detail, headers=dict(exc.headers or {}))
+
     app = Starlette(
+        exception_handlers={HTTPException: http_error},
         routes=[
             Route("/ingest", receiver.ingest, methods=["POST"]),
             Route("/health", receiver.health, methods=["GET"]),
@@ -281,6 +309,7 @@ def create_app(settings: Settings | None = None, queue: Queue | None = None) -> 
         ],
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.receiver = receiver
     return app
 

@@ -6,6 +6,8 @@ The ground floor of canpipe: imports nothing else of the package.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from typing import Annotated
 
 import msgspec
@@ -17,8 +19,10 @@ PackVoltage = Annotated[float, msgspec.Meta(ge=0.0, le=1500.0, description="pack
 PackCurrent = Annotated[float, msgspec.Meta(ge=-3000.0, le=3000.0, description="pack current, A (+ discharge)")]
 CellVoltage = Annotated[float, msgspec.Meta(ge=0.0, le=5.0, description="cell voltage, V")]
 CellTemp = Annotated[float, msgspec.Meta(ge=-50.0, le=150.0, description="cell temperature, degC")]
-VehicleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", description="vehicle id")]
-CanId = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9A-Fa-f]{1,8}$", description="CAN arbitration id, hex")]
+# ``$(?!\n)``, not ``$``: Python's ``$`` also matches before a final newline ("EV-1\n" would pass); ECMA-262
+# (what JSON Schema readers use) has no ``\Z``, and there the lookahead is a no-op, so both agree.
+VehicleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$(?!\n)", description="vehicle id")]
+CanId = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9A-Fa-f]{1,8}$(?!\n)", description="CAN arbitration id, hex")]
 Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True, description="ISO 8601 with a UTC offset")]
 
 SIGNALS = (
@@ -86,7 +90,22 @@ stamps_decoder = msgspec.json.Decoder(Stamps)
 
 def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
     """Decode one object, an array, or NDJSON lines; raise ``msgspec.ValidationError`` / ``DecodeError``
-    carrying the path of the first bad field (``$[2].payload.battery_soc``)."""
+    carrying the path of the first bad field (``$[2].payload.battery_soc``).
+
+    Invalid UTF-8 and runaway nesting are ``DecodeError`` too (msgspec raises ``UnicodeDecodeError`` and
+    ``RecursionError`` for them), and a record with a duplicate key is a ``ValidationError``.
+    """
+    try:
+        records = _decode(body, ndjson)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
+    check_unique_keys(body, records, ndjson=ndjson)
+    return records
+
+
+def _decode(body: bytes, ndjson: bool) -> list[Telemetry]:
     if ndjson:
         out: list[Telemetry] = []
         for number, line in enumerate(body.splitlines(), 1):
@@ -95,12 +114,7 @@ def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
                 try:
                     out.append(_one.decode(line))
                 except msgspec.ValidationError as exc:
-                    message = str(exc)
-                    if "`$" in message:
-                        message = message.replace("`$", f"`$[{index}]", 1)
-                    else:
-                        message = f"{message} - at `$[{index}]`"
-                    raise msgspec.ValidationError(message) from None
+                    raise msgspec.ValidationError(_at_index(str(exc), index)) from None
                 except msgspec.DecodeError as exc:
                     raise msgspec.DecodeError(f"line {number}: {exc}") from None
         return out
@@ -108,6 +122,70 @@ def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
     if stripped[:1] == b"[":
         return _many.decode(body)
     return [_one.decode(body)]
+
+
+def _at_index(message: str, index: int) -> str:
+    """Prefix the path in a msgspec error message with the record's index."""
+    if "`$" in message:
+        return message.replace("`$", f"`$[{index}]", 1)
+    return f"{message} - at `$[{index}]`"
+
+
+# Each record holds exactly 7 JSON strings besides its payload keys: 4 keys (timestamp, vehicle_id, can_id,
+# payload) and 3 values, all pattern-limited so they hold no quote. Payload values are numbers or null.
+_STRINGS_PER_RECORD = 7
+_NULL_VALUE = re.compile(rb'"\s*:\s*null')
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def check_unique_keys(body: bytes, records: list[Telemetry], *, ndjson: bool) -> None:
+    """Refuse a record that repeats a key: msgspec keeps the last value, other JSON parsers the first, and
+    two readers must never disagree on what a record says.
+
+    The fast path counts quotes on the raw bytes (a few C-level scans, no parse): in a valid body without
+    backslashes every string is a key or one of the 3 pattern-limited values, so the count is known from
+    the decoded records. Escapes (``"battery\\u005fsoc"``) or a count that does not add up take the exact
+    path: a parse that sees every key.
+    """
+    if b"\\" not in body:
+        nulls = len(_NULL_VALUE.findall(body)) if b"null" in body else 0
+        signals = sum(len(SIGNALS) - msgspec.structs.astuple(r.payload).count(None) for r in records)
+        if body.count(b'"') == 2 * (_STRINGS_PER_RECORD * len(records) + signals + nulls):
+            return
+    _find_duplicate_key(body, ndjson)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _find_duplicate_key(body: bytes, ndjson: bool) -> None:
+    """The exact check (error path and escaped bodies only): raise ``ValidationError`` naming the key and record."""
+    single = not ndjson and body.lstrip()[:1] != b"["
+    items: list[bytes] = (
+        [line for line in body.splitlines() if line.strip()]
+        if ndjson
+        else [body]
+        if single
+        else [bytes(raw) for raw in _raw_items.decode(body)]
+    )
+    for index, item in enumerate(items):
+        try:
+            json.loads(item, object_pairs_hook=_reject_duplicates)
+        except _DuplicateKey as exc:
+            path = "$" if single else f"$[{index}]"
+            raise msgspec.ValidationError(f"Object contains duplicate key `{exc}` - at `{path}`") from None
 
 
 def check_clock(records: list[Telemetry], now: dt.datetime, *, max_future_s: float, max_age_s: float) -> None:

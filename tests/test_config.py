@@ -37,3 +37,33 @@ def test_serving_without_keys_needs_an_explicit_opt_out():
     with pytest.raises(ConfigError, match="--insecure-no-auth"):
         Settings.from_env({}).require_auth()
     Settings.from_env({"CANPIPE_INSECURE_NO_AUTH": "1"}).require_auth()
+
+
+@pytest.mark.parametrize("raw", ["ops :s3cret", "ops: s3cret", " ops : s3cret,b:c"])
+def test_spaces_around_the_colon_are_refused_not_made_part_of_the_key(raw):
+    with pytest.raises(ConfigError, match="CANPIPE_API_KEYS: no spaces around ':'"):
+        parse_api_keys(raw)
+
+
+def test_receiver_limits_and_deadlines_come_from_the_environment():
+    settings = Settings.from_env(
+        {
+            "CANPIPE_MAX_RECORDS_PER_REQUEST": "500",
+            "CANPIPE_BODY_TIMEOUT_S": "2.5",
+            "CANPIPE_HEADER_TIMEOUT_S": "3",
+            "CANPIPE_RATE_LIMIT_RECORDS_PER_S": "100",
+            "CANPIPE_RATE_LIMIT_BURST": "400",
+        }
+    )
+    assert (settings.max_records_per_request, settings.body_timeout_s, settings.header_timeout_s) == (500, 2.5, 3)
+    assert (settings.rate_limit_records_per_s, settings.rate_limit_burst) == (100, 400)
+    assert Settings().rate_limit_records_per_s == 0  # off unless configured
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CANPIPE_HEADER_TIMEOUT_S", "61"), ("CANPIPE_MAX_RECORDS_PER_REQUEST", "0"), ("CANPIPE_BODY_TIMEOUT_S", "-1")],
+)
+def test_bad_receiver_limits_name_the_setting(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})

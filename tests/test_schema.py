@@ -91,3 +91,72 @@ def test_schema_lists_every_signal():
     schema = json.dumps(json_schema())
     for name in ("battery_soc", "battery_voltage", "battery_current", "cell_voltage_min", "cell_temp_max"):
         assert name in schema
+
+
+@pytest.mark.parametrize(("field", "value"), [("vehicle_id", "EV-00001\n"), ("can_id", "0x132\n")])
+def test_a_trailing_newline_is_not_part_of_an_id(field, value):
+    record = make_record()
+    record[field] = value
+    with pytest.raises(msgspec.ValidationError, match=field):
+        decode_records(body(record), ndjson=False)
+
+
+def _with(text: str, old: str, new: str) -> bytes:
+    assert old in text
+    return text.replace(old, new, 1).encode()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('"vehicle_id": "EV-00001"', '"vehicle_id": "EV-00001", "vehicle_id": "EV-00002"', "vehicle_id"),
+        ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery_soc": 10', "battery_soc"),
+        ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery_soc": null', "battery_soc"),
+        ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery\\u005fsoc": 10', "battery_soc"),  # escaped key
+        ('"battery_soc": 80.5', '"battery_soc" : 80.5 , "battery_soc"  :null', "battery_soc"),
+        ('"payload": {', '"payload": {"battery_soc": 1}, "payload": {', "payload"),
+    ],
+)
+def test_a_duplicate_key_is_refused_with_its_name_and_record(old, new, key):
+    text = json.dumps(make_record())
+    with pytest.raises(msgspec.ValidationError, match=rf"duplicate key `{key}` - at `\$`"):
+        decode_records(_with(text, old, new), ndjson=False)
+    array = json.dumps([make_record(1), make_record(2)])
+    at_second = array[: array.index("}}") + 2] + _with(array[array.index("}}") + 2 :], old, new).decode()
+    with pytest.raises(msgspec.ValidationError, match=rf"duplicate key `{key}` - at `\$\[1\]`"):
+        decode_records(at_second.encode(), ndjson=False)
+    lines = json.dumps(make_record()) + "\n" + _with(text, old, new).decode()
+    with pytest.raises(msgspec.ValidationError, match=rf"duplicate key `{key}` - at `\$\[1\]`"):
+        decode_records(lines.encode(), ndjson=True)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('"battery_soc": 80.5', '"battery_soc": null'),  # explicit null, counted apart
+        ('"EV-00001"', '"EV\\u002d00001"'),  # escapes take the exact path
+        ('"EV-00001"', '"null:null"'),  # "null" inside a value
+        ('"battery_soc": 80.5', '"battery_soc"\t:\n80.5'),
+    ],
+)
+def test_records_without_duplicates_pass_the_key_check(old, new):
+    records = decode_records(_with(json.dumps(make_record()), old, new), ndjson=False)
+    assert len(records) == 1
+    compact = msgspec.json.encode([make_record(i) for i in range(3)])
+    assert len(decode_records(compact, ndjson=False)) == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (json.dumps(make_record()).replace("EV-00001", "EV-\udcff").encode("utf-8", "surrogateescape"), "UTF-8"),
+        (b'{"timestamp\xff": 1}', "UTF-8"),
+        (b"[" * 500_000, "Expected `object`"),
+        (b"{" * 500_000, "malformed|deep"),
+    ],
+)
+def test_invalid_utf8_and_deep_nesting_are_decode_errors(raw, message):
+    with pytest.raises((msgspec.DecodeError, msgspec.ValidationError), match=message):
+        decode_records(raw, ndjson=False)
+    with pytest.raises((msgspec.DecodeError, msgspec.ValidationError), match=message):
+        decode_records(raw, ndjson=True)
