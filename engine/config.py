@@ -77,6 +77,7 @@ class Settings:
     send_linger_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 50)
     receive_interval_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 200)
     dbc: str = ""
+    queue_max_bytes: int = 2 * 1024**3  # embedded queue: past this many message bytes a send is refused (503)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -107,6 +108,7 @@ class Settings:
             send_linger_ms=_number(env, "CANPIPE_SEND_LINGER_MS", None),
             receive_interval_ms=_number(env, "CANPIPE_RECEIVE_INTERVAL_MS", None),
             dbc=env.get("CANPIPE_DBC", ""),
+            queue_max_bytes=int(_number(env, "CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes)),
         )
 
     def backend_default(self, value_ms: float | None, queue: object, attribute: str) -> float:

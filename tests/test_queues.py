@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -168,4 +169,221 @@ def test_retention_drops_expired_messages(run, tmp_path):
     run(q.send_batch([b"old"]))
     time.sleep(1.1)
     assert run(q.receive(10, 0)) == []
+    run(q.close())
+
+
+# --- the embedded queue: backlog cost, redrive retention, clock jumps, depth bound, broken files -------------
+
+DAY_MS = 86_400_000
+
+
+def load_backlog(path, count: int, body: bytes = b'{"r":1}\n' * 20) -> None:
+    """``count`` visible messages written straight into the file in one transaction (fast, any schema)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        now = time.time_ns() // 1_000_000
+        names = ["body", "sent_ms", "visible_ms"] + (["retained_ms"] if "retained_ms" in columns else [])
+        with conn:
+            conn.executemany(
+                f"INSERT INTO messages ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                ((body, *[now] * (len(names) - 1)) for _ in range(count)),
+            )
+    finally:
+        conn.close()  # the last connection checkpoints the WAL: no send pays for the load
+
+
+def test_a_send_during_a_large_drain_never_waits_long_for_the_lock(run, tmp_path):
+    """Two consumers drain a 100k backlog while a receiver sends 20 times a second: no send is refused
+    ("database is locked") and none waits long, because receive and delete cost O(log n) under the lock."""
+    path = tmp_path / "q.db"
+    url = f"sqlite:///{path}"
+    setup = open_queue(url)
+    run(setup.ping())
+    run(setup.close())
+    load_backlog(path, 100_000)
+    drainers = [open_queue(url) for _ in range(2)]
+    sender = open_queue(url)
+
+    async def drain(q, stop):
+        while not stop.is_set():
+            got = await q.receive(10, 0)
+            assert await q.delete_batch([m.receipt for m in got]) == []
+
+    async def scenario():
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(drain(q, stop)) for q in drainers]
+        waits = []
+        try:
+            for _ in range(60):  # 3 s at 20 sends/s
+                started = time.monotonic()
+                assert await sender.send_batch([b"probe"]) == []
+                waits.append(time.monotonic() - started)
+                await asyncio.sleep(max(0.0, 0.05 - waits[-1]))
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        return waits
+
+    waits = run(scenario())
+    for q in [*drainers, sender]:
+        run(q.close())
+    worst = max(range(len(waits)), key=waits.__getitem__)
+    assert waits[worst] < 1.0, f"send {worst} waited {waits[worst]:.2f} s (median {sorted(waits)[30]:.3f} s)"
+
+
+def test_redriven_dead_letters_get_a_fresh_retention_period(run, tmp_path):
+    """A message dead-lettered 5 days after it was sent is redriven and then read, not swept unread by the
+    4-day retention (SQS's redrive also starts a new retention period)."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    q = open_queue(url)
+    run(q.create(QueueAttributes(max_receive_count=1)))
+    run(q.send_batch([b"precious"]))
+    (msg,) = receive_all(run, q, 1)
+    run(q.change_visibility([msg.receipt], 0))
+    assert run(q.receive(10, 0.2)) == [] and run(q.stats()).dead_letter == 1
+    run(q.close())
+    conn = sqlite3.connect(tmp_path / "q.db")
+    with conn:  # simulated age: sent five days ago
+        conn.execute("UPDATE dead_letters SET sent_ms = sent_ms - ?", (5 * DAY_MS,))
+    conn.close()
+    q = open_queue(url)
+    assert run(q.redrive()) == 1
+    run(q.close())
+    q = open_queue(url)  # a fresh consumer: its first receive runs the retention sweep
+    got = receive_all(run, q, 1, timeout_s=5)
+    run(q.close())
+    assert bodies(got) == [b"precious"]
+    assert got[0].sent_at_ms < time.time_ns() // 1_000_000 - 4 * DAY_MS  # the original send time is kept
+
+
+@pytest.mark.parametrize("jump_ms", [5 * DAY_MS, -DAY_MS], ids=["forward-5-days", "back-1-day"])
+def test_a_wall_clock_jump_neither_purges_nor_stalls_the_queue(run, tmp_path, monkeypatch, jump_ms):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    q = open_queue(url)
+    run(q.send_batch([b"kept"]))
+    run(q.close())
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + jump_ms * 1_000_000)
+    q = open_queue(url)
+    got = run(q.receive(10, 0))
+    run(q.close())
+    assert bodies(got) == [b"kept"]
+
+
+def test_depth_bound_refuses_sends_as_saturated_until_consumers_catch_up(run, tmp_path, monkeypatch):
+    from engine.errors import QueueSaturated
+
+    monkeypatch.setenv("CANPIPE_QUEUE_MAX_BYTES", "2500")
+    q = open_queue(f"sqlite:///{tmp_path / 'q.db'}")
+    run(q.send_batch([b"x" * 1000, b"y" * 1000]))
+    with pytest.raises(QueueSaturated, match="CANPIPE_QUEUE_MAX_BYTES"):
+        run(q.send_batch([b"z" * 1000]))
+    got = receive_all(run, q, 2)
+    assert run(q.delete_batch([m.receipt for m in got])) == []
+    assert run(q.send_batch([b"z" * 1000])) == []
+    assert run(q.stats()).visible == 1
+    run(q.close())
+
+
+def test_a_queue_file_deleted_while_in_use_is_refused_until_restored(run, tmp_path):
+    """No send is acknowledged into an unlinked file; restoring the file (same inode) recovers by itself."""
+    from engine.errors import QueueBroken
+
+    path = tmp_path / "q.db"
+    q = open_queue(f"sqlite:///{path}")
+    run(q.send_batch([b"before"]))
+    os.link(path, tmp_path / "backup.db")
+    os.unlink(path)
+    with pytest.raises(QueueBroken, match="deleted"):
+        run(q.send_batch([b"lost"]))
+    with pytest.raises(QueueBroken, match="deleted"):
+        run(q.ping())
+    assert not path.exists()  # never silently recreated empty
+    os.link(tmp_path / "backup.db", path)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            run(q.send_batch([b"after"]))
+            break
+        except QueueBroken:
+            assert time.monotonic() < deadline, "did not recover after the file was restored"
+            time.sleep(0.2)
+    assert bodies(receive_all(run, q, 2)) == [b"after", b"before"]
+    run(q.close())
+
+
+def test_a_corrupted_queue_is_refused_at_open_with_a_recovery_path_and_kept(run, tmp_path):
+    from engine.errors import QueueBroken
+
+    path = tmp_path / "q.db"
+    q = open_queue(f"sqlite:///{path}")
+    run(q.send_batch([b"m" * 5000 for _ in range(10)]))
+    run(q.close())
+    with open(path, "r+b") as f:  # garbage over every page but the header page
+        size = f.seek(0, 2)
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    damaged = path.read_bytes()
+    q = open_queue(f"sqlite:///{path}")
+    with pytest.raises(QueueBroken, match=r"(?s)damaged.*operations\.md") as caught:
+        run(q.receive(10, 0))
+    assert str(path) in str(caught.value)
+    run(q.close())
+    assert path.read_bytes() == damaged
+
+
+def test_a_queue_locked_by_another_process_fails_ping_quickly_and_recovers(run, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "q.db"
+    q = open_queue(f"sqlite:///{path}")
+    run(q.ping())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE');"
+            "print('locked', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        with pytest.raises(QueueError, match="locked"):
+            run(q.ping())
+        assert time.monotonic() - started < 2.0
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    run(q.ping())
+    run(q.close())
+
+
+def test_a_queue_file_from_before_the_indexed_schema_is_migrated(run, tmp_path):
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL, sent_ms INTEGER NOT NULL,"
+            " visible_ms INTEGER NOT NULL, receive_count INTEGER NOT NULL DEFAULT 0, first_receive_ms INTEGER,"
+            " receipt TEXT); CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, body BLOB NOT NULL,"
+            " sent_ms INTEGER NOT NULL, receive_count INTEGER NOT NULL, dead_ms INTEGER NOT NULL);"
+            " CREATE TABLE attributes (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        )
+    load_backlog(path, 3, b"old")
+    q = open_queue(f"sqlite:///{path}")
+    got = receive_all(run, q, 3)
+    assert bodies(got) == [b"old"] * 3
+    assert run(q.delete_batch([m.receipt for m in got])) == []
+    assert run(q.stats()).visible == 0
     run(q.close())

@@ -82,12 +82,21 @@ class Queue(Protocol):
     async def close(self) -> None: ...
 
 
-def open_queue(url: str, *, visibility_timeout_s: float | None = None) -> Queue:
-    """The backend for ``url``: ``sqlite:///PATH`` or an SQS queue URL."""
+def open_queue(url: str, *, visibility_timeout_s: float | None = None, max_bytes: int | None = None) -> Queue:
+    """The backend for ``url``: ``sqlite:///PATH`` or an SQS queue URL.
+
+    ``max_bytes``: the embedded queue's depth bound (None: CANPIPE_QUEUE_MAX_BYTES; 0: unbounded). SQS
+    has no such bound here: its backlog is AWS's to hold.
+    """
     if url.startswith("sqlite://"):
+        from engine.config import Settings
         from engine.queues.sqlite import SqliteQueue
 
-        return SqliteQueue(url.removeprefix("sqlite://"), visibility_timeout_s=visibility_timeout_s)
+        if max_bytes is None:
+            max_bytes = Settings.from_env().queue_max_bytes
+        return SqliteQueue(
+            url.removeprefix("sqlite://"), visibility_timeout_s=visibility_timeout_s, max_bytes=max_bytes
+        )
     if url.startswith(("https://", "http://")):
         from engine.queues.sqs import SqsQueue
 
