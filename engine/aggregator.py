@@ -55,9 +55,17 @@ def iso_micros(us: int) -> str:
     return (dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=int(us))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def hour_inputs(data_dir: Path, hour: dt.datetime) -> list[Path]:
+def hour_inputs(data_dir: Path, hour: dt.datetime, warn: bool = False) -> list[Path]:
+    """The hour's raw files, sorted by name: regular files only, since a directory (or a FIFO, which would
+    block the open) named ``*.jsonl`` holds no records; ``warn`` logs each one skipped."""
     folder = hour_path(Path(data_dir) / "raw", (hour.year, hour.month, hour.day, hour.hour))
-    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    files = []
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        if path.is_file():
+            files.append(path)
+        elif warn:
+            log.warning("%s: not a regular file, skipped", path)
+    return files
 
 
 def output_path(data_dir: Path, hour: dt.datetime) -> Path:
@@ -158,7 +166,10 @@ def _partition_job(spill_dir: str, p: int, tags: list[str], remaps: list[np.ndar
 
 
 def _integrate(vehicle: np.ndarray, ts: np.ndarray, y: np.ndarray, groups: int) -> np.ndarray:
-    """Trapezoid of |y| over time per vehicle (rows in (vehicle, ts) order), y-units x seconds."""
+    """Trapezoid of |y| over time per vehicle, y-units x seconds. Rows are in (vehicle, ts, CAN id) order;
+    only rows where y is present count (NaN: that frame does not carry the signal), so two CAN ids that
+    interleave integrate each signal between its own samples. Two samples at the same instant (two ids
+    carrying one signal) add no area; a gap over ``MAX_GAP_US`` (vehicle offline) is not bridged."""
     present = ~np.isnan(y)
     v, t, a = vehicle[present], ts[present], np.abs(y[present])
     if len(v) < 2:
@@ -170,16 +181,21 @@ def _integrate(vehicle: np.ndarray, ts: np.ndarray, y: np.ndarray, groups: int) 
 
 
 def _order(vehicle: np.ndarray, can: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Row order by vehicle, then time, then CAN id: one sort of a packed int64 key when the three fit in
-    63 bits (they do for an hour of standard CAN ids), else a three-key lexsort."""
+    """Row order by vehicle, then time, then CAN id: the order of time-dependent quantities (SOC first and
+    last, integrals), in which copies of a record are also adjacent for dedup. One sort of a packed int64
+    key when the three fit in 63 bits (they do for an hour of standard CAN ids); extended ids are packed
+    by rank (a few distinct values); else a three-key lexsort."""
     t0 = int(ts.min())
     bits_t = max(1, int(ts.max() - t0).bit_length())
-    bits_c = max(1, int(can.max()).bit_length()) if int(can.min()) >= 0 else 64
     bits_v = max(1, int(vehicle.max()).bit_length())
+    bits_c = max(1, int(can.max()).bit_length()) if int(can.min()) >= 0 else 64
     if bits_v + bits_c + bits_t > 63:
-        return np.lexsort((can, ts, vehicle))
-    key = (vehicle << (bits_c + bits_t)) | (can << bits_t) | (ts - t0)
-    return np.argsort(key, kind="stable")  # stable: the first copy of a duplicate is the one kept
+        ids, can = np.unique(can, return_inverse=True)  # same order, dense ranks: 29-bit ids need few bits
+        bits_c = max(1, (len(ids) - 1).bit_length())
+        if bits_v + bits_c + bits_t > 63:
+            return np.lexsort((can, ts, vehicle))
+    key = (vehicle << (bits_t + bits_c)) | ((ts - t0) << bits_c) | can
+    return np.argsort(key, kind="stable")  # stable: the first copy of a duplicate (in file order) is kept
 
 
 def _partition_totals(cols: list[np.ndarray], totals: _Totals) -> None:
@@ -305,7 +321,7 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     not depend on the number of processes or partitions.
     """
     data_dir = Path(data_dir)
-    files = hour_inputs(data_dir, hour)
+    files = hour_inputs(data_dir, hour, warn=True)
     inputs = fingerprint(data_dir, files)
     total_bytes = sum(i.bytes for i in inputs)
     large = total_bytes >= PARALLEL_FROM_BYTES
@@ -405,10 +421,27 @@ def _pool(workers: int) -> concurrent.futures.Executor | _InProcess:
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
-def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult]:
-    """Every closed hour not yet aggregated, or whose input changed since."""
+class HourFailure(msgspec.Struct):
+    """An hour that could not be aggregated, and why (``aggregate_pending`` went on with the others)."""
+
+    hour: str
+    error: str
+
+
+def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult | HourFailure]:
+    """Every closed hour not yet aggregated, or whose input changed since. Hours are isolated: one that
+    fails (unreadable file, a bug on odd data) is logged and reported as an ``HourFailure``, and the later
+    hours are still aggregated; it is tried again on the next run, since it has no manifest."""
     now = now or dt.datetime.now(UTC)
-    return [aggregate_hour(data_dir, hour) for hour in closed_hours(data_dir, now) if needs_aggregation(data_dir, hour)]
+    results: list[HourResult | HourFailure] = []
+    for hour in closed_hours(data_dir, now):
+        try:
+            if needs_aggregation(data_dir, hour):
+                results.append(aggregate_hour(data_dir, hour))
+        except Exception as exc:  # any failure of one hour: the others must still be aggregated
+            log.error("aggregating %s failed, going on with the other hours", hour_label(hour), exc_info=True)
+            results.append(HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}"))
+    return results
 
 
 def next_run(now: dt.datetime, minute: int = 5) -> dt.datetime:

@@ -144,11 +144,15 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.schedule:
         return aggregator_schedule(settings.data_dir)
+    results: list[aggregator.HourResult | aggregator.HourFailure]
     if args.hour:
         results = [aggregator.aggregate_hour(settings.data_dir, aggregator.parse_hour(args.hour))]
     else:
         results = aggregator.aggregate_pending(settings.data_dir)
+    failed = [r for r in results if isinstance(r, aggregator.HourFailure)]
     for r in results:
+        if isinstance(r, aggregator.HourFailure):
+            continue
         print(
             f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records ({r.duplicates_dropped} duplicates "
             f"dropped) from {r.files} files -> {r.path}"
@@ -160,9 +164,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
                 f"  WARNING: {r.corrupt_lines} corrupt lines skipped (listed in the output's input section)",
                 file=sys.stderr,
             )
+    for f in failed:  # after all the others were done: one line per hour, the traceback is in the log
+        print(f"FAILED {f.hour}: {f.error}", file=sys.stderr)
     if not results:
         print("nothing to aggregate: every closed hour is up to date")
-    return 0
+    return 1 if failed else 0
 
 
 def aggregator_schedule(data_dir: Path) -> int:
@@ -178,7 +184,10 @@ def aggregator_schedule(data_dir: Path) -> int:
         signal.signal(signum, lambda *_: stop.set())
     while not stop.is_set():
         for r in aggregator.aggregate_pending(data_dir):
-            print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
+            if isinstance(r, aggregator.HourFailure):  # retried on the next run; the schedule goes on
+                print(f"FAILED {r.hour}: {r.error}", file=sys.stderr, flush=True)
+            else:
+                print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
         now = dt.datetime.now(dt.UTC)
         stop.wait((aggregator.next_run(now) - now).total_seconds())
     print("aggregate --schedule: stopped", flush=True)

@@ -4,11 +4,13 @@
 The fast path reads the exact shape canpipe's receiver writes (msgspec's compact JSON of a record, keys
 in schema order, ``ingest_received_at`` last, UTC timestamps with a ``Z``). Any line that deviates in the
 slightest (other key order, escapes, an offset, ``null``, a number JSON would not accept...) goes to the
-pure-Python twin, line by line, so both implementations accept and reject exactly the same lines.
+pure-Python twin, line by line, so both implementations accept and reject exactly the same lines: a
+CAN id other than ``0x`` + 1..8 hex digits, or a number that is not finite, leaves the fast path and the
+twin calls the line corrupt.
 """
 
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.math cimport NAN
+from libc.math cimport NAN, isfinite
 from libc.stdlib cimport strtod
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -120,7 +122,8 @@ cdef inline bint timestamp(const char* p, Py_ssize_t* i, Py_ssize_t end, long lo
 cdef inline bint number(const char* p, Py_ssize_t* i, Py_ssize_t end, double* out) noexcept nogil:
     """A JSON number (strict grammar) at p[i]. Clinger's fast path: at most 15 significant digits and no
     exponent make an exact integer scaled by an exact power of ten, and one correctly rounded division
-    gives the same double as strtod; anything else goes to strtod."""
+    gives the same double as strtod; anything else goes to strtod. A number that overflows to infinity
+    (``1e400``, 400 digits) is refused: the door admits finite numbers only, and so does the twin."""
     cdef Py_ssize_t j = i[0], start = i[0]
     cdef char* stop
     cdef long long mantissa = 0
@@ -161,7 +164,7 @@ cdef inline bint number(const char* p, Py_ssize_t* i, Py_ssize_t end, double* ou
         out[0] = (-<double>mantissa if negative else <double>mantissa) / POW10[scale]
     else:
         out[0] = strtod(p + start, &stop)
-        if stop != p + j:
+        if stop != p + j or not isfinite(out[0]):
             return False
     i[0] = j
     return True

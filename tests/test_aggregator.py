@@ -1,4 +1,5 @@
-"""The hourly aggregator on real files: exact under duplicates, torn tails, corrupt lines and late data."""
+"""The hourly aggregator on real files: exact under duplicates, torn tails, corrupt lines and late data, and
+equal to a plain-Python ground truth (tests/canpipe_truth.py) on interleaved CAN ids."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import json
 import math
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
+from canpipe_truth import assert_aggregate_matches
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import aggregator, partitions
 from engine.errors import ConfigError
 from engine.kernels import _jsonl_py, jsonl
+from engine.kernels.groupby import PyGroupStats
 from engine.storage import PartitionWriter, hour_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -306,3 +312,204 @@ def test_scanner_twins_agree(seed):
     for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), (name, f"seed {seed}")
     assert np.array_equal(a.values, b.values, equal_nan=True) and math.copysign(1, -0.0) == -1
+
+
+# --- time order across CAN ids, against plain arithmetic (issue 8, defect 1) ------------------------------
+
+
+def test_interleaved_can_ids_give_soc_change_and_throughput_in_time_order(tmp_path, scanner):
+    # one vehicle, two CAN ids alternating each second: SOC 80 -> 77 and 100 A for three seconds
+    ids = ["0x292", "0x132"]
+    lines = [
+        record("EV-1", HOUR + dt.timedelta(seconds=k), ids[k % 2], battery_soc=80.0 - k, battery_current=100.0)
+        for k in range(4)
+    ]
+    write(tmp_path, lines)
+    (v,) = run(tmp_path)["vehicles"]
+    assert v["soc_change"] == -3.0
+    assert v["charge_throughput_ah"] == pytest.approx(100.0 * 3 / 3600, rel=1e-12)  # 0.0833 Ah, not 0.111
+
+
+def test_each_signal_integrates_between_its_own_samples(tmp_path, scanner):
+    # 0x132 carries current every 2 s, 0x292 only SOC in between: the integral must span the SOC frames
+    lines = [record("EV-1", HOUR + dt.timedelta(seconds=2 * k), "0x132", battery_current=60.0) for k in range(6)]
+    lines += [record("EV-1", HOUR + dt.timedelta(seconds=2 * k + 1), "0x292", battery_soc=50.0 - k) for k in range(5)]
+    write(tmp_path, lines)
+    (v,) = run(tmp_path)["vehicles"]
+    assert v["charge_throughput_ah"] == pytest.approx(60.0 * 10 / 3600, rel=1e-12)
+    assert v["soc_change"] == -4.0 and v["energy_throughput_kwh"] == 0.0  # no frame carries the voltage
+
+
+@pytest.mark.parametrize("case", ["packed", "extended ids ranked", "lexsort"])
+def test_row_order_is_vehicle_then_time_then_can_id(case):
+    rng = np.random.default_rng(7)
+    n = 5_000
+    vehicle = rng.integers(0, 40, n)
+    ts = 1_760_893_200_000_000 + rng.integers(0, 3_600_000_000, n) // 250_000 * 250_000  # collisions
+    ids = {"packed": [0x132, 0x292, 0x7FF], "extended ids ranked": [0x18FF50E5, 0x0CF00400, 0x132]}
+    ids["lexsort"] = [0x18FF50E5, 0x132]
+    can = rng.choice(np.array(ids[case], dtype=np.int64), n)
+    if case == "lexsort":  # a range of times no pack can hold
+        ts[::7] = rng.integers(0, 2**60, len(ts[::7]))
+    order = aggregator._order(vehicle, can, ts)
+    assert np.array_equal(order, np.lexsort((np.arange(n), can, ts, vehicle)))  # stable: file order on ties
+
+
+def _interleaved_hour(rng: random.Random, vehicles: int, rows: int, ids: list[str]) -> list[list[bytes]]:
+    """Files of one hour: vehicles sending on several CAN ids in one time line (same-instant frames, gaps
+    over a minute, signals present on some ids only), copies of records (redeliveries, and client
+    retries with a later ingest time), a corrupt line and a torn tail now and then."""
+    records = []
+    for k in range(vehicles):
+        t_ms = rng.randrange(0, 60_000)
+        for _ in range(rows):
+            t_ms += rng.choice([0, 0, 100, 250, 1000, 1000, 5000, 61_000, 300_000])
+            ts = HOUR + dt.timedelta(milliseconds=min(t_ms, 3_599_999))
+            payload = {}
+            for name in jsonl.SIGNALS:
+                if rng.random() < 0.6:
+                    payload[name] = round(rng.uniform(-300.0, 450.0), rng.choice([0, 1, 3]))
+            records.append(record(f"EV-{k}", ts, rng.choice(ids), **payload))
+    lines = list(records)
+    for line in rng.sample(records, k=rng.randrange(0, len(records) // 2 + 1)):
+        if rng.random() < 0.3:  # a client retry: same record, received again later
+            body = json.loads(line)
+            body["ingest_received_at"] = iso(
+                dt.datetime.fromisoformat(body["ingest_received_at"]) + dt.timedelta(seconds=3)
+            )
+            line = msgspec.json.encode(body) + b"\n"
+        lines.append(line)
+    rng.shuffle(lines)
+    if rng.random() < 0.3:
+        lines.insert(rng.randrange(len(lines) + 1), b'{"timestamp":"2025-10-19T17:00:00Z","can_id":"0x1_0"}\n')
+    cuts = sorted(rng.sample(range(1, len(lines)), k=min(2, len(lines) - 1))) if len(lines) > 1 else []
+    files = [lines[a:b] for a, b in zip([0, *cuts], [*cuts, len(lines)])]
+    if rng.random() < 0.3:
+        files[-1] = [*files[-1], records[0][:25]]  # a crash mid-write: a torn tail
+    return files
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    vehicles=st.integers(1, 4),
+    rows=st.integers(1, 40),
+    ids=st.sampled_from([["0x132", "0x292"], ["0x132", "0x292", "0x7ff"], ["0x18FF50E5", "0x132"], ["0x1"]]),
+)
+def test_aggregates_equal_the_ground_truth_on_both_paths(seed, vehicles, rows, ids):
+    files = _interleaved_hour(random.Random(seed), vehicles, rows, ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        for n, lines in enumerate(files):
+            path = hour_path(data_dir / "raw", KEY) / f"batch-{n:04d}-w.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"".join(lines))
+        for path_name in ("c", "py"):
+            if path_name == "c" and jsonl.IMPLEMENTATION != "c":
+                continue
+            with pytest.MonkeyPatch.context() as mp:
+                if path_name == "py":  # both pure-Python twins: the scanner and the group-by
+                    mp.setattr(partitions, "parse_lines", _jsonl_py.parse_lines)
+                    mp.setattr(aggregator, "GroupStats", PyGroupStats)
+                aggregator.aggregate_hour(data_dir, HOUR)
+                try:
+                    assert_aggregate_matches(data_dir, HOUR)
+                except AssertionError as exc:
+                    raise AssertionError(
+                        f"seed {seed}, {vehicles} vehicles x {rows} rows, ids {ids}, {path_name}"
+                    ) from exc
+
+
+# --- one bad line, file or hour stops nothing else (issue 8, defect 7) ------------------------------------
+
+BAD_LINES = [
+    record("EV-000", HOUR, "0x" + "f" * 17, battery_soc=1.0),  # overflowed int64 in the Python scanner
+    record("EV-000", HOUR, "10", battery_soc=1.0),  # no 0x: read as 0x10 before
+    record("EV-000", HOUR, "0x1_0", battery_soc=1.0),  # int() takes underscores
+    record("EV-000", HOUR, "0X10", battery_soc=1.0),
+    record("EV-000", HOUR).replace(b'"payload":{}', b'"payload":{"battery_soc":1e400}'),  # inf in the compiled one
+    record("EV-000", HOUR).replace(b'"payload":{}', b'"payload":{},"x":' + b"[" * 100_000 + b"]" * 100_000),
+]
+
+
+def test_bad_lines_are_reported_and_skipped_and_the_hour_is_aggregated(tmp_path, scanner, caplog):
+    lines = fleet(vehicles=2, per_vehicle=50)
+    for k, bad in enumerate(BAD_LINES):
+        lines.insert(5 + 7 * k, bad)
+    path = write(tmp_path, lines)
+    doc = run(tmp_path)
+    rel = path.relative_to(tmp_path / "raw")
+    where = [f"{rel}:{6 + 7 * k}" for k in range(len(BAD_LINES))]
+    assert doc["input"]["corrupt_lines"] == len(BAD_LINES) and doc["input"]["corrupt_line_locations"] == where
+    assert all(f"corrupt line {w} skipped" in caplog.text for w in where)
+    assert sum(v["message_count"] for v in doc["vehicles"]) == 100
+    assert_aggregate_matches(tmp_path, HOUR)
+
+
+def test_a_directory_named_like_a_raw_file_is_skipped(tmp_path, scanner, caplog):
+    write(tmp_path, fleet(vehicles=2, per_vehicle=20))
+    odd = hour_path(tmp_path / "raw", KEY) / "batch-0-odd.jsonl"
+    odd.mkdir()
+    doc = run(tmp_path)
+    assert doc["input"]["files"] == 1 and sum(v["message_count"] for v in doc["vehicles"]) == 40
+    assert f"{odd}: not a regular file, skipped" in caplog.text
+    assert not aggregator.needs_aggregation(tmp_path, HOUR)
+
+
+def _three_hours_the_middle_one_failing(data_dir: Path) -> list[dt.datetime]:
+    """Hours 15, 16 and 17 with data; 16's output path is taken by a folder, so its aggregation fails
+    (a real failure, whatever the user running the tests may read or write)."""
+    hours = [HOUR - dt.timedelta(hours=2), HOUR - dt.timedelta(hours=1), HOUR]
+    for n, hour in enumerate(hours):
+        lines = [record(f"EV-{n}", hour + dt.timedelta(seconds=s), battery_soc=50.0) for s in range(10)]
+        write(data_dir, [*lines, *BAD_LINES[:2]], hour=(hour.year, hour.month, hour.day, hour.hour))
+    aggregator.output_path(data_dir, hours[1]).mkdir(parents=True)
+    return hours
+
+
+def test_a_failing_hour_is_reported_and_the_others_are_aggregated(tmp_path, caplog):
+    hours = _three_hours_the_middle_one_failing(tmp_path)
+    now = HOUR + dt.timedelta(hours=2)
+    results = aggregator.aggregate_pending(tmp_path, now)
+    assert [type(r).__name__ for r in results] == ["HourResult", "HourFailure", "HourResult"]
+    assert results[1].hour == "2025-10-19T16" and "Is a directory" in results[1].error
+    assert "aggregating 2025-10-19T16 failed, going on with the other hours" in caplog.text
+    for hour in (hours[0], hours[2]):
+        assert_aggregate_matches(tmp_path, hour)
+    # the failed hour is tried again on the next run; the others are up to date
+    assert [r.hour for r in aggregator.aggregate_pending(tmp_path, now)] == ["2025-10-19T16"]
+
+
+def test_canpipe_aggregate_does_every_other_hour_then_exits_non_zero(tmp_path, env):
+    import subprocess
+
+    data_dir = tmp_path / "data"
+    hours = _three_hours_the_middle_one_failing(data_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "aggregate", "--data-dir", str(data_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].startswith("FAILED 2025-10-19T16: IsADirectoryError"), done.stderr
+    assert "aggregated 2025-10-19T15" in done.stdout and "aggregated 2025-10-19T17" in done.stdout
+    assert "2 corrupt lines skipped" in done.stderr
+    for hour in (hours[0], hours[2]):
+        assert_aggregate_matches(data_dir, hour)
+
+
+def test_schedule_keeps_running_past_a_failing_hour(tmp_path, env, start):
+    import signal
+
+    from canpipe_testing import wait_for
+
+    data_dir = tmp_path / "data"
+    hours = _three_hours_the_middle_one_failing(data_dir)
+    scheduled = start(["aggregate", "--schedule", "--data-dir", str(data_dir)], env)
+    wait_for(lambda: "aggregated 2025-10-19T17" in scheduled.output(), 60, "the scheduler's catch-up run")
+    assert "FAILED 2025-10-19T16" in scheduled.output() and scheduled.popen.poll() is None
+    assert_aggregate_matches(data_dir, hours[2])
+    assert scheduled.stop(signal.SIGTERM) == 0

@@ -4,12 +4,16 @@
 columns: client timestamp and ingest time (int64 microseconds since the epoch), vehicle index (from the
 ``vehicles`` dict, which grows in first-seen order), CAN id (int64), and the seven payload signals
 (float64, NaN where absent). Lines that are not valid stored records are returned by number (1-based,
-within ``data``) and contribute no row.
+within ``data``) and contribute no row: whatever a line holds, it never raises. A valid CAN id is the
+schema's ``0x`` + 1..8 hex digits (not ``10``, ``0x1_0``, ``0X10`` or 17 digits); a non-finite number
+(``1e400``) makes the line corrupt, as the door would have refused it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from typing import Any
 
 import msgspec
@@ -26,6 +30,7 @@ SIGNALS = (
 )
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MICROSECOND = dt.timedelta(microseconds=1)
+CAN_ID = re.compile(r"0x[0-9A-Fa-f]{1,8}")  # the schema's pattern, matched whole (``int(x, 16)`` takes more)
 
 
 # no validation here: stored lines were validated at the door; gc=False keeps millions of them cheap
@@ -72,10 +77,17 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
             continue
         try:
             record: Any = _decoder.decode(line)  # a defstruct: its fields are not visible to mypy
-            can = int(record.can_id, 16)
+            if not CAN_ID.fullmatch(record.can_id):
+                raise ValueError("can_id is not 0x + 1..8 hex digits")
             if record.timestamp.tzinfo is None or record.ingest_received_at.tzinfo is None:
                 raise ValueError("naive timestamp")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            present = msgspec.structs.astuple(record.payload)
+            if not all(math.isfinite(v) for v in present if v is not None):
+                raise ValueError("non-finite number")
+            signals = [np.nan if v is None else v for v in present]
+            can = int(record.can_id, 16)
+        # UnicodeDecodeError is a ValueError; RecursionError: 100,000 nested brackets in an unknown field
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             bad.append(number)
             continue
         index = vehicles.setdefault(record.vehicle_id, len(vehicles))
@@ -85,7 +97,7 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
                 _micros(record.ingest_received_at),
                 index,
                 can,
-                [np.nan if v is None else v for v in msgspec.structs.astuple(record.payload)],
+                signals,
             )
         )
     n = len(rows)
