@@ -4,9 +4,10 @@ Deliberately independent of the aggregator's code path (stdlib ``json`` and ``da
 loops, no numpy, no msgspec): a test compares the two. The rules are DESIGN.md's and the aggregator's
 documented ones:
 
-- a line is a record when it is a JSON object with the five stored fields, ``can_id`` is ``0x`` + 1..8 hex
-  digits, both timestamps carry a UTC offset and every payload value is a finite number; any other
-  non-blank line is corrupt (counted, no row); a file's last bytes without ``\\n`` are a torn tail;
+- a line is a record when it is UTF-8, a JSON object with exactly the five stored fields, ``can_id`` is
+  ``0x`` + 1..8 hex digits, both timestamps carry a UTC offset and the payload holds only signals, each a
+  finite number or null; any other non-blank line is corrupt (counted, no row); a file's last bytes
+  without ``\\n`` are a torn tail;
 - duplicates are dropped on (vehicle_id, can_id as a number, timestamp as an instant in microseconds),
   the first copy in file order (files sorted by name) kept;
 - per vehicle: ``message_count``, ``{min, max, avg}`` of every signal over the records that carry it,
@@ -15,6 +16,9 @@ documented ones:
   the last SOC minus the first; charge (Ah) and energy (kWh) throughput are trapezoids of ``|current|`` and
   ``|voltage x current|`` between consecutive records that carry the signal, over steps of more than 0
   and at most ``MAX_GAP_US``.
+
+Timestamps are read with ``datetime.fromisoformat``: forms canpipe never writes (more than 6 fraction
+digits, which the aggregator's RFC 3339 reader rounds) are outside what this module checks.
 
 Use ``expected_aggregate(lines)`` for a list of stored lines, or ``assert_aggregate_matches(data_dir,
 hour)`` after an aggregation run (for example after a kill -9 fault test): it reads the hour's raw
@@ -66,12 +70,12 @@ def parse_record(line: bytes) -> dict | None:
     """A stored line -> {vehicle, can, ts, ingest, payload}, or None when it is not a valid record."""
     try:
         obj = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-        if not isinstance(obj, dict) or not FIELDS <= obj.keys():
+        if not isinstance(obj, dict) or obj.keys() != FIELDS:
             return None
         vehicle, can, payload = obj["vehicle_id"], obj["can_id"], obj["payload"]
         if not (isinstance(vehicle, str) and isinstance(can, str) and CAN_ID.fullmatch(can)):
             return None
-        if not isinstance(payload, dict):
+        if not isinstance(payload, dict) or not payload.keys() <= set(SIGNALS):
             return None
         values = {}
         for name in SIGNALS:

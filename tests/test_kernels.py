@@ -1,4 +1,4 @@
-"""The latency histogram: one test body on both kernels (compiled and pure-Python)."""
+"""The latency histogram and the stored-line scanner: one test body on both kernels (compiled and pure-Python)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import engine.kernels
-from engine.kernels import histogram
+from engine import partitions
+from engine.kernels import _jsonl_py, histogram, jsonl
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram
 
 IMPLEMENTATIONS = [PyLatencyHistogram]
@@ -120,3 +121,113 @@ def test_no_extensions_selects_every_twin():
         check=True,
     ).stdout.split()
     assert out == ["py", "py", "py", "engine.kernels._jsonl_py"]
+
+
+# --- the stored-line scanner: one test body on both twins over an edge-case corpus ------------------------
+
+SCANNERS = ["py", "c"] if jsonl.IMPLEMENTATION == "c" else ["py"]
+
+
+@pytest.fixture(params=["c", "py"])
+def parse(request):
+    if request.param == "c" and jsonl.IMPLEMENTATION != "c":
+        pytest.skip("compiled scanner not built")
+    return jsonl.parse_lines if request.param == "c" else _jsonl_py.parse_lines
+
+
+def stored(
+    can: bytes = b'"0x132"', payload: bytes = b'{"battery_soc":50.5}', extra: bytes = b"", **raw: bytes
+) -> bytes:
+    """A stored line in the receiver's exact shape (the compiled fast path tries it first), with raw JSON
+    fragments swapped in."""
+    ts = raw.get("ts", b'"2025-10-19T17:00:01Z"')
+    vehicle = raw.get("vehicle", b'"EV-1"')
+    head = b'{"timestamp":' + ts + b',"vehicle_id":' + vehicle + b',"can_id":' + can + b',"payload":' + payload
+    return head + b',"ingest_received_at":"2025-10-19T17:00:02Z"' + extra + b"}"
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+# (case, line, (can_id, battery_soc) of the row it gives, or None: a corrupt line)
+CORPUS = [
+    ("canonical", stored(), (0x132, 50.5)),
+    ("8 hex digits", stored(b'"0xFFFFFFFF"'), (0xFFFFFFFF, 50.5)),
+    ("upper-case hex digits", stored(b'"0x1aB"'), (0x1AB, 50.5)),
+    ("one digit", stored(b'"0x0"'), (0, 50.5)),
+    ("escaped digit", stored(b'"0x\\u0031"'), (1, 50.5)),  # the same JSON string as "0x1"
+    ("17 hex digits", stored(b'"0x' + b"f" * 17 + b'"'), None),
+    ("9 hex digits", stored(b'"0x000000001"'), None),
+    ("no 0x", stored(b'"10"'), None),
+    ("underscore", stored(b'"0x1_0"'), None),
+    ("upper-case X", stored(b'"0X10"'), None),
+    ("no digits", stored(b'"0x"'), None),
+    ("signed", stored(b'"-0x10"'), None),
+    ("plus", stored(b'"+0x10"'), None),
+    ("space", stored(b'" 0x10"'), None),
+    ("number, not a string", stored(b"16"), None),
+    ("1e400", stored(payload=b'{"battery_soc":1e400}'), None),
+    ("-1e400", stored(payload=b'{"battery_soc":-1e400}'), None),
+    ("400 digits", stored(payload=b'{"battery_soc":1' + b"0" * 400 + b"}"), None),
+    ("NaN", stored(payload=b'{"battery_soc":NaN}'), None),
+    ("Infinity", stored(payload=b'{"battery_soc":Infinity}'), None),
+    ("true", stored(payload=b'{"battery_soc":true}'), None),
+    ("negative zero", stored(payload=b'{"battery_soc":-0.0}'), (0x132, -0.0)),
+    ("underflow to zero", stored(payload=b'{"battery_soc":1e-400}'), (0x132, 0.0)),
+    ("exponent", stored(payload=b'{"battery_soc":5.05E+1}'), (0x132, 50.5)),
+    ("17 significant digits", stored(payload=b'{"battery_soc":50.500000000000001}'), (0x132, 50.5)),
+    ("integer", stored(payload=b'{"battery_soc":50}'), (0x132, 50.0)),
+    ("null signal", stored(payload=b'{"battery_soc":null}'), (0x132, None)),
+    ("empty payload", stored(payload=b"{}"), (0x132, None)),
+    ("deep nesting as a value", stored(payload=b'{"battery_soc":' + DEEP + b"}"), None),
+    ("deep nesting in an unknown field", stored(extra=b',"x":' + DEEP), None),
+    ("unknown field", stored(extra=b',"x":1'), None),
+    ("unknown signal", stored(payload=b'{"battery_soc":1,"x":1}'), None),
+    ("non-UTF-8 vehicle id", stored(vehicle=b'"EV-\xff"'), None),
+    ("non-UTF-8 in an unknown field", stored(extra=b',"x":"\xff"'), None),
+    ("NUL in a string", stored(b'"0x1\x00"'), None),
+    ("BOM", b"\xef\xbb\xbf" + stored(), None),
+    ("missing ingest_received_at", stored().replace(b',"ingest_received_at":"2025-10-19T17:00:02Z"', b""), None),
+    ("missing payload", stored().replace(b',"payload":{"battery_soc":50.5}', b""), None),
+    ("missing can_id", stored().replace(b',"can_id":"0x132"', b""), None),
+    ("naive timestamp", stored(ts=b'"2025-10-19T17:00:01"'), None),
+    ("no such day", stored(ts=b'"2025-02-30T17:00:01Z"'), None),
+    ("trailing garbage", stored() + b" x", None),
+    ("an array", b"[" + stored() + b"]", None),
+    ("truncated", stored()[:-1], None),
+]
+
+
+@pytest.mark.parametrize("case, line, expected", CORPUS, ids=[c[0] for c in CORPUS])
+def test_scanner_edge_case(parse, case, line, expected):
+    cols = parse(line + b"\n", {})
+    if expected is None:
+        assert cols.bad_lines == [1] and len(cols.can_id) == 0, f"{case}: should be a corrupt line"
+        return
+    can_id, soc = expected
+    assert cols.bad_lines == [] and cols.can_id.tolist() == [can_id], case
+    if soc is None:
+        assert math.isnan(cols.values[0, 0])
+    else:
+        assert cols.values[0, 0] == soc and math.copysign(1, cols.values[0, 0]) == math.copysign(1, soc)
+
+
+@pytest.mark.skipif(jsonl.IMPLEMENTATION != "c", reason="compiled scanner not built")
+def test_scanner_twins_agree_on_the_whole_corpus():
+    data = b"\n".join(line for _, line, _ in CORPUS) + b"\n"
+    results = [(impl, {}) for impl in (jsonl.parse_lines, _jsonl_py.parse_lines)]
+    a, b = (impl(data, vehicles) for impl, vehicles in results)
+    assert results[0][1] == results[1][1] and a.bad_lines == b.bad_lines and a.lines == b.lines == len(CORPUS)
+    assert a.bad_lines == [n for n, (_, _, want) in enumerate(CORPUS, 1) if want is None]
+    for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.values.tobytes() == b.values.tobytes()  # bit for bit: -0.0 and NaN included
+
+
+@pytest.mark.parametrize("scanner", SCANNERS)
+def test_a_line_without_newline_at_the_end_is_a_torn_tail(tmp_path, monkeypatch, scanner):
+    if scanner == "py":
+        monkeypatch.setattr(partitions, "parse_lines", _jsonl_py.parse_lines)
+    path = tmp_path / "batch-1-w.jsonl"
+    path.write_bytes(stored() + b"\n" + stored(b'"0x7"'))  # the second, complete as JSON, lacks its newline
+    scan = partitions.scan_files([str(path)], str(tmp_path), 1, None, "s0")
+    assert (scan.info.records, scan.info.torn_tail_bytes, scan.info.corrupt_count) == (1, len(stored(b'"0x7"')), 0)
+    assert scan.memory[0][3].tolist() == [0x132]

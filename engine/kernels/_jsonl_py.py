@@ -6,7 +6,8 @@ columns: client timestamp and ingest time (int64 microseconds since the epoch), 
 (float64, NaN where absent). Lines that are not valid stored records are returned by number (1-based,
 within ``data``) and contribute no row: whatever a line holds, it never raises. A valid CAN id is the
 schema's ``0x`` + 1..8 hex digits (not ``10``, ``0x1_0``, ``0X10`` or 17 digits); a non-finite number
-(``1e400``) makes the line corrupt, as the door would have refused it.
+(``1e400``) or a field the stored-record schema does not have makes the line corrupt, as the door would
+have refused it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ MICROSECOND = dt.timedelta(microseconds=1)
 CAN_ID = re.compile(r"0x[0-9A-Fa-f]{1,8}")  # the schema's pattern, matched whole (``int(x, 16)`` takes more)
 
 
-# no validation here: stored lines were validated at the door; gc=False keeps millions of them cheap
-_Payload = msgspec.defstruct("_Payload", [(name, float | None, None) for name in SIGNALS], gc=False)
+# no range checks here: stored lines were validated at the door; but the shape is exact (no unknown field,
+# which the door refuses and which msgspec would skip unread, invalid UTF-8 included), so that the twins
+# and any other reader agree on what a record is; gc=False keeps millions of them cheap
+_Payload = msgspec.defstruct(
+    "_Payload", [(name, float | None, None) for name in SIGNALS], gc=False, forbid_unknown_fields=True
+)
 
 
 _Line = msgspec.defstruct(
@@ -47,6 +52,7 @@ _Line = msgspec.defstruct(
         ("ingest_received_at", dt.datetime),
     ],
     gc=False,
+    forbid_unknown_fields=True,
 )
 
 
