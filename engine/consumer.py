@@ -3,13 +3,22 @@
 Batches flush at ``batch_records`` records or ``batch_seconds`` after the first record arrived, whichever
 comes first; the time trigger is a deadline on the long poll, so it fires with no new arrivals. The
 delivery rule: a message is deleted only after every record in it is fsynced. Record bytes go to disk
-exactly as the receiver encoded them; only the two timestamps are read, for the hour and the latencies.
+exactly as the receiver encoded them, after every line was validated with the stored-record schema; a
+message that fails is poison: never written, made visible again soon so that it reaches the dead-letter
+queue after the max receive count instead of after that many visibility timeouts.
+
+A storage failure (disk full, read-only, I/O error) does not spend the messages' receive budget: the
+consumer keeps the batch it holds (the heartbeat keeps it invisible), stops receiving, retries the write
+with capped exponential backoff and goes on when the disk is back. A queue that is broken
+(``QueueBroken``), a file that could not be cut back, or any unexpected error in a background task ends
+the process non-zero, for the supervisor to restart it; nothing unwritten is deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -21,17 +30,20 @@ import msgspec
 import numpy as np
 
 from engine.config import Settings
-from engine.errors import QueueError, StorageError
+from engine.errors import QueueBroken, QueueError, StorageError
 from engine.metrics import Metrics, queue_usage, write_snapshot
 from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
-from engine.schema import Stamps
-from engine.storage import PartitionWriter
+from engine.schema import stored_decoder
+from engine.storage import PartitionWriter, UnsafeFileState, fault_point
 
 log = logging.getLogger("canpipe.consumer")
-_stamps = msgspec.json.Decoder(Stamps)
 
 Hour = tuple[int, int, int, int]
 MAX_HELD_RECORDS = 50_000  # received but not yet flushed; past this the receive loop waits for the writer
+POISON_RETRY_S = 1  # a message that fails validation is visible again after this (SQS takes whole seconds)
+STORAGE_RETRY_FIRST_S = 0.5  # a failed write is retried after this, doubling ...
+STORAGE_RETRY_MAX_S = 10.0  # ... up to this: how soon writing resumes once the disk has room again
+_NEWLINE = memoryview(b"\n")
 
 
 @dataclass
@@ -51,26 +63,41 @@ class _Held:
         self.visible_since_s = self.received_s
 
 
+class PoisonMessage(ValueError):
+    """A queue message that is not canpipe NDJSON (one stored record per line)."""
+
+
+def _hour(index: int) -> Hour:
+    moment = dt.datetime.fromtimestamp(index * 3600, dt.UTC)
+    return moment.year, moment.month, moment.day, moment.hour
+
+
 def parse_message(message: Received, received_s: float) -> _Held:
-    """Split a message body (NDJSON) by the hour of ``ingest_received_at``; no copy of the record bytes."""
+    """Validate every line of a message body (NDJSON) and split it by the UTC hour of ``ingest_received_at``;
+    no copy of the record bytes. Raises PoisonMessage, msgspec.DecodeError / ValidationError or
+    UnicodeDecodeError for a body that is not one valid stored record per line."""
     body = message.body
-    stamps = _stamps.decode_lines(body)
-    hours = [
-        (s.ingest_received_at.year, s.ingest_received_at.month, s.ingest_received_at.day, s.ingest_received_at.hour)
-        for s in stamps
-    ]
+    records = stored_decoder.decode_lines(body)
+    terminated = body.endswith(b"\n")
+    if not records or len(records) != body.count(b"\n") + (not terminated):
+        raise PoisonMessage("blank lines: not one record per line")
+    client_s = np.fromiter((r.timestamp.timestamp() for r in records), np.float64, len(records))
+    ingest_s = np.fromiter((r.ingest_received_at.timestamp() for r in records), np.float64, len(records))
+    hours = (ingest_s // 3600).astype(np.int64)  # epoch hours: UTC whatever offset the line was written with
     view = memoryview(body)
-    if len(set(hours)) == 1:
-        parts = {hours[0]: [view]}
+    tail = [] if terminated else [_NEWLINE]  # a last line without its newline must not glue onto the next
+    parts: dict[Hour, list[memoryview]]
+    if (hours == hours[0]).all():
+        parts = {_hour(int(hours[0])): [view, *tail]}
     else:  # a batch that straddles an hour is split line by line
-        parts = {}
+        by_index: dict[int, list[memoryview]] = {}
         start = 0
-        for hour in hours:
-            end = body.index(b"\n", start) + 1
-            parts.setdefault(hour, []).append(view[start:end])
+        for index in hours.tolist():
+            end = body.find(b"\n", start) + 1 or len(body)
+            by_index.setdefault(index, []).append(view[start:end])
             start = end
-    client_s = np.fromiter((s.timestamp.timestamp() for s in stamps), np.float64, len(stamps))
-    ingest_s = np.fromiter((s.ingest_received_at.timestamp() for s in stamps), np.float64, len(stamps))
+        by_index[int(hours[-1])].extend(tail)
+        parts = {_hour(index): lines for index, lines in by_index.items()}
     return _Held(message, received_s, parts, client_s, ingest_s)
 
 
@@ -93,6 +120,8 @@ class Consumer:
         self._flushing: list[_Held] = []
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
+        self._storage_ok = asyncio.Event()
+        self._storage_ok.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then flush what is held and return.
@@ -105,6 +134,7 @@ class Consumer:
         receiving = loop.create_task(self._receive_forever())
         heartbeat = loop.create_task(self._heartbeat())
         stop_wait = loop.create_task(stop.wait())
+        failed = False
         try:
             while not stop.is_set():
                 timeout = (
@@ -112,24 +142,31 @@ class Consumer:
                 )
                 arrived = loop.create_task(self._arrived.wait())
                 await asyncio.wait(
-                    {arrived, stop_wait},
+                    {arrived, stop_wait, receiving, heartbeat},
                     timeout=None if timeout is None else max(0.0, timeout),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 arrived.cancel()
                 self._arrived.clear()
+                for task in (receiving, heartbeat):
+                    if task.done():  # they loop forever: an end is a failure, never something to idle through
+                        raise task.exception() or RuntimeError(f"{task.get_coro()!r} ended")
                 if self.held and (
                     self.held_records >= self.settings.batch_records
                     or time.monotonic() >= (self.first_at or 0) + self.settings.batch_seconds
                 ):
-                    await self.flush()
+                    await self.flush(stop)
+        except BaseException:
+            failed = True  # what is held is not flushed: it comes back after the visibility timeout
+            raise
         finally:
             # stopping: a receive in flight is abandoned; what it fetched becomes visible again after the
             # visibility timeout (redelivered, never lost)
             receiving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):
                 await receiving
-            await self.flush()
+            if not failed:
+                await self.flush()
             heartbeat.cancel()
             stop_wait.cancel()
             self.write_snapshot()
@@ -142,9 +179,13 @@ class Consumer:
             while self.held_records >= MAX_HELD_RECORDS:  # the writer is behind: stop fetching until it flushed
                 self._room.clear()
                 await self._room.wait()
+            await self._storage_ok.wait()  # the disk refuses writes: receiving more would only hold more
             started = time.monotonic()
             try:
                 messages = await self.queue.receive(MAX_BATCH_ENTRIES, 20.0)
+            except QueueBroken as exc:
+                log.error("queue broken (stage=receive): %s; exiting for the supervisor to restart", exc)
+                raise
             except QueueError as exc:
                 self.metrics.inc('canpipe_consumer_errors_total{stage="receive"}')
                 log.warning("receive failed (stage=receive): %s; retrying in %.1f s", exc, backoff)
@@ -153,20 +194,32 @@ class Consumer:
                 continue
             backoff = 0.5
             if messages:
-                self._hold(messages)
+                fault_point("while_receiving")
+                poison = self._hold(messages)
+                if poison:  # soon visible again: it reaches the dead-letter queue after max receives, not max timeouts
+                    with contextlib.suppress(QueueError):
+                        await self.queue.change_visibility(poison, POISON_RETRY_S)
                 self._arrived.set()
             if len(messages) < MAX_BATCH_ENTRIES and pace:
                 await asyncio.sleep(max(0.0, started + pace - time.monotonic()))
 
-    def _hold(self, messages: list[Received]) -> None:
+    def _hold(self, messages: list[Received]) -> list[str]:
+        """Parse and hold ``messages``; return the receipts of those that are poison."""
         now = time.time()
+        poison = []
         for message in messages:
             try:
                 held = parse_message(message, now)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # UnicodeDecodeError too
                 # Not ours to drop: leave it; after max receives it lands in the dead-letter queue.
                 self.metrics.inc('canpipe_consumer_errors_total{stage="parse"}')
-                log.error("message %s is not canpipe NDJSON (stage=parse): %s", message.message_id, exc)
+                log.error(
+                    "message %s is not canpipe NDJSON (stage=parse, receive %d): %s",
+                    message.message_id,
+                    message.receive_count,
+                    exc,
+                )
+                poison.append(message.receipt)
                 continue
             if message.receive_count > 1:
                 self.metrics.inc("canpipe_consumer_redelivered_messages_total")
@@ -174,9 +227,14 @@ class Consumer:
                 self.first_at = time.monotonic()
             self.held.append(held)
             self.held_records += held.records
+        return poison
 
-    async def flush(self) -> None:
-        """Write every held message durably, then delete it from the queue."""
+    async def flush(self, stop: asyncio.Event | None = None) -> None:
+        """Write every held message durably, then delete it from the queue.
+
+        A failed write is retried with backoff until it succeeds or ``stop`` is set (without ``stop``: one
+        attempt); meanwhile receiving pauses and the batch stays held. Raises UnsafeFileState.
+        """
         batch, self.held, self.held_records, self.first_at = self.held, [], 0, None
         self._room.set()
         if not batch:
@@ -187,12 +245,32 @@ class Consumer:
             for held in batch:
                 for hour, parts in held.parts.items():
                     by_hour.setdefault(hour, []).extend(parts)
-            try:
-                await asyncio.to_thread(self._write, by_hour)
-            except StorageError as exc:
-                self.metrics.inc('canpipe_consumer_errors_total{stage="storage"}')
-                log.error("write failed twice (stage=storage): %s; %d messages left for redelivery", exc, len(batch))
-                return
+            retry_s = STORAGE_RETRY_FIRST_S
+            while True:
+                try:
+                    await asyncio.to_thread(self._write, by_hour)
+                    break
+                except UnsafeFileState:
+                    raise
+                except StorageError as exc:
+                    self.metrics.inc('canpipe_consumer_errors_total{stage="storage"}')
+                    if stop is None or stop.is_set():
+                        log.error("write failed (stage=storage): %s; %d messages left for redelivery", exc, len(batch))
+                        return
+                    self._storage_ok.clear()
+                    log.error(
+                        "write failed (stage=storage): %s; holding %d messages, receiving paused, retry in %.1f s",
+                        exc,
+                        len(batch),
+                        retry_s,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_s)
+                    retry_s = min(retry_s * 2, STORAGE_RETRY_MAX_S)
+            if not self._storage_ok.is_set():
+                log.info("write succeeded again (stage=storage): receiving resumed")
+                self._storage_ok.set()
+            fault_point("after_fsync")
             durable_s = time.time()
             receipts = [held.message.receipt for held in batch]
             for i in range(0, len(receipts), MAX_BATCH_ENTRIES):
@@ -203,17 +281,17 @@ class Consumer:
                     log.warning("delete failed (stage=delete): %s", exc)
                 if failed:  # written but not deleted: they come back and become duplicates, never loss
                     self.metrics.inc('canpipe_consumer_errors_total{stage="delete"}', len(failed))
+            fault_point("after_delete")
             self._record(batch, durable_s)
         finally:
             self._flushing = []
 
     def _write(self, by_hour: dict[Hour, list[memoryview]]) -> None:
-        for hour, parts in sorted(by_hour.items()):
-            try:
-                self.writer.append(hour, parts)
-            except StorageError as exc:
-                log.warning("write failed, retrying once (stage=storage): %s", exc)
-                self.writer.append(hour, parts)
+        """Append each hour's lines; an hour written is removed from ``by_hour``, so a retry after a
+        failure writes only the rest (no duplicates of our own making)."""
+        for hour in sorted(by_hour):
+            self.writer.append(hour, by_hour[hour])
+            del by_hour[hour]
 
     def _record(self, batch: list[_Held], durable_s: float) -> None:
         """Latencies and counters once per batch, in arrays (no per-record Python loop)."""

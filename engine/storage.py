@@ -5,6 +5,12 @@ Layout: ``raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<writer>.jsonl``
 is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a torn tail left by a
 crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up. Storage knows nothing of
 the queue.
+
+A failed append leaves nothing behind: a file created by the attempt is removed (and folders it created,
+if empty); an older file is cut back to its last good size and closed. A file whose write or fsync failed
+is never written or fsynced again (the fsyncgate lesson: after a failed fsync the page cache may already
+have dropped the dirty pages, so a second fsync "succeeds" on lost data); the caller writes the batch again
+and it goes to a new file.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +32,37 @@ log = logging.getLogger("canpipe.storage")
 Buffer = bytes | memoryview
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_OPEN_HOURS = 4
+
+
+class UnsafeFileState(StorageError):
+    """A failed write could not be cut back, so a file may hold a partial batch: stop writing and exit
+    non-zero (nothing of the batch is deleted from the queue)."""
+
+
+def fault_point(name: str) -> None:
+    """Test-only fault injection (``CANPIPE_FAULT_KILL_AT=<point>``, ``CANPIPE_FAULT_AT_BATCH=N``): SIGKILL
+    this process the Nth time it passes ``<point>``. Read once at import; one comparison when unset."""
+    global _fault_countdown
+    if name == _FAULT_KILL_AT:
+        _fault_countdown -= 1
+        if _fault_countdown <= 0:
+            log.warning("fault injection: SIGKILL at %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_KILL_AT = os.environ.get("CANPIPE_FAULT_KILL_AT", "")
+_FAULT_FSYNC_EIO = os.environ.get("CANPIPE_FAULT_FSYNC_EIO", "")  # "N": fail the fsync of the Nth append
+_fault_countdown = int(os.environ.get("CANPIPE_FAULT_AT_BATCH", "1") or 1)
+_fsync_countdown = int(_FAULT_FSYNC_EIO or 0)
+
+
+def _fsync_data(fd: int) -> None:
+    global _fsync_countdown
+    if _fsync_countdown:
+        _fsync_countdown -= 1
+        if _fsync_countdown == 0:
+            raise OSError(errno.EIO, "Input/output error (CANPIPE_FAULT_FSYNC_EIO)")
+    os.fsync(fd)
 
 
 def hour_path(raw_dir: Path, hour: tuple[int, int, int, int]) -> Path:
@@ -71,12 +109,14 @@ class PartitionWriter:
         self.rotate_bytes = rotate_bytes
         self._files: dict[tuple[int, int, int, int], _OpenFile] = {}
 
-    def _open(self, hour: tuple[int, int, int, int]) -> _OpenFile:
+    def _open(self, hour: tuple[int, int, int, int], created_dirs: list[Path]) -> _OpenFile:
         directory = hour_path(self.raw_dir, hour)
         if not directory.is_dir():
+            levels = (directory, *list(directory.parents)[:4])  # hour, day, month, year, raw
+            created_dirs.extend(d for d in levels if not d.is_dir())  # to remove again if this attempt fails
             directory.mkdir(parents=True, exist_ok=True)
-            for parent in (directory, *list(directory.parents)[:4]):
-                _fsync_dir(parent)  # the new folders themselves must survive a crash
+            for level in levels:
+                _fsync_dir(level)  # the new folders themselves must survive a crash
         stamp = time.time_ns() // 1_000_000
         while True:
             path = directory / f"batch-{stamp}-{self.writer_id}.jsonl"
@@ -85,8 +125,14 @@ class PartitionWriter:
                 break
             except FileExistsError:
                 stamp += 1  # two rotations within one millisecond
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _fsync_dir(directory)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _fsync_dir(directory)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         if len(self._files) >= MAX_OPEN_HOURS:
             self._close_hour(min(self._files))
         handle = self._files[hour] = _OpenFile(fd, path)
@@ -99,29 +145,52 @@ class PartitionWriter:
     def append(self, hour: tuple[int, int, int, int], buffers: Sequence[Buffer]) -> Path:
         """Append ``buffers`` (whole ``\\n``-terminated lines) to the hour's file and fsync it.
 
-        On failure the file is cut back to where it was, so no partial batch stays behind, and
-        StorageError is raised.
+        On failure nothing of the batch stays visible (see the module docstring) and StorageError is
+        raised; the next append of this hour goes to a new file. UnsafeFileState if the cut itself failed.
         """
         size = sum(len(b) for b in buffers)
+        handle = self._files.get(hour)
+        if handle is not None and handle.size and handle.size + size > self.rotate_bytes:
+            self._close_hour(hour)
+            handle = None
+        new = handle is None
+        created_dirs: list[Path] = []
         try:
-            handle = self._files.get(hour)
-            if handle is not None and handle.size and handle.size + size > self.rotate_bytes:
-                self._close_hour(hour)
-                handle = None
             if handle is None:
-                handle = self._open(hour)
-            try:
-                _writev_all(handle.fd, buffers)
-                os.fsync(handle.fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(handle.fd, handle.size)
-                self._close_hour(hour)
-                raise
+                handle = self._open(hour, created_dirs)
+            _writev_all(handle.fd, buffers)
+            fault_point("after_writev")
+            _fsync_data(handle.fd)
         except OSError as exc:
+            self._discard(hour, handle, new, created_dirs)
             raise StorageError(f"append to {hour_path(self.raw_dir, hour)} failed: {exc}") from exc
         handle.size += size
         return handle.path
+
+    def _discard(
+        self, hour: tuple[int, int, int, int], handle: _OpenFile | None, new: bool, created_dirs: list[Path]
+    ) -> None:
+        """Undo a failed append: remove what it created, cut an older file back, never reuse the file."""
+        if handle is not None:
+            self._files.pop(hour, None)
+            try:
+                if new:
+                    try:
+                        os.unlink(handle.path)
+                    except OSError:
+                        os.ftruncate(handle.fd, 0)  # cannot remove it: an empty file at least holds no partial batch
+                    else:
+                        with contextlib.suppress(OSError):
+                            _fsync_dir(handle.path.parent)
+                else:
+                    os.ftruncate(handle.fd, handle.size)  # back to the last fsynced batch
+            except OSError as exc:
+                raise UnsafeFileState(f"{handle.path} may hold a partial batch and could not be cut: {exc}") from exc
+            finally:
+                os.close(handle.fd)
+        for directory in created_dirs:  # deepest first; only empty ones go
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def close(self) -> None:
         for hour in list(self._files):

@@ -1,21 +1,51 @@
-"""Runs N consumer processes, restarts any that crash, drains them all on SIGTERM/SIGINT."""
+"""Runs N consumer processes, restarts any that crash, drains them all on SIGTERM/SIGINT.
+
+A worker that exits unasked is restarted after a backoff (0.5 s doubling to 10 s, per slot) that starts
+over once a worker has run healthily for ``HEALTHY_S``: a crash a day apart is not a crash loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import sys
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from engine.config import Settings
 from engine.consumer import Consumer, writer_id
+from engine.errors import QueueBroken, QueueError, StorageError
 from engine.queues import open_queue
 from engine.storage import PartitionWriter, repair_torn_tails
 
 log = logging.getLogger("canpipe.supervisor")
+
+HEALTHY_S = 30.0  # a worker that ran this long before exiting restarts with the first backoff again
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+EXIT_QUEUE_BROKEN = 3
+EXIT_STORAGE = 4
+EXIT_UNEXPECTED = 1
+
+
+class RestartBackoff:
+    """The delay before restarting one worker slot: doubles per crash, resets after a healthy run."""
+
+    def __init__(self, healthy_s: float = HEALTHY_S) -> None:
+        self.healthy_s = healthy_s
+        self.next_s = FIRST_BACKOFF_S
+
+    def delay_s(self, ran_s: float) -> float:
+        """Seconds to wait before the restart of a worker that ran ``ran_s`` seconds."""
+        if ran_s >= self.healthy_s:
+            self.next_s = FIRST_BACKOFF_S
+        delay, self.next_s = self.next_s, min(self.next_s * 2, MAX_BACKOFF_S)
+        return delay
 
 
 async def _consume(settings: Settings) -> Consumer:
@@ -34,7 +64,8 @@ async def _consume(settings: Settings) -> Consumer:
         await consumer.run(stop)
     finally:
         writer.close()
-        await queue.close()
+        with contextlib.suppress(QueueError):
+            await queue.close()
     counters = consumer.metrics.counters
     errors = sum(v for k, v in counters.items() if k.startswith("canpipe_consumer_errors_total"))
     print(
@@ -45,33 +76,52 @@ async def _consume(settings: Settings) -> Consumer:
     return consumer
 
 
+def _run_loop(main: Coroutine[Any, Any, Consumer]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio serves without it
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def worker_main(settings: Settings) -> None:
     """Entry point of one consumer process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio serves without it
-        asyncio.run(_consume(settings))
-    else:
-        uvloop.run(_consume(settings))
+        _run_loop(_consume(settings))
+    except QueueBroken as exc:
+        log.error("consumer exiting: the queue is broken: %s", exc)
+        sys.exit(EXIT_QUEUE_BROKEN)
+    except StorageError as exc:
+        log.error("consumer exiting: %s", exc)
+        sys.exit(EXIT_STORAGE)
+    except Exception:
+        log.exception("consumer exiting on an unexpected error")
+        sys.exit(EXIT_UNEXPECTED)
 
 
 class Supervisor:
     """Keeps ``workers`` consumer processes alive until told to stop."""
 
-    def __init__(self, settings: Settings, workers: int, *, grace_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, workers: int, *, grace_s: float = 30.0, healthy_s: float = HEALTHY_S
+    ) -> None:
         self.settings = settings
         self.workers = workers
         self.grace_s = grace_s
+        self.healthy_s = healthy_s
         self.restarts = 0
         self._context = multiprocessing.get_context("spawn")
         self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._started: dict[int, float] = {}
         self._stopping = False
 
-    def _spawn(self) -> multiprocessing.process.BaseProcess:
+    def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
         proc = self._context.Process(target=worker_main, args=(self.settings,), name="canpipe-consumer")
         proc.start()
+        self._started[index] = time.monotonic()
         return proc
 
     def stop(self, *_: object) -> None:
@@ -80,18 +130,24 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self._procs = [self._spawn() for _ in range(self.workers)]
-        backoff = dict.fromkeys(range(self.workers), 0.5)
+        self._procs = [self._spawn(index) for index in range(self.workers)]
+        backoff = [RestartBackoff(self.healthy_s) for _ in range(self.workers)]
+        restart_at: dict[int, float] = {}  # slot -> when its dead worker is replaced (the others go on)
         while not self._stopping:
-            multiprocessing.connection.wait([p.sentinel for p in self._procs], timeout=0.5)
+            now = time.monotonic()
+            wait_s = min([0.5, *(max(0.0, at - now) for at in restart_at.values())])
+            multiprocessing.connection.wait([p.sentinel for p in self._procs if p.exitcode is None], timeout=wait_s)
+            now = time.monotonic()
             for index, proc in enumerate(self._procs):
-                if proc.exitcode is not None and not self._stopping:
-                    log.error(
-                        "consumer pid %s exited with %s; restarting in %.1f s", proc.pid, proc.exitcode, backoff[index]
-                    )
-                    time.sleep(backoff[index])
-                    backoff[index] = min(backoff[index] * 2, 10.0)
-                    self._procs[index] = self._spawn()
+                if self._stopping or proc.exitcode is None:
+                    continue
+                if index not in restart_at:
+                    delay = backoff[index].delay_s(now - self._started[index])
+                    log.error("consumer pid %s exited with %s; restarting in %.1f s", proc.pid, proc.exitcode, delay)
+                    restart_at[index] = now + delay
+                elif now >= restart_at[index]:
+                    del restart_at[index]
+                    self._procs[index] = self._spawn(index)
                     self.restarts += 1
         return self._drain()
 

@@ -15,7 +15,7 @@ from canpipe_testing import make_record
 
 from engine.config import Settings
 from engine.consumer import Consumer
-from engine.errors import StorageError
+from engine.errors import QueueBroken, StorageError
 from engine.queues import QueueAttributes, open_queue
 from engine.schema import decode_records, encode_stored
 from engine.storage import PartitionWriter, iter_raw_files
@@ -79,7 +79,7 @@ class Harness:
         if self.loop.is_closed():
             return
         self.stop.set()
-        if self.task:
+        if self.task and not self.task.done():
             self.loop.run_until_complete(self.task)
         self.loop.run_until_complete(self.queue.close())
         self.writer.close()
@@ -138,24 +138,118 @@ def test_batch_straddling_an_hour_is_split(harness, data_dir):
     assert hours == {"hour=17": 2, "hour=18": 3}
 
 
-def test_failed_write_is_retried_once_then_left_for_redelivery(harness, data_dir, monkeypatch):
-    h = harness(batch_seconds=0.2, visibility_timeout_s=1.5)
-    calls = []
+def test_storage_failure_holds_the_batch_without_spending_receives(harness, data_dir, monkeypatch):
+    """Disk full for longer than max_receive_count visibility timeouts: nothing dead-lettered, nothing
+    redelivered, receiving paused, everything written once the disk is back."""
+    h = harness(batch_seconds=0.2, visibility_timeout_s=1.0)
+    h.loop.run_until_complete(h.queue.create(QueueAttributes(max_receive_count=2, visibility_timeout_s=1)))
+    disk_full = True
     real_append = h.writer.append
 
-    def failing(hour, parts):
-        calls.append(hour)
-        if len(calls) <= 2:
-            raise StorageError("disk full")
+    def append(hour, parts):
+        if disk_full:
+            raise StorageError("No space left on device")
         return real_append(hour, parts)
 
-    monkeypatch.setattr(h.writer, "append", failing)
+    monkeypatch.setattr(h.writer, "append", append)
     h.send(stored(4, dt.datetime.now(UTC)))
-    h.run_until(lambda: h.consumer.metrics.counters['canpipe_consumer_errors_total{stage="storage"}'] == 1)
-    assert len(calls) == 2 and on_disk(data_dir) == []
-    assert h.stats().in_flight == 1  # not deleted: it comes back after the visibility timeout
-    h.run_until(lambda: len(on_disk(data_dir)) == 4 and h.stats().in_flight == 0)
-    assert h.consumer.metrics.counters["canpipe_consumer_redelivered_messages_total"] == 1
+    failures = 'canpipe_consumer_errors_total{stage="storage"}'
+    h.run_until(lambda: h.consumer.metrics.counters[failures] >= 1)
+    h.send(stored(3, dt.datetime.now(UTC), 4))  # the long poll already in flight may still take this one
+    t0 = time.monotonic()
+    h.run_until(lambda: h.stats().in_flight == 2 or time.monotonic() - t0 > 2)
+    h.send(stored(2, dt.datetime.now(UTC), 7))  # but no new receive starts while the disk is full
+    t0 = time.monotonic()
+    h.run_until(lambda: time.monotonic() - t0 > 4.0)  # four visibility timeouts, twice the receive budget
+    counts = h.stats()
+    assert counts.dead_letter == 0 and counts.visible == 1, counts
+    assert on_disk(data_dir) == []
+    disk_full = False
+    h.run_until(lambda: len(on_disk(data_dir)) == 9 and h.stats() == (0, 0, 0), timeout=30)
+    assert h.consumer.metrics.counters["canpipe_consumer_redelivered_messages_total"] == 0
+
+
+def test_a_file_that_cannot_be_cut_back_stops_the_consumer_and_deletes_nothing(harness, data_dir, monkeypatch):
+    from engine.storage import UnsafeFileState
+
+    h = harness(batch_seconds=0.2)
+
+    def append(hour, parts):
+        raise UnsafeFileState("batch-x.jsonl may hold a partial batch and could not be cut")
+
+    monkeypatch.setattr(h.writer, "append", append)
+    h.send(stored(2, dt.datetime.now(UTC)))
+    with pytest.raises(UnsafeFileState):
+        h.run_until(lambda: False)
+    assert h.stats().in_flight == 1 and h.stats().dead_letter == 0
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bug in receive"), QueueBroken("queue.db was replaced")])
+def test_a_dead_receive_task_ends_the_consumer_instead_of_idling(harness, monkeypatch, error):
+    h = harness(batch_seconds=0.2)
+
+    async def receive(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(h.queue, "receive", receive)
+    t0 = time.monotonic()
+    with pytest.raises(type(error)):
+        h.run_until(lambda: False, timeout=10)
+    assert time.monotonic() - t0 < 5
+
+
+def test_poison_reaches_the_dead_letter_queue_without_waiting_visibility_timeouts(harness, data_dir):
+    h = harness(batch_seconds=0.2, visibility_timeout_s=30)
+    h.loop.run_until_complete(h.queue.create(QueueAttributes(max_receive_count=3, visibility_timeout_s=30)))
+    h.send(stored(3, dt.datetime.now(UTC)), b'{"oops": 1}\n', stored(2, dt.datetime.now(UTC), 3))
+    took = h.run_until(lambda: h.stats().dead_letter == 1, timeout=25)
+    assert took < 20  # not 3 x 30 s
+    assert len(on_disk(data_dir)) == 5  # the rest of the batch was written
+    assert h.stats() == QueueCounts(0, 0, 1)
+
+
+def record_line(index: int, received: str) -> bytes:
+    body = stored(1, dt.datetime.now(UTC), index)
+    return body.replace(
+        body[body.index(b',"ingest_received_at"') :], b',"ingest_received_at":"%s"}\n' % received.encode()
+    )
+
+
+@pytest.mark.parametrize("straddles", [False, True], ids=["one-hour", "two-hours"])
+def test_a_body_without_its_final_newline_is_not_glued_onto_the_next(harness, data_dir, straddles):
+    h = harness(batch_seconds=0.5, batch_records=1000)
+    first = record_line(0, "2025-10-19T17:59:59.000000Z") + record_line(1, "2025-10-19T17:59:59.500000Z")
+    if straddles:
+        first = record_line(2, "2025-10-19T17:00:01.000000Z") + record_line(3, "2025-10-19T18:00:00.000000Z")
+    h.send(first.rstrip(b"\n"), record_line(4, "2025-10-19T17:59:59.900000Z"))
+    h.run_until(lambda: h.stats() == (0, 0, 0))
+    assert len(on_disk(data_dir)) == 3  # every line parses on its own
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"timestamp":"2025-10-19T17:00:00Z","ingest_received_at":"2025-10-19T17:00:00Z"}\n',
+        b'{"timestamp":"2025-10-19T17:00:00Z","vehicle_id":"EV\xff","can_id":"0x1","payload":{"battery_soc":1},'
+        b'"ingest_received_at":"2025-10-19T17:00:00Z"}\n',
+        b"\n\n",
+    ],
+    ids=["stamps-only", "invalid-utf8", "blank-lines"],
+)
+def test_lines_that_are_not_stored_records_are_never_written(harness, data_dir, body):
+    h = harness(batch_seconds=0.2)
+    h.loop.run_until_complete(h.queue.create(QueueAttributes(max_receive_count=1)))
+    h.send(body)
+    h.run_until(lambda: h.stats().dead_letter == 1)
+    assert list(iter_raw_files(data_dir / "raw")) == []
+
+
+def test_hour_folder_comes_from_utc_whatever_the_offset(harness, data_dir):
+    h = harness(batch_seconds=0.2)
+    h.send(record_line(0, "2025-10-19T23:10:00.000000+05:30"))  # 17:40 UTC
+    h.run_until(lambda: h.stats() == (0, 0, 0))
+    (path,) = iter_raw_files(data_dir / "raw")
+    assert path.parent.relative_to(data_dir / "raw").as_posix() == "year=2025/month=10/day=19/hour=17"
 
 
 def test_poison_message_is_never_deleted_and_ends_in_the_dead_letter_queue(harness, data_dir):

@@ -114,3 +114,107 @@ def test_large_vectored_write_beyond_iov_max(tmp_path):
     path = writer.append(HOUR, many)
     writer.close()
     assert path.read_bytes() == b"".join(many)
+
+
+def fsynced_paths(monkeypatch, fail_on: int | None = None) -> list[str]:
+    """Record the path of every file fsync'd (folders too); the ``fail_on``-th call fails with EIO."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(seen) == fail_on:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_failed_fsync_is_never_retried_on_the_same_file(tmp_path, monkeypatch):
+    writer = PartitionWriter(tmp_path, "w")
+    old = writer.append(HOUR, lines(2))
+    seen = fsynced_paths(monkeypatch, fail_on=1)  # the next data fsync fails
+    with pytest.raises(StorageError, match="Input/output error"):
+        writer.append(HOUR, lines(5, 2))
+    again = writer.append(HOUR, lines(5, 2))  # the caller writes the batch again
+    writer.close()
+    assert again != old
+    assert seen.count(str(old)) == 1  # the failed file was never fsynced a second time
+    assert old.read_bytes() == b"".join(lines(2))  # cut back to its last good size
+    assert again.read_bytes() == b"".join(lines(5, 2))
+
+
+def test_failed_first_write_removes_the_file_and_the_folders_it_created(tmp_path, monkeypatch):
+    writer = PartitionWriter(tmp_path, "w")
+    real_writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(StorageError, match="No space left"):
+        writer.append(HOUR, lines(3))
+    assert list(tmp_path.rglob("*.jsonl")) == [] and not (tmp_path / "raw").exists()
+    monkeypatch.setattr(os, "writev", real_writev)
+    path = writer.append(HOUR, lines(3))
+    writer.close()
+    assert path.read_bytes() == b"".join(lines(3))
+
+
+def test_failed_fsync_of_a_new_file_leaves_no_file(tmp_path, monkeypatch):
+    writer = PartitionWriter(tmp_path, "w")
+    writer.append((2025, 10, 19, 16), lines(1))  # the day folder exists; the hour folder will be new
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):  # data files fail, folders do not
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError):
+        writer.append(HOUR, lines(3))
+    writer.close()
+    assert not hour_path(tmp_path / "raw", HOUR).exists()
+    assert [p.parent.name for p in iter_raw_files(tmp_path / "raw")] == ["hour=16"]
+
+
+def test_a_cut_that_fails_stops_the_writer(tmp_path, monkeypatch):
+    from engine.storage import UnsafeFileState
+
+    writer = PartitionWriter(tmp_path, "w")
+    writer.append(HOUR, lines(2))
+    fsynced_paths(monkeypatch, fail_on=1)
+    monkeypatch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(UnsafeFileState, match="partial batch"):
+        writer.append(HOUR, lines(5, 2))
+    writer.close()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 256 KiB tmpfs (needs root); unmounted at the end."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_leaves_no_empty_files_and_whole_batches_only(tiny_tmpfs):
+    writer = PartitionWriter(tiny_tmpfs, "w")
+    written = failed = 0
+    for i in range(40):  # about 400 KiB into 256 KiB
+        try:
+            writer.append((2025, 10, 19, i % 3), lines(10, i * 10, width=1000))
+            written += 10
+        except StorageError:
+            failed += 1
+    writer.close()
+    files = list(iter_raw_files(tiny_tmpfs / "raw"))
+    assert failed and written
+    assert all(f.stat().st_size > 0 for f in files), "an empty file was left behind"
+    assert sum(f.read_bytes().count(b"\n") for f in files) == written
+    assert all(f.read_bytes().endswith(b"\n") for f in files)
