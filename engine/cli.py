@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.config import Settings
 from engine.errors import CanpipeError, ConfigError
+from engine.queues import refuse_broken_queue
 
 log = logging.getLogger("canpipe")
 
@@ -53,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.require_auth()  # fail here, with the setting's name, not inside a worker
     ensure_port_free(args.host, args.port)
+    refuse_broken_queue(settings.queue_url)  # a damaged queue file: exit 1 naming it, not a server of 503s
     if args.insecure_no_auth:
         os.environ["CANPIPE_INSECURE_NO_AUTH"] = "1"
     os.environ["CANPIPE_QUEUE_URL"] = settings.queue_url
@@ -79,6 +81,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from engine.supervisor import Supervisor
 
     settings = _settings(args)
+    refuse_broken_queue(settings.queue_url)
     if args.batch_seconds is not None:
         settings = dataclasses.replace(settings, batch_seconds=args.batch_seconds)
     return Supervisor(settings, args.workers).run()

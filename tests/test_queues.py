@@ -364,6 +364,7 @@ def test_a_queue_locked_by_another_process_fails_ping_quickly_and_recovers(run, 
     finally:
         holder.stdin.close()
         holder.wait(10)
+        holder.stdout.close()
     run(q.ping())
     run(q.close())
 

@@ -102,3 +102,25 @@ def open_queue(url: str, *, visibility_timeout_s: float | None = None, max_bytes
 
         return SqsQueue(url, visibility_timeout_s=visibility_timeout_s)
     raise ConfigError(f"CANPIPE_QUEUE_URL: expected sqlite:///PATH or an SQS queue URL, got {url!r}")
+
+
+def refuse_broken_queue(url: str) -> None:
+    """At start-up: raise QueueBroken (naming the file and the way to recover) when the queue's storage is
+    damaged, so a process refuses to start instead of serving 503s. A transient problem (a lock held by
+    another process, an SQS endpoint not up yet) is left to the retries and to /health."""
+    import asyncio
+
+    from engine.errors import QueueBroken, QueueError
+
+    async def probe() -> None:
+        queue = open_queue(url)
+        try:
+            await asyncio.wait_for(queue.ping(), 30)
+        except QueueBroken:
+            raise
+        except (QueueError, TimeoutError):
+            pass
+        finally:
+            await queue.close()
+
+    asyncio.run(probe())

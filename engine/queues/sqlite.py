@@ -144,6 +144,11 @@ class SqliteQueue:
     def _open(self) -> sqlite3.Connection:
         # Once we have had the file, never let SQLite create it again: an empty new queue would hide the loss.
         create = self._identity is None and not self.path.exists()
+        if create and Path(f"{self.path}-wal").exists():
+            raise QueueBroken(  # deleted under running processes: a new file would pick up their stale log
+                f"embedded queue {self.path} is missing but its write-ahead log {self.path}-wal is there: the queue "
+                f"was deleted while in use; canpipe will not recreate it empty ({RECOVERY})"
+            )
         if create:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +186,9 @@ class SqliteQueue:
             if "retained_ms" not in columns:  # a file from before redrive restarted the retention clock
                 conn.execute("ALTER TABLE messages ADD COLUMN retained_ms INTEGER NOT NULL DEFAULT 0")
                 conn.execute("UPDATE messages SET retained_ms = sent_ms")
-            if conn.execute("SELECT 1 FROM depth").fetchone() is None:
-                conn.execute("INSERT INTO depth SELECT 0, COUNT(*), COALESCE(SUM(length(body)), 0) FROM messages")
+            # recounted: a file rebuilt by `sqlite3 .recover` (no user_version) may have lost rows
+            conn.execute("DELETE FROM depth")
+            conn.execute("INSERT INTO depth SELECT 0, COUNT(*), COALESCE(SUM(length(body)), 0) FROM messages")
             for statement in INDEXES:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
