@@ -428,6 +428,15 @@ class HourFailure(msgspec.Struct):
     error: str
 
 
+def aggregate_isolated(data_dir: Path, hour: dt.datetime) -> HourResult | HourFailure:
+    """``aggregate_hour``, with any failure logged (traceback included) and returned, not raised."""
+    try:
+        return aggregate_hour(data_dir, hour)
+    except Exception as exc:  # any failure of one hour: the caller goes on with the others
+        log.error("aggregating %s failed, going on with the other hours", hour_label(hour), exc_info=True)
+        return HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}")
+
+
 def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult | HourFailure]:
     """Every closed hour not yet aggregated, or whose input changed since. Hours are isolated: one that
     fails (unreadable file, a bug on odd data) is logged and reported as an ``HourFailure``, and the later
@@ -436,11 +445,13 @@ def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[Ho
     results: list[HourResult | HourFailure] = []
     for hour in closed_hours(data_dir, now):
         try:
-            if needs_aggregation(data_dir, hour):
-                results.append(aggregate_hour(data_dir, hour))
-        except Exception as exc:  # any failure of one hour: the others must still be aggregated
-            log.error("aggregating %s failed, going on with the other hours", hour_label(hour), exc_info=True)
+            pending = needs_aggregation(data_dir, hour)
+        except OSError as exc:  # the hour's folder cannot be listed or its files stat'ed
+            log.error("checking %s failed, going on with the other hours: %s", hour_label(hour), exc)
             results.append(HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}"))
+            continue
+        if pending:
+            results.append(aggregate_isolated(data_dir, hour))
     return results
 
 

@@ -149,7 +149,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         return aggregator_schedule(settings.data_dir)
     results: list[aggregator.HourResult | aggregator.HourFailure]
     if args.hour:
-        results = [aggregator.aggregate_hour(settings.data_dir, aggregator.parse_hour(args.hour))]
+        results = [aggregator.aggregate_isolated(settings.data_dir, aggregator.parse_hour(args.hour))]
     else:
         results = aggregator.aggregate_pending(settings.data_dir)
     failed = [r for r in results if isinstance(r, aggregator.HourFailure)]

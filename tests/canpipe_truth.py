@@ -21,8 +21,11 @@ Timestamps are read with ``datetime.fromisoformat``: forms canpipe never writes 
 digits, which the aggregator's RFC 3339 reader rounds) are outside what this module checks.
 
 Use ``expected_aggregate(lines)`` for a list of stored lines, or ``assert_aggregate_matches(data_dir,
-hour)`` after an aggregation run (for example after a kill -9 fault test): it reads the hour's raw
-files and the aggregator's output file and fails with every difference listed.
+hour)`` after an aggregation run (for example after a kill -9 fault test: ``canpipe aggregate --hour H``
+or ``aggregate_hour``, then this): it reads the hour's raw files and the aggregator's output file and
+fails with every difference listed. ``assert_every_hour_matches(data_dir)`` does it for every hour
+folder (each must have been aggregated: ``canpipe aggregate --hour`` per hour, since ``canpipe
+aggregate`` leaves hours that are not closed yet).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import math
 import re
 from pathlib import Path
 
-from engine.aggregator import MAX_GAP_US, hour_label, output_path, parse_hour
+from engine.aggregator import MAX_GAP_US, closed_hours, hour_label, output_path, parse_hour
 from engine.storage import hour_path
 
 SIGNALS = (
@@ -241,3 +244,12 @@ def assert_aggregate_matches(data_dir: Path, hour: dt.datetime | str) -> dict:
         diffs[-1] += f" != expected {files}/{torn}"
     assert not diffs, f"aggregate of {hour_label(hour)} differs from the ground truth:\n" + "\n".join(diffs[:50])
     return actual
+
+
+def assert_every_hour_matches(data_dir: Path) -> int:
+    """``assert_aggregate_matches`` for every hour folder of ``data_dir`` (each must have been aggregated);
+    returns the number of hours checked."""
+    hours = closed_hours(Path(data_dir), dt.datetime.max.replace(tzinfo=dt.UTC), grace=dt.timedelta(0))
+    for hour in hours:
+        assert_aggregate_matches(data_dir, hour)
+    return len(hours)
