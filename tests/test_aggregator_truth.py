@@ -141,3 +141,14 @@ def test_the_ground_truth_check_catches_a_wrong_aggregate(tmp_path):
     with pytest.raises(AssertionError) as failure:
         assert_every_hour_matches(tmp_path)
     assert "EV-001 charge_throughput_ah" in str(failure.value) and "EV-000 battery_soc.max" in str(failure.value)
+
+
+def test_the_ground_truth_and_the_scanners_agree_on_what_a_record_is():
+    from canpipe_truth import parse_record
+    from test_kernels import CORPUS
+
+    for case, line, expected in CORPUS:
+        record_ = parse_record(line)
+        assert (record_ is None) == (expected is None), case
+        if record_ is not None:
+            assert record_["can"] == expected[0] and record_["payload"].get("battery_soc") == expected[1], case
