@@ -101,6 +101,7 @@ def test_duplicates_give_the_same_output_as_none(tmp_path, scanner):
     write(doubled, lines[500:] + lines[:300], "b")  # some copies in another file
     write(doubled, lines[300:], "c")
     a, b = run(clean), run(doubled)
+    assert_aggregate_matches(doubled, HOUR)
     assert b["input"]["duplicates_dropped"] == len(lines)
     assert sum(v["duplicates_dropped"] for v in b["vehicles"]) == len(lines)
     for doc in (a, b):
@@ -228,6 +229,7 @@ def test_large_hour_spilled_or_parallel_gives_the_same_bytes(tmp_path, monkeypat
     whole = aggregator.output_path(tmp_path, HOUR)
     run(tmp_path)
     in_memory = whole.read_bytes()
+    assert_aggregate_matches(tmp_path, HOUR)  # interleaved CAN ids, copies across files
     monkeypatch.setattr(aggregator, "PARALLEL_FROM_BYTES", 0)  # "large": partitions on disk
     monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # ~20 of them
     monkeypatch.setattr(partitions, "CHUNK_BYTES", 30_000)
