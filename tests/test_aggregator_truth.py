@@ -152,3 +152,29 @@ def test_the_ground_truth_and_the_scanners_agree_on_what_a_record_is():
         assert (record_ is None) == (expected is None), case
         if record_ is not None:
             assert record_["can"] == expected[0] and record_["payload"].get("battery_soc") == expected[1], case
+
+
+@pytest.mark.parametrize("no_extensions", ["1", "0"])
+def test_canpipe_aggregate_equals_the_ground_truth_with_and_without_extensions(tmp_path, no_extensions):
+    import os
+    import subprocess
+    import sys
+
+    seed = 20261128
+    for n, lines in enumerate(_interleaved_hour(random.Random(seed), 6, 300, ["0x132", "0x292", "0x18FF50E5"])):
+        path = hour_path(tmp_path / "raw", KEY) / f"batch-{n:04d}-w.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(lines))
+    env = os.environ | {"CANPIPE_NO_EXTENSIONS": no_extensions, "CANPIPE_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "aggregate", "--hour", "2025-10-19T17"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        assert_aggregate_matches(tmp_path, HOUR)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}, CANPIPE_NO_EXTENSIONS={no_extensions}") from exc
