@@ -40,20 +40,27 @@ class UnsafeFileState(StorageError):
 
 
 def fault_point(name: str) -> None:
-    """Test-only fault injection (``CANPIPE_FAULT_KILL_AT=<point>``, ``CANPIPE_FAULT_AT_BATCH=N``): SIGKILL
-    this process the Nth time it passes ``<point>``. Read once at import; one comparison when unset."""
+    """Test-only fault injection, off unless ``CANPIPE_FAULT_KILL_AT=<point>`` is set: SIGKILL this process
+    the Nth time (``CANPIPE_FAULT_AT_BATCH``, default 1) it passes ``<point>``; with
+    ``CANPIPE_FAULT_ONCE=<path>`` only the first process to create ``<path>`` dies (restarted workers go
+    on). Read once at import; a string comparison when unset."""
     global _fault_countdown
     if name == _FAULT_KILL_AT:
         _fault_countdown -= 1
-        if _fault_countdown <= 0:
+        if _fault_countdown == 0:
+            if _FAULT_ONCE:
+                try:
+                    os.close(os.open(_FAULT_ONCE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                except FileExistsError:
+                    return
             log.warning("fault injection: SIGKILL at %s", name)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 _FAULT_KILL_AT = os.environ.get("CANPIPE_FAULT_KILL_AT", "")
-_FAULT_FSYNC_EIO = os.environ.get("CANPIPE_FAULT_FSYNC_EIO", "")  # "N": fail the fsync of the Nth append
+_FAULT_ONCE = os.environ.get("CANPIPE_FAULT_ONCE", "")
 _fault_countdown = int(os.environ.get("CANPIPE_FAULT_AT_BATCH", "1") or 1)
-_fsync_countdown = int(_FAULT_FSYNC_EIO or 0)
+_fsync_countdown = int(os.environ.get("CANPIPE_FAULT_FSYNC_EIO", "") or 0)  # "N": the Nth data fsync fails
 
 
 def _fsync_data(fd: int) -> None:

@@ -116,6 +116,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._started: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
         self._stopping = False
 
     def _spawn(self, index: int) -> multiprocessing.process.BaseProcess:
@@ -132,7 +133,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.stop)
         self._procs = [self._spawn(index) for index in range(self.workers)]
         backoff = [RestartBackoff(self.healthy_s) for _ in range(self.workers)]
-        restart_at: dict[int, float] = {}  # slot -> when its dead worker is replaced (the others go on)
+        restart_at = self._restart_at  # slot -> when its dead worker is replaced (the others go on)
         while not self._stopping:
             now = time.monotonic()
             wait_s = min([0.5, *(max(0.0, at - now) for at in restart_at.values())])
@@ -162,9 +163,11 @@ class Supervisor:
                 log.error("consumer pid %s did not drain within %.0f s; killing it", proc.pid, self.grace_s)
                 proc.kill()
                 proc.join()
-        codes = [proc.exitcode for proc in self._procs]
+        # a slot waiting for its restart has had its crash logged already; the exit code is about the drain
+        codes = [proc.exitcode for index, proc in enumerate(self._procs) if index not in self._restart_at]
         print(
-            f"supervisor: {self.workers} consumers stopped, exit codes {codes}, {self.restarts} restarts",
+            f"supervisor: {len(codes)} consumers stopped, exit codes {codes}, {self.restarts} restarts"
+            + (f", {len(self._restart_at)} restarts pending" if self._restart_at else ""),
             file=sys.stderr,
         )
         return 0 if all(code == 0 for code in codes) else 1
