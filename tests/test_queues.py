@@ -388,3 +388,25 @@ def test_a_queue_file_from_before_the_indexed_schema_is_migrated(run, tmp_path):
     assert run(q.delete_batch([m.receipt for m in got])) == []
     assert run(q.stats()).visible == 0
     run(q.close())
+
+
+def test_an_unreachable_sqs_endpoint_says_what_to_do(run, monkeypatch):
+    from canpipe_testing import AWS_TEST_ENV
+
+    from engine.run import free_port
+
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    q = open_queue(f"http://127.0.0.1:{free_port()}/123456789012/nowhere")
+    with pytest.raises(QueueError, match="unreachable"):
+        run(q.ping())
+    run(q.close())
+
+
+def test_a_missing_sqs_queue_says_to_create_it(run, sqs_env):
+    q = open_queue(sqs_env["CANPIPE_QUEUE_URL"])  # never created
+    with pytest.raises(QueueError, match="canpipe queue create"):
+        run(q.ping())
+    run(q.close())

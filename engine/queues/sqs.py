@@ -109,7 +109,7 @@ class SqsQueue:
             response = await method(**params)
         except Exception as exc:  # botocore raises many types: connection, client, credential errors
             self.billed_requests += 1
-            raise QueueError(f"SQS {action} on {self.url} failed: {exc}") from exc
+            raise QueueError(f"SQS {action} on {self.url} failed: {exc}; {_advice(exc)}") from exc
         self.billed_requests += _billed_units(max(payload_bytes, _response_bytes(response)))
         return response
 
@@ -293,3 +293,21 @@ class SqsQueue:
 
 def _response_bytes(response: dict) -> int:
     return sum(len(m.get("Body", "")) for m in response.get("Messages", []))
+
+
+def _advice(exc: Exception) -> str:
+    """What to do about a failed SQS call, by the kind of botocore error (matched by name: no import)."""
+    kind = type(exc).__name__
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+        return "the queue does not exist: create it with `canpipe queue create`"
+    if kind in {"NoCredentialsError", "PartialCredentialsError"} or code in {
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "AccessDeniedException",
+    }:
+        return "check the AWS credentials and the IAM policy (docs/operations.md); canpipe keeps retrying"
+    if "Connect" in kind or "Endpoint" in kind or "Timeout" in kind:
+        return "the SQS endpoint is unreachable (is it up? AWS_ENDPOINT_URL_SQS, network); canpipe keeps retrying"
+    return "canpipe keeps retrying"
