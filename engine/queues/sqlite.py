@@ -499,5 +499,10 @@ class SqliteQueue:
             self._wake_sock = self._wake_event = None
         conn, self._conn = self._conn, None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+
+            def close_quietly() -> None:
+                with contextlib.suppress(sqlite3.Error):  # a damaged or vanished file: nothing left to save
+                    conn.close()
+
+            await asyncio.get_running_loop().run_in_executor(self._executor, close_quietly)
         self._executor.shutdown(wait=False)
