@@ -289,3 +289,19 @@ def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, sta
     assert first.stop() == 0 and second.stop() == 0, first.output() + second.output()
     assert len(on_disk(data_dir)) > len({key(r) for r in accepted})  # the stalled batch is there twice
     check_files_and_aggregates(data_dir, accepted, "(two supervisors)")
+
+
+# --- a broken queue ----------------------------------------------------------------------------------------
+
+
+def test_a_deleted_queue_file_makes_consumers_exit_for_the_supervisor_to_restart(start, env, data_dir):
+    create_queue(env["CANPIPE_QUEUE_URL"])
+    consumers = start(["consume", "--workers", "1"], env)
+    metrics = data_dir / "metrics"
+    wait_for(lambda: metrics.is_dir() and any(metrics.glob("consumer-*.metrics")), 30, "a consumer working")
+    (worker,) = children(consumers.pid)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{data_dir / 'queue.db'}{suffix}").unlink(missing_ok=True)
+    wait_for(lambda: f"consumer pid {worker} exited with 3" in consumers.output(), 60, "the worker to exit 3")
+    assert "the queue is broken" in consumers.output()
+    wait_for(lambda: "restarting in" in consumers.output(), 10, "the supervisor to schedule a restart")
