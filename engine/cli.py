@@ -126,9 +126,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 )
             elif args.action == "stats":
                 stats = await queue.stats()
+                size = "" if stats.size_bytes is None else f"  bytes {stats.size_bytes}"
                 print(
                     f"visible {stats.visible}  in_flight {stats.in_flight}  delayed {stats.delayed}  "
-                    f"dead_letter {stats.dead_letter}"
+                    f"dead_letter {stats.dead_letter}{size}"
                 )
             elif args.action == "purge":
                 print(f"purged {await queue.purge()} messages")

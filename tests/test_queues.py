@@ -286,7 +286,8 @@ def test_depth_bound_refuses_sends_as_saturated_until_consumers_catch_up(run, tm
     got = receive_all(run, q, 2)
     assert run(q.delete_batch([m.receipt for m in got])) == []
     assert run(q.send_batch([b"z" * 1000])) == []
-    assert run(q.stats()).visible == 1
+    stats = run(q.stats())
+    assert (stats.visible, stats.size_bytes) == (1, 1000)
     run(q.close())
 
 

@@ -39,6 +39,7 @@ class QueueStats:
     in_flight: int
     delayed: int
     dead_letter: int
+    size_bytes: int | None = None  # message bytes held (the embedded queue's CANPIPE_QUEUE_MAX_BYTES counts these)
 
 
 @dataclasses.dataclass(frozen=True)

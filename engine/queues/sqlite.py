@@ -440,10 +440,10 @@ class SqliteQueue:
     async def stats(self) -> QueueStats:
         def stats(conn: sqlite3.Connection) -> QueueStats:
             now = self._clock.now_ms()
-            total = conn.execute("SELECT messages FROM depth WHERE id = 0").fetchone()[0]
+            total, size = conn.execute("SELECT messages, bytes FROM depth WHERE id = 0").fetchone()
             in_flight = conn.execute("SELECT COUNT(*) FROM messages WHERE visible_ms > ?", (now,)).fetchone()[0]
             dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-            return QueueStats(visible=total - in_flight, in_flight=in_flight, delayed=0, dead_letter=dead)
+            return QueueStats(total - in_flight, in_flight, 0, dead, size_bytes=size)
 
         return await self._run(stats)
 
