@@ -318,18 +318,23 @@ def test_a_queue_file_deleted_while_in_use_is_refused_until_restored(run, tmp_pa
     run(q.close())
 
 
+def damaged_queue(run, path) -> bytes:
+    """A queue file with messages, then garbage over every page but the header page; returns its bytes."""
+    q = open_queue(f"sqlite:///{path}")
+    run(q.send_batch([b"m" * 5000 for _ in range(10)]))
+    run(q.close())
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    return path.read_bytes()
+
+
 def test_a_corrupted_queue_is_refused_at_open_with_a_recovery_path_and_kept(run, tmp_path):
     from engine.errors import QueueBroken
 
     path = tmp_path / "q.db"
-    q = open_queue(f"sqlite:///{path}")
-    run(q.send_batch([b"m" * 5000 for _ in range(10)]))
-    run(q.close())
-    with open(path, "r+b") as f:  # garbage over every page but the header page
-        size = f.seek(0, 2)
-        f.seek(4096)
-        f.write(os.urandom(size - 4096))
-    damaged = path.read_bytes()
+    damaged = damaged_queue(run, path)
     q = open_queue(f"sqlite:///{path}")
     with pytest.raises(QueueBroken, match=r"(?s)damaged.*operations\.md") as caught:
         run(q.receive(10, 0))
@@ -411,3 +416,30 @@ def test_a_missing_sqs_queue_says_to_create_it(run, sqs_env):
     with pytest.raises(QueueError, match="canpipe queue create"):
         run(q.ping())
     run(q.close())
+
+
+def test_a_damaged_queue_is_not_read_whole_again_while_it_stays_the_same_file(run, tmp_path, monkeypatch):
+    """quick_check reads the whole file: a receiver refusing a damaged queue must not repeat it every second."""
+    import sqlite3
+
+    from engine.errors import QueueBroken
+    from engine.queues import sqlite as backend
+
+    path = tmp_path / "q.db"
+    damaged_queue(run, path)
+    checks: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: checks.append(sql) if "quick_check" in sql else None)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    monkeypatch.setattr(backend, "REOPEN_AFTER_BROKEN_S", 0.0)
+    q = open_queue(f"sqlite:///{path}")
+    for _ in range(5):
+        with pytest.raises(QueueBroken):
+            run(q.ping())
+    run(q.close())
+    assert len(checks) == 1
