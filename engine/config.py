@@ -67,7 +67,7 @@ class Settings:
     max_pending_records: int = 200_000
     max_records_per_request: int = 10_000
     body_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = 30.0  # Granian's own default; it also ends idle keep-alive connections
     rate_limit_records_per_s: float = 0.0  # 0: off
     rate_limit_burst: float = 0.0  # 0: one second's worth
     batch_records: int = 100
