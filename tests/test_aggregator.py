@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from canpipe_truth import assert_aggregate_matches
 
-from engine import aggregator, partitions
+from engine import aggregator
+from engine.aggregator import driver, partitions
 from engine.errors import ConfigError
 from engine.kernels import _jsonl_py, jsonl
 from engine.storage import PartitionWriter, hour_path
@@ -245,14 +246,14 @@ def test_large_hour_spilled_or_parallel_gives_the_same_bytes(tmp_path, monkeypat
     run(tmp_path)
     in_memory = whole.read_bytes()
     assert_aggregate_matches(tmp_path, HOUR)  # interleaved CAN ids, copies across files
-    monkeypatch.setattr(aggregator, "PARALLEL_FROM_BYTES", 0)  # "large": partitions on disk
-    monkeypatch.setattr(aggregator, "PARTITION_INPUT_BYTES", 50_000)  # ~20 of them
+    monkeypatch.setattr(driver, "PARALLEL_FROM_BYTES", 0)  # "large": partitions on disk
+    monkeypatch.setattr(driver, "PARTITION_INPUT_BYTES", 50_000)  # ~20 of them
     monkeypatch.setattr(partitions, "CHUNK_BYTES", 30_000)
-    monkeypatch.setattr(aggregator.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 1)
     run(tmp_path)
     assert whole.read_bytes() == in_memory
     if scanner == "c":  # worker processes use the module's own scanner
-        monkeypatch.setattr(aggregator.os, "cpu_count", lambda: 2)  # two scanning and two aggregating processes
+        monkeypatch.setattr(driver.os, "cpu_count", lambda: 2)  # two scanning and two aggregating processes
         run(tmp_path)
         assert whole.read_bytes() == in_memory
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("canpipe-aggregate-")]  # spill removed

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_aggregator import HOUR, KEY, iso, record
 
-from engine import aggregator, partitions
+from engine import aggregator
+from engine.aggregator import partitions, rollup
 from engine.kernels import _jsonl_py, jsonl
 from engine.kernels.groupby import PyGroupStats
 from engine.storage import hour_path
@@ -54,7 +55,7 @@ def test_row_order_is_vehicle_then_time_then_can_id(case):
     can = rng.choice(np.array(ids[case], dtype=np.int64), n)
     if case == "lexsort":  # a range of times no pack can hold
         ts[::7] = rng.integers(0, 2**60, len(ts[::7]))
-    order = aggregator._order(vehicle, can, ts)
+    order = rollup.order(vehicle, can, ts)
     assert np.array_equal(order, np.lexsort((np.arange(n), can, ts, vehicle)))  # stable: file order on ties
 
 
@@ -113,7 +114,7 @@ def test_aggregates_equal_the_ground_truth_on_both_paths(seed, vehicles, rows, i
             with pytest.MonkeyPatch.context() as mp:
                 if path_name == "py":  # both pure-Python twins: the scanner and the group-by
                     mp.setattr(partitions, "parse_lines", _jsonl_py.parse_lines)
-                    mp.setattr(aggregator, "GroupStats", PyGroupStats)
+                    mp.setattr(rollup, "GroupStats", PyGroupStats)
                 aggregator.aggregate_hour(data_dir, HOUR)
                 try:
                     assert_aggregate_matches(data_dir, HOUR)

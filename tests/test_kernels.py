@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import engine.kernels
-from engine import partitions
+from engine.aggregator import partitions
 from engine.kernels import _jsonl_py, histogram, jsonl
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram
 
@@ -230,4 +230,4 @@ def test_a_line_without_newline_at_the_end_is_a_torn_tail(tmp_path, monkeypatch,
     path.write_bytes(stored() + b"\n" + stored(b'"0x7"'))  # the second, complete as JSON, lacks its newline
     scan = partitions.scan_files([str(path)], str(tmp_path), 1, None, "s0")
     assert (scan.info.records, scan.info.torn_tail_bytes, scan.info.corrupt_count) == (1, len(stored(b'"0x7"')), 0)
-    assert scan.memory[0][3].tolist() == [0x132]
+    assert scan.memory[0].can_id.tolist() == [0x132]

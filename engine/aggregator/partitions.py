@@ -3,7 +3,7 @@
 Files are mapped (mmap) and parsed in chunks of whole lines by the stored-line scanner; a torn tail is
 skipped and counted, a corrupt line reported by file and line. Rows go to partitions by a stable hash of
 the vehicle id: kept in memory for a small hour, appended to ``<p>.<tag>.<column>`` files otherwise, so
-that memory stays bounded whatever the hour's size. Storage layout only; nothing of the queue.
+that memory stays bounded whatever the hour's size. Rows travel as the scanner's named ``Columns``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,26 @@ from typing import BinaryIO
 
 import numpy as np
 
-from engine.kernels.jsonl import SIGNALS, parse_lines
+from engine.kernels.jsonl import Columns, parse_lines
+from engine.schema import SIGNALS
 
-log = logging.getLogger("canpipe.aggregator")
+log = logging.getLogger("canpipe.aggregator.partitions")
 
 CHUNK_BYTES = 32 * 1024 * 1024
 MAX_REPORTED_CORRUPT = 100
-COLUMNS = (("timestamp_us", np.int64), ("ingest_us", np.int64), ("vehicle", np.int64), ("can_id", np.int64))
+# the per-row fields of ``Columns`` and their dtypes; ``values`` (float64, signals x rows) is the last one
+ROW_COLUMNS = {"timestamp_us": np.int64, "ingest_us": np.int64, "vehicle": np.int64, "can_id": np.int64}
+ROW_FIELDS = (*ROW_COLUMNS, "values")
+
+
+def rows_only(**fields: np.ndarray) -> Columns:
+    """``Columns`` of rows that no longer stand for one parse (spilled, loaded or joined): no line report."""
+    return Columns(**fields, bad_lines=[], lines=0)
+
+
+def concatenate(pieces: list[Columns]) -> Columns:
+    """The rows of ``pieces``, one after the other (order kept: rows of a vehicle stay in file order)."""
+    return rows_only(**{name: np.concatenate([getattr(c, name) for c in pieces], axis=-1) for name in ROW_FIELDS})
 
 
 @dataclasses.dataclass
@@ -43,16 +56,13 @@ class InputReport:
         self.corrupt_count += other.corrupt_count
 
 
-_COLUMN_NAMES = (*(name for name, _ in COLUMNS), "values")
-
-
 class Partitions:
     """One scanner's rows spread over partitions by vehicle: in memory (one partition) or in append-only
     files ``<p>.<tag>.<column>`` (rows of a partition stay in file order)."""
 
     def __init__(self, count: int, spill_dir: Path | None, tag: str) -> None:
         self.count, self.spill_dir, self.tag = count, spill_dir, tag
-        self.memory: list[list[np.ndarray]] = []
+        self.memory: list[Columns] = []
         self._files: dict[str, BinaryIO] = {}
         self.part_of: np.ndarray = np.zeros(0, dtype=np.int64)  # local vehicle index -> partition
 
@@ -61,17 +71,18 @@ class Partitions:
         new = [zlib.crc32(name.encode()) % self.count for name in names[len(self.part_of) :]]
         self.part_of = np.concatenate([self.part_of, np.array(new, dtype=np.int64)])
 
-    def add(self, columns: list[np.ndarray]) -> None:
+    def add(self, columns: Columns) -> None:
         if self.spill_dir is None:
             self.memory.append(columns)
             return
-        part = self.part_of[columns[2]]
+        part = self.part_of[columns.vehicle]
         order = np.argsort(part, kind="stable")
         bounds = np.searchsorted(part[order], np.arange(self.count + 1))
         for p in range(self.count):
             rows = order[bounds[p] : bounds[p + 1]]
             if len(rows):
-                for name, column in zip(_COLUMN_NAMES, columns):
+                for name in ROW_FIELDS:
+                    column = getattr(columns, name)
                     out = self._files.get(f"{p}.{name}")
                     if out is None:
                         out = self._files[f"{p}.{name}"] = open(self.spill_dir / f"{p}.{self.tag}.{name}", "ab")
@@ -82,19 +93,20 @@ class Partitions:
             out.close()
 
 
-def load_partition(spill_dir: Path, p: int, tag: str) -> list[np.ndarray] | None:
+def load_partition(spill_dir: Path, p: int, tag: str) -> Columns | None:
+    """The rows scan ``tag`` spilled to partition ``p``, in file order; None when it had none."""
     if not (spill_dir / f"{p}.{tag}.vehicle").exists():
         return None
-    cols = [np.fromfile(spill_dir / f"{p}.{tag}.{name}", dtype=dtype) for name, dtype in COLUMNS]
+    cols = {name: np.fromfile(spill_dir / f"{p}.{tag}.{name}", dtype=dtype) for name, dtype in ROW_COLUMNS.items()}
     values = np.fromfile(spill_dir / f"{p}.{tag}.values", dtype=np.float64).reshape(-1, len(SIGNALS)).T
-    return [*cols, np.ascontiguousarray(values)]
+    return rows_only(**cols, values=np.ascontiguousarray(values))
 
 
 @dataclasses.dataclass
 class Scan:
     vehicles: list[str]  # local vehicle index -> id
     info: InputReport
-    memory: list[list[np.ndarray]]  # the rows, when not spilled
+    memory: list[Columns]  # the rows, when not spilled
 
 
 def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str | None, tag: str) -> Scan:
@@ -129,7 +141,7 @@ def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str |
                         info.records += len(cols.vehicle)
                         if len(cols.vehicle):
                             parts.vehicles_seen(list(vehicles))
-                            parts.add([cols.timestamp_us, cols.ingest_us, cols.vehicle, cols.can_id, cols.values])
+                            parts.add(cols)
                         start = stop
                 finally:
                     view.release()
