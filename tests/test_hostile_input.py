@@ -128,7 +128,6 @@ def test_secrets_never_reach_logs_metrics_or_data_files(serve, env, data_dir, tm
     bad = ["SECRETNOCOLON-1234", "test:SECRETWRONG-5678", "SECRETASID-9012:x", "SECRETASID-9012:SECRETBOTH-3456"]
     for key in bad:
         assert post_json(url, make_record(), key=key)[0] == 401
-        time.sleep(0)  # (each rejection is counted; the log line is rate-limited, so only the first is logged)
     assert post_json(url, make_record(), key=API_KEY)[0] == 202
     assert post_json(url, make_record(1), key="old:retired-but-valid")[0] == 202
     metrics = http("GET", url + "/metrics")[2].decode()
@@ -306,12 +305,13 @@ def test_a_malformed_chunked_body_is_4xx_not_500(url, data_dir):
 # --- 12. slow clients -------------------------------------------------------------------------------------
 
 
-def _trickle(port: int, head: bytes, drip: bytes, stop: threading.Event, result: list) -> None:
+def _trickle(port: int, head: bytes, drip: bytes, stop: threading.Event, result: list, held: list) -> None:
     """Send ``head`` then one byte of ``drip`` every 0.2 s; record when and how the server ended it."""
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.settimeout(0.2)
         sock.sendall(head)
+        held.append(1)
         answer = b""
         for byte in drip:
             if stop.is_set():
@@ -337,21 +337,23 @@ def test_trickled_bodies_and_headers_are_cut_off_while_normal_requests_keep_thei
         + API_KEY.encode()
         + b"\r\nContent-Length: 1000\r\n\r\n"
     )
-    stop, slow_bodies, slow_headers = threading.Event(), [], []
+    stop, slow_bodies, slow_headers, held = threading.Event(), [], [], []
     threads = [
-        threading.Thread(target=_trickle, args=(port, body_head, b" " * 999, stop, slow_bodies)) for _ in range(8)
+        threading.Thread(target=_trickle, args=(port, body_head, b" " * 999, stop, slow_bodies, held)) for _ in range(8)
     ] + [
-        threading.Thread(target=_trickle, args=(port, b"POST /ingest HTTP/1.1\r\n", b"X" * 999, stop, slow_headers))
+        threading.Thread(
+            target=_trickle, args=(port, b"POST /ingest HTTP/1.1\r\n", b"X" * 999, stop, slow_headers, held)
+        )
         for _ in range(8)
     ]
     try:
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # let the slow clients hold their connections
-        for index in range(5):
+        wait_for(lambda: len(held) == 16, 10, "the slow clients to hold their connections")
+        for index in range(5):  # while they trickle, a normal request keeps its latency
             started = time.monotonic()
             assert post_json(url, make_record(index))[0] == 202
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 3.0
         for thread in threads:
             thread.join(20)
     finally:
