@@ -112,6 +112,7 @@ def _with(text: str, old: str, new: str) -> bytes:
         ('"vehicle_id": "EV-00001"', '"vehicle_id": "EV-00001", "vehicle_id": "EV-00002"', "vehicle_id"),
         ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery_soc": 10', "battery_soc"),
         ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery_soc": null', "battery_soc"),
+        ('"battery_soc": 80.5', '"battery_soc": null, "battery_soc": 80.5', "battery_soc"),  # null, then a value
         ('"battery_soc": 80.5', '"battery_soc": 80.5, "battery\\u005fsoc": 10', "battery_soc"),  # escaped key
         ('"battery_soc": 80.5', '"battery_soc" : 80.5 , "battery_soc"  :null', "battery_soc"),
         ('"payload": {', '"payload": {"battery_soc": 1}, "payload": {', "payload"),
