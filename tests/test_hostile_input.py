@@ -16,6 +16,7 @@ from canpipe_testing import API_KEY, http, make_record, post_json, queued_record
 
 from engine import receiver
 from engine.config import Settings, parse_api_keys
+from engine.run import stored_keys
 
 JSON = {"Content-Type": "application/json", "X-API-Key": API_KEY}
 JSON_NO_KEY = {"Content-Type": "application/json"}
@@ -123,13 +124,15 @@ def test_rejected_keys_are_logged_by_key_id_or_short_hash_never_the_secret():
     )
 
 
-def test_secrets_never_reach_logs_metrics_or_data_files(serve, env, data_dir, tmp_path):
+def test_secrets_never_reach_logs_metrics_or_data_files(serve, start, env, data_dir, tmp_path):
     url = serve(env)
+    start(["consume", "--workers", "1"], env)
     bad = ["SECRETNOCOLON-1234", "test:SECRETWRONG-5678", "SECRETASID-9012:x", "SECRETASID-9012:SECRETBOTH-3456"]
     for key in bad:
         assert post_json(url, make_record(), key=key)[0] == 401
     assert post_json(url, make_record(), key=API_KEY)[0] == 202
     assert post_json(url, make_record(1), key="old:retired-but-valid")[0] == 202
+    wait_for(lambda: len(stored_keys(data_dir / "raw")) == 2, 30, "the accepted records in the raw files")
     metrics = http("GET", url + "/metrics")[2].decode()
     assert "canpipe_auth_failures_total 4" in metrics
     texts = [metrics] + [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
