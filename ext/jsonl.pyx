@@ -19,20 +19,37 @@ import numpy as np
 from engine.kernels import _jsonl_py
 
 DEF CACHE_SLOTS = 4096
-cdef int N_SIGNALS = 7
-cdef const char* NAMES[7]
-NAMES[0] = b"battery_soc"
-NAMES[1] = b"battery_voltage"
-NAMES[2] = b"battery_current"
-NAMES[3] = b"cell_voltage_min"
-NAMES[4] = b"cell_voltage_max"
-NAMES[5] = b"cell_temp_min"
-NAMES[6] = b"cell_temp_max"
+DEF MAX_SIGNALS = 16
 cdef double POW10[23]
 for _k in range(23):
     POW10[_k] = 10.0 ** _k
-cdef int NAME_LEN[7]
-NAME_LEN[:] = [11, 15, 15, 16, 16, 13, 13]
+
+# The payload keys the fast path matches, built at import from the twin's SIGNALS (the kernels' one list,
+# which a test holds equal to engine.schema's): adding a signal there needs no edit here
+_NAME_BYTES = tuple(name.encode() for name in _jsonl_py.SIGNALS)  # NAMES points into these: kept alive
+cdef int N_SIGNALS = 0
+cdef const char* NAMES[MAX_SIGNALS]
+cdef int NAME_LEN[MAX_SIGNALS]
+
+
+cdef int _load_names() except -1:
+    global N_SIGNALS
+    cdef bytes name
+    if len(_NAME_BYTES) > MAX_SIGNALS:
+        raise ImportError(f"ext/jsonl.pyx: {len(_NAME_BYTES)} signals, at most {MAX_SIGNALS}: raise MAX_SIGNALS")
+    for name in _NAME_BYTES:
+        NAMES[N_SIGNALS] = name
+        NAME_LEN[N_SIGNALS] = len(name)
+        N_SIGNALS += 1
+    return 0
+
+
+_load_names()
+
+
+def signals():
+    """The payload keys the compiled fast path matches, in column order, read back from its C tables."""
+    return tuple(NAMES[k][:NAME_LEN[k]].decode() for k in range(N_SIGNALS))
 
 
 cdef inline bint expect(const char* p, Py_ssize_t* i, Py_ssize_t end, const char* lit, int n) noexcept nogil:
@@ -197,7 +214,7 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
     cdef const char* nl
     cdef long long t_us, in_us, can_id
     cdef double x
-    cdef double v[7]
+    cdef double v[MAX_SIGNALS]
     cdef int s, k, key, guess
     cdef HourCache client_hour, ingest_hour
     client_hour.valid = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import engine.kernels
+from engine import schema
 from engine.aggregator import partitions
 from engine.kernels import _jsonl_py, histogram, jsonl
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram
@@ -231,3 +234,37 @@ def test_a_line_without_newline_at_the_end_is_a_torn_tail(tmp_path, monkeypatch,
     scan = partitions.scan_files([str(path)], str(tmp_path), 1, None, "s0")
     assert (scan.info.records, scan.info.torn_tail_bytes, scan.info.corrupt_count) == (1, len(stored(b'"0x7"')), 0)
     assert scan.memory[0].can_id.tolist() == [0x132]
+
+
+# --- one signal list: the schema's, the scanner twins' and the compiled fast path's ---------------------
+
+
+def test_schema_kernels_and_compiled_scanner_know_the_same_signals():
+    # the kernels may not import the schema (ground floor), so their copy is held equal to it here
+    assert schema.SIGNALS == _jsonl_py.SIGNALS == jsonl.SIGNALS
+    assert tuple(f.name for f in msgspec.structs.fields(schema.Payload)) == schema.SIGNALS
+    assert tuple(f.name for f in msgspec.structs.fields(_jsonl_py._Payload)) == schema.SIGNALS
+    compiled = pytest.importorskip("engine.kernels._jsonl_c", reason="compiled scanner not built")
+    assert compiled.signals() == schema.SIGNALS
+
+
+def test_each_signal_lands_in_its_own_row_on_both_scanners(parse):
+    # one stored line in the receiver's exact shape (the fast path), a distinct value per signal
+    line = schema.encode_stored(
+        [schema.Telemetry(HOUR_START, "EV-1", "0x132", schema.Payload(**SIGNAL_VALUES))], HOUR_START
+    )
+    cols = parse(line, {})
+    assert cols.bad_lines == []
+    assert {name: cols.values[row, 0] for row, name in enumerate(schema.SIGNALS)} == SIGNAL_VALUES
+
+
+HOUR_START = dt.datetime(2025, 10, 19, 17, tzinfo=schema.UTC)
+SIGNAL_VALUES = {
+    "battery_soc": 50.5,
+    "battery_voltage": 380.25,
+    "battery_current": -12.5,
+    "cell_voltage_min": 3.75,
+    "cell_voltage_max": 3.8125,
+    "cell_temp_min": 21.5,
+    "cell_temp_max": 24.0,
+}
