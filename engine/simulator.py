@@ -15,8 +15,8 @@ import aiohttp
 import msgspec
 
 from engine.kernels import LatencyHistogram
+from engine.schema import UTC
 
-UTC = dt.UTC
 CELLS_IN_SERIES = 96
 CAPACITY_AH = 230.0
 CAN_IDS = ("0x132", "0x292", "0x332")
