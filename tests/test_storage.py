@@ -116,6 +116,15 @@ def test_large_vectored_write_beyond_iov_max(tmp_path):
     assert path.read_bytes() == b"".join(many)
 
 
+def failing(error: OSError):
+    """A stand-in for an os call that always fails with ``error``."""
+
+    def call(*args):
+        raise error
+
+    return call
+
+
 def fsynced_paths(monkeypatch, fail_on: int | None = None) -> list[str]:
     """Record the path of every file fsync'd (folders too); the ``fail_on``-th call fails with EIO."""
     seen: list[str] = []
@@ -148,7 +157,7 @@ def test_failed_fsync_is_never_retried_on_the_same_file(tmp_path, monkeypatch):
 def test_failed_first_write_removes_the_file_and_the_folders_it_created(tmp_path, monkeypatch):
     writer = PartitionWriter(tmp_path, "w")
     real_writev = os.writev
-    monkeypatch.setattr(os, "writev", lambda fd, bufs: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(os, "writev", failing(OSError(28, "No space left on device")))
     with pytest.raises(StorageError, match="No space left"):
         writer.append(HOUR, lines(3))
     assert list(tmp_path.rglob("*.jsonl")) == [] and not (tmp_path / "raw").exists()
@@ -182,7 +191,7 @@ def test_a_cut_that_fails_stops_the_writer(tmp_path, monkeypatch):
     writer = PartitionWriter(tmp_path, "w")
     writer.append(HOUR, lines(2))
     fsynced_paths(monkeypatch, fail_on=1)
-    monkeypatch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(os, "ftruncate", failing(OSError(5, "Input/output error")))
     with pytest.raises(UnsafeFileState, match="partial batch"):
         writer.append(HOUR, lines(5, 2))
     writer.close()
