@@ -1,8 +1,10 @@
 """Generate one hour of raw files as the consumers write them (for the aggregator benchmark and tests).
 
 Records are seed-shaped and rounded the way decoded CAN signals are (fixed scale factors), every vehicle
-reports at a steady period, a fraction of records is duplicated (some in other files, as redelivery
-does), and files rotate at 5 MB.
+reports at a steady period, cycling through the simulator's three CAN ids as a BMS sends its frames:
+0x132 the pack (SOC, voltage, current), 0x292 the cell voltages, 0x332 the cell temperatures, so each
+signal is present on one id only and the time-ordered integrals skip the other ids' rows. A fraction of
+records is duplicated (some in other files, as redelivery does), and files rotate at 5 MB.
 
     python bench/generate_hour.py DATA_DIR --rate 500 --vehicles 1000 --duplicates 0.01 [--hour 2025-10-19T17]
 """
@@ -19,9 +21,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.schema import UTC, format_timestamp  # noqa: E402
+from engine.simulator import CAN_IDS  # noqa: E402
 from engine.storage import PartitionWriter  # noqa: E402
 
-UTC = dt.UTC
+# the signals each CAN id carries (CAN_IDS order)
+FRAMES = (
+    ("battery_soc", "battery_voltage", "battery_current"),
+    ("cell_voltage_min", "cell_voltage_max"),
+    ("cell_temp_min", "cell_temp_max"),
+)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 _encoder = msgspec.json.Encoder()
 
 
@@ -50,23 +60,25 @@ def generate(data_dir: Path, hour: dt.datetime, rate: int, vehicles: int, duplic
         spread = np.round(np.abs(rng.normal(0.008, 0.004, n)), 3)
         t = temp[vehicle] + tick * 0.0003
         tspread = np.round(np.abs(rng.normal(1.5, 0.8, n)), 1)
+        frame = tick % len(CAN_IDS)
         lines = []
         for k in range(n):
-            stamp = dt.datetime.fromtimestamp(ts[k] / 1e6, UTC)
+            stamp = EPOCH + dt.timedelta(microseconds=int(ts[k]))
+            signals = {
+                "battery_soc": round(float(soc_now[k]), 1),
+                "battery_voltage": float(voltage[k]),
+                "battery_current": float(current[k]),
+                "cell_voltage_min": round(float(cell[k] - spread[k] / 2), 3),
+                "cell_voltage_max": round(float(cell[k] + spread[k] / 2), 3),
+                "cell_temp_min": round(float(t[k] - tspread[k] / 2), 1),
+                "cell_temp_max": round(float(t[k] + tspread[k] / 2), 1),
+            }
             record = {
-                "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "timestamp": format_timestamp(stamp),
                 "vehicle_id": ids[vehicle[k]],
-                "can_id": "0x132",
-                "payload": {
-                    "battery_soc": round(float(soc_now[k]), 1),
-                    "battery_voltage": float(voltage[k]),
-                    "battery_current": float(current[k]),
-                    "cell_voltage_min": round(float(cell[k] - spread[k] / 2), 3),
-                    "cell_voltage_max": round(float(cell[k] + spread[k] / 2), 3),
-                    "cell_temp_min": round(float(t[k] - tspread[k] / 2), 1),
-                    "cell_temp_max": round(float(t[k] + tspread[k] / 2), 1),
-                },
-                "ingest_received_at": (stamp + dt.timedelta(milliseconds=12)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "can_id": CAN_IDS[frame[k]],
+                "payload": {name: signals[name] for name in FRAMES[frame[k]]},
+                "ingest_received_at": format_timestamp(stamp + dt.timedelta(milliseconds=12)),
             }
             lines.append(_encoder.encode(record) + b"\n")
         dup = [lines[k] for k in np.flatnonzero(rng.random(n) < duplicates)]
