@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -455,3 +456,12 @@ def test_schedule_keeps_running_past_a_failing_hour(tmp_path, env, start):
     assert "FAILED 2025-10-19T16" in scheduled.output() and scheduled.popen.poll() is None
     assert_aggregate_matches(data_dir, hours[2])
     assert scheduled.stop(signal.SIGTERM) == 0
+
+
+def test_the_aggregator_imports_no_queue_receiver_or_consumer():
+    # DESIGN.md: the aggregator reads files, never the queue; a fresh interpreter shows what it pulls in
+    code = "import sys, engine.aggregator; print(sorted(m for m in sys.modules if m.startswith('engine.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    modules = json.loads(loaded.stdout.replace("'", '"'))
+    assert not [m for m in modules if m.split(".")[1] in ("queues", "receiver", "consumer", "publisher", "cli")]
+    assert "engine.partitions" not in modules and "engine.aggregator.partitions" in modules
