@@ -20,6 +20,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+# the kernels' copy of engine.schema.SIGNALS (the ground floor imports nothing of canpipe): ext/jsonl.pyx
+# builds its key table from it, and tests/test_kernels.py holds it equal to the schema's and the Payload's
 SIGNALS = (
     "battery_soc",
     "battery_voltage",
