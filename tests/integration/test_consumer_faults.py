@@ -264,6 +264,21 @@ def test_poison_message_is_dead_lettered_without_stopping_anything_and_redriven_
 # --- 6. duplicate delivery -----------------------------------------------------------------------------------
 
 
+def stop_outside_a_write(pid: int, data_dir: Path) -> bool:
+    """SIGSTOP ``pid`` while it holds no write lock on the queue (else let it go on and say False)."""
+    os.kill(pid, signal.SIGSTOP)
+    probe = sqlite3.connect(data_dir / "queue.db", timeout=0.2, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        os.kill(pid, signal.SIGCONT)
+        return False
+    finally:
+        probe.close()
+
+
 def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, start, env, data_dir):
     env = env | {"CANPIPE_VISIBILITY_TIMEOUT_S": "2"}
     url = serve(env)
@@ -272,7 +287,9 @@ def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, sta
     fleet = Fleet(url, vehicles=10, rate_ms=50, duration_s=8, seed=61).start()
     wait_for(lambda: children(first.pid) and queue_counts(data_dir)[1] > 0, 30, "the first supervisor holding a batch")
     (stalled,) = children(first.pid)
-    os.kill(stalled, signal.SIGSTOP)  # a stalled worker: no heartbeat, its batch outlives the visibility timeout
+    # a stalled worker: no heartbeat, its batch outlives the visibility timeout. Stopped outside a queue
+    # transaction: one frozen inside it would hold the embedded queue's write lock (see docs/reliability.md)
+    wait_for(lambda: stop_outside_a_write(stalled, data_dir), 30, "the worker stopped outside a queue transaction")
     try:
         second = start(["consume", "--workers", "1"], env)
         wait_for(
