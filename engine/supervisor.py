@@ -165,6 +165,9 @@ class Supervisor:
                 proc.join()
         # a slot waiting for its restart has had its crash logged already; the exit code is about the drain
         codes = [proc.exitcode for index, proc in enumerate(self._procs) if index not in self._restart_at]
+        # A worker ended by our SIGTERM's default action was still starting: once it runs, its handler turns
+        # SIGTERM into a drain (exit 0), so it had received nothing and held nothing. A clean stop.
+        codes = [0 if code == -signal.SIGTERM else code for code in codes]
         print(
             f"supervisor: {len(codes)} consumers stopped, exit codes {codes}, {self.restarts} restarts"
             + (f", {len(self._restart_at)} restarts pending" if self._restart_at else ""),
