@@ -37,17 +37,9 @@ import re
 from pathlib import Path
 
 from engine.aggregator import MAX_GAP_US, closed_hours, hour_label, output_path, parse_hour
+from engine.schema import SIGNALS  # the names only: the arithmetic below is independent of the engine
 from engine.storage import hour_path
 
-SIGNALS = (
-    "battery_soc",
-    "battery_voltage",
-    "battery_current",
-    "cell_voltage_min",
-    "cell_voltage_max",
-    "cell_temp_min",
-    "cell_temp_max",
-)
 FIELDS = {"timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"}
 CAN_ID = re.compile(r"0x[0-9A-Fa-f]{1,8}")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
