@@ -28,8 +28,8 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions():
-    from Cython.Build import cythonize
     import numpy
+    from Cython.Build import cythonize
 
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if DEBUG:
