@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import socket
@@ -34,11 +33,10 @@ from engine.errors import QueueBroken, QueueError, StorageError
 from engine.metrics import Metrics, queue_usage, write_snapshot
 from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
 from engine.schema import stored_decoder
-from engine.storage import PartitionWriter, UnsafeFileState, fault_point
+from engine.storage import Hour, PartitionWriter, UnsafeFileState, fault_point
 
 log = logging.getLogger("canpipe.consumer")
 
-Hour = tuple[int, int, int, int]
 MAX_HELD_RECORDS = 50_000  # received but not yet flushed; past this the receive loop waits for the writer
 POISON_RETRY_S = 1  # a message that fails validation is visible again after this (SQS takes whole seconds)
 STORAGE_RETRY_FIRST_S = 0.5  # a failed write is retried after this, doubling ...
@@ -67,11 +65,6 @@ class PoisonMessage(ValueError):
     """A queue message that is not canpipe NDJSON (one stored record per line)."""
 
 
-def _hour(index: int) -> Hour:
-    moment = dt.datetime.fromtimestamp(index * 3600, dt.UTC)
-    return moment.year, moment.month, moment.day, moment.hour
-
-
 def parse_message(message: Received, received_s: float) -> _Held:
     """Validate every line of a message body (NDJSON) and split it by the UTC hour of ``ingest_received_at``;
     no copy of the record bytes. Raises PoisonMessage, msgspec.DecodeError / ValidationError or
@@ -88,7 +81,7 @@ def parse_message(message: Received, received_s: float) -> _Held:
     tail = [] if terminated else [_NEWLINE]  # a last line without its newline must not glue onto the next
     parts: dict[Hour, list[memoryview]]
     if (hours == hours[0]).all():
-        parts = {_hour(int(hours[0])): [view, *tail]}
+        parts = {Hour.from_epoch_hour(int(hours[0])): [view, *tail]}
     else:  # a batch that straddles an hour is split line by line
         by_index: dict[int, list[memoryview]] = {}
         start = 0
@@ -97,7 +90,7 @@ def parse_message(message: Received, received_s: float) -> _Held:
             by_index.setdefault(index, []).append(view[start:end])
             start = end
         by_index[int(hours[-1])].extend(tail)
-        parts = {_hour(index): lines for index, lines in by_index.items()}
+        parts = {Hour.from_epoch_hour(index): lines for index, lines in by_index.items()}
     return _Held(message, received_s, parts, client_s, ingest_s)
 
 

@@ -28,7 +28,7 @@ from engine.errors import CanpipeError
 from engine.metrics import STAGES, parse_counters, read_snapshots
 from engine.queues import open_queue
 from engine.simulator import Simulator, describe
-from engine.storage import iter_raw_files
+from engine.storage import iter_raw_files, read_complete_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +81,8 @@ def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.dat
     for path in iter_raw_files(raw_dir):
         if path.stat().st_mtime_ns < since_ns:
             continue
-        data = path.read_bytes()
-        data = data[: data.rfind(b"\n") + 1]  # a torn tail is never a record
-        keys.extend((k.vehicle_id, k.can_id, k.timestamp) for k in _key_decoder.decode_lines(data))
+        lines = read_complete_lines(path)
+        keys.extend((k.vehicle_id, k.can_id, k.timestamp) for k in _key_decoder.decode_lines(lines))
     return keys
 
 

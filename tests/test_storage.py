@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import os
 
 import pytest
 
 from engine.errors import StorageError
-from engine.storage import PartitionWriter, hour_path, iter_raw_files, repair_torn_tails
+from engine.storage import (
+    Hour,
+    PartitionWriter,
+    hour_path,
+    iter_raw_files,
+    raw_files,
+    raw_hours,
+    read_complete_lines,
+    repair_torn_tails,
+)
 
-HOUR = (2025, 10, 19, 17)
+HOUR = Hour(2025, 10, 19, 17)
 
 
 def lines(n: int, start: int = 0, width: int = 0) -> list[bytes]:
@@ -227,3 +237,41 @@ def test_disk_full_leaves_no_empty_files_and_whole_batches_only(tiny_tmpfs):
     assert all(f.stat().st_size > 0 for f in files), "an empty file was left behind"
     assert sum(f.read_bytes().count(b"\n") for f in files) == written
     assert all(f.read_bytes().endswith(b"\n") for f in files)
+
+
+def test_an_hour_is_named_the_same_from_a_datetime_an_epoch_and_its_folder(tmp_path):
+    moment = dt.datetime(2025, 10, 19, 19, 59, 59, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    epoch_us = int(moment.timestamp()) * 1_000_000 + moment.microsecond
+    assert Hour.from_datetime(moment) == Hour.from_epoch_us(epoch_us) == Hour.from_epoch_hour(epoch_us // 3_600_000_000)
+    assert Hour.from_datetime(moment) == HOUR == (2025, 10, 19, 17)  # UTC, whatever the offset it came with
+    assert HOUR.start == dt.datetime(2025, 10, 19, 17, tzinfo=dt.UTC)
+    writer = PartitionWriter(tmp_path, "w1")
+    writer.append(HOUR, lines(1))
+    writer.close()
+    assert raw_hours(tmp_path / "raw") == [HOUR]
+
+
+def test_storage_lists_the_hours_and_each_hours_files_it_wrote(tmp_path, caplog):
+    later, earlier = Hour(2025, 10, 20, 0), Hour(2025, 10, 19, 9)
+    writer = PartitionWriter(tmp_path, "w1", rotate_bytes=1)
+    first = [writer.append(later, lines(1)), writer.append(later, lines(1, 1))]  # rotated: two files
+    other = writer.append(earlier, lines(1))
+    writer.close()
+    (tmp_path / "raw/year=2025/month=13/day=01/hour=00").mkdir(parents=True)  # not an hour: left out
+    (hour_path(tmp_path / "raw", later) / "batch-9-odd.jsonl").mkdir()  # not a file: skipped, said so
+    raw = tmp_path / "raw"
+    assert raw_hours(raw) == [earlier, later]
+    assert raw_files(raw, later, warn=True) == sorted(first) and raw_files(raw, earlier) == [other]
+    assert "batch-9-odd.jsonl: not a regular file, skipped" in caplog.text
+    assert raw_files(raw, Hour(2025, 1, 1, 0)) == []
+
+
+def test_a_torn_tail_is_never_read_as_a_record(tmp_path):
+    writer = PartitionWriter(tmp_path, "w1")
+    path = writer.append(HOUR, lines(2))
+    writer.close()
+    with open(path, "ab") as f:
+        f.write(b'{"i":2,"pa')  # a crash mid-write
+    assert read_complete_lines(path) == b"".join(lines(2))
+    path.write_bytes(b'{"torn')
+    assert read_complete_lines(path) == b""

@@ -7,16 +7,13 @@ since (late data, a redelivery after the hour closed) is aggregated again.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from pathlib import Path
 
 import msgspec
 
 from engine.errors import ConfigError
 from engine.schema import UTC
-from engine.storage import hour_path
-
-log = logging.getLogger("canpipe.aggregator")
+from engine.storage import Hour, raw_files, raw_hours
 
 
 def parse_hour(text: str) -> dt.datetime:
@@ -32,16 +29,8 @@ def hour_label(hour: dt.datetime) -> str:
 
 
 def hour_inputs(data_dir: Path, hour: dt.datetime, warn: bool = False) -> list[Path]:
-    """The hour's raw files, sorted by name: regular files only, since a directory (or a FIFO, which would
-    block the open) named ``*.jsonl`` holds no records; ``warn`` logs each one skipped."""
-    folder = hour_path(Path(data_dir) / "raw", (hour.year, hour.month, hour.day, hour.hour))
-    files = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        if path.is_file():
-            files.append(path)
-        elif warn:
-            log.warning("%s: not a regular file, skipped", path)
-    return files
+    """The raw files of the hour starting at ``hour``, as storage lists them (``warn``: log what it skips)."""
+    return raw_files(Path(data_dir) / "raw", Hour.from_datetime(hour), warn)
 
 
 def output_path(data_dir: Path, hour: dt.datetime) -> Path:
@@ -82,13 +71,9 @@ def needs_aggregation(data_dir: Path, hour: dt.datetime) -> bool:
 
 def closed_hours(data_dir: Path, now: dt.datetime, grace: dt.timedelta = dt.timedelta(minutes=5)) -> list[dt.datetime]:
     """Every hour with raw files that ended at least ``grace`` before ``now``."""
-    hours = []
-    for folder in sorted((Path(data_dir) / "raw").glob("year=*/month=*/day=*/hour=*")):
-        parts = [int(p.name.split("=")[1]) for p in (folder.parents[2], folder.parents[1], folder.parent, folder)]
-        hour = dt.datetime(parts[0], parts[1], parts[2], parts[3], tzinfo=UTC)
-        if hour + dt.timedelta(hours=1) + grace <= now:
-            hours.append(hour)
-    return hours
+    return [
+        hour.start for hour in raw_hours(Path(data_dir) / "raw") if hour.start + dt.timedelta(hours=1) + grace <= now
+    ]
 
 
 def next_run(now: dt.datetime, minute: int = 5) -> dt.datetime:

@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.kernels.jsonl import Columns, parse_lines
 from engine.schema import SIGNALS
+from engine.storage import complete_end
 
 log = logging.getLogger("canpipe.aggregator.partitions")
 
@@ -123,7 +124,7 @@ def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str |
             if size == 0:
                 continue
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                end = mm.rfind(b"\n") + 1
+                end = complete_end(mm)
                 if end < size:  # a torn tail: a crash mid-write; never a record
                     info.torn_tail_bytes += size - end
                     log.warning("%s: skipped a torn tail of %d bytes", path, size - end)
@@ -133,7 +134,7 @@ def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str |
                     while start < end:  # chunks of whole lines, zero-copy slices of the mapping
                         stop = min(end, start + CHUNK_BYTES)
                         if stop < end:
-                            cut = mm.rfind(b"\n", start, stop) + 1
+                            cut = complete_end(mm, start, stop)
                             stop = cut if cut > start else mm.find(b"\n", stop) + 1
                         cols = parse_lines(view[start:stop], vehicles)
                         note_corrupt(cols.bad_lines, info, str(path.relative_to(raw_dir)), line_base)

@@ -1,10 +1,11 @@
-"""Raw storage: hour-partitioned JSONL files, appended batch by batch with vectored writes and fsync.
+"""The local backend: hour-partitioned JSONL files, appended batch by batch with vectored writes and fsync,
+and read back (the hours, an hour's files, complete lines).
 
-Layout: ``raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<writer>.jsonl``. One writer per file
-(the writer id is unique per process and the file is created with O_EXCL and held under flock), a file
-is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a torn tail left by a
-crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up. Storage knows nothing of
-the queue.
+Layout (``engine.storage.layout``): ``raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<writer>.jsonl``.
+One writer per file (the writer id is unique per process and the file is created with O_EXCL and held
+under flock), a file is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a
+torn tail left by a crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up. Storage
+knows nothing of the queue.
 
 A failed append leaves nothing behind: a file created by the attempt is removed (and folders it created,
 if empty); an older file is cut back to its last good size and closed. A file whose write or fsync failed
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import signal
 import time
@@ -26,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from engine.errors import StorageError
+from engine.storage.layout import HOUR_FOLDER_GLOB, RAW_FILE_GLOB, Hour, hour_of_folder, hour_path
 
 log = logging.getLogger("canpipe.storage")
 
@@ -72,11 +75,6 @@ def _fsync_data(fd: int) -> None:
     os.fsync(fd)
 
 
-def hour_path(raw_dir: Path, hour: tuple[int, int, int, int]) -> Path:
-    year, month, day, hh = hour
-    return raw_dir / f"year={year:04d}" / f"month={month:02d}" / f"day={day:02d}" / f"hour={hh:02d}"
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -114,9 +112,9 @@ class PartitionWriter:
         self.raw_dir = Path(data_dir) / "raw"
         self.writer_id = writer_id
         self.rotate_bytes = rotate_bytes
-        self._files: dict[tuple[int, int, int, int], _OpenFile] = {}
+        self._files: dict[Hour, _OpenFile] = {}
 
-    def _open(self, hour: tuple[int, int, int, int], created_dirs: list[Path]) -> _OpenFile:
+    def _open(self, hour: Hour, created_dirs: list[Path]) -> _OpenFile:
         directory = hour_path(self.raw_dir, hour)
         if not directory.is_dir():
             levels = (directory, *list(directory.parents)[:4])  # hour, day, month, year, raw
@@ -145,11 +143,11 @@ class PartitionWriter:
         handle = self._files[hour] = _OpenFile(fd, path)
         return handle
 
-    def _close_hour(self, hour: tuple[int, int, int, int]) -> None:
+    def _close_hour(self, hour: Hour) -> None:
         handle = self._files.pop(hour)
         os.close(handle.fd)
 
-    def append(self, hour: tuple[int, int, int, int], buffers: Sequence[Buffer]) -> Path:
+    def append(self, hour: Hour, buffers: Sequence[Buffer]) -> Path:
         """Append ``buffers`` (whole ``\\n``-terminated lines) to the hour's file and fsync it.
 
         On failure nothing of the batch stays visible (see the module docstring) and StorageError is
@@ -174,9 +172,7 @@ class PartitionWriter:
         handle.size += size
         return handle.path
 
-    def _discard(
-        self, hour: tuple[int, int, int, int], handle: _OpenFile | None, new: bool, created_dirs: list[Path]
-    ) -> None:
+    def _discard(self, hour: Hour, handle: _OpenFile | None, new: bool, created_dirs: list[Path]) -> None:
         """Undo a failed append: remove what it created, cut an older file back, never reuse the file."""
         if handle is not None:
             self._files.pop(hour, None)
@@ -205,7 +201,43 @@ class PartitionWriter:
 
 
 def iter_raw_files(raw_dir: Path) -> Iterator[Path]:
-    yield from sorted(Path(raw_dir).glob("year=*/month=*/day=*/hour=*/*.jsonl"))
+    """Every raw file under ``raw_dir``, hour by hour, by name."""
+    yield from sorted(Path(raw_dir).glob(f"{HOUR_FOLDER_GLOB}/{RAW_FILE_GLOB}"))
+
+
+def raw_hours(raw_dir: Path) -> list[Hour]:
+    """The hours that have a folder under ``raw_dir``, oldest first (folders not named by ``hour_path`` are
+    not hours and are left out)."""
+    hours = (hour_of_folder(folder) for folder in Path(raw_dir).glob(HOUR_FOLDER_GLOB))
+    return sorted(hour for hour in hours if hour is not None)
+
+
+def raw_files(raw_dir: Path, hour: Hour, warn: bool = False) -> list[Path]:
+    """The hour's raw files, sorted by name: regular files only, since a directory (or a FIFO, which would
+    block the open) named ``*.jsonl`` holds no records; ``warn`` logs each one skipped."""
+    folder = hour_path(raw_dir, hour)
+    files = []
+    for path in sorted(folder.glob(RAW_FILE_GLOB)) if folder.is_dir() else []:
+        if path.is_file():
+            files.append(path)
+        elif warn:
+            log.warning("%s: not a regular file, skipped", path)
+    return files
+
+
+def read_complete_lines(path: Path) -> bytes:
+    """The file's bytes up to and including its last newline: a torn tail (a crash mid-write) is never
+    read as a record. The whole file in memory: to read a large file in bounded memory, map it and cut its
+    chunks with ``complete_end``."""
+    data = Path(path).read_bytes()
+    return data[: complete_end(data)]
+
+
+def complete_end(data: bytes | mmap.mmap, start: int = 0, stop: int | None = None) -> int:
+    """The offset just past the last newline in ``data[start:stop]``, ``start`` when there is none: where
+    the complete lines end. Takes a mapping as well, without copying it."""
+    cut = data.rfind(b"\n", start, len(data) if stop is None else stop)
+    return start if cut < 0 else cut + 1
 
 
 def repair_torn_tails(raw_dir: Path) -> list[tuple[Path, int]]:
@@ -240,9 +272,8 @@ def _last_newline_end(fd: int, size: int, block: int = 64 * 1024) -> int:
     end = size
     while end > 0:
         start = max(0, end - block)
-        chunk = os.pread(fd, end - start, start)
-        cut = chunk.rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
+        cut = complete_end(os.pread(fd, end - start, start))
+        if cut:
+            return start + cut
         end = start
     return 0
