@@ -90,7 +90,7 @@ def run(data_dir: Path) -> dict:
 def scanner(request, monkeypatch):
     """Every aggregator test runs on both scanners."""
     if request.param == "c" and jsonl.IMPLEMENTATION != "c":
-        pytest.skip("compiled scanner not built")
+        pytest.skip("compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)")
     if request.param == "py":
         monkeypatch.setattr(partitions, "parse_lines", _jsonl_py.parse_lines)
     return request.param
@@ -314,7 +314,9 @@ odd_lines = [
 ]
 
 
-@pytest.mark.skipif(jsonl.IMPLEMENTATION != "c", reason="compiled scanner not built")
+@pytest.mark.skipif(
+    jsonl.IMPLEMENTATION != "c", reason="compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)"
+)
 @pytest.mark.parametrize("seed", range(5))
 def test_scanner_twins_agree(seed):
     rng = random.Random(seed)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import math
+import sysconfig
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -15,8 +18,11 @@ from hypothesis.extra.numpy import arrays
 import engine.kernels
 from engine import schema
 from engine.aggregator import partitions
-from engine.kernels import _jsonl_py, histogram, jsonl
+from engine.kernels import _jsonl_py, _select, histogram, jsonl
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram
+
+ROOT = Path(__file__).resolve().parent.parent
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX").rsplit(".", 1)[-1]  # "so" (or "pyd")
 
 IMPLEMENTATIONS = [PyLatencyHistogram]
 if histogram.IMPLEMENTATION == "c":
@@ -28,9 +34,18 @@ def Hist(request):
     return request.param
 
 
-def test_compiled_kernel_is_built_and_selected():
-    # CI builds the extension; a silent fallback would hide a broken build
-    assert engine.kernels.IMPLEMENTATION == "c", "ext/histogram.pyx was not built: run pip install -e ."
+@pytest.mark.skipif(_select.extensions_disabled(), reason="CANPIPE_NO_EXTENSIONS=1: the twins are selected on purpose")
+def test_every_compiled_kernel_is_built_and_selected():
+    # CI builds the extensions at install; a failed compile falls back silently at run time, so this fails
+    # it loudly: one built module and one compiled selection per ext/*.pyx
+    names = sorted(path.stem for path in (ROOT / "ext").glob("*.pyx"))
+    assert names == ["groupby", "histogram", "jsonl"], "a new kernel needs its selector checked here"
+    for name in names:
+        importlib.import_module(f"engine.kernels.{name}")
+        built = list((ROOT / "engine" / "kernels").glob(f"_{name}_c.*{EXT_SUFFIX}"))
+        assert built, f"ext/{name}.pyx was not built (no _{name}_c*{EXT_SUFFIX}): run pip install -e ."
+        assert _select.SELECTED[name] == ("c", "compiled"), f"kernel {name}: {_select.SELECTED[name]}"
+    assert engine.kernels.IMPLEMENTATION == histogram.IMPLEMENTATION == "c"
 
 
 latencies_ms = arrays(
@@ -134,7 +149,7 @@ SCANNERS = ["py", "c"] if jsonl.IMPLEMENTATION == "c" else ["py"]
 @pytest.fixture(params=["c", "py"])
 def parse(request):
     if request.param == "c" and jsonl.IMPLEMENTATION != "c":
-        pytest.skip("compiled scanner not built")
+        pytest.skip("compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)")
     return jsonl.parse_lines if request.param == "c" else _jsonl_py.parse_lines
 
 
@@ -213,7 +228,9 @@ def test_scanner_edge_case(parse, case, line, expected):
         assert cols.values[0, 0] == soc and math.copysign(1, cols.values[0, 0]) == math.copysign(1, soc)
 
 
-@pytest.mark.skipif(jsonl.IMPLEMENTATION != "c", reason="compiled scanner not built")
+@pytest.mark.skipif(
+    jsonl.IMPLEMENTATION != "c", reason="compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)"
+)
 def test_scanner_twins_agree_on_the_whole_corpus():
     data = b"\n".join(line for _, line, _ in CORPUS) + b"\n"
     results = [(impl, {}) for impl in (jsonl.parse_lines, _jsonl_py.parse_lines)]
