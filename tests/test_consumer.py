@@ -60,7 +60,9 @@ class Harness:
             t0 = time.monotonic()
             while not condition():
                 assert time.monotonic() - t0 < timeout, "timed out waiting for the consumer"
-                assert not self.task.done() or self.task.result()
+                if self.task.done():
+                    self.task.result()  # raises what ended the consumer, if anything did
+                    raise AssertionError("the consumer stopped before the condition held")
                 await asyncio.sleep(0.02)
             return time.monotonic() - t0
 
@@ -155,14 +157,20 @@ def test_storage_failure_holds_the_batch_without_spending_receives(harness, data
     h.send(stored(4, dt.datetime.now(UTC)))
     failures = 'canpipe_consumer_errors_total{stage="storage"}'
     h.run_until(lambda: h.consumer.metrics.counters[failures] >= 1)
-    h.send(stored(3, dt.datetime.now(UTC), 4))  # the long poll already in flight may still take this one
-    t0 = time.monotonic()
-    h.run_until(lambda: h.stats().in_flight == 2 or time.monotonic() - t0 > 2)
+    h.send(stored(3, dt.datetime.now(UTC), 4))  # the long poll already in flight takes this one
+    h.run_until(lambda: h.stats().in_flight == 2, timeout=10)
     h.send(stored(2, dt.datetime.now(UTC), 7))  # but no new receive starts while the disk is full
+
+    def nothing_moves() -> bool:
+        # checked on every poll for four visibility timeouts (twice the receive budget): an absence
+        # cannot be waited for, so the window is a duration, and the invariant must hold all along it
+        counts = h.stats()
+        assert counts.dead_letter == 0 and counts.visible >= 1 and on_disk(data_dir) == [], counts
+        return time.monotonic() - t0 > 4.0
+
     t0 = time.monotonic()
-    h.run_until(lambda: time.monotonic() - t0 > 4.0)  # four visibility timeouts, twice the receive budget
-    counts = h.stats()
-    assert counts.dead_letter == 0 and counts.visible == 1, counts
+    h.run_until(nothing_moves)
+    assert h.stats() == QueueCounts(visible=1, in_flight=2, dead_letter=0)
     assert on_disk(data_dir) == []
     disk_full = False
     h.run_until(lambda: len(on_disk(data_dir)) == 9 and h.stats() == (0, 0, 0), timeout=30)
