@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 from canpipe_testing import children, wait_for
@@ -40,3 +42,25 @@ def test_sigterm_while_workers_are_still_starting_is_a_clean_stop(start, env):
             os.kill(pid, signal.SIGCONT)  # the default action ends them: they held nothing
     assert consumers.stop() == 0, consumers.output()
     assert "exit codes [0, 0]" in consumers.output()
+
+
+def test_a_worker_crashing_three_times_in_a_row_is_restarted_after_growing_delays(start, env):
+    """kill -9 of one slot's worker, three times as soon as it is back: the log names each exit and a
+    doubling delay, each replacement waits at least that long, and the other slot's worker is untouched."""
+    consumers = start(["consume", "--workers", "2"], env)
+    wait_for(lambda: len(children(consumers.pid)) == 2, 30, "two consumer processes spawned")
+    bystander, victim = sorted(children(consumers.pid))
+    waited_s = []
+    for crash in range(3):
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        known = {bystander, victim}
+        wait_for(lambda known=known: len(children(consumers.pid) - known) == 1, 30, f"restart {crash + 1}")
+        waited_s.append(time.monotonic() - killed_at)
+        (victim,) = children(consumers.pid) - {bystander}
+    assert children(consumers.pid) == {bystander, victim}
+    assert consumers.stop() == 0, consumers.output()
+    delays = [float(s) for s in re.findall(r"exited with -9; restarting in ([0-9.]+) s", consumers.output())]
+    assert delays == [0.5, 1.0, 2.0], consumers.output()
+    assert all(waited >= delay for waited, delay in zip(waited_s, delays)), (waited_s, delays)
+    assert "3 restarts" in consumers.output()
