@@ -13,9 +13,6 @@ from pathlib import Path
 
 from engine.config import Settings
 from engine.errors import CanpipeError, ConfigError
-from engine.queues import refuse_broken_queue
-
-log = logging.getLogger("canpipe")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -29,55 +26,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(env)
 
 
-def ensure_port_free(host: str, port: int) -> None:
-    """Refuse a port another server listens on. Granian binds with SO_REUSEPORT, so a second ``serve`` on
-    the same port would start without error and silently take half the traffic; a bind without it fails
-    while anyone listens (SO_REUSEADDR only lets it past connections left in TIME_WAIT)."""
-    import socket
-
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise CanpipeError(
-                f"cannot serve on {host}:{port}: {exc.strerror} (is another receiver running?)"
-            ) from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
-    from granian.http import HTTP1Settings
+    from engine.server import serve
 
-    settings = _settings(args)
-    settings.require_auth()  # fail here, with the setting's name, not inside a worker
-    ensure_port_free(args.host, args.port)
-    refuse_broken_queue(settings.queue_url)  # a damaged queue file: exit 1 naming it, not a server of 503s
-    if args.insecure_no_auth:
-        os.environ["CANPIPE_INSECURE_NO_AUTH"] = "1"
-    os.environ["CANPIPE_QUEUE_URL"] = settings.queue_url
-    os.environ["CANPIPE_DATA_DIR"] = str(settings.data_dir)
-    Granian(
-        "engine.receiver:worker_app",
-        factory=True,
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=args.workers,
-        loop=Loops.uvloop,
-        backlog=2048,
-        # a client that trickles its headers is cut off (the body has its own deadline in the app)
-        http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.header_timeout_s * 1000))),
-        log_access=False,
-        respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
-        respawn_interval=0.5,
-    ).serve()
+    serve(_settings(args), args.host, args.port, args.workers)
     return 0
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
+    from engine.queues import refuse_broken_queue
     from engine.supervisor import Supervisor
 
     settings = _settings(args)
@@ -147,7 +104,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.schedule:
-        return aggregator_schedule(settings.data_dir)
+        return _aggregate_on_schedule(settings.data_dir)
     results: list[aggregator.HourResult | aggregator.HourFailure]
     if args.hour:
         results = [aggregator.aggregate_isolated(settings.data_dir, aggregator.parse_hour(args.hour))]
@@ -175,25 +132,23 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def aggregator_schedule(data_dir: Path) -> int:
-    """Aggregate pending hours now and then every hour at :05 UTC, until SIGTERM/SIGINT."""
-    import datetime as dt
+def _aggregate_on_schedule(data_dir: Path) -> int:
+    """``aggregate --schedule``: the aggregator's schedule until SIGTERM/SIGINT, one line per hour."""
     import signal
     import threading
 
     from engine import aggregator
 
+    def report(r: aggregator.HourResult | aggregator.HourFailure) -> None:
+        if isinstance(r, aggregator.HourFailure):  # retried on the next run; the schedule goes on
+            print(f"FAILED {r.hour}: {r.error}", file=sys.stderr, flush=True)
+        else:
+            print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    while not stop.is_set():
-        for r in aggregator.aggregate_pending(data_dir):
-            if isinstance(r, aggregator.HourFailure):  # retried on the next run; the schedule goes on
-                print(f"FAILED {r.hour}: {r.error}", file=sys.stderr, flush=True)
-            else:
-                print(f"aggregated {r.hour}: {r.vehicles} vehicles, {r.records} records -> {r.path}", flush=True)
-        now = dt.datetime.now(dt.UTC)
-        stop.wait((aggregator.next_run(now) - now).total_seconds())
+    aggregator.run_schedule(data_dir, stop, report)
     print("aggregate --schedule: stopped", flush=True)
     return 0
 

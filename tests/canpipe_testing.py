@@ -78,6 +78,15 @@ def post_json(url: str, payload: object, key: str | None = API_KEY, **kw) -> tup
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
+def modules_loaded_by(module: str) -> set[str]:
+    """The ``engine.*`` modules a fresh interpreter holds after ``import <module>``: what it pulls in."""
+    code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m.startswith('engine.')))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, cwd=ROOT
+    )
+    return set(loaded.stdout.split())
+
+
 def wait_for(condition: Callable[[], object], timeout: float, message: str = "condition") -> None:
     assert wait_until(condition, timeout, 0.05), f"timed out after {timeout} s waiting for {message}"
 

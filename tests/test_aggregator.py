@@ -15,20 +15,21 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from canpipe_testing import modules_loaded_by
 from canpipe_truth import assert_aggregate_matches
 
 from engine import aggregator
 from engine.aggregator import driver, partitions
 from engine.errors import ConfigError
 from engine.kernels import _jsonl_py, jsonl
-from engine.storage import PartitionWriter, hour_path
+from engine.storage import Hour, PartitionWriter, hour_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import duckdb_hour  # noqa: E402
 
 UTC = dt.UTC
 HOUR = dt.datetime(2025, 10, 19, 17, tzinfo=UTC)
-KEY = (2025, 10, 19, 17)
+KEY = Hour.from_datetime(HOUR)
 SEED = 1917
 
 
@@ -418,7 +419,6 @@ def test_a_failing_hour_is_reported_and_the_others_are_aggregated(tmp_path, capl
 
 
 def test_canpipe_aggregate_does_every_other_hour_then_exits_non_zero(tmp_path, env):
-    import subprocess
 
     data_dir = tmp_path / "data"
     hours = _three_hours_the_middle_one_failing(data_dir)
@@ -462,8 +462,32 @@ def test_schedule_keeps_running_past_a_failing_hour(tmp_path, env, start):
 
 def test_the_aggregator_imports_no_queue_receiver_or_consumer():
     # DESIGN.md: the aggregator reads files, never the queue; a fresh interpreter shows what it pulls in
-    code = "import sys, engine.aggregator; print(sorted(m for m in sys.modules if m.startswith('engine.')))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    modules = json.loads(loaded.stdout.replace("'", '"'))
+    modules = modules_loaded_by("engine.aggregator")
     assert not [m for m in modules if m.split(".")[1] in ("queues", "receiver", "consumer", "publisher", "cli")]
     assert "engine.partitions" not in modules and "engine.aggregator.partitions" in modules
+
+
+class _StopAfter:
+    """A stop signal that records each wait and is set after ``waits`` of them (no real sleeping)."""
+
+    def __init__(self, waits: int) -> None:
+        self.waits, self.waited_s = waits, []
+
+    def is_set(self) -> bool:
+        return len(self.waited_s) >= self.waits
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited_s.append(timeout)
+        return self.is_set()
+
+
+def test_the_schedule_catches_up_then_waits_for_each_next_five_past(tmp_path):
+    write(tmp_path, fleet(vehicles=2, per_vehicle=10))
+    # the clock is read once to pick the pending hours and once to plan the wait, each round
+    times = iter([HOUR + dt.timedelta(hours=1, minutes=m, seconds=s) for m, s in [(20, 0), (20, 30), (65, 0), (65, 0)]])
+    reported = []
+    stop = _StopAfter(waits=2)
+    aggregator.run_schedule(tmp_path, stop, reported.append, clock=lambda: next(times))
+    assert [(r.hour, r.vehicles, r.records) for r in reported] == [("2025-10-19T17", 2, 20)]  # once: then up to date
+    assert stop.waited_s == [44 * 60 + 30, 3600]  # 18:20:30 -> 19:05, then 19:05 -> 20:05
+    assert aggregator.output_path(tmp_path, HOUR).exists()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from canpipe_testing import modules_loaded_by
 
 from engine.cli import main
 
@@ -27,6 +28,12 @@ def test_run_drives_the_whole_pipeline_and_reports(env, data_dir):
         assert f"\n{stage} " in out
     assert str(data_dir / "raw") in out
     assert list((data_dir / "raw").glob("year=*/month=*/day=*/hour=*/batch-*.jsonl"))
+
+
+def test_the_command_loads_only_settings_and_errors_until_a_command_runs():
+    # cli parses and wires: each command imports its stage when it runs, so `canpipe --help` or a bad flag
+    # never pays for (or fails on) Granian, the queue drivers or numpy
+    assert modules_loaded_by("engine.cli") == {"engine.cli", "engine.config", "engine.errors"}
 
 
 def test_help_on_every_command(env):

@@ -7,6 +7,7 @@ import fcntl
 import os
 
 import pytest
+from canpipe_testing import modules_loaded_by
 
 from engine.errors import StorageError
 from engine.storage import (
@@ -275,3 +276,11 @@ def test_a_torn_tail_is_never_read_as_a_record(tmp_path):
     assert read_complete_lines(path) == b"".join(lines(2))
     path.write_bytes(b'{"torn')
     assert read_complete_lines(path) == b""
+
+
+def test_storage_imports_nothing_of_delivery():
+    # DESIGN.md: storage knows nothing of delivery; the S3 backend to come must keep it that way
+    modules = modules_loaded_by("engine.storage")
+    delivery = ("queues", "receiver", "publisher", "consumer", "supervisor", "server", "aggregator", "cli", "run")
+    assert not [m for m in modules if m.split(".")[1] in delivery], sorted(modules)
+    assert {"engine.storage.layout", "engine.storage.local"} <= modules

@@ -2,7 +2,8 @@
 
 One concept per module: ``hours`` (which hours, their files, manifest and schedule), ``partitions`` (reading
 the hour's files into vehicle partitions, spilled when large), ``rollup`` (order, dedup, statistics and
-integrals), ``document`` (the output and its atomic write), ``driver`` (one hour, the pending hours).
+integrals), ``document`` (the output and its atomic write), ``driver`` (one hour, the pending hours, the
+hourly schedule).
 """
 
 from engine.aggregator.driver import (
@@ -11,6 +12,7 @@ from engine.aggregator.driver import (
     aggregate_hour,
     aggregate_isolated,
     aggregate_pending,
+    run_schedule,
 )
 from engine.aggregator.hours import (
     InputFile,
@@ -43,4 +45,5 @@ __all__ = [
     "next_run",
     "output_path",
     "parse_hour",
+    "run_schedule",
 ]

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -34,6 +34,7 @@ from engine.aggregator.hours import (
     hour_label,
     manifest_path,
     needs_aggregation,
+    next_run,
     output_path,
 )
 from engine.aggregator.partitions import InputReport, concatenate, load_partition, scan_files
@@ -214,3 +215,27 @@ def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[Ho
         if pending:
             results.append(aggregate_isolated(data_dir, hour))
     return results
+
+
+class Stop(Protocol):
+    """What ``run_schedule`` needs of its stop signal (a ``threading.Event`` in the command)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def run_schedule(
+    data_dir: Path,
+    stop: Stop,
+    report: Callable[[HourResult | HourFailure], None],
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC),
+) -> None:
+    """Aggregate the pending hours now, then every hour at :05 UTC (``next_run``), until ``stop`` is set;
+    ``report`` gets each hour's result as it is done. A failed hour does not end the schedule: it has no
+    manifest, so the next run tries it again."""
+    while not stop.is_set():
+        for result in aggregate_pending(data_dir, clock()):
+            report(result)
+        now = clock()
+        stop.wait((next_run(now) - now).total_seconds())
