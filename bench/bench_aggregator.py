@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from generate_hour import generate
 
+from engine.kernels._select import extensions_disabled
 from engine.schema import UTC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,7 @@ def measure(script: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.skipif(extensions_disabled(), reason="CANPIPE_NO_EXTENSIONS=1: the guard is for the compiled scanner")
 def test_guard_aggregator_vs_duckdb(hour_dir):
     ours, duck = [], []
     for _ in range(3 if RATE <= 500 else 1):
