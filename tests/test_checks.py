@@ -1,0 +1,74 @@
+"""``canpipe check``: each start-up problem named by its setting, all of them in one run."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.checks import run_checks
+from engine.config import Settings
+
+
+def settings(tmp_path, **env: str) -> Settings:
+    return Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path / "data"), "CANPIPE_API_KEYS": "fleet1:s3cret"} | env)
+
+
+def test_good_settings_report_nothing_and_create_the_data_dir(tmp_path):
+    assert run_checks(settings(tmp_path)) == []
+    assert (tmp_path / "data").is_dir()
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".check-")] == []  # probe removed
+
+
+def test_missing_api_keys_are_named_when_serving_only(tmp_path):
+    no_keys = settings(tmp_path, CANPIPE_API_KEYS="")
+    (problem,) = run_checks(no_keys)
+    assert problem.startswith("CANPIPE_API_KEYS: no API keys configured")
+    assert run_checks(no_keys, serving=False) == []  # consumers never see a key
+
+
+def test_an_explicitly_open_receiver_needs_no_keys(tmp_path):
+    assert run_checks(settings(tmp_path, CANPIPE_API_KEYS="", CANPIPE_INSECURE_NO_AUTH="1")) == []
+
+
+def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    bad = settings(tmp_path, CANPIPE_DATA_DIR=str(tmp_path / "file" / "data"))
+    problems = run_checks(bad, serving=False)
+    assert any(p.startswith(f"CANPIPE_DATA_DIR: {tmp_path / 'file' / 'data'} is not writable") for p in problems)
+
+
+def test_an_unreachable_queue_is_named_with_its_url(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    url = f"sqlite:///{tmp_path / 'file' / 'queue.db'}"  # a path under a regular file: cannot be opened
+    (problem,) = run_checks(settings(tmp_path, CANPIPE_QUEUE_URL=url), serving=False)
+    assert problem.startswith(f"CANPIPE_QUEUE_URL: queue {url} is not reachable: ")
+
+
+def test_every_problem_is_reported_in_one_run(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    bad = settings(
+        tmp_path,
+        CANPIPE_API_KEYS="",
+        CANPIPE_DATA_DIR=str(tmp_path / "file" / "data"),
+        CANPIPE_QUEUE_URL=f"sqlite:///{tmp_path / 'file' / 'queue.db'}",
+    )
+    assert [p.split(":", 1)[0] for p in run_checks(bad)] == [
+        "CANPIPE_API_KEYS",
+        "CANPIPE_DATA_DIR",
+        "CANPIPE_QUEUE_URL",
+    ]
+
+
+@pytest.mark.parametrize(("consumer_only", "status"), [(False, 1), (True, 0)])
+def test_canpipe_check_prints_each_problem_and_exits_non_zero(tmp_path, monkeypatch, capsys, consumer_only, status):
+    from engine.cli import main
+
+    monkeypatch.setenv("CANPIPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CANPIPE_QUEUE_URL", raising=False)
+    monkeypatch.setenv("CANPIPE_API_KEYS", "")
+    monkeypatch.delenv("CANPIPE_INSECURE_NO_AUTH", raising=False)
+    assert main(["check", *(["--consumer-only"] if consumer_only else [])]) == status
+    out = capsys.readouterr().out
+    if consumer_only:
+        assert out.strip() == "ok"
+    else:
+        assert out == "FAIL CANPIPE_API_KEYS: no API keys configured ('key_id:secret,...')\n1 check(s) failed\n"
