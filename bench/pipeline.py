@@ -26,10 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # canpipe_testing: free_port, healthy, wait_until
+
+from canpipe_testing import free_port, healthy, wait_until  # noqa: E402
 
 from engine import cost  # noqa: E402
 from engine.metrics import parse_counters, read_snapshots  # noqa: E402
-from engine.run import free_port, healthy, wait_until  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

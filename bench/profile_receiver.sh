@@ -8,7 +8,7 @@ secs=${2:-10}
 out=${OUT:-/tmp/canpipe-profile}
 mkdir -p "$out"
 data=$(mktemp -d)
-port=$(.venv/bin/python -c "from engine.run import free_port; print(free_port())")
+port=$(PYTHONPATH=tests .venv/bin/python -c "from canpipe_testing import free_port; print(free_port())")
 export CANPIPE_DATA_DIR=$data CANPIPE_API_KEYS=prof:secret
 .venv/bin/python -m engine serve --port "$port" > "$out/serve.log" 2>&1 &
 serve=$!

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -51,14 +52,15 @@ class _Key(msgspec.Struct):
 _key_decoder = msgspec.json.Decoder(_Key)
 
 
-def free_port() -> int:
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def wait_until(condition, timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``condition`` until it is true or ``timeout_s`` passes."""
+def _wait_until(condition: Callable[[], object], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``condition`` every ``interval_s`` until it is true or ``timeout_s`` passes; its last answer."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -67,7 +69,8 @@ def wait_until(condition, timeout_s: float, interval_s: float = 0.1) -> bool:
     return bool(condition())
 
 
-def healthy(url: str) -> bool:
+def _healthy(url: str) -> bool:
+    """The receiver at ``url`` answers ``GET /health`` with 200 within 1 s."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=1) as response:
             return response.status == 200
@@ -109,7 +112,7 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         old.unlink()  # the report covers this run only
     started_ns = time.time_ns()
     key = f"run:{secrets.token_urlsafe(16)}"
-    port = free_port()
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {
         "CANPIPE_DATA_DIR": str(data_dir),
@@ -120,7 +123,7 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     server = _child(["serve", "--port", str(port), "--workers", str(options.receiver_workers)], env)
     consumers = _child(["consume", "--workers", str(options.consumers)], env)
     try:
-        if not wait_until(lambda: healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
+        if not _wait_until(lambda: _healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
             raise CanpipeError("the receiver did not become healthy within 30 s")
         sim = Simulator(
             url,
@@ -140,8 +143,8 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         def on_disk() -> bool:
             return read_snapshots(metrics_dir).counters["canpipe_consumer_records_written_total"] >= len(accepted)
 
-        wait_until(on_disk, options.timeout_s, 0.2)
-        wait_until(lambda: _queue_empty(settings.queue_url), 10, 0.2)
+        _wait_until(on_disk, options.timeout_s, 0.2)
+        _wait_until(lambda: _queue_empty(settings.queue_url), 10, 0.2)
         receiver_usage = _receiver_sqs_usage(url)
     finally:
         consumer_code = _stop(consumers)

@@ -17,10 +17,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from engine import run as canpipe_run
 from engine.queues import QueueAttributes, open_queue
-from engine.run import wait_until
 from engine.simulator import SimulationResult, Simulator
 from engine.storage import iter_raw_files
+
+# canpipe run needs these three as well: one definition each, private to engine/run.py, public to the tests here
+free_port = canpipe_run._free_port  # a TCP port on 127.0.0.1 nothing listens on
+healthy = canpipe_run._healthy  # healthy(url): GET url/health answers 200
+wait_until = canpipe_run._wait_until  # wait_until(condition, timeout_s, interval_s=0.1) -> condition's last answer
 
 API_KEY = "test:s3cret-test-key"
 

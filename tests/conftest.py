@@ -9,9 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, http
-
-from engine.run import free_port, wait_until
+from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, free_port, http, wait_until
 
 
 @pytest.fixture

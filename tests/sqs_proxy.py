@@ -13,8 +13,7 @@ import threading
 
 import aiohttp
 from aiohttp import web
-
-from engine.run import free_port
+from canpipe_testing import free_port
 
 
 class FaultProxy:

@@ -397,9 +397,7 @@ def test_a_queue_file_from_before_the_indexed_schema_is_migrated(run, tmp_path):
 
 
 def test_an_unreachable_sqs_endpoint_says_what_to_do(run, monkeypatch):
-    from canpipe_testing import AWS_TEST_ENV
-
-    from engine.run import free_port
+    from canpipe_testing import AWS_TEST_ENV, free_port
 
     for name, value in AWS_TEST_ENV.items():
         monkeypatch.setenv(name, value)

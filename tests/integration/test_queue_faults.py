@@ -15,9 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from canpipe_testing import AWS_TEST_ENV, children, create_queue, http, key, make_record, on_disk, post_json, wait_for
-
-from engine.run import free_port, wait_until
+from canpipe_testing import (
+    AWS_TEST_ENV,
+    children,
+    create_queue,
+    free_port,
+    http,
+    key,
+    make_record,
+    on_disk,
+    post_json,
+    wait_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ import pytest
 from canpipe_testing import (
     Fleet,
     child_pids,
+    free_port,
     key,
     on_disk,
     port_closed,
@@ -24,7 +25,6 @@ from canpipe_testing import (
     wait_for,
 )
 
-from engine.run import free_port
 from engine.simulator import SimulationResult
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from canpipe_testing import Fleet, child_pids, children, key, on_disk, queue_counts, start_server, wait_for
-
-from engine.run import free_port
+from canpipe_testing import Fleet, child_pids, children, free_port, key, on_disk, queue_counts, start_server, wait_for
 
 SOAK_S = float(os.environ.get("CANPIPE_SOAK_S", "0"))
 RATE_PER_S = 500
