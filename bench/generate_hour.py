@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.schema import UTC, format_timestamp  # noqa: E402
 from engine.simulator import CAN_IDS  # noqa: E402
-from engine.storage import PartitionWriter  # noqa: E402
+from engine.storage import Hour, PartitionWriter  # noqa: E402
 
 # the signals each CAN id carries (CAN_IDS order)
 FRAMES = (
@@ -44,7 +44,7 @@ def generate(data_dir: Path, hour: dt.datetime, rate: int, vehicles: int, duplic
     temp = rng.uniform(15, 35, vehicles)
     start_us = int(hour.timestamp() * 1e6)
     writers = [PartitionWriter(data_dir, f"bench{w}") for w in range(2)]
-    key = (hour.year, hour.month, hour.day, hour.hour)
+    key = Hour.from_datetime(hour)
     written = 0
     chunk = 50_000
     for first in range(0, total, chunk):

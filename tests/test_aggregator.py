@@ -400,7 +400,7 @@ def _three_hours_the_middle_one_failing(data_dir: Path) -> list[dt.datetime]:
     hours = [HOUR - dt.timedelta(hours=2), HOUR - dt.timedelta(hours=1), HOUR]
     for n, hour in enumerate(hours):
         lines = [record(f"EV-{n}", hour + dt.timedelta(seconds=s), battery_soc=50.0) for s in range(10)]
-        write(data_dir, [*lines, *BAD_LINES[:2]], hour=(hour.year, hour.month, hour.day, hour.hour))
+        write(data_dir, [*lines, *BAD_LINES[:2]], hour=Hour.from_datetime(hour))
     aggregator.output_path(data_dir, hours[1]).mkdir(parents=True)
     return hours
 

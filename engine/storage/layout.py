@@ -47,7 +47,7 @@ class Hour(NamedTuple):
         return dt.datetime(self.year, self.month, self.day, self.hour, tzinfo=UTC)
 
 
-def hour_path(raw_dir: Path, hour: Hour | tuple[int, int, int, int]) -> Path:
+def hour_path(raw_dir: Path, hour: Hour) -> Path:
     """The folder of ``hour`` under ``raw_dir`` (``year=YYYY/month=MM/day=DD/hour=HH``)."""
     year, month, day, hh = hour
     return Path(raw_dir) / f"year={year:04d}" / f"month={month:02d}" / f"day={day:02d}" / f"hour={hh:02d}"
