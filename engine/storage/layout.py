@@ -33,8 +33,9 @@ class Hour(NamedTuple):
 
     @classmethod
     def from_epoch_hour(cls, index: int) -> Hour:
-        """The hour ``index`` hours after the Unix epoch (``epoch_s // 3600``)."""
-        return cls.from_datetime(dt.datetime.fromtimestamp(index * 3600, UTC))
+        """The hour ``index`` hours after the Unix epoch (``epoch_s // 3600``); once per consumed message."""
+        moment = dt.datetime.fromtimestamp(index * 3600, UTC)
+        return cls(moment.year, moment.month, moment.day, moment.hour)
 
     @classmethod
     def from_epoch_us(cls, epoch_us: int) -> Hour:
