@@ -20,7 +20,7 @@ from pathlib import Path
 from engine import run as canpipe_run
 from engine.queues import QueueAttributes, open_queue
 from engine.simulator import SimulationResult, Simulator
-from engine.storage import iter_raw_files
+from engine.storage import iter_raw_files, read_complete_lines
 
 # canpipe run needs these three as well: one definition each, private to engine/run.py, public to the tests here
 free_port = canpipe_run._free_port  # a TCP port on 127.0.0.1 nothing listens on
@@ -158,8 +158,7 @@ def queue_empty(url: str) -> bool:
 def on_disk(data_dir: Path) -> list[dict]:
     out = []
     for path in iter_raw_files(data_dir / "raw"):
-        data = path.read_bytes()
-        out += [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+        out += [json.loads(line) for line in read_complete_lines(path).splitlines()]
     return out
 
 

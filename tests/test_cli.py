@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from canpipe_testing import modules_loaded_by
+from canpipe_testing import make_record, modules_loaded_by, post_json, queue_stats
 
 from engine.cli import main
 
@@ -46,6 +46,18 @@ def test_serve_refuses_to_start_without_keys(env):
     done = canpipe("serve", env=env | {"CANPIPE_API_KEYS": ""}, timeout=30)
     assert done.returncode == 1
     assert "CANPIPE_API_KEYS" in done.stderr
+
+
+def test_serve_hands_its_flags_to_the_receiver_workers(serve, env, tmp_path):
+    # the workers build their settings from the environment: the flags must reach them, not only the parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    queue_url = f"sqlite:///{elsewhere / 'flagged.db'}"
+    bare = {k: v for k, v in env.items() if k not in ("CANPIPE_API_KEYS", "CANPIPE_QUEUE_URL")}
+    url = serve(bare, "--insecure-no-auth", "--data-dir", str(elsewhere), "--queue-url", queue_url)
+    status, _, body = post_json(url, make_record(), key=None)
+    assert (status, body) == (202, {"accepted": 1})
+    assert queue_stats(queue_url).visible == 1
 
 
 def test_bad_setting_is_named(env):
