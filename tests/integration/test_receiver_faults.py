@@ -7,6 +7,7 @@ retry), never a 202 for something that was not queued.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -92,7 +93,9 @@ def test_sigterm_of_consumers_and_receiver_under_load_loses_nothing_and_exits_0(
     wait_for(lambda: fleet.accepted >= 500 and on_disk(data_dir), 30, "load flowing and records on disk")
     # consumers first: each flushes the batch it holds, deletes it, and exits 0 while records keep coming
     assert consumers.stop(signal.SIGTERM) == 0, consumers.output()
-    assert consumers.output().count(", 0 errors") == 2, consumers.output()
+    summaries = re.findall(r"records written in \d+ batches, (\d+) errors", consumers.output())
+    # a worker still starting when SIGTERM came ends without a summary (it held nothing)
+    assert summaries and set(summaries) == {"0"}, consumers.output()
     started = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0, server.output()  # in-flight requests finish first
     assert time.monotonic() - started < 30
