@@ -74,8 +74,8 @@ class Settings:
     batch_seconds: float = 2.0
     visibility_timeout_s: float = 30.0
     rotate_bytes: int = 5 * 1024 * 1024
-    send_linger_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 50)
-    receive_interval_ms: float | None = None  # None: the backend's default (SQLite 0, SQS 200)
+    send_linger_ms: float | None = None  # None: the backend's profile (SQLite 0, SQS 50); QueueProfile.with_overrides
+    receive_interval_ms: float | None = None  # None: the backend's profile (SQLite 0, SQS 200)
     dbc: str = ""
     queue_max_bytes: int = 2 * 1024**3  # embedded queue: past this many message bytes a send is refused (503)
 
@@ -110,10 +110,6 @@ class Settings:
             dbc=env.get("CANPIPE_DBC", ""),
             queue_max_bytes=int(_number(env, "CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes)),
         )
-
-    def backend_default(self, value_ms: float | None, queue: object, attribute: str) -> float:
-        """A pacing setting in seconds: the configured one, else the queue backend's own default."""
-        return value_ms / 1000.0 if value_ms is not None else float(getattr(queue, attribute, 0.0))
 
     def require_auth(self) -> None:
         """Refuse to serve without keys unless explicitly told to (``--insecure-no-auth``)."""

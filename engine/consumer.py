@@ -166,7 +166,9 @@ class Consumer:
 
     async def _receive_forever(self) -> None:
         # SQS bills every call: poll less often and gather more per call (unless a receive came back full)
-        pace = self.settings.backend_default(self.settings.receive_interval_ms, self.queue, "min_receive_interval_s")
+        pace = self.queue.profile.with_overrides(
+            send_linger_ms=None, receive_interval_ms=self.settings.receive_interval_ms
+        ).receive_interval_s
         backoff = 0.5
         while True:
             while self.held_records >= MAX_HELD_RECORDS:  # the writer is behind: stop fetching until it flushed
@@ -319,7 +321,7 @@ class Consumer:
                         h.visible_since_s = now
 
     def write_snapshot(self) -> None:
-        for name, value in queue_usage(self.queue).items():
+        for name, value in queue_usage(self.queue.usage()).items():
             self.metrics.counters[name] = value
         if self.snapshot is not None:
             with contextlib.suppress(OSError):

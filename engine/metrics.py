@@ -10,10 +10,14 @@ import collections
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from engine.kernels import LatencyHistogram
+
+if TYPE_CHECKING:
+    from engine.queues import QueueUsage
 
 STAGES = ("ingest", "queue", "processing", "end_to_end")
 QUANTILES = (0.5, 0.95, 0.99)
@@ -101,22 +105,25 @@ def read_snapshots(directory: Path) -> Metrics:
     return total
 
 
-def queue_usage(queue: object) -> dict[str, int]:
-    """API calls by action and billed requests of an SQS client, as counter names (empty for SQLite)."""
-    calls = getattr(queue, "calls", None)
-    if calls is None:
+def queue_usage(usage: QueueUsage | None) -> dict[str, int]:
+    """A queue's ``usage()`` (SQS API calls by action and billed requests) as counter names; empty for a
+    backend not billed per request (SQLite)."""
+    if usage is None:
         return {}
-    usage = {f'canpipe_sqs_requests_total{{action="{action}"}}': n for action, n in sorted(calls.items())}
-    usage["canpipe_sqs_billed_requests_total"] = getattr(queue, "billed_requests", 0)
-    return usage
+    counters = {
+        f'canpipe_sqs_requests_total{{action="{action}"}}': n for action, n in sorted(usage.requests_by_action.items())
+    }
+    counters["canpipe_sqs_billed_requests_total"] = usage.billed_requests
+    return counters
 
 
-def render_queue_usage(queue: object) -> str:
-    usage = queue_usage(queue)
-    if not usage:
+def render_queue_usage(usage: QueueUsage | None) -> str:
+    """``queue_usage`` as Prometheus text with its TYPE lines (empty for SQLite)."""
+    counters = queue_usage(usage)
+    if not counters:
         return ""
     head = "# TYPE canpipe_sqs_requests_total counter\n# TYPE canpipe_sqs_billed_requests_total counter\n"
-    return head + "".join(f"{name} {value}\n" for name, value in usage.items())
+    return head + "".join(f"{name} {value}\n" for name, value in counters.items())
 
 
 def parse_counters(text: str, prefix: str) -> dict[str, float]:

@@ -157,7 +157,7 @@ class Publisher:
             await self._wakeup.wait()
             if self.linger_s and self._pending:
                 # gather for up to linger_s after the oldest request, unless a message is full already
-                if sum(len(r.chunk) for r in self._pending) < self.queue.max_message_bytes:
+                if sum(len(r.chunk) for r in self._pending) < self.queue.profile.max_message_bytes:
                     await asyncio.sleep(max(0.0, self._pending[0].enqueued_at + self.linger_s - loop.time()))
             await self._slots.acquire()
             self._wakeup.clear()
@@ -172,7 +172,7 @@ class Publisher:
     async def _send(self, requests: list[_Request]) -> None:
         try:
             try:
-                entries = pack(requests, self.queue.max_message_bytes)
+                entries = pack(requests, self.queue.profile.max_message_bytes)
             except QueueError as exc:
                 for request in requests:
                     self._finish(request, exc)

@@ -169,12 +169,15 @@ class Receiver:
         # past the pending cap a request could never be accepted: 413, not a 503 that invites a retry
         self.max_records = min(settings.max_records_per_request, settings.max_pending_records)
         self._last_auth_log = -1e9
+        profile = queue.profile.with_overrides(
+            send_linger_ms=settings.send_linger_ms, receive_interval_ms=settings.receive_interval_ms
+        )
         self.publisher = Publisher(
             queue,
             max_pending_records=settings.max_pending_records,
             timeout_s=settings.publish_timeout_s,
-            concurrency=getattr(queue, "send_concurrency", 1),
-            linger_s=settings.backend_default(settings.send_linger_ms, queue, "send_linger_s"),
+            concurrency=profile.send_concurrency,
+            linger_s=profile.send_linger_s,
         )
 
     def _auth_failed(self, header: str | None) -> None:
@@ -272,7 +275,7 @@ class Receiver:
         text += (
             f"# TYPE canpipe_queue_send_calls_total counter\ncanpipe_queue_send_calls_total {self.publisher.calls}\n"
         )
-        text += render_queue_usage(self.queue)
+        text += render_queue_usage(self.queue.usage())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:

@@ -8,12 +8,13 @@ import pytest
 
 from engine.errors import QueueBroken, QueueError, QueueSaturated
 from engine.publisher import Publisher, _Request, pack
+from engine.queues import QueueProfile
 
 
 class RecordingQueue:
     """Stores what it is sent; can fail chosen entries or whole calls, or stall."""
 
-    max_message_bytes = 1000
+    profile = QueueProfile(max_message_bytes=1000)
 
     def __init__(self, fail_entries=(), fail_calls=0, delay=0.0):
         self.calls: list[list[bytes]] = []

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from engine.errors import ConfigError, QueueError
-from engine.queues import QueueAttributes, open_queue
+from engine.queues import QueueAttributes, QueueProfile, QueueUsage, open_queue
 
 
 @pytest.fixture(params=["sqlite", "sqs"])
@@ -147,7 +147,37 @@ def test_many_competing_receivers_get_each_message_once(run, queue, queue_url):
 def test_oversized_message_is_refused(run, queue):
     run(queue.ping())  # SQS: reads the queue's MaximumMessageSize
     with pytest.raises(QueueError):
-        run(queue.send_batch([os.urandom(queue.max_message_bytes * 2).hex().encode()]))  # text that won't compress
+        too_big = os.urandom(queue.profile.max_message_bytes * 2).hex().encode()  # text that won't compress
+        run(queue.send_batch([too_big]))
+
+
+def test_every_backend_declares_its_profile_and_usage(queue_url, queue, run):
+    """The contract callers rely on instead of probing attributes: a frozen profile with the pacing and
+    size limit, and usage() counters for a backend billed per request (SQS) or None (SQLite)."""
+    profile = queue.profile
+    assert isinstance(profile, QueueProfile)
+    assert isinstance(profile.max_message_bytes, int) and profile.max_message_bytes >= 64 * 1024
+    assert isinstance(profile.send_concurrency, int) and profile.send_concurrency >= 1
+    assert profile.send_linger_s >= 0 and profile.receive_interval_s >= 0
+    with pytest.raises(AttributeError):
+        profile.send_concurrency = 2  # frozen: no caller retunes a backend behind the others' backs
+    run(queue.ping())
+    usage = queue.usage()
+    if queue_url.startswith("sqlite://"):
+        assert usage is None
+        assert (profile.send_linger_s, profile.receive_interval_s) == (0.0, 0.0)
+    else:
+        assert isinstance(usage, QueueUsage)
+        assert usage.billed_requests >= 1 and usage.requests_by_action["GetQueueAttributes"] >= 1
+        assert (profile.send_concurrency, profile.send_linger_s, profile.receive_interval_s) == (16, 0.05, 0.2)
+
+
+def test_operator_pacing_overrides_the_backend_profile():
+    sqs_like = QueueProfile(max_message_bytes=1000, send_concurrency=16, send_linger_s=0.05, receive_interval_s=0.2)
+    assert sqs_like.with_overrides(send_linger_ms=None, receive_interval_ms=None) == sqs_like
+    tuned = sqs_like.with_overrides(send_linger_ms=0, receive_interval_ms=500)
+    assert (tuned.send_linger_s, tuned.receive_interval_s) == (0.0, 0.5)
+    assert (tuned.max_message_bytes, tuned.send_concurrency) == (1000, 16)
 
 
 def test_unknown_url_scheme_names_the_setting():

@@ -8,7 +8,7 @@ A backend knows nothing of HTTP or files.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from engine.errors import ConfigError
@@ -51,10 +51,48 @@ class QueueAttributes:
     dlq_retention_s: int = DEFAULT_DLQ_RETENTION_S
 
 
+@dataclasses.dataclass(frozen=True)
+class QueueProfile:
+    """How callers should pace a backend: what one call may carry and how often calls should be made.
+
+    ``max_message_bytes``: the largest body ``send_batch`` takes. ``send_concurrency``: concurrent send calls
+    per publisher. ``send_linger_s``: how long a publisher gathers requests into fuller (on SQS: cheaper)
+    calls. ``receive_interval_s``: a consumer polls at most this often unless a receive came back full.
+    """
+
+    max_message_bytes: int
+    send_concurrency: int = 1
+    send_linger_s: float = 0.0
+    receive_interval_s: float = 0.0
+
+    def with_overrides(self, *, send_linger_ms: float | None, receive_interval_ms: float | None) -> QueueProfile:
+        """This profile with the operator's pacing (CANPIPE_SEND_LINGER_MS, CANPIPE_RECEIVE_INTERVAL_MS, in
+        milliseconds) where set; None keeps the backend's own."""
+        return dataclasses.replace(
+            self,
+            send_linger_s=self.send_linger_s if send_linger_ms is None else send_linger_ms / 1000.0,
+            receive_interval_s=self.receive_interval_s if receive_interval_ms is None else receive_interval_ms / 1000.0,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueUsage:
+    """What a per-request-billed backend (SQS) has been asked for by this process: API calls by action and
+    billed requests (every 64 KiB of a request is one)."""
+
+    requests_by_action: Mapping[str, int]
+    billed_requests: int
+
+
 class Queue(Protocol):
     """What every backend offers. Bodies are bytes; each may hold many telemetry records."""
 
-    max_message_bytes: int
+    @property
+    def profile(self) -> QueueProfile:
+        """The backend's pacing and size limit (SQS learns its message size from the queue on first send)."""
+
+    def usage(self) -> QueueUsage | None:
+        """Request counters for a backend billed per request; None for one that is not (SQLite)."""
 
     async def send_batch(self, bodies: Sequence[bytes]) -> list[int]:
         """Send up to 10 bodies; return the indices of the entries that failed (empty: all stored).

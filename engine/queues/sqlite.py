@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from engine.errors import QueueBroken, QueueError, QueueSaturated
-from engine.queues import QueueAttributes, QueueStats, Received
+from engine.queues import Queue, QueueAttributes, QueueProfile, QueueStats, QueueUsage, Received
 from engine.queues.clock import CLOCK_SCHEMA, QueueClock
 
 T = TypeVar("T")
@@ -83,7 +83,7 @@ class SqliteQueue:
     (0: unbounded).
     """
 
-    max_message_bytes = MAX_MESSAGE_BYTES
+    profile = QueueProfile(max_message_bytes=MAX_MESSAGE_BYTES)  # local calls: no linger, no pacing
 
     def __init__(self, path: str, *, visibility_timeout_s: float | None = None, max_bytes: int = 0) -> None:
         self.path = Path(path)
@@ -297,8 +297,8 @@ class SqliteQueue:
     async def send_batch(self, bodies: Sequence[bytes]) -> list[int]:
         size = 0
         for body in bodies:
-            if len(body) > self.max_message_bytes:
-                raise QueueError(f"message of {len(body)} bytes exceeds {self.max_message_bytes}")
+            if len(body) > MAX_MESSAGE_BYTES:
+                raise QueueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
             size += len(body)
 
         def send(conn: sqlite3.Connection) -> list[int]:
@@ -495,6 +495,9 @@ class SqliteQueue:
 
         await self._run(ping)
 
+    def usage(self) -> QueueUsage | None:
+        return None  # not billed per request
+
     async def close(self) -> None:
         if self._wake_sock is not None:
             with contextlib.suppress(Exception):
@@ -512,3 +515,6 @@ class SqliteQueue:
 
             await asyncio.get_running_loop().run_in_executor(self._executor, close_quietly)
         self._executor.shutdown(wait=False)
+
+
+_: type[Queue] = SqliteQueue  # mypy: the backend offers every member of the protocol

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from engine.errors import QueueError
-from engine.queues import MAX_BATCH_ENTRIES, QueueAttributes, QueueStats, Received
+from engine.queues import MAX_BATCH_ENTRIES, Queue, QueueAttributes, QueueProfile, QueueStats, QueueUsage, Received
 
 BILLING_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024  # until the queue's own MaximumMessageSize is read
@@ -52,21 +52,29 @@ def _billed_units(payload_bytes: int) -> int:
 class SqsQueue:
     """The SQS backend. One aiobotocore client per instance, created on first use."""
 
-    send_concurrency = 16  # concurrent SendMessageBatch calls per publisher
-    send_linger_s = 0.05  # a publisher gathers requests this long: fewer, fuller (cheaper) calls
-    min_receive_interval_s = 0.2  # a consumer polls at most this often unless a receive came back full
-
     def __init__(self, url: str, *, visibility_timeout_s: float | None = None) -> None:
         self.url = url
         self.name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
         self.visibility_timeout_s = visibility_timeout_s
-        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES * 3 // 4  # raw bytes: base64 of incompressible data fits
+        self._max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES * 3 // 4  # raw bytes: base64 of incompressible data fits
         self._max_request_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.calls: collections.Counter[str] = collections.Counter()
         self.billed_requests = 0
         self._client: Any = None
         self._client_cm: Any = None
         self._limits_read = False
+
+    @property
+    def profile(self) -> QueueProfile:
+        return QueueProfile(
+            max_message_bytes=self._max_message_bytes,
+            send_concurrency=16,  # concurrent SendMessageBatch calls per publisher
+            send_linger_s=0.05,  # a publisher gathers requests this long: fewer, fuller (cheaper) calls
+            receive_interval_s=0.2,  # SQS bills every receive, even an empty one
+        )
+
+    def usage(self) -> QueueUsage | None:
+        return QueueUsage(requests_by_action=dict(self.calls), billed_requests=self.billed_requests)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -120,7 +128,7 @@ class SqsQueue:
             ]
             limit = int(attrs.get("MaximumMessageSize", DEFAULT_MAX_MESSAGE_BYTES))
             self._max_request_bytes = limit
-            self.max_message_bytes = limit * 3 // 4
+            self._max_message_bytes = limit * 3 // 4
             self._limits_read = True
 
     # --- protocol -------------------------------------------------------------------------------
@@ -311,3 +319,6 @@ def _advice(exc: Exception) -> str:
     if "Connect" in kind or "Endpoint" in kind or "Timeout" in kind:
         return "the SQS endpoint is unreachable (is it up? AWS_ENDPOINT_URL_SQS, network); canpipe keeps retrying"
     return "canpipe keeps retrying"
+
+
+_: type[Queue] = SqsQueue  # mypy: the backend offers every member of the protocol
