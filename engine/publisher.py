@@ -116,10 +116,29 @@ class Publisher:
     def start(self) -> None:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
-    async def close(self) -> None:
-        """Finish what was handed over, then stop."""
-        while self._pending or self._calls_in_flight:
+    async def close(self, deadline_s: float | None = None) -> None:
+        """Finish what was handed over, then stop; wait at most ``deadline_s`` seconds (default: the publish
+        timeout) for the queue. Past it, every request not yet acknowledged fails with QueueError (its client
+        gets a 503 and may retry) and close returns: a queue that never answers cannot hold a shutdown."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout_s if deadline_s is None else deadline_s)
+        while (self._pending or self._calls_in_flight) and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        if self._pending or self._calls_in_flight:
+            error = QueueError("the queue did not answer before shutdown")
+            requests, self._pending = self._pending, []
+            for request in requests:
+                self._finish(request, error)
+            calls = list(self._calls_in_flight)
+            for call in calls:
+                call.cancel()  # _send fails the requests it carried
+            await asyncio.gather(*calls, return_exceptions=True)
+            log.warning(
+                "publisher closed: the queue did not answer within the deadline; %d waiting requests failed and %d"
+                " unanswered calls abandoned (stage=publish)",
+                len(requests),
+                len(calls),
+            )
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,6 +198,10 @@ class Publisher:
                 return
             calls = [entries[i : i + MAX_BATCH_ENTRIES] for i in range(0, len(entries), MAX_BATCH_ENTRIES)]
             await asyncio.gather(*(self._send_call(call) for call in calls))
+        except asyncio.CancelledError:  # close gave up on the queue: nobody may wait on these any longer
+            for request in requests:
+                self._finish(request, QueueError("the queue did not answer before shutdown"))
+            raise
         finally:
             self._slots.release()
             if self._pending:
