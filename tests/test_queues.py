@@ -99,14 +99,16 @@ def test_long_poll_waits_without_messages_and_wakes_on_send(run, queue, queue_ur
 
     other = open_queue(queue_url)
 
-    async def send_later():
-        await asyncio.sleep(0.5)
+    async def send_later(receiving):
+        await asyncio.sleep(0.5)  # the scenario itself: the send comes while the receive is in its long poll
+        assert not receiving.done(), "the receive returned before anything was sent"
         await other.send_batch([b"late"])
 
     async def poll():
-        sender = asyncio.create_task(send_later())
         t0 = time.monotonic()
-        got = await queue.receive(10, 10.0)
+        receiving = asyncio.ensure_future(queue.receive(10, 10.0))
+        sender = asyncio.create_task(send_later(receiving))
+        got = await receiving
         await sender
         return got, time.monotonic() - t0
 
@@ -195,10 +197,13 @@ def test_unreachable_sqlite_path_raises_queue_error(run, tmp_path):
 
 def test_retention_drops_expired_messages(run, tmp_path):
     q = open_queue(f"sqlite:///{tmp_path / 'r.db'}")
-    run(q.create(QueueAttributes(retention_s=1)))
+    run(q.create(QueueAttributes(retention_s=60)))
     run(q.send_batch([b"old"]))
-    time.sleep(1.1)
+    assert run(q.stats()).visible == 1
+    queue_time = q._clock.now_ms
+    q._clock.now_ms = lambda: queue_time() + 61_000  # the queue's own clock, 61 s on: past the retention
     assert run(q.receive(10, 0)) == []
+    assert run(q.stats()).visible == 0
     run(q.close())
 
 

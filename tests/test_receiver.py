@@ -11,6 +11,8 @@ import time
 import pytest
 from canpipe_testing import API_KEY, http, make_record, post_json, queued_records, wait_for
 
+from engine.metrics import parse_counters
+
 
 @pytest.fixture
 def url(serve, env) -> str:
@@ -150,6 +152,12 @@ def _lock(data_dir) -> sqlite3.Connection:
     return conn
 
 
+def pending_records(url: str) -> int:
+    """The receiver's records handed to its publisher and not yet answered by the queue."""
+    metrics = http("GET", url + "/metrics")[2].decode()
+    return int(parse_counters(metrics, "canpipe_publisher_pending_records")["canpipe_publisher_pending_records"])
+
+
 def test_no_202_until_the_queue_has_the_records(serve, env, data_dir):
     url = serve(env | {"CANPIPE_PUBLISH_TIMEOUT_S": "1.5"})
     lock = _lock(data_dir)
@@ -163,12 +171,13 @@ def test_no_202_until_the_queue_has_the_records(serve, env, data_dir):
         lock.close()
 
     # while the queue is blocked the request waits; the 202 comes only after the queue committed it
+    wait_for(lambda: pending_records(url) == 0, 10, "the 503'd request's send to settle")
     lock = _lock(data_dir)
     answers = []
     record = make_record(7, vehicle_id="EV-LATE")
     client = threading.Thread(target=lambda: answers.append((post_json(url, record)[0], time.monotonic())))
     client.start()
-    time.sleep(0.3)
+    wait_for(lambda: pending_records(url) == 1, 10, "the request to wait on the blocked queue")
     assert answers == []
     released = time.monotonic()
     lock.execute("ROLLBACK")
