@@ -32,15 +32,13 @@ from engine.metrics import Metrics, render_queue_usage
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
 from engine.queues import Queue, open_queue
-from engine.schema import UTC, SkewError, check_clock, decode_records, encode_stored
+from engine.schema import UTC, SkewError, check_clock, decode_records, encode_stored, validation_errors
 
 log = logging.getLogger("canpipe.receiver")
 
 JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
-_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 _DUMMY_DIGEST = hashlib.sha256(b"canpipe-no-such-key").digest()
-MAX_REPORTED_ERRORS = 50
 
 
 class BodyTooLarge(Exception):
@@ -107,33 +105,6 @@ class RateLimiter:
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
-
-
-def _validation_errors(body: bytes, ndjson: bool, first: Exception) -> list[dict[str, str]]:
-    """Every bad record's error (decode each record alone; only on the error path)."""
-    items: list[bytes] | list[msgspec.Raw]
-    if ndjson:
-        items = [line for line in body.splitlines() if line.strip()]
-        prefix = "$[{}]"
-    else:
-        array = body.lstrip()[:1] == b"["
-        try:
-            items = _raw_list.decode(body) if array else [body]
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
-            message, _, path = str(first).partition(" - at `")
-            return [{"path": path.rstrip("`") or "$", "message": message}]
-        prefix = "$[{}]" if array else "$"
-    errors = []
-    for index, item in enumerate(items):
-        try:
-            decode_records(bytes(item), ndjson=False)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            message, _, path = str(exc).partition(" - at `")
-            path = path.rstrip("`") or "$"
-            errors.append({"path": prefix.format(index) + path[1:], "message": message})
-            if len(errors) >= MAX_REPORTED_ERRORS:
-                break
-    return errors or [{"path": "$", "message": str(first)}]
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -235,7 +206,7 @@ class Receiver:
         except SkewError as exc:
             return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(422, "validation", str(exc), errors=_validation_errors(body, ndjson, exc))
+            return _error(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
         wait_s = self.limiter.retry_after_s(key_id, len(records))
         if wait_s:
             self.metrics.inc("canpipe_ingest_rate_limited_records_total", len(records))

@@ -66,13 +66,6 @@ class Telemetry(msgspec.Struct, forbid_unknown_fields=True):
     payload: Payload
 
 
-class Stamps(msgspec.Struct):
-    """The fields a consumer reads from a stored line (everything else passes through as bytes)."""
-
-    timestamp: dt.datetime
-    ingest_received_at: dt.datetime
-
-
 class SkewError(ValueError):
     """A record's client timestamp is too far from the server clock; ``path`` names the record."""
 
@@ -84,7 +77,7 @@ class SkewError(ValueError):
 _one = msgspec.json.Decoder(Telemetry)
 _many = msgspec.json.Decoder(list[Telemetry])
 _encoder = msgspec.json.Encoder()
-stamps_decoder = msgspec.json.Decoder(Stamps)
+MAX_REPORTED_ERRORS = 50  # per response: a body of 10,000 bad records gets a readable answer
 
 
 def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
@@ -102,6 +95,46 @@ def decode_records(body: bytes, *, ndjson: bool) -> list[Telemetry]:
         raise msgspec.DecodeError("JSON is nested too deeply") from None
     check_unique_keys(body, records, ndjson=ndjson)
     return records
+
+
+def validation_errors(body: bytes, *, ndjson: bool) -> list[dict[str, str]]:
+    """Every bad record's error as ``{"path": "$[2].payload.battery_soc", "message": ...}``, at most
+    ``MAX_REPORTED_ERRORS``; empty when ``decode_records`` accepts the body. Each record is decoded alone, so
+    call it only on the error path. A body that does not split into records gets its first error."""
+    try:
+        decode_records(body, ndjson=ndjson)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        first = exc
+    else:
+        return []
+    items: list[bytes]
+    if ndjson:
+        items = [line for line in body.splitlines() if line.strip()]
+        prefix = "$[{}]"
+    else:
+        array = body.lstrip()[:1] == b"["
+        try:
+            items = [bytes(raw) for raw in _raw_items.decode(body)] if array else [body]
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            return [_located(first)]
+        prefix = "$[{}]" if array else "$"
+    errors = []
+    for index, item in enumerate(items):
+        try:
+            decode_records(item, ndjson=False)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            error = _located(exc)
+            error["path"] = prefix.format(index) + error["path"][1:]
+            errors.append(error)
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+    return errors or [_located(first)]
+
+
+def _located(exc: Exception) -> dict[str, str]:
+    """msgspec's ``message - at `$.path``` as ``{"path", "message"}`` (path ``$`` when it names none)."""
+    message, _, path = str(exc).partition(" - at `")
+    return {"path": path.rstrip("`") or "$", "message": message}
 
 
 def _decode(body: bytes, ndjson: bool) -> list[Telemetry]:

@@ -9,9 +9,16 @@ import msgspec
 import pytest
 from canpipe_testing import make_record
 
-from engine.schema import SkewError, check_clock, decode_records, encode_stored, json_schema
-
-UTC = dt.UTC
+from engine.schema import (
+    MAX_REPORTED_ERRORS,
+    UTC,
+    SkewError,
+    check_clock,
+    decode_records,
+    encode_stored,
+    json_schema,
+    validation_errors,
+)
 
 
 def body(*records: dict) -> bytes:
@@ -161,3 +168,31 @@ def test_invalid_utf8_and_deep_nesting_are_decode_errors(raw, message):
         decode_records(raw, ndjson=False)
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError), match=message):
         decode_records(raw, ndjson=True)
+
+
+def test_validation_errors_name_every_bad_record_of_an_array_and_ndjson():
+    """The receiver's 422 detail: each bad record by its path, from the same decoder that accepts records."""
+    good, soc, voltage = make_record(0), make_record(1, battery_soc=101.0), make_record(2, battery_voltage=-1.0)
+    assert validation_errors(body(good, good), ndjson=False) == []
+    errors = validation_errors(body(good, soc, good, voltage), ndjson=False)
+    assert [e["path"] for e in errors] == ["$[1].payload.battery_soc", "$[3].payload.battery_voltage"]
+    assert errors[0]["message"] == "Expected `float` <= 100.0"
+    lines = b"\n".join(json.dumps(r).encode() for r in (good, soc)) + b"\n\n" + json.dumps(voltage).encode()
+    paths = [e["path"] for e in validation_errors(lines, ndjson=True)]
+    assert paths == ["$[1].payload.battery_soc", "$[2].payload.battery_voltage"]  # blank lines are not records
+    assert [e["path"] for e in validation_errors(json.dumps(soc).encode(), ndjson=False)] == ["$.payload.battery_soc"]
+
+
+def test_validation_errors_report_duplicate_keys_and_are_capped():
+    duplicate = _with(json.dumps(make_record(0)), '"can_id"', '"vehicle_id": "EV-2", "can_id"')
+    errors = validation_errors(b"[" + json.dumps(make_record(1)).encode() + b"," + duplicate + b"]", ndjson=False)
+    assert errors == [{"path": "$[1]", "message": "Object contains duplicate key `vehicle_id`"}]
+    many = body(*[make_record(i, battery_soc=200.0) for i in range(MAX_REPORTED_ERRORS + 10)])
+    assert len(validation_errors(many, ndjson=False)) == MAX_REPORTED_ERRORS
+
+
+def test_a_body_that_does_not_split_into_records_gets_its_first_error():
+    """A broken array cannot be cut into records: the whole body's first error stands for all."""
+    assert validation_errors(b'[{"timestamp": 1}, {oops', ndjson=False) == [
+        {"path": "$[0].timestamp", "message": "Expected `datetime`, got `int`"}
+    ]
