@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.metrics import Metrics, read_snapshots, write_snapshot
+from engine.metrics import Metrics, queue_usage, read_snapshots, render_queue_usage, write_snapshot
+from engine.queues import QueueUsage
 
 
 def test_snapshots_from_several_processes_merge_by_adding(tmp_path):
@@ -32,3 +33,16 @@ def test_prometheus_text():
     assert 'canpipe_latency_seconds_count{stage="ingest"} 0' in text
     assert text.count("# TYPE canpipe_consumer_errors_total counter") == 1
     assert 'canpipe_consumer_errors_total{stage="delete"} 2' in text
+
+
+def test_queue_usage_renders_sqs_counters_and_nothing_for_sqlite():
+    """/metrics and the consumer snapshots show a queue's usage(): SQS calls by action and billed requests;
+    a backend not billed per request (usage() is None) adds no lines."""
+    assert queue_usage(None) == {} and render_queue_usage(None) == ""
+    usage = QueueUsage(requests_by_action={"SendMessageBatch": 3, "GetQueueAttributes": 1}, billed_requests=5)
+    assert render_queue_usage(usage) == (
+        "# TYPE canpipe_sqs_requests_total counter\n# TYPE canpipe_sqs_billed_requests_total counter\n"
+        'canpipe_sqs_requests_total{action="GetQueueAttributes"} 1\n'
+        'canpipe_sqs_requests_total{action="SendMessageBatch"} 3\n'
+        "canpipe_sqs_billed_requests_total 5\n"
+    )
