@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
+import subprocess
+import sys
+import threading
 
 import aiohttp
 import msgspec
+import pytest
 from aiohttp import web
+from canpipe_testing import free_port
 
 from engine.schema import Telemetry
 from engine.simulator import PackModel, Simulator, describe
@@ -66,3 +73,91 @@ def test_unreachable_receiver_counts_failures():
     sim = Simulator("http://127.0.0.1:9", vehicles=1, rate_ms=1000, duration_s=0.1, max_attempts=2)
     result = asyncio.run(sim.run())
     assert result.failed == 1 and result.accepted == 0
+
+
+# --- open loop: the asked rate against a receiver made slow on purpose ---------------------------------------
+
+
+@pytest.fixture
+def slow_receiver():
+    """A real HTTP server on 127.0.0.1 (aiohttp, its own thread and loop) that answers 202 after 200 ms."""
+    ready = threading.Event()
+    state: dict = {}
+
+    async def ingest(request):
+        await request.read()
+        await asyncio.sleep(0.2)
+        return web.json_response({"accepted": 1}, status=202)
+
+    async def serve():
+        app = web.Application()
+        app.router.add_post("/ingest", ingest)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        state["port"] = site._server.sockets[0].getsockname()[1]
+        state["stop"] = asyncio.Event()
+        ready.set()
+        await state["stop"].wait()
+        await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10), "the slow receiver did not start"
+    yield f"http://127.0.0.1:{state['port']}"
+    loop.call_soon_threadsafe(state["stop"].set)
+    thread.join(10)
+    loop.close()
+
+
+def test_slow_receiver_does_not_lower_the_rate(slow_receiver):
+    # 5 vehicles every 20 ms = 250 records/s; at 200 ms an answer, a vehicle waiting for each answer would
+    # send 5 a second (25 records/s in all): open-loop keeps ~10 requests in flight per vehicle instead
+    sim = Simulator(slow_receiver, vehicles=5, rate_ms=20, duration_s=2.0)
+    result = asyncio.run(sim.run())
+    summary = describe(result)
+    assert result.target_rate == pytest.approx(250.0)
+    assert result.achieved_rate == pytest.approx(250.0, rel=0.1), summary
+    assert result.accepted == result.sent >= 400 and result.failed == 0, summary
+    assert not result.short and "SHORTFALL" not in summary, summary
+    assert "target 250.0 records/s, achieved" in summary
+
+
+def test_a_held_back_rate_is_reported_and_fails_with_strict(slow_receiver):
+    # two requests in flight at 200 ms each carry 10 requests/s (10 records/s), far under the 250 asked
+    args = ["--url", slow_receiver, "--vehicles", "5", "--rate-ms", "20", "--duration", "2", "--max-in-flight", "2"]
+    lenient = simulate(*args)
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert "SHORTFALL" in lenient.stdout and "late sends" in lenient.stdout, lenient.stdout
+    achieved = float(re.search(r"achieved ([\d.]+) records/s", lenient.stdout).group(1))
+    assert achieved < 0.5 * 250, lenient.stdout
+    late = int(re.search(r"(\d+) late sends", lenient.stdout).group(1))
+    assert late > 0, lenient.stdout
+    strict = simulate(*args, "--strict")
+    assert strict.returncode == 1 and "SHORTFALL" in strict.stdout, strict.stdout + strict.stderr
+
+
+def test_strict_passes_an_on_time_run(slow_receiver):
+    done = simulate("--url", slow_receiver, "--vehicles", "2", "--rate-ms", "50", "--duration", "1.5", "--strict")
+    assert done.returncode == 0 and "SHORTFALL" not in done.stdout, done.stdout + done.stderr
+
+
+def test_a_dead_receiver_is_named_with_the_connection_error():
+    port = free_port()  # nothing listens there
+    sim = Simulator(f"http://127.0.0.1:{port}", vehicles=1, rate_ms=1000, duration_s=0.1, max_attempts=2)
+    result = asyncio.run(sim.run())
+    summary = describe(result)
+    assert result.failed == 1 and "after 2 attempts" in summary, summary
+    assert "Cannot connect to host 127.0.0.1" in summary, summary
+
+
+def simulate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"CANPIPE_LOG_FORMAT": "text"},
+    )
