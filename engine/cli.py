@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -57,10 +56,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         batch=args.batch,
         seed=args.seed,
         count=args.count,
+        max_in_flight=args.max_in_flight,
     )
     result = asyncio.run(sim.run())
     print(describe(result))
-    return 0 if result.failed == 0 and result.rejected == 0 else 1
+    if result.failed or result.rejected:
+        return 1
+    return 1 if args.strict and result.short else 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -182,10 +184,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canpipe", description="CAN battery telemetry pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
+    from engine import logs
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, help="root of raw/ and aggregated/ (CANPIPE_DATA_DIR, ./data)")
         p.add_argument("--queue-url", help="sqlite:///PATH or an SQS queue URL (CANPIPE_QUEUE_URL)")
+
+    def logging_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", choices=logs.LEVELS, type=str.upper, help="CANPIPE_LOG_LEVEL, default INFO")
+        p.add_argument(
+            "--log-format", choices=logs.FORMATS, help="CANPIPE_LOG_FORMAT, default text on a terminal, else json"
+        )
 
     p = sub.add_parser("run", help="the whole pipeline on one machine: receiver + consumers + simulator")
     common(p)
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="records per HTTP request")
     p.add_argument("--receiver-workers", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the files after the simulator ends")
+    logging_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="the receiver (Granian)")
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--insecure-no-auth", action="store_true", help="serve without API keys (development only)")
+    logging_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("consume", help="the consumers")
@@ -212,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-seconds", type=float, help="flush a batch this long after its first record (CANPIPE_BATCH_SECONDS)"
     )
+    logging_flags(p)
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("simulate", help="the battery simulator posting to a receiver")
@@ -223,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=0, help="stop after this many records (0: run for --duration)")
+    p.add_argument(
+        "--max-in-flight", type=int, default=512, help="requests awaiting an answer, in all; a send over it is late"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when the asked rate was not kept (achieved < 95%% of it, or over 5%% of sends late)",
+    )
+    logging_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("queue", help="queue administration")
@@ -230,25 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "stats", "purge", "redrive"])
     p.add_argument("--visibility-timeout", type=int, default=30)
     p.add_argument("--max-receive-count", type=int, default=5)
+    logging_flags(p)
     p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("aggregate", help="per-vehicle statistics of one hour, or of every closed hour pending")
     common(p)
     p.add_argument("--hour", help="YYYY-MM-DDTHH (UTC); default: every closed hour not yet aggregated or changed")
     p.add_argument("--schedule", action="store_true", help="keep running: aggregate every hour at :05 UTC")
+    logging_flags(p)
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("check", help="start-up checks: queue reachable, data dir writable, keys configured")
     common(p)
     p.add_argument("--consumer-only", action="store_true", help="skip the API key check")
+    logging_flags(p)
     p.set_defaults(func=cmd_check)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from engine import logs
+
     args = build_parser().parse_args(argv)
     try:
+        logs.configure(args.log_level, args.log_format)
         return args.func(args)
     except ConfigError as exc:
         print(f"canpipe: configuration error: {exc}", file=sys.stderr)

@@ -51,11 +51,15 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+
+    from engine import logs
 
     settings.require_auth()
     ensure_port_free(host, port)
     refuse_broken_queue(settings.queue_url)
     hand_over(settings)
+    level, fmt = logs.resolve()
     Granian(
         "engine.receiver:worker_app",
         factory=True,
@@ -67,6 +71,10 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         backlog=LISTEN_BACKLOG,
         # a client that trickles its headers is cut off (the body has its own deadline in the app)
         http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.header_timeout_s * 1000))),
+        # Granian configures logging in its own process and in each worker from this: its lines and the
+        # receiver's come out in canpipe's format and level (CANPIPE_LOG_*, as the cli resolved them)
+        log_level=LogLevels(level.lower()),
+        log_dictconfig=logs.dictconfig(level, fmt),
         log_access=False,
         respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
         respawn_interval=RESPAWN_INTERVAL_S,

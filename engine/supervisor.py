@@ -17,6 +17,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from engine import logs
 from engine.config import Settings
 from engine.consumer import Consumer, writer_id
 from engine.errors import QueueBroken, QueueError, StorageError
@@ -68,10 +69,15 @@ async def _consume(settings: Settings) -> Consumer:
             await queue.close()
     counters = consumer.metrics.counters
     errors = sum(v for k, v in counters.items() if k.startswith("canpipe_consumer_errors_total"))
-    print(
-        f"consumer {wid}: {counters['canpipe_consumer_records_written_total']} records written in "
-        f"{counters['canpipe_consumer_batches_total']} batches, {errors} errors",
-        flush=True,
+    written, batches = counters["canpipe_consumer_records_written_total"], counters["canpipe_consumer_batches_total"]
+    # the shutdown summary is a log event like any other, so that a JSON log stays JSON to its last line
+    logging.getLogger("canpipe.consumer").info(
+        "consumer %s: %d records written in %d batches, %d errors",
+        wid,
+        written,
+        batches,
+        errors,
+        extra={"writer": wid, "records_written": written, "batches": batches, "errors": errors},
     )
     return consumer
 
@@ -87,18 +93,18 @@ def _run_loop(main: Coroutine[Any, Any, Consumer]) -> None:
 
 def worker_main(settings: Settings) -> None:
     """Entry point of one consumer process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure()  # the level and format the parent resolved, handed down in CANPIPE_LOG_*
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
     try:
         _run_loop(_consume(settings))
     except QueueBroken as exc:
-        log.error("consumer exiting: the queue is broken: %s", exc)
+        log.error("consumer exiting: the queue is broken: %s", exc, extra={"stage": "receive"})
         sys.exit(EXIT_QUEUE_BROKEN)
     except StorageError as exc:
-        log.error("consumer exiting: %s", exc)
+        log.error("consumer exiting: %s", exc, extra={"stage": "storage"})
         sys.exit(EXIT_STORAGE)
     except Exception:
-        log.exception("consumer exiting on an unexpected error")
+        log.exception("consumer exiting on an unexpected error", extra={"stage": "consumer"})
         sys.exit(EXIT_UNEXPECTED)
 
 
@@ -144,7 +150,13 @@ class Supervisor:
                     continue
                 if index not in restart_at:
                     delay = backoff[index].delay_s(now - self._started[index])
-                    log.error("consumer pid %s exited with %s; restarting in %.1f s", proc.pid, proc.exitcode, delay)
+                    log.error(
+                        "consumer pid %s exited with %s; restarting in %.1f s",
+                        proc.pid,
+                        proc.exitcode,
+                        delay,
+                        extra={"stage": "consumer", "pid": proc.pid, "exit_code": proc.exitcode},
+                    )
                     restart_at[index] = now + delay
                 elif now >= restart_at[index]:
                     del restart_at[index]
@@ -160,7 +172,12 @@ class Supervisor:
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
-                log.error("consumer pid %s did not drain within %.0f s; killing it", proc.pid, self.grace_s)
+                log.error(
+                    "consumer pid %s did not drain within %.0f s; killing it",
+                    proc.pid,
+                    self.grace_s,
+                    extra={"stage": "drain", "pid": proc.pid},
+                )
                 proc.kill()
                 proc.join()
         # a slot waiting for its restart has had its crash logged already; the exit code is about the drain
@@ -168,9 +185,12 @@ class Supervisor:
         # A worker ended by our SIGTERM's default action was still starting: once it runs, its handler turns
         # SIGTERM into a drain (exit 0), so it had received nothing and held nothing. A clean stop.
         codes = [0 if code == -signal.SIGTERM else code for code in codes]
-        print(
-            f"supervisor: {len(codes)} consumers stopped, exit codes {codes}, {self.restarts} restarts"
-            + (f", {len(self._restart_at)} restarts pending" if self._restart_at else ""),
-            file=sys.stderr,
+        log.info(
+            "supervisor: %d consumers stopped, exit codes %s, %d restarts%s",
+            len(codes),
+            codes,
+            self.restarts,
+            f", {len(self._restart_at)} restarts pending" if self._restart_at else "",
+            extra={"exit_codes": codes, "restarts": self.restarts},
         )
         return 0 if all(code == 0 for code in codes) else 1
