@@ -1,101 +1,117 @@
-"""Locust scenarios for canpipe's receiver: a fleet of vehicles posting battery telemetry.
+"""Locust scenarios for canpipe's receiver, with the simulator's payloads (engine.simulator.PackModel).
 
-    pip install -e ".[load]"
+Run through the runner, which sets the rate and reports records/s (``python -m loadtest --rate 500``), or
+by hand, picking a scenario by user class (abusers only when named)::
+
     CANPIPE_API_KEY=key_id:secret locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 \\
-        --headless -u 200 -r 50 -t 60s --only-summary
+        --headless -u 100 -r 100 -t 60s Vehicle
 
-Scenarios (pick with a tag, e.g. ``--tags batched``):
-- ``single``: one record per request, every vehicle every 200 ms (the seed's rate: 5 records/s/vehicle);
-- ``batched``: a gateway posting 100 records per request (NDJSON), once a second;
-- ``abuse``: wrong keys, malformed and out-of-range payloads, which must get 401/422 and change nothing.
+Scenarios (user class / tag, request name):
+- ``Vehicle`` / ``single``: one record per request, ``LOADTEST_REQUESTS_PER_USER_S`` requests/s per user
+  (default 5: the seed's 200 ms sampling), named ``/ingest [single]``;
+- ``Gateway`` / ``batched``: ``LOADTEST_BATCH`` records (default 100, one per vehicle behind it) per NDJSON
+  request, named ``/ingest [batch N]``;
+- ``Abuser`` / ``abuse``: wrong keys and out-of-range values, which must get 401 / 422 and change nothing,
+  named ``/ingest [abuse]``. Only runs when asked for by class name or ``--tags abuse``.
 
-Locust runs on this machine too: for throughput figures use bench/pipeline.py, whose generator costs far
-less CPU per request; Locust is for realistic mixes, error paths and soak runs.
+``--tags single`` (or ``batched``, ``abuse``) keeps only the classes with tasks of that tag, so no class is
+left without tasks. Pacing is ``constant_throughput``: a constant arrival rate per user as long as the
+receiver answers within the period; when it does not, the achieved rate falls short and the report says so.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import os
 import random
+import secrets
 
-from locust import FastHttpUser, between, constant, tag, task
+import msgspec
+from locust import FastHttpUser, constant_throughput, events, tag, task
+
+from engine.simulator import CAN_IDS, PackModel
 
 KEY = os.environ.get("CANPIPE_API_KEY", "")
-UTC = dt.UTC
+REQUESTS_PER_USER_S = float(os.environ.get("LOADTEST_REQUESTS_PER_USER_S", "5"))
+BATCH = int(os.environ.get("LOADTEST_BATCH", "100"))
+# vehicle ids unique across locust worker processes and runs: the dedup key counts records on disk
+RUN = os.environ.get("LOADTEST_RUN") or secrets.token_hex(3)
 _ids = itertools.count()
+_encoder = msgspec.json.Encoder()
 
 
-def record(vehicle: str, rng: random.Random, soc: float) -> dict:
-    current = round(rng.gauss(40, 60), 1)
-    cell = round(3.0 + 1.2 * soc / 100, 3)
-    return {
-        "timestamp": dt.datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-        "vehicle_id": vehicle,
-        "can_id": "0x132",
-        "payload": {
-            "battery_soc": round(soc, 2),
-            "battery_voltage": round(96 * cell - current * 0.07, 1),
-            "battery_current": current,
-            "cell_voltage_min": cell - 0.004,
-            "cell_voltage_max": cell + 0.004,
-            "cell_temp_min": 24.0,
-            "cell_temp_max": 26.5,
-        },
-    }
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class _Fleet:
+    """Vehicles as the simulator models them: each ticks through the three CAN ids in turn."""
+
+    def __init__(self, count: int) -> None:
+        self.vehicles = [f"LT-{RUN}-{os.getpid()}-{next(_ids)}" for _ in range(count)]
+        self.packs = [PackModel(random.Random(v)) for v in self.vehicles]
+        self.tick = 0
+
+    def records(self) -> list[dict]:
+        period_s = 1.0 / REQUESTS_PER_USER_S
+        can_id = CAN_IDS[self.tick % len(CAN_IDS)]
+        self.tick += 1
+        now = _now()
+        return [
+            {"timestamp": now, "vehicle_id": v, "can_id": can_id, "payload": pack.step(period_s)}
+            for v, pack in zip(self.vehicles, self.packs)
+        ]
+
+
+def _expect_accepted(response, count: int) -> None:
+    """Only ``202 {"accepted": count}`` is a success: a 503 is a record the pipeline did not take."""
+    if response.status_code == 202 and response.json() == {"accepted": count}:
+        response.success()
+    else:
+        response.failure(f"{response.status_code}: {(response.text or response.error or '')!s:.200}")
 
 
 class Vehicle(FastHttpUser):
-    wait_time = constant(0.2)
+    wait_time = constant_throughput(REQUESTS_PER_USER_S)
 
     def on_start(self) -> None:
-        self.vehicle = f"LOC-{next(_ids):05d}"
-        self.rng = random.Random(self.vehicle)
-        self.soc = self.rng.uniform(40, 95)
+        self.fleet = _Fleet(1)
 
     @tag("single")
     @task
     def post_one(self) -> None:
-        self.soc = max(0.0, self.soc - 0.001)
-        with self.client.post(
-            "/ingest", json=record(self.vehicle, self.rng, self.soc), headers={"X-API-Key": KEY}, catch_response=True
-        ) as response:
-            if response.status_code == 503:
-                response.success()  # load shedding is an answer, not an error: the client retries later
-            elif response.status_code != 202:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+        body = _encoder.encode(self.fleet.records()[0])
+        headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+        with self.client.post("/ingest", data=body, headers=headers, name="/ingest [single]", catch_response=True) as r:
+            _expect_accepted(r, 1)
 
 
 class Gateway(FastHttpUser):
-    wait_time = constant(1.0)
+    wait_time = constant_throughput(REQUESTS_PER_USER_S)
 
     def on_start(self) -> None:
-        self.rng = random.Random(next(_ids))
-        self.vehicles = [f"GW-{self.rng.randrange(10**6):06d}" for _ in range(100)]
+        self.fleet = _Fleet(BATCH)
 
     @tag("batched")
     @task
     def post_batch(self) -> None:
-        body = "\n".join(json.dumps(record(v, self.rng, 60.0)) for v in self.vehicles) + "\n"
-        with self.client.post(
-            "/ingest",
-            data=body,
-            headers={"X-API-Key": KEY, "Content-Type": "application/x-ndjson"},
-            catch_response=True,
-        ) as response:
-            if response.status_code != 202 or response.json() != {"accepted": 100}:
-                response.failure(f"{response.status_code}: {response.text[:200]}")
+        body = b"\n".join(_encoder.encode(r) for r in self.fleet.records()) + b"\n"
+        headers = {"X-API-Key": KEY, "Content-Type": "application/x-ndjson"}
+        name = f"/ingest [batch {BATCH}]"
+        with self.client.post("/ingest", data=body, headers=headers, name=name, catch_response=True) as r:
+            _expect_accepted(r, BATCH)
 
 
 class Abuser(FastHttpUser):
-    wait_time = between(0.5, 1.0)
+    wait_time = constant_throughput(2)
 
     @tag("abuse")
     @task
     def wrong_key(self) -> None:
-        with self.client.post("/ingest", json={}, headers={"X-API-Key": "nobody:wrong"}, catch_response=True) as r:
+        with self.client.post(
+            "/ingest", json={}, headers={"X-API-Key": "nobody:wrong"}, name="/ingest [abuse]", catch_response=True
+        ) as r:
             if r.status_code == 401:
                 r.success()
             else:
@@ -104,10 +120,32 @@ class Abuser(FastHttpUser):
     @tag("abuse")
     @task
     def out_of_range(self) -> None:
-        bad = record("LOC-BAD", random.Random(), 50.0)
+        bad = _Fleet(1).records()[0]
         bad["payload"]["battery_soc"] = 140.0
-        with self.client.post("/ingest", json=bad, headers={"X-API-Key": KEY}, catch_response=True) as r:
+        with self.client.post(
+            "/ingest", json=bad, headers={"X-API-Key": KEY}, name="/ingest [abuse]", catch_response=True
+        ) as r:
             if r.status_code == 422 and r.json()["errors"][0]["path"] == "$.payload.battery_soc":
                 r.success()
             else:
                 r.failure(f"expected 422 at $.payload.battery_soc, got {r.status_code}")
+
+
+def _tags_of(user_class: type) -> set[str]:
+    return {t for method in user_class.tasks for t in getattr(method, "locust_tag_set", set())}
+
+
+@events.init.add_listener
+def _pick_scenarios(environment, **_kwargs) -> None:
+    """Drop the classes a run did not ask for before locust filters tasks by tag: without this, ``--tags
+    single`` left Abuser without tasks ("No tasks defined on Abuser"), and a plain run spawned abusers."""
+    options = environment.parsed_options
+    named = set(getattr(options, "user_classes", None) or [])
+    tags = set(getattr(options, "tags", None) or [])
+    keep = [
+        cls
+        for cls in environment.user_classes
+        if (cls.__name__ in named) or (not named and (_tags_of(cls) & tags if tags else cls is not Abuser))
+    ]
+    if keep:
+        environment.user_classes[:] = keep
