@@ -195,7 +195,12 @@ def aggregate_isolated(data_dir: Path, hour: dt.datetime) -> HourResult | HourFa
     try:
         return aggregate_hour(data_dir, hour)
     except Exception as exc:  # any failure of one hour: the caller goes on with the others
-        log.error("aggregating %s failed, going on with the other hours", hour_label(hour), exc_info=True)
+        log.error(
+            "aggregating %s failed, going on with the other hours",
+            hour_label(hour),
+            exc_info=True,
+            extra={"stage": "aggregate", "hour": hour_label(hour)},
+        )
         return HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}")
 
 
@@ -209,7 +214,12 @@ def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[Ho
         try:
             pending = needs_aggregation(data_dir, hour)
         except OSError as exc:  # the hour's folder cannot be listed or its files stat'ed
-            log.error("checking %s failed, going on with the other hours: %s", hour_label(hour), exc)
+            log.error(
+                "checking %s failed, going on with the other hours: %s",
+                hour_label(hour),
+                exc,
+                extra={"stage": "aggregate", "hour": hour_label(hour)},
+            )
             results.append(HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}"))
             continue
         if pending:

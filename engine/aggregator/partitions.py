@@ -127,7 +127,7 @@ def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str |
                 end = complete_end(mm)
                 if end < size:  # a torn tail: a crash mid-write; never a record
                     info.torn_tail_bytes += size - end
-                    log.warning("%s: skipped a torn tail of %d bytes", path, size - end)
+                    log.warning("%s: skipped a torn tail of %d bytes", path, size - end, extra={"stage": "aggregate"})
                 view = memoryview(mm)
                 try:
                     start, line_base = 0, 0
@@ -155,4 +155,4 @@ def note_corrupt(bad_lines: list[int], info: InputReport, name: str, line_base: 
         info.corrupt_count += 1
         if len(info.corrupt) < MAX_REPORTED_CORRUPT:
             info.corrupt.append(f"{name}:{line_base + number}")
-        log.error("corrupt line %s:%d skipped", name, line_base + number)
+        log.error("corrupt line %s:%d skipped", name, line_base + number, extra={"stage": "aggregate"})

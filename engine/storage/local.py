@@ -221,7 +221,7 @@ def raw_files(raw_dir: Path, hour: Hour, warn: bool = False) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif warn:
-            log.warning("%s: not a regular file, skipped", path)
+            log.warning("%s: not a regular file, skipped", path, extra={"stage": "storage"})
     return files
 
 
@@ -262,7 +262,7 @@ def repair_torn_tails(raw_dir: Path) -> list[tuple[Path, int]]:
             os.ftruncate(fd, keep)
             os.fsync(fd)
             repaired.append((path, size - keep))
-            log.warning("repaired torn tail of %s: cut %d bytes", path, size - keep)
+            log.warning("repaired torn tail of %s: cut %d bytes", path, size - keep, extra={"stage": "storage"})
         finally:
             os.close(fd)
     return repaired
