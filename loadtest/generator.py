@@ -24,7 +24,7 @@ STOP_TIMEOUT_S = 10  # users finish the request in flight at the end: an accepte
 class HistoryPoint:
     """One second of locust's stats history (its percentiles are over the last few seconds)."""
 
-    t_s: float  # seconds since the first point
+    t_s: float  # seconds since the first request
     users: int
     requests_s: float
     failures_s: float
@@ -113,6 +113,13 @@ def run_locust(scenario: Scenario, url: str, api_key: str, out_dir: Path, meter:
     return read_stats(prefix, scenario, code)
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _num(value: str) -> float:
     try:
         return float(value)
@@ -151,9 +158,8 @@ def read_stats(prefix: Path, scenario: Scenario, exit_code: int) -> LoadResult:
         fail_per_s.update({int(k): v for k, v in entry["num_fail_per_sec"].items()})
     history: list[HistoryPoint] = []
     history_path = Path(f"{prefix}_stats_history.csv")
-    rows = list(csv.DictReader(history_path.open())) if history_path.exists() else []
-    rows = [r for r in rows if r["Name"] == "Aggregated"]
-    t0 = int(rows[0]["Timestamp"]) if rows else 0
+    rows = [r for r in _csv_rows(history_path) if r["Name"] == "Aggregated"]
+    t0 = min(per_s) if per_s else int(rows[0]["Timestamp"]) if rows else 0  # the chart's origin: first request
     for r in rows:
         history.append(
             HistoryPoint(
@@ -161,10 +167,7 @@ def read_stats(prefix: Path, scenario: Scenario, exit_code: int) -> LoadResult:
                 _num(r["50%"]), _num(r["95%"]), _num(r["99%"]),
             )
         )  # fmt: skip
-    errors = []
-    failures_path = Path(f"{prefix}_failures.csv")
-    if failures_path.exists():
-        errors = [f"{row['Occurrences']} x {row['Error']}" for row in csv.DictReader(failures_path.open())]
+    errors = [f"{row['Occurrences']} x {row['Error']}" for row in _csv_rows(Path(f"{prefix}_failures.csv"))]
     return LoadResult(
         requests=sum(e["num_requests"] for e in entries),
         failures=sum(e["num_failures"] for e in entries),

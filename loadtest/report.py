@@ -125,20 +125,23 @@ def chart(outcome: Outcome, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, history = outcome.scenario, outcome.load.history
-    t = [p.t_s for p in history]
+    s, load, history = outcome.scenario, outcome.load, outcome.load.history
+    first = min(load.requests_per_s, default=0)
+    seconds = sorted(load.requests_per_s)
+    # exact per-second counts from locust's JSON; its CSV history only has a smoothed rate
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    top.plot(t, [p.requests_s * s.batch for p in history], label="records/s sent")
-    top.plot(t, [p.failures_s * s.batch for p in history], label="records/s failed", color="tab:red")
+    top.plot([t - first for t in seconds], [load.requests_per_s[t] * s.batch for t in seconds], label="records/s sent")
+    failed = [load.failures_per_s.get(t, 0) * s.batch for t in seconds]
+    top.plot([t - first for t in seconds], failed, label="records/s failed", color="tab:red")
     top.axhline(s.rate, linestyle="--", color="gray", label=f"target {s.rate:,.0f}")
     top.set_ylabel("records/s")
     top.legend(loc="lower right")
     top.set_title(f"{s.name}: {outcome.achieved_rate:,.0f} records/s achieved")
+    t = [p.t_s for p in history]
     for attr, label in (("p50_ms", "P50"), ("p95_ms", "P95"), ("p99_ms", "P99")):
-        bottom.plot(t, [getattr(p, attr) for p in history], label=f"HTTP {label}")
+        bottom.plot(t, [getattr(p, attr) for p in history], label=f"HTTP {label} (last 10 s)")
     bottom.set_ylabel("ms")
     bottom.set_xlabel("seconds")
-    bottom.set_yscale("log")
     bottom.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
