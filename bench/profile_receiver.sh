@@ -6,6 +6,15 @@ cd "$(dirname "$0")/.."
 rate=${1:-4000}
 secs=${2:-10}
 out=${OUT:-/tmp/canpipe-profile}
+# find py-spy before starting anything: without it there is nothing to collect
+spy=.venv/bin/py-spy
+if [ ! -x "$spy" ]; then
+  spy=$(command -v py-spy || true)
+fi
+if [ -z "$spy" ]; then
+  echo "profile_receiver.sh: py-spy is not installed; install it with: .venv/bin/pip install -e '.[dev]'" >&2
+  exit 2
+fi
 mkdir -p "$out"
 data=$(mktemp -d)
 port=$(PYTHONPATH=tests .venv/bin/python -c "from canpipe_testing import free_port; print(free_port())")
@@ -24,11 +33,14 @@ consumer=$(cat /proc/$consume/task/$consume/children | tr ' ' '\n' | while read 
   --duration "$((secs + 4))" > "$out/loadgen.json" &
 gen=$!
 sleep 2
-.venv/bin/py-spy record --pid "$worker" --duration "$secs" --rate 200 --format raw -o "$out/receiver.txt" --nonblocking &
-.venv/bin/py-spy record --pid "$consumer" --duration "$secs" --rate 200 --format raw -o "$out/consumer.txt" --nonblocking &
-wait $gen
-wait
+"$spy" record --pid "$worker" --duration "$secs" --rate 200 --format raw -o "$out/receiver.txt" --nonblocking &
+spy_receiver=$!
+"$spy" record --pid "$consumer" --duration "$secs" --rate 200 --format raw -o "$out/consumer.txt" --nonblocking &
+spy_consumer=$!
+# wait for these three only: a bare `wait` also waited for the receiver and consumers, which never exit
+wait "$gen" "$spy_receiver" "$spy_consumer"
 for role in receiver consumer; do
   echo "== $role: self time by function (top 25)"
-  .venv/bin/python bench/fold_top.py "$out/$role.txt" | head -n 25
+  .venv/bin/python bench/fold_top.py "$out/$role.txt" > "$out/$role-top.txt"  # whole list kept; head
+  head -n 25 "$out/$role-top.txt"  # reads a file, so no broken pipe fails the script under pipefail
 done
