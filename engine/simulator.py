@@ -178,8 +178,10 @@ class Simulator:
             tick += 1
             if len(pending) >= self.batch:
                 held = mine.locked() or in_flight.locked()
-                await mine.acquire()
-                await in_flight.acquire()
+                if not await _acquire((mine, in_flight), start + self.duration_s):
+                    tick -= len(pending)  # the duration ended while they waited for a slot: never sent
+                    pending = []
+                    break
                 if held or time.monotonic() - due > LATE_AFTER_S:
                     self.result.late += 1
                 task = asyncio.create_task(self._send(session, pending, (mine, in_flight)))
@@ -241,6 +243,20 @@ class Simulator:
             await asyncio.sleep(delay)
         result.failed += len(records)
         result.errors[f"{reason} (after {self.max_attempts} attempts)"] += len(records)
+
+
+async def _acquire(slots: tuple[asyncio.Semaphore, ...], deadline: float) -> bool:
+    """Take one of each slot, waiting at most until ``deadline`` (monotonic s); False, holding none, if not."""
+    taken: list[asyncio.Semaphore] = []
+    try:
+        for slot in slots:
+            await asyncio.wait_for(slot.acquire(), max(0.0, deadline - time.monotonic()))
+            taken.append(slot)
+    except TimeoutError:
+        for slot in taken:
+            slot.release()
+        return False
+    return True
 
 
 def describe(result: SimulationResult) -> str:
