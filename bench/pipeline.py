@@ -3,10 +3,10 @@
 Starts ``canpipe serve`` and ``canpipe consume`` on a fresh data dir (embedded queue), drives them with
 bench/loadgen.py in its own process at a target rate, then waits until every accepted record is on disk.
 Reports sustained records/s, HTTP P50/P99, end-to-end P95 and CPU seconds per component (from
-/proc/<pid>/stat of each process tree), as one JSON line and a table.
+/proc/<pid>/stat of each process tree) as a table, or with ``--json`` as one JSON line (for scripts).
 
     python bench/pipeline.py --rate 5000 --batch 1 --duration 20
-    python bench/pipeline.py --rate 50000 --batch 100 --duration 20
+    python bench/pipeline.py --rate 50000 --batch 100 --duration 20 --json
 """
 
 from __future__ import annotations
@@ -32,31 +32,22 @@ from canpipe_testing import free_port, healthy, wait_until  # noqa: E402
 
 from engine import cost  # noqa: E402
 from engine.metrics import parse_counters, read_snapshots  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
-    return out
+from loadtest.cpu import cpu_seconds, tree  # noqa: E402
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            pass
-    return total / TICKS
+def print_table(report: dict) -> None:
+    """The report as aligned ``name  value`` lines, nested dicts flattened with dots."""
+
+    def flat(prefix: str, value: object) -> list[tuple[str, object]]:
+        if isinstance(value, dict):
+            return [item for k, v in value.items() for item in flat(f"{prefix}.{k}" if prefix else str(k), v)]
+        return [(prefix, value)]
+
+    rows = flat("", report)
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        print(f"{name:<{width}}  {value:,}" if number else f"{name:<{width}}  {value}")
 
 
 def main() -> int:
@@ -68,6 +59,7 @@ def main() -> int:
     parser.add_argument("--receiver-workers", type=int, default=1)
     parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--queue-url", help="default: an embedded queue in a fresh temp dir")
+    parser.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="canpipe-bench-"))
@@ -182,7 +174,10 @@ def main() -> int:
             "requests_per_1000_records": round(per_1000, 2),
             "monthly_usd": {rate: round(cost.monthly_bill_usd(rate, per_1000), 2) for rate in cost.RATES_PER_S},
         }
-    print(json.dumps(report))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
     return 0 if drained else 1
 
 
