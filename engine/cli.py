@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -275,10 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         logs.configure(args.log_level, args.log_format)
-        return args.func(args)
-    except ConfigError as exc:
+    except ConfigError as exc:  # no log format to speak in yet
         print(f"canpipe: configuration error: {exc}", file=sys.stderr)
         return 1
+    # a refusal to start is an event like the others: in the log's format, so a JSON log stays JSON
+    log = logging.getLogger("canpipe")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc, extra={"stage": "config"})
+        return 1
     except CanpipeError as exc:
-        print(f"canpipe: {exc}", file=sys.stderr)
+        log.error("%s", exc, extra={"stage": "start"})
         return 1

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from canpipe_testing import API_KEY, children, free_port, make_record, on_disk, post_json, start_server, wait_for
@@ -107,6 +109,28 @@ def test_json_event_carries_extra_fields_and_the_exception_on_one_line(capsys, o
     log.warning("retrying", extra={"stage": "publish"})
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith("WARNING canpipe.test retrying stage=publish")
+
+
+@pytest.mark.slow
+def test_a_refusal_to_start_is_a_json_event_too(env):
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "serve"],
+        env=env | {"CANPIPE_API_KEYS": "", "CANPIPE_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    (event,) = events(done.stderr)
+    assert event["level"] == "ERROR" and event["stage"] == "config" and "CANPIPE_API_KEYS" in event["message"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine", "check", "--log-format", "json"],
+        env=env | {"CANPIPE_LOG_LEVEL": "LOUD"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "CANPIPE_LOG_LEVEL" in bad.stderr
 
 
 def test_bad_log_settings_are_named():
