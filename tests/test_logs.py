@@ -79,6 +79,19 @@ def test_text_format_reads_as_text_and_the_level_filters(start, env):
     assert not [line for line in lines if " INFO " in line], lines
 
 
+@pytest.mark.slow
+def test_granian_follows_the_text_format_and_the_level(start, env):
+    port = free_port()
+    server = start_server(start, env | {"CANPIPE_LOG_FORMAT": "text", "CANPIPE_LOG_LEVEL": "WARNING"}, port, 1)
+    assert post_json(f"http://127.0.0.1:{port}", make_record(), key=f"test:{WRONG_SECRET}")[0] == 401
+    assert server.stop() == 0
+    lines = server.output().splitlines()
+    assert not [line for line in lines if "granian" in line.lower()], lines  # its INFO lines are filtered out
+    (rejected,) = lines
+    assert " WARNING " in rejected and "canpipe.receiver rejected X-API-Key (key id 'test')" in rejected
+    assert WRONG_SECRET not in rejected
+
+
 @pytest.fixture
 def own_logging(monkeypatch):
     """configure() in this process: its handler and the CANPIPE_LOG_* it hands down are undone after."""
