@@ -28,9 +28,10 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from engine import instruments as m
 from engine.config import Settings
 from engine.errors import QueueBroken, QueueError, StorageError
-from engine.metrics import Metrics, queue_usage, write_snapshot
+from engine.metrics import Metrics, write_snapshot
 from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
 from engine.schema import stored_decoder
 from engine.storage import Hour, PartitionWriter, UnsafeFileState, fault_point
@@ -111,6 +112,9 @@ class Consumer:
         self.held_records = 0
         self.first_at: float | None = None
         self._flushing: list[_Held] = []
+        self._files: dict[Hour, Path] = {}  # the file each hour was last appended to
+        for family in (m.BYTES_WRITTEN, m.FILES_WRITTEN):  # counted in the writer thread: keys exist before
+            self.metrics.inc(family, 0)  # it runs, so a snapshot never iterates a dict that grows meanwhile
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._storage_ok = asyncio.Event()
@@ -182,7 +186,7 @@ class Consumer:
                 log.error("queue broken (stage=receive): %s; exiting for the supervisor to restart", exc)
                 raise
             except QueueError as exc:
-                self.metrics.inc('canpipe_consumer_errors_total{stage="receive"}')
+                self.metrics.inc(m.CONSUMER_ERRORS, stage="receive")
                 log.warning("receive failed (stage=receive): %s; retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -207,7 +211,7 @@ class Consumer:
                 held = parse_message(message, now)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # UnicodeDecodeError too
                 # Not ours to drop: leave it; after max receives it lands in the dead-letter queue.
-                self.metrics.inc('canpipe_consumer_errors_total{stage="parse"}')
+                self.metrics.inc(m.CONSUMER_ERRORS, stage="parse")
                 log.error(
                     "message %s is not canpipe NDJSON (stage=parse, receive %d): %s",
                     message.message_id,
@@ -217,7 +221,7 @@ class Consumer:
                 poison.append(message.receipt)
                 continue
             if message.receive_count > 1:
-                self.metrics.inc("canpipe_consumer_redelivered_messages_total")
+                self.metrics.inc(m.REDELIVERED)
             if self.first_at is None:
                 self.first_at = time.monotonic()
             self.held.append(held)
@@ -248,7 +252,7 @@ class Consumer:
                 except UnsafeFileState:
                     raise
                 except StorageError as exc:
-                    self.metrics.inc('canpipe_consumer_errors_total{stage="storage"}')
+                    self.metrics.inc(m.CONSUMER_ERRORS, stage="storage")
                     if stop is None or stop.is_set():
                         log.error("write failed (stage=storage): %s; %d messages left for redelivery", exc, len(batch))
                         return
@@ -275,7 +279,7 @@ class Consumer:
                     failed = receipts[i : i + MAX_BATCH_ENTRIES]
                     log.warning("delete failed (stage=delete): %s", exc)
                 if failed:  # written but not deleted: they come back and become duplicates, never loss
-                    self.metrics.inc('canpipe_consumer_errors_total{stage="delete"}', len(failed))
+                    self.metrics.inc(m.CONSUMER_ERRORS, len(failed), stage="delete")
             fault_point("after_delete")
             self._record(batch, durable_s)
         finally:
@@ -285,24 +289,27 @@ class Consumer:
         """Append each hour's lines; an hour written is removed from ``by_hour``, so a retry after a
         failure writes only the rest (no duplicates of our own making)."""
         for hour in sorted(by_hour):
-            self.writer.append(hour, by_hour[hour])
+            path = self.writer.append(hour, by_hour[hour])
+            self.metrics.inc(m.BYTES_WRITTEN, sum(len(part) for part in by_hour[hour]))
+            if self._files.get(hour) != path:  # a new or rotated hour file
+                self._files[hour] = path
+                self.metrics.inc(m.FILES_WRITTEN)
             del by_hour[hour]
 
     def _record(self, batch: list[_Held], durable_s: float) -> None:
         """Latencies and counters once per batch, in arrays (no per-record Python loop)."""
         client_s = np.concatenate([h.client_s for h in batch])
-        ingest_s = np.concatenate([h.ingest_s for h in batch])
         counts = [h.records for h in batch]
         queue_ms = np.repeat([h.message.first_receive_ms - h.message.sent_at_ms for h in batch], counts)
         received_s = np.repeat([h.received_s for h in batch], counts)
-        latency = self.metrics.latency
-        latency["ingest"].record_many((ingest_s - client_s) * 1000.0)
+        latency = self.metrics.latency  # the ingest stage is the receiver's: recorded once, when accepted
         latency["queue"].record_many(queue_ms.astype(np.float64))
         latency["processing"].record_many((durable_s - received_s) * 1000.0)
         latency["end_to_end"].record_many((durable_s - client_s) * 1000.0)
-        self.metrics.inc("canpipe_consumer_records_written_total", len(client_s))
-        self.metrics.inc("canpipe_consumer_messages_deleted_total", len(batch))
-        self.metrics.inc("canpipe_consumer_batches_total")
+        self.metrics.inc(m.RECORDS_WRITTEN, len(client_s))
+        self.metrics.inc(m.MESSAGES_DELETED, len(batch))
+        self.metrics.inc(m.BATCHES)
+        self.write_snapshot()  # now, not at the next tick: a consumer killed -9 has its written records counted
 
     async def _heartbeat(self) -> None:
         """Keep held messages invisible while a batch is held long, and publish metrics snapshots."""
@@ -321,8 +328,7 @@ class Consumer:
                         h.visible_since_s = now
 
     def write_snapshot(self) -> None:
-        for name, value in queue_usage(self.queue.usage()).items():
-            self.metrics.counters[name] = value
+        self.metrics.use_queue_usage(self.queue.usage())
         if self.snapshot is not None:
             with contextlib.suppress(OSError):
                 write_snapshot(self.snapshot, self.metrics)

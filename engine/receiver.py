@@ -14,24 +14,27 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine import instruments as m
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
 from engine.lifetime import exit_with_parent
-from engine.metrics import Metrics, render_queue_usage
+from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
-from engine.queues import Queue, open_queue
+from engine.queues import Queue, QueueStats, open_queue
 from engine.schema import UTC, SkewError, check_clock, decode_records, encode_stored, validation_errors
 
 log = logging.getLogger("canpipe.receiver")
@@ -103,8 +106,20 @@ class RateLimiter:
         return 0.0
 
 
+SNAPSHOT_INTERVAL_S = 1.0  # how stale another worker's counters can be in a scrape
+STATS_WAIT_S = 0.25  # a scrape waits this long for the queue's stats, then answers with the last known
+
+
+class _Refusal(JSONResponse):
+    """An error answer; its error code labels the rejection counters."""
+
+    def __init__(self, status: int, error: str, body: dict[str, object], headers: dict[str, str] | None) -> None:
+        super().__init__(body, status_code=status, headers=headers)
+        self.reason = error
+
+
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
+    return _Refusal(status, error, {"error": error, "detail": detail, **extra}, headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -131,11 +146,14 @@ def _seconds(wait_s: float) -> str:
 class Receiver:
     """Request handlers bound to one queue, publisher and metrics (one per Granian worker)."""
 
-    def __init__(self, settings: Settings, queue: Queue) -> None:
+    def __init__(self, settings: Settings, queue: Queue, *, snapshot: Path | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.auth = Authenticator(settings)
         self.metrics = Metrics()
+        self.snapshot = snapshot  # this worker's file among the processes' snapshots merged by /metrics
+        self._stats: QueueStats | None = None
+        self._stats_task: asyncio.Task[QueueStats] | None = None
         self.limiter = RateLimiter(settings.rate_limit_records_per_s, settings.rate_limit_burst)
         # past the pending cap a request could never be accepted: 413, not a 503 that invites a retry
         self.max_records = min(settings.max_records_per_request, settings.max_pending_records)
@@ -153,7 +171,7 @@ class Receiver:
 
     def _auth_failed(self, header: str | None) -> None:
         """Count every rejected key; log the key id (never the secret) at most every 10 s."""
-        self.metrics.inc("canpipe_auth_failures_total")
+        self.metrics.inc(m.AUTH_FAILURES)
         now = time.monotonic()
         if now - self._last_auth_log >= 10.0:
             self._last_auth_log = now
@@ -161,12 +179,24 @@ class Receiver:
                 "rejected X-API-Key (%s); rejections in the next 10 s are only counted", self.auth.describe(header)
             )
 
-    def _count(self, status: int) -> None:
-        self.metrics.inc(f'canpipe_http_responses_total{{route="/ingest",status="{status}"}}')
+    def instrumented(
+        self, route: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` counted by route and status, and timed (one histogram record per request)."""
+
+        async def answer(request: Request) -> Response:
+            started = time.perf_counter()
+            response = await handler(request)
+            self.metrics.inc(m.HTTP_REQUESTS, route=route, status=response.status_code)
+            self.metrics.histogram(m.HTTP_DURATION, route=route).record((time.perf_counter() - started) * 1000.0)
+            return response
+
+        return answer
 
     async def ingest(self, request: Request) -> Response:
         response = await self._ingest(request)
-        self._count(response.status_code)
+        if isinstance(response, _Refusal):
+            self.metrics.inc(m.REJECTED_REQUESTS, reason=response.reason)
         return response
 
     async def _ingest(self, request: Request) -> Response:
@@ -209,7 +239,7 @@ class Receiver:
             return _error(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
         wait_s = self.limiter.retry_after_s(key_id, len(records))
         if wait_s:
-            self.metrics.inc("canpipe_ingest_rate_limited_records_total", len(records))
+            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="rate_limited")
             return _error(
                 429,
                 "rate_limited",
@@ -219,15 +249,17 @@ class Receiver:
         try:
             await self.publisher.publish(encode_stored(records, received_at), len(records))
         except QueueSaturated:
-            self.metrics.inc("canpipe_ingest_shed_records_total", len(records))
+            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="saturated")
             return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
         except QueueError as exc:
             log.warning("publish failed (stage=publish): %s", exc)
-            self.metrics.inc("canpipe_ingest_publish_errors_total")
+            self.metrics.inc(m.PUBLISH_ERRORS)
+            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="queue_unavailable")
             return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
-        self.metrics.inc("canpipe_ingest_records_total", len(records))
+        self.metrics.inc(m.INGEST_RECORDS, len(records))
+        # the ingest stage is recorded here, once per request (the consumer records the three later stages)
         received_s = received_at.timestamp()
-        self.metrics.latency["ingest"].record_many(
+        self.metrics.histogram(m.LATENCY, stage="ingest").record_many(
             np.fromiter(((received_s - r.timestamp.timestamp()) * 1000.0 for r in records), np.float64, len(records))
         )
         return JSONResponse({"accepted": len(records)}, status_code=202)
@@ -239,35 +271,86 @@ class Receiver:
             return JSONResponse({"status": "unavailable", "queue": str(exc) or "timeout"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    def own_metrics(self) -> Metrics:
+        """This worker's metrics, with the values the publisher and the queue keep copied in."""
+        self.metrics.set(m.PUBLISHER_PENDING, self.publisher.pending_records)
+        self.metrics.set(m.PUBLISHER_SEND_CALLS, self.publisher.calls)
+        self.metrics.use_queue_usage(self.queue.usage())
+        return self.metrics
+
+    def write_snapshot(self) -> None:
+        if self.snapshot is not None:
+            with contextlib.suppress(OSError):
+                write_snapshot(self.snapshot, self.own_metrics())
+
+    async def merged_metrics(self) -> Metrics:
+        """Every process's snapshot (other workers, consumers, dead ones' counters) plus this worker's live
+        values, plus the queue's gauges read now."""
+        if self.snapshot is None:
+            total = Metrics()
+        else:
+            total = await asyncio.to_thread(read_snapshots, self.snapshot.parent, skip=self.snapshot)
+        total.merge(self.own_metrics())
+        stats = await self.queue_stats()
+        if stats is not None:
+            total.set(m.QUEUE_VISIBLE, stats.visible)
+            total.set(m.QUEUE_IN_FLIGHT, stats.in_flight)
+            total.set(m.QUEUE_DELAYED, stats.delayed)
+            total.set(m.QUEUE_DEAD_LETTER, stats.dead_letter)
+            if stats.oldest_age_s is not None:
+                total.set(m.QUEUE_OLDEST_AGE, stats.oldest_age_s)
+        return total
+
+    async def queue_stats(self) -> QueueStats | None:
+        """The queue's stats for a scrape, waiting at most ``STATS_WAIT_S``: a scrape never hangs on a slow or
+        locked queue; the query goes on and the next scrape shows it (meanwhile the last known, or none)."""
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.get_running_loop().create_task(self.queue.stats())
+        with contextlib.suppress(TimeoutError, QueueError):
+            await asyncio.wait_for(asyncio.shield(self._stats_task), STATS_WAIT_S)
+        if self._stats_task.done():
+            error = self._stats_task.exception()
+            if error is None:
+                self._stats = self._stats_task.result()
+            else:
+                log.warning("queue stats for /metrics failed: %s", error)
+                self._stats = None
+        return self._stats
+
     async def prometheus(self, request: Request) -> Response:
-        text = self.metrics.render_prometheus()
-        pending = self.publisher.pending_records
-        text += f"# TYPE canpipe_publisher_pending_records gauge\ncanpipe_publisher_pending_records {pending}\n"
-        text += (
-            f"# TYPE canpipe_queue_send_calls_total counter\ncanpipe_queue_send_calls_total {self.publisher.calls}\n"
-        )
-        text += render_queue_usage(self.queue.usage())
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(render(await self.merged_metrics()), media_type=CONTENT_TYPE)
+
+    async def write_snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            self.write_snapshot()
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.settings))
 
 
-def create_app(settings: Settings | None = None, queue: Queue | None = None) -> Starlette:
-    """The ASGI app for ``settings`` (from the environment when omitted) on ``queue`` (opened from the settings)."""
+def create_app(
+    settings: Settings | None = None, queue: Queue | None = None, *, metrics_dir: Path | None = None
+) -> Starlette:
+    """The ASGI app for ``settings`` (from the environment when omitted) on ``queue`` (opened from the settings).
+    With ``metrics_dir``, the worker keeps a snapshot there and ``/metrics`` merges every process's."""
     settings = settings or Settings.from_env()
     settings.require_auth()
     queue = queue or open_queue(settings.queue_url)
-    receiver = Receiver(settings, queue)
+    snapshot = None if metrics_dir is None else metrics_dir / f"receiver-{os.getpid()}-{os.urandom(3).hex()}.metrics"
+    receiver = Receiver(settings, queue, snapshot=snapshot)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         receiver.publisher.start()
+        snapshots = asyncio.get_running_loop().create_task(receiver.write_snapshots())
         try:
             yield
         finally:
+            snapshots.cancel()
             await receiver.publisher.close()
             await queue.close()
+            receiver.write_snapshot()  # the last counts, with the publisher's last send calls
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -276,10 +359,10 @@ def create_app(settings: Settings | None = None, queue: Queue | None = None) -> 
     app = Starlette(
         exception_handlers={HTTPException: http_error},
         routes=[
-            Route("/ingest", receiver.ingest, methods=["POST"]),
-            Route("/health", receiver.health, methods=["GET"]),
-            Route("/metrics", receiver.prometheus, methods=["GET"]),
-            Route("/openapi.json", receiver.openapi, methods=["GET"]),
+            Route("/ingest", receiver.instrumented("/ingest", receiver.ingest), methods=["POST"]),
+            Route("/health", receiver.instrumented("/health", receiver.health), methods=["GET"]),
+            Route("/metrics", receiver.instrumented("/metrics", receiver.prometheus), methods=["GET"]),
+            Route("/openapi.json", receiver.instrumented("/openapi.json", receiver.openapi), methods=["GET"]),
         ],
         lifespan=lifespan,
     )
@@ -292,4 +375,11 @@ def worker_app() -> Starlette:
     """The app of one Granian worker (``engine.receiver:worker_app``): ``create_app`` from the environment,
     in a process that ends with its server, so a server killed with SIGKILL leaves no worker on the port."""
     exit_with_parent()
-    return create_app()
+    settings = Settings.from_env()
+    metrics_dir = settings.data_dir / "metrics"
+    try:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no metrics snapshots (%s): /metrics shows this worker only", exc)
+        return create_app(settings)
+    return create_app(settings, metrics_dir=metrics_dir)

@@ -24,9 +24,10 @@ from pathlib import Path
 import msgspec
 
 from engine import cost
+from engine import instruments as m
 from engine.config import Settings
 from engine.errors import CanpipeError
-from engine.metrics import STAGES, parse_counters, read_snapshots
+from engine.metrics import STAGES, read_snapshots
 from engine.queues import open_queue
 from engine.simulator import Simulator, describe
 from engine.storage import iter_raw_files, read_complete_lines
@@ -141,19 +142,19 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         }
 
         def on_disk() -> bool:
-            return read_snapshots(metrics_dir).counters["canpipe_consumer_records_written_total"] >= len(accepted)
+            return read_snapshots(metrics_dir).value(m.RECORDS_WRITTEN) >= len(accepted)
 
         _wait_until(on_disk, options.timeout_s, 0.2)
         _wait_until(lambda: _queue_empty(settings.queue_url), 10, 0.2)
-        receiver_usage = _receiver_sqs_usage(url)
     finally:
         consumer_code = _stop(consumers)
         _stop(server)
     keys = stored_keys(data_dir / "raw", started_ns - 1)
     unique = set(keys)
     missing = accepted - unique
+    # the merge /metrics serves: every receiver worker's and consumer's snapshot (the last ones written on stop)
     metrics = read_snapshots(metrics_dir)
-    written = metrics.counters["canpipe_consumer_records_written_total"]
+    written = int(metrics.value(m.RECORDS_WRITTEN))
     print(
         f"records: sent {result.sent}, accepted {len(accepted)}, written {written}, "
         f"unique on disk {len(unique & accepted)}, duplicates {len(keys) - len(unique)}, missing {len(missing)}"
@@ -162,18 +163,9 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     for stage in STAGES:
         s = metrics.summary(stage)
         print(f"{stage:<12}{s['count']:>9}{s['p50']:>10.1f}{s['p95']:>10.1f}{s['p99']:>10.1f}{s['max']:>10.1f}")
-    consumer_usage = {k: v for k, v in metrics.counters.items() if k.startswith("canpipe_sqs_")}
-    if receiver_usage or consumer_usage:
-        calls: dict[str, float] = {}
-        for name, value in [*receiver_usage.items(), *consumer_usage.items()]:
-            if name.startswith("canpipe_sqs_requests_total"):
-                action = name.split('"')[1]
-                calls[action] = calls.get(action, 0) + value
-        billed = int(
-            receiver_usage.get("canpipe_sqs_billed_requests_total", 0)
-            + consumer_usage.get("canpipe_sqs_billed_requests_total", 0)
-        )
-        print(cost.describe(billed, len(accepted), calls))
+    calls = {labels[0]: value for (name, labels), value in metrics.values.items() if name == m.SQS_REQUESTS.name}
+    if calls:
+        print(cost.describe(int(metrics.value(m.SQS_BILLED)), len(accepted), calls))
     print(f"files: {data_dir / 'raw'} (hour-partitioned JSONL), metrics snapshots: {metrics_dir}")
     if missing:
         print(f"FAILED: {len(missing)} accepted records are not on disk", file=sys.stderr)
@@ -182,15 +174,6 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         print(f"FAILED: consumers exited with {consumer_code}", file=sys.stderr)
         return 1
     return 0
-
-
-def _receiver_sqs_usage(url: str) -> dict[str, float]:
-    """The receiver's SQS request counters, read from its /metrics before it stops."""
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-            return parse_counters(response.read().decode(), "canpipe_sqs_")
-    except OSError:
-        return {}
 
 
 def _queue_empty(url: str) -> bool:

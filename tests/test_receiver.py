@@ -215,7 +215,7 @@ def test_health_metrics_and_openapi(url, data_dir):
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert "canpipe_ingest_records_total 3" in text
     assert 'canpipe_latency_seconds_count{stage="ingest"} 3' in text
-    assert 'canpipe_http_responses_total{route="/ingest",status="202"} 1' in text
+    assert 'canpipe_http_requests_total{route="/ingest",status="202"} 1.0' in text
     doc = json.loads(http("GET", url + "/openapi.json")[2])
     assert doc["openapi"].startswith("3.1")
     assert "battery_soc" in json.dumps(doc["components"]["schemas"]["Payload"])

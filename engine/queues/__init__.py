@@ -40,6 +40,7 @@ class QueueStats:
     delayed: int
     dead_letter: int
     size_bytes: int | None = None  # message bytes held (the embedded queue's CANPIPE_QUEUE_MAX_BYTES counts these)
+    oldest_age_s: float | None = None  # age of the oldest message; None where unknown (SQS: CloudWatch only)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -443,7 +443,10 @@ class SqliteQueue:
             total, size = conn.execute("SELECT messages, bytes FROM depth WHERE id = 0").fetchone()
             in_flight = conn.execute("SELECT COUNT(*) FROM messages WHERE visible_ms > ?", (now,)).fetchone()[0]
             dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-            return QueueStats(total - in_flight, in_flight, 0, dead, size_bytes=size)
+            # retained_ms is indexed and equals sent_ms, except that a redriven message starts over (as in SQS)
+            oldest_ms = conn.execute("SELECT MIN(retained_ms) FROM messages").fetchone()[0]
+            oldest_age_s = None if oldest_ms is None else max(0.0, (now - oldest_ms) / 1000.0)
+            return QueueStats(total - in_flight, in_flight, 0, dead, size_bytes=size, oldest_age_s=oldest_age_s)
 
         return await self._run(stats)
 
