@@ -46,6 +46,7 @@ class LoadResult:
     history: list[HistoryPoint]
     errors: list[str]  # "count x message" from locust's failures CSV
     exit_code: int
+    accepted_records: int = 0  # 202-answered records, summed over every locust process's own count
 
     @property
     def elapsed_s(self) -> float:
@@ -66,6 +67,10 @@ class LoadResult:
 def run_locust(scenario: Scenario, url: str, api_key: str, out_dir: Path, meter: CpuMeter) -> LoadResult:
     """Drive ``url`` for ``scenario.duration_s`` and return locust's statistics (CSV files in ``out_dir``)."""
     prefix = out_dir / "locust"
+    count_dir = out_dir / "accepted"
+    count_dir.mkdir(exist_ok=True)
+    for old in count_dir.glob("accepted-*.txt"):
+        old.unlink()
     users = scenario.users
     args = [
         sys.executable,
@@ -100,6 +105,7 @@ def run_locust(scenario: Scenario, url: str, api_key: str, out_dir: Path, meter:
         "CANPIPE_API_KEY": api_key,
         "LOADTEST_REQUESTS_PER_USER_S": repr(scenario.requests_per_user_s),
         "LOADTEST_BATCH": str(scenario.batch),
+        "LOADTEST_COUNT_DIR": str(count_dir),
     }
     with open(out_dir / "locust.log", "wb") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -110,7 +116,9 @@ def run_locust(scenario: Scenario, url: str, api_key: str, out_dir: Path, meter:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-    return read_stats(prefix, scenario, code)
+    result = read_stats(prefix, scenario, code)
+    result.accepted_records = sum(int(p.read_text()) for p in count_dir.glob("accepted-*.txt"))
+    return result
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

@@ -39,6 +39,10 @@ BATCH = int(os.environ.get("LOADTEST_BATCH", "100"))
 RUN = os.environ.get("LOADTEST_RUN") or secrets.token_hex(3)
 _ids = itertools.count()
 _encoder = msgspec.json.Encoder()
+# Each locust process writes how many records it saw accepted here when it stops: with --processes the
+# master's totals can miss the workers' last report, and "lost" must not be computed from an undercount.
+COUNT_DIR = os.environ.get("LOADTEST_COUNT_DIR", "")
+_accepted = [0]
 
 
 def _now() -> str:
@@ -67,6 +71,7 @@ class _Fleet:
 def _expect_accepted(response, count: int) -> None:
     """Only ``202 {"accepted": count}`` is a success: a 503 is a record the pipeline did not take."""
     if response.status_code == 202 and response.json() == {"accepted": count}:
+        _accepted[0] += count
         response.success()
     else:
         response.failure(f"{response.status_code}: {(response.text or response.error or '')!s:.200}")
@@ -129,6 +134,17 @@ class Abuser(FastHttpUser):
                 r.success()
             else:
                 r.failure(f"expected 422 at $.payload.battery_soc, got {r.status_code}")
+
+
+@events.test_stop.add_listener
+@events.quitting.add_listener
+def _write_accepted(**_kwargs) -> None:
+    """Write (again) this process's accepted-record count: called once users stopped and at exit."""
+    if COUNT_DIR:
+        path = os.path.join(COUNT_DIR, f"accepted-{os.getpid()}.txt")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(_accepted[0]))
+        os.replace(path + ".tmp", path)
 
 
 def _tags_of(user_class: type) -> set[str]:

@@ -75,6 +75,9 @@ def render(outcome: Outcome, command: str) -> str:
         f"- accepted {outcome.accepted:,} records in {load.requests - load.failures:,} requests; "
         f"unique on disk {outcome.unique_on_disk if outcome.unique_on_disk is not None else 'not visible'}; "
         f"**lost {outcome.lost}**; drained {'yes' if outcome.drained else 'NO'} {outcome.drain_s:.1f} s after the load",
+        f"- accepted is the sum of every locust process's own count of 202 answers; locust's statistics count "
+        f"{(load.requests - load.failures) * s.batch:,} (with several processes the master can miss the "
+        "workers' last report)",
         "",
         "## HTTP (locust)",
         "",

@@ -96,7 +96,7 @@ def run_scenario(
             meter.watch(name, proc.pid)  # from here on: start-up imports are not the load's cost
         load = run_locust(scenario, pipe.url, pipe.api_key, out_dir, meter)
         ended = time.monotonic()
-        accepted = (load.requests - load.failures) * scenario.batch
+        accepted = load.accepted_records
         drained = pipe.drain(accepted, drain_timeout_s)
         drain_s = time.monotonic() - ended
         cpu_s = meter.stop()
