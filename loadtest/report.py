@@ -110,15 +110,49 @@ def render(outcome: Outcome, command: str) -> str:
     for name, seconds in outcome.cpu_s.items():
         per_k = seconds * 1000 / outcome.accepted * 1000 if outcome.accepted else float("nan")
         lines.append(f"| {name} | {seconds:.1f} | {seconds / duration:.2f} | {_ms(per_k)} |")
+    lines += _limits(outcome)
     lines += [
         "",
         "Receiver and consumer CPU count from the start of the load to the end of the drain; locust's from its "
-        "start. The machine's other tenants are not in these figures.",
+        f"start. The machine's other tenants are not in these figures (1-minute load average at the end: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores).",
         "",
         "![throughput and latency over time](chart.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _limits(outcome: Outcome) -> list[str]:
+    """When the rate was missed: what the measured CPU costs say the target needs, and the pacing loop."""
+    s, load = outcome.scenario, outcome.load
+    if outcome.achieved_rate >= s.rate * 0.9 or not outcome.accepted:
+        return []
+    per_record_s = sum(outcome.cpu_s.values()) / outcome.accepted
+    needed = per_record_s * s.rate
+    period_ms = 1000 / s.requests_per_user_s
+    return [
+        "",
+        "## What limited it",
+        "",
+        f"- **CPU**: receiver, consumers and locust together used {per_record_s * 1e6:,.0f} us of CPU per record, "
+        f"so {s.rate:,.0f} records/s needs about **{needed:.1f} cores**; this machine has {os.cpu_count()}, "
+        "shared with other work. Locust alone costs more per request than the receiver.",
+        f"- **Closed loop per user**: each of the {s.users} users waits for its answer before the next request "
+        f"({period_ms:.0f} ms pacing); with an HTTP P50 of {load.p50_ms:,.0f} ms a user manages about "
+        f"{min(s.requests_per_user_s, 1000 / load.p50_ms if load.p50_ms else 0):.1f} requests/s, not "
+        f"{s.requests_per_user_s:.1f}. The latency is CPU queueing on the shared cores (the receiver's "
+        "group commit needs a few ms), and the ingest stage includes the time a record waits in a busy "
+        "locust process before it is sent.",
+    ] + (
+        [
+            "- The pipeline itself kept up with what arrived: zero errors, zero lost, drained "
+            f"{outcome.drain_s:.1f} s after the load. Batched requests (`--batch 100`) cost far less CPU per "
+            "record (see the gateway-batch report)."
+        ]
+        if outcome.drained and outcome.lost == 0 and not load.failures
+        else []
+    )
 
 
 def chart(outcome: Outcome, path: Path) -> None:
