@@ -476,3 +476,12 @@ def test_a_damaged_queue_is_not_read_whole_again_while_it_stays_the_same_file(ru
             run(q.ping())
     run(q.close())
     assert len(checks) == 1
+
+
+def test_a_closed_queue_refuses_calls_with_a_queue_error(run, queue, queue_url):
+    # the publisher turns a QueueError into a 503 at once; anything else would kill its task
+    q = open_queue(queue_url)  # a second client of the queue the fixture created
+    run(q.send_batch([b"warm-up"]))
+    run(q.close())
+    with pytest.raises(QueueError):
+        run(q.send_batch([b"after close"]))

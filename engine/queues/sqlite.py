@@ -253,7 +253,12 @@ class SqliteQueue:
                     raise self._fail(exc) from None
                 raise
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except RuntimeError as exc:  # the executor was shut down: this queue object was closed
+            if "shutdown" not in str(exc):
+                raise
+            raise QueueError(f"embedded queue {self.path} is closed") from None
 
     def _wake_waiters(self) -> None:
         try:

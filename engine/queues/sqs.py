@@ -62,6 +62,7 @@ class SqsQueue:
         self.billed_requests = 0
         self._client: Any = None
         self._client_cm: Any = None
+        self._closed = False
         self._limits_read = False
 
     @property
@@ -110,6 +111,8 @@ class SqsQueue:
         return self._client
 
     async def _call(self, action: str, payload_bytes: int = 0, **params: Any) -> dict:
+        if self._closed:  # a closed client is not reopened behind the caller's back (it would leak a session)
+            raise QueueError(f"SQS queue {self.url}: this client is closed")
         client = await self._sqs()
         method = getattr(client, re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower())
         self.calls[action] += 1
@@ -293,6 +296,7 @@ class SqsQueue:
         await self._read_limits()
 
     async def close(self) -> None:
+        self._closed = True
         if self._client_cm is not None:
             with contextlib.suppress(Exception):
                 await self._client_cm.__aexit__(None, None, None)
