@@ -270,8 +270,11 @@ class Consumer:
                 log.info("write succeeded again (stage=storage): receiving resumed")
                 self._storage_ok.set()
             fault_point("after_fsync")
-            durable_s = time.time()
+            # counted (and the snapshot written) once durable, before the deletes: a crash in between makes a
+            # redelivery that is written and counted again, never a written record that was not counted
+            self._record(batch, time.time())
             receipts = [held.message.receipt for held in batch]
+            undeleted = 0
             for i in range(0, len(receipts), MAX_BATCH_ENTRIES):
                 try:
                     failed = await self.queue.delete_batch(receipts[i : i + MAX_BATCH_ENTRIES])
@@ -280,8 +283,9 @@ class Consumer:
                     log.warning("delete failed (stage=delete): %s", exc)
                 if failed:  # written but not deleted: they come back and become duplicates, never loss
                     self.metrics.inc(m.CONSUMER_ERRORS, len(failed), stage="delete")
+                    undeleted += len(failed)
+            self.metrics.inc(m.MESSAGES_DELETED, len(receipts) - undeleted)
             fault_point("after_delete")
-            self._record(batch, durable_s)
         finally:
             self._flushing = []
 
@@ -307,7 +311,6 @@ class Consumer:
         latency["processing"].record_many((durable_s - received_s) * 1000.0)
         latency["end_to_end"].record_many((durable_s - client_s) * 1000.0)
         self.metrics.inc(m.RECORDS_WRITTEN, len(client_s))
-        self.metrics.inc(m.MESSAGES_DELETED, len(batch))
         self.metrics.inc(m.BATCHES)
         self.write_snapshot()  # now, not at the next tick: a consumer killed -9 has its written records counted
 
