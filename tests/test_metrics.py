@@ -6,11 +6,15 @@ import sys
 
 import numpy as np
 import pytest
+from canpipe_testing import make_record
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from engine import instruments as m
+from engine.config import Settings
 from engine.metrics import Metrics, read_snapshots, render, write_snapshot
 from engine.queues import QueueUsage, open_queue
+from engine.receiver import create_app
 
 
 def scrape(metrics: Metrics) -> dict[str, dict[tuple, float]]:
@@ -129,3 +133,30 @@ def test_embedded_queue_reports_the_age_of_its_oldest_message(tmp_path):
     empty, age = asyncio.run(ages())
     assert empty is None
     assert age is not None and 0.04 <= age < 30
+
+
+def test_the_receiver_counts_each_answer_by_route_status_and_reason(tmp_path):
+    """What an operator reads after a bad request, a good one and a wrong key: each counted once, by label."""
+    key = "fleet1:s3cret-for-tests"
+    settings = Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path), "CANPIPE_API_KEYS": key})
+    headers = {"X-API-Key": key, "Content-Type": "application/json"}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.post("/ingest", json=[make_record(i) for i in range(3)], headers=headers).status_code == 202
+        assert client.post("/ingest", json=[{"vehicle_id": 1}], headers=headers).status_code == 422
+        assert client.post("/ingest", json=[make_record()], headers=headers | {"X-API-Key": "x:y"}).status_code == 401
+        text = client.get("/metrics").text
+    samples: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    assert samples["canpipe_ingest_records_total", ()] == 3
+    assert samples["canpipe_latency_seconds_count", (("stage", "ingest"),)] == 3
+    assert samples["canpipe_ingest_rejected_requests_total", (("reason", "validation"),)] == 1
+    assert samples["canpipe_ingest_rejected_requests_total", (("reason", "unauthorized"),)] == 1
+    assert samples["canpipe_ingest_rejected_requests_total", (("reason", "saturated"),)] == 0
+    assert samples["canpipe_auth_failures_total", ()] == 1
+    for status in ("202", "422", "401"):
+        assert samples["canpipe_http_requests_total", (("route", "/ingest"), ("status", status))] == 1
+    assert samples["canpipe_http_request_duration_seconds_count", (("route", "/ingest"),)] == 3
+    assert samples["canpipe_queue_visible_messages", ()] >= 1  # the queue's gauges, read at scrape time
+    assert samples["canpipe_publisher_send_calls_total", ()] >= 1
