@@ -106,7 +106,9 @@ class RateLimiter:
         return 0.0
 
 
-SNAPSHOT_INTERVAL_S = 1.0  # how stale another worker's counters can be in a scrape
+# How stale another worker's counts can be in a scrape. Scrapes further apart than this (any real scrape
+# interval) see every counter monotonic: each worker's file is newer than the previous scrape.
+SNAPSHOT_INTERVAL_S = 0.5
 STATS_WAIT_S = 0.25  # a scrape waits this long for the queue's stats, then answers with the last known
 
 
