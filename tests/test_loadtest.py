@@ -74,3 +74,29 @@ def test_locustfile_picks_scenarios_without_crashing_and_abusers_only_when_asked
     assert spawned in out.stderr, out.stderr
     if pick != ["Abuser"]:
         assert '"Abuser"' not in out.stderr, out.stderr
+
+
+# The bench tools beside the load tests (issue 10's small defects).
+
+
+@pytest.mark.timeout(30)
+def test_profile_script_without_py_spy_says_how_to_install_it(tmp_path: Path) -> None:
+    """It used to run on to "No such file" and then hang on a bare ``wait``."""
+    (tmp_path / "bench").mkdir()
+    script = tmp_path / "bench" / "profile_receiver.sh"
+    script.write_text((ROOT / "bench/profile_receiver.sh").read_text())
+    out = subprocess.run(
+        ["bash", str(script), "100", "1"], capture_output=True, text=True, timeout=20, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert out.returncode == 2, out.stderr
+    assert "py-spy is not installed" in out.stderr and "pip install" in out.stderr
+
+
+def test_bench_pipeline_prints_the_table_its_docstring_promises(tmp_path: Path) -> None:
+    args = [sys.executable, str(ROOT / "bench/pipeline.py"), "--rate", "100", "--duration", "2"]
+    table = subprocess.run(args, capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.lstrip()[0] != "{", table.stdout
+    rows = dict(line.split(None, 1) for line in table.stdout.splitlines())
+    number = lambda name: float(rows[name].replace(",", ""))  # noqa: E731
+    assert number("accepted") == number("written") > 0 and rows["drained"].strip() == "True", table.stdout
