@@ -52,9 +52,13 @@ class _Snapshot(msgspec.Struct):
 
 
 def _key(family: Family, labels: dict[str, object]) -> Key:
-    if len(labels) != len(family.labels) or any(name not in labels for name in family.labels):
+    try:  # on every request: a list comprehension, not a generator (half the cost)
+        values = tuple([str(labels[name]) for name in family.labels])
+    except KeyError:
+        values = ()
+    if len(values) != len(labels) or len(values) != len(family.labels):
         raise ValueError(f"{family.name} takes labels {family.labels}, got {tuple(labels)}")
-    return family.name, tuple(str(labels[name]) for name in family.labels)
+    return family.name, values
 
 
 def _series(key: Key) -> str:

@@ -155,6 +155,7 @@ class Receiver:
         self.metrics = Metrics()
         self.snapshot = snapshot  # this worker's file among the processes' snapshots merged by /metrics
         self._stats: QueueStats | None = None
+        self._durations_ms: dict[str, list[float]] = {}  # per route, since the last fold into the histogram
         self._stats_task: asyncio.Task[QueueStats] | None = None
         self.limiter = RateLimiter(settings.rate_limit_records_per_s, settings.rate_limit_burst)
         # past the pending cap a request could never be accepted: 413, not a 503 that invites a retry
@@ -184,14 +185,17 @@ class Receiver:
     def instrumented(
         self, route: str, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
-        """``handler`` counted by route and status, and timed (one histogram record per request)."""
+        """``handler`` counted by route and status, and timed: a duration is appended to a list per request
+        and the list folded into the histogram in one call per snapshot (every 0.5 s) or scrape."""
 
         async def answer(request: Request) -> Response:
             started = time.perf_counter()
             response = await handler(request)
             self.metrics.inc(m.HTTP_REQUESTS, route=route, status=response.status_code)
-            self.metrics.histogram(m.HTTP_DURATION, route=route).record((time.perf_counter() - started) * 1000.0)
+            durations.append((time.perf_counter() - started) * 1000.0)
             return response
+
+        durations = self._durations_ms.setdefault(route, [])  # folded into the histogram per snapshot/scrape
 
         return answer
 
@@ -275,15 +279,20 @@ class Receiver:
 
     def own_metrics(self) -> Metrics:
         """This worker's metrics, with the values the publisher and the queue keep copied in."""
+        for route, durations in self._durations_ms.items():
+            if durations:  # one numpy call for all the requests since the last fold, not one per request
+                self.metrics.histogram(m.HTTP_DURATION, route=route).record_many(np.array(durations))
+                durations.clear()
         self.metrics.set(m.PUBLISHER_PENDING, self.publisher.pending_records)
         self.metrics.set(m.PUBLISHER_SEND_CALLS, self.publisher.calls)
         self.metrics.use_queue_usage(self.queue.usage())
         return self.metrics
 
     def write_snapshot(self) -> None:
+        metrics = self.own_metrics()  # also without a file: folds the request durations, bounding their list
         if self.snapshot is not None:
             with contextlib.suppress(OSError):
-                write_snapshot(self.snapshot, self.own_metrics())
+                write_snapshot(self.snapshot, metrics)
 
     async def merged_metrics(self) -> Metrics:
         """Every process's snapshot (other workers, consumers, dead ones' counters) plus this worker's live
