@@ -85,7 +85,7 @@ def test_workers_and_consumers_add_up_in_every_scrape_also_after_kill_9_and_rest
     assert_scrapes_agree(url, expected(150, 30))
 
     # both Granian workers took requests: the scrape is a sum, not one worker's view
-    def per_worker() -> list[float]:  # each worker's own snapshot (written every second)
+    def per_worker() -> list[float]:  # each worker's own snapshot (written every 0.5 s)
         files = (data_dir / "metrics").glob("receiver-*.metrics")
         return sorted(Metrics.from_bytes(path.read_bytes()).value(m.INGEST_RECORDS) for path in files)
 
