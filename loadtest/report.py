@@ -56,7 +56,10 @@ def render(outcome: Outcome, command: str) -> str:
         f"- **Load**: locust {_version('locust')}, {s.users} `{s.user_class}` users x {s.requests_per_user_s:.2f} "
         f"requests/s x {s.batch} record(s) (constant_throughput), {s.processes} locust process(es), "
         f"{s.duration_s:g} s; simulator payloads (PackModel, CAN ids 0x132/0x292/0x332 in turn)",
-        f"- **Pipeline**: `canpipe serve --workers {s.receiver_workers}` + `canpipe consume --workers {s.consumers}`",
+        f"- **Pipeline**: the running receiver at {outcome.running_url}"
+        if outcome.running_url
+        else f"- **Pipeline**: `canpipe serve --workers {s.receiver_workers}` + `canpipe consume --workers "
+        f"{s.consumers}`, embedded queue in a fresh data dir unless `--queue-url`",
         "",
         "## Seed targets",
         "",

@@ -29,6 +29,7 @@ class Outcome:
     stages: dict[str, dict[str, float]] | None
     cpu_s: dict[str, float]
     exit_codes: dict[str, int]
+    running_url: str | None = None  # set when a running receiver was targeted instead of a started pipeline
 
     @property
     def lost(self) -> int | None:
@@ -105,4 +106,4 @@ def run_scenario(
         meter.stop()
         unique = pipe.unique_on_disk() if pipe.processes or pipe.data_dir else None
         codes = pipe.stop()
-    return Outcome(scenario, load, accepted, unique, drained, drain_s, stages, cpu_s, codes)
+    return Outcome(scenario, load, accepted, unique, drained, drain_s, stages, cpu_s, codes, url)
