@@ -12,13 +12,8 @@ import dataclasses
 import datetime as dt
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -27,8 +22,8 @@ from engine import cost
 from engine import instruments as m
 from engine.config import Settings
 from engine.errors import CanpipeError
+from engine.launch import free_port, healthy, queue_empty, start_command, stop, wait_until
 from engine.metrics import STAGES, read_snapshots
-from engine.queues import open_queue
 from engine.simulator import Simulator, describe
 from engine.storage import iter_raw_files, read_complete_lines
 
@@ -53,32 +48,6 @@ class _Key(msgspec.Struct):
 _key_decoder = msgspec.json.Decoder(_Key)
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(condition: Callable[[], object], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``condition`` every ``interval_s`` until it is true or ``timeout_s`` passes; its last answer."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return bool(condition())
-
-
-def _healthy(url: str) -> bool:
-    """The receiver at ``url`` answers ``GET /health`` with 200 within 1 s."""
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.datetime]]:
     """Every record key in the raw files modified after ``since_ns`` (complete lines only)."""
     keys: list[tuple[str, str, dt.datetime]] = []
@@ -90,20 +59,6 @@ def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.dat
     return keys
 
 
-def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine", *args], env=env)
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 40.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
 def run_pipeline(settings: Settings, options: RunOptions) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +68,7 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         old.unlink()  # the report covers this run only
     started_ns = time.time_ns()
     key = f"run:{secrets.token_urlsafe(16)}"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {
         "CANPIPE_DATA_DIR": str(data_dir),
@@ -121,10 +76,10 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         "CANPIPE_API_KEYS": ",".join(filter(None, [os.environ.get("CANPIPE_API_KEYS", ""), key])),
     }
     print(f"canpipe run: receiver on {url}, {options.consumers} consumers, queue {settings.queue_url}", flush=True)
-    server = _child(["serve", "--port", str(port), "--workers", str(options.receiver_workers)], env)
-    consumers = _child(["consume", "--workers", str(options.consumers)], env)
+    server = start_command(["serve", "--port", str(port), "--workers", str(options.receiver_workers)], env)
+    consumers = start_command(["consume", "--workers", str(options.consumers)], env)
     try:
-        if not _wait_until(lambda: _healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
+        if not wait_until(lambda: healthy(url) or server.poll() is not None, 30) or server.poll() is not None:
             raise CanpipeError("the receiver did not become healthy within 30 s")
         sim = Simulator(
             url,
@@ -144,11 +99,11 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         def on_disk() -> bool:
             return read_snapshots(metrics_dir).value(m.RECORDS_WRITTEN) >= len(accepted)
 
-        _wait_until(on_disk, options.timeout_s, 0.2)
-        _wait_until(lambda: _queue_empty(settings.queue_url), 10, 0.2)
+        wait_until(on_disk, options.timeout_s, 0.2)
+        wait_until(lambda: queue_empty(settings.queue_url), 10, 0.2)
     finally:
-        consumer_code = _stop(consumers)
-        _stop(server)
+        consumer_code = stop(consumers)
+        stop(server)
     keys = stored_keys(data_dir / "raw", started_ns - 1)
     unique = set(keys)
     missing = accepted - unique
@@ -174,15 +129,3 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         print(f"FAILED: consumers exited with {consumer_code}", file=sys.stderr)
         return 1
     return 0
-
-
-def _queue_empty(url: str) -> bool:
-    async def check() -> bool:
-        queue = open_queue(url)
-        try:
-            stats = await queue.stats()
-        finally:
-            await queue.close()
-        return stats.visible == 0 and stats.in_flight == 0
-
-    return asyncio.run(check())

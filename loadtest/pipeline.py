@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from engine.errors import CanpipeError
+from engine.launch import free_port, healthy, queue_empty, stop, wait_until
 from engine.metrics import STAGES, read_snapshots
-from engine.run import _free_port, _healthy, _queue_empty, _stop, _wait_until, stored_keys
+from engine.run import stored_keys
 
 WRITTEN = "canpipe_consumer_records_written_total"
 
@@ -60,11 +61,11 @@ class Pipeline:
         """Wait until the consumers wrote ``accepted`` records and the queue is empty; False on timeout."""
         if self.data_dir is None:
             return True
-        if not _wait_until(lambda: self.written() >= accepted, timeout_s, 0.2):
+        if not wait_until(lambda: self.written() >= accepted, timeout_s, 0.2):
             return False
         if not self.queue_url:
             return True  # a running pipeline's queue: its consumers' count is the evidence
-        return _wait_until(lambda: _queue_empty(self.queue_url), 10, 0.2)
+        return wait_until(lambda: queue_empty(self.queue_url), 10, 0.2)
 
     def unique_on_disk(self) -> int | None:
         """Distinct (vehicle_id, can_id, timestamp) keys in the raw files written since the start."""
@@ -77,7 +78,7 @@ class Pipeline:
 
     def stop(self) -> dict[str, int]:
         """SIGTERM the consumers, then the receiver (so nothing accepted is left unread); exit codes."""
-        codes = {name: _stop(self.processes[name]) for name in ("consumers", "receiver") if name in self.processes}
+        codes = {name: stop(self.processes[name]) for name in ("consumers", "receiver") if name in self.processes}
         if self.owns_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         return codes
@@ -103,7 +104,7 @@ def start(
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = log_dir or data_dir
     key = f"load:{secrets.token_hex(16)}"
-    port = _free_port()
+    port = free_port()
     queue_url = queue_url or f"sqlite:///{data_dir / 'queue.db'}"
     env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_QUEUE_URL": queue_url, "CANPIPE_API_KEYS": key}
     pipeline = Pipeline(f"http://127.0.0.1:{port}", key, data_dir, queue_url, owns_data_dir=owns)
@@ -117,7 +118,7 @@ def start(
                 [sys.executable, "-m", "engine", *args], env=env, stdout=log, stderr=subprocess.STDOUT
             )
     receiver = pipeline.processes["receiver"]
-    if not _wait_until(lambda: _healthy(pipeline.url) or receiver.poll() is not None, 30) or receiver.poll():
+    if not wait_until(lambda: healthy(pipeline.url) or receiver.poll() is not None, 30) or receiver.poll():
         pipeline.stop()
         raise CanpipeError(f"the receiver did not become healthy within 30 s (log: {log_dir / 'receiver.log'})")
     return pipeline

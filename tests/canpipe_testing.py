@@ -17,15 +17,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from engine import run as canpipe_run
+from engine.launch import free_port, healthy, wait_until  # noqa: F401 (the tests import them from here)
 from engine.queues import QueueAttributes, open_queue
 from engine.simulator import SimulationResult, Simulator
 from engine.storage import iter_raw_files, read_complete_lines
-
-# canpipe run needs these three as well: one definition each, private to engine/run.py, public to the tests here
-free_port = canpipe_run._free_port  # a TCP port on 127.0.0.1 nothing listens on
-healthy = canpipe_run._healthy  # healthy(url): GET url/health answers 200
-wait_until = canpipe_run._wait_until  # wait_until(condition, timeout_s, interval_s=0.1) -> condition's last answer
 
 API_KEY = "test:s3cret-test-key"
 
