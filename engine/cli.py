@@ -182,6 +182,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(settings, options)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from engine import top
+
+    return top.run(args.url, args.interval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canpipe", description="CAN battery telemetry pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer-only", action="store_true", help="skip the API key check")
     logging_flags(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("top", help="live view of a receiver's /metrics in the terminal (q or Ctrl-C quits)")
+    p.add_argument("--url", default="http://127.0.0.1:8000/metrics", help="the receiver's /metrics URL")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    logging_flags(p)
+    p.set_defaults(func=cmd_top)
     return parser
 
 
