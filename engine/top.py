@@ -7,8 +7,8 @@ the thin loop around it: scrape, clear screen, redraw, quit on ``q`` or Ctrl-C.
 from __future__ import annotations
 
 import math
-import os
 import select
+import shutil
 import sys
 import termios
 import time
@@ -146,12 +146,12 @@ def run(url: str, interval_s: float = 1.0) -> int:
         while True:
             try:
                 scrape, at = scrape_once(url), time.monotonic()
-                screen = render(previous, scrape, at - previous_at, os.get_terminal_size().columns if tty_in else 120)
+                screen = render(previous, scrape, at - previous_at, shutil.get_terminal_size((120, 40)).columns)
                 previous, previous_at, down_since = scrape, at, None
             except OSError as exc:
                 down_since = down_since or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 screen = f"canpipe top\n\n{url} unreachable since {down_since} ({exc}); retrying every {interval_s:g} s"
-            sys.stdout.write("\x1b[H\x1b[2J" + screen.replace("\n", "\r\n") + "\r\n\r\n(q to quit)\r\n")
+            sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n\n(q to quit)\n")
             sys.stdout.flush()
             ready, _, _ = select.select([sys.stdin] if tty_in else [], [], [], interval_s)
             if ready and sys.stdin.read(1) in ("q", "Q"):
