@@ -112,3 +112,17 @@ def test_top_says_unreachable_keeps_retrying_and_exits_0_on_ctrl_c():
             proc.kill()
             proc.wait()
         os.close(controller)
+
+
+def test_grafana_dashboard_uses_only_declared_metrics():
+    import json
+
+    from engine.instruments import FAMILIES
+
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "canpipe.json").read_text())
+    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in dashboard["templating"]["list"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_bucket$", "", name) for e in exprs for name in re.findall(r"\bcanpipe_\w+", e)}
+    assert used and used <= set(FAMILIES), used - set(FAMILIES)
+    for stage in top.STAGES:
+        assert any("histogram_quantile" in e and f'stage="{stage}"' in e for e in exprs), stage
