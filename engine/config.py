@@ -78,10 +78,15 @@ class Settings:
     receive_interval_ms: float | None = None  # None: the backend's profile (SQLite 0, SQS 200)
     dbc: str = ""
     queue_max_bytes: int = 2 * 1024**3  # embedded queue: past this many message bytes a send is refused (503)
+    log_level: str = "INFO"  # CANPIPE_LOG_LEVEL; engine.logs.configure applies it, once per process
+    log_format: str = "json"  # CANPIPE_LOG_FORMAT: json, or text (the default on a terminal)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        from engine.logs import resolve  # here, not at import: `canpipe --help` loads config and errors only
+
         env = os.environ if env is None else env
+        log_level, log_format = resolve(env=env)
         data_dir = Path(env.get("CANPIPE_DATA_DIR") or "./data")
         queue_url = env.get("CANPIPE_QUEUE_URL") or f"sqlite:///{(data_dir / 'queue.db').resolve()}"
         return cls(
@@ -109,6 +114,8 @@ class Settings:
             receive_interval_ms=_number(env, "CANPIPE_RECEIVE_INTERVAL_MS", None),
             dbc=env.get("CANPIPE_DBC", ""),
             queue_max_bytes=int(_number(env, "CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes)),
+            log_level=log_level,
+            log_format=log_format,
         )
 
     def require_auth(self) -> None:

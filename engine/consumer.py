@@ -183,11 +183,11 @@ class Consumer:
             try:
                 messages = await self.queue.receive(MAX_BATCH_ENTRIES, 20.0)
             except QueueBroken as exc:
-                log.error("queue broken (stage=receive): %s; exiting for the supervisor to restart", exc)
+                log.error("queue broken: %s; exiting for the supervisor to restart", exc, extra={"stage": "receive"})
                 raise
             except QueueError as exc:
                 self.metrics.inc(m.CONSUMER_ERRORS, stage="receive")
-                log.warning("receive failed (stage=receive): %s; retrying in %.1f s", exc, backoff)
+                log.warning("receive failed: %s; retrying in %.1f s", exc, backoff, extra={"stage": "receive"})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
@@ -213,10 +213,11 @@ class Consumer:
                 # Not ours to drop: leave it; after max receives it lands in the dead-letter queue.
                 self.metrics.inc(m.CONSUMER_ERRORS, stage="parse")
                 log.error(
-                    "message %s is not canpipe NDJSON (stage=parse, receive %d): %s",
+                    "message %s is not canpipe NDJSON (receive %d): %s",
                     message.message_id,
                     message.receive_count,
                     exc,
+                    extra={"stage": "parse", "message_id": message.message_id, "receive_count": message.receive_count},
                 )
                 poison.append(message.receipt)
                 continue
@@ -254,20 +255,26 @@ class Consumer:
                 except StorageError as exc:
                     self.metrics.inc(m.CONSUMER_ERRORS, stage="storage")
                     if stop is None or stop.is_set():
-                        log.error("write failed (stage=storage): %s; %d messages left for redelivery", exc, len(batch))
+                        log.error(
+                            "write failed: %s; %d messages left for redelivery",
+                            exc,
+                            len(batch),
+                            extra={"stage": "storage"},
+                        )
                         return
                     self._storage_ok.clear()
                     log.error(
-                        "write failed (stage=storage): %s; holding %d messages, receiving paused, retry in %.1f s",
+                        "write failed: %s; holding %d messages, receiving paused, retry in %.1f s",
                         exc,
                         len(batch),
                         retry_s,
+                        extra={"stage": "storage"},
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), retry_s)
                     retry_s = min(retry_s * 2, STORAGE_RETRY_MAX_S)
             if not self._storage_ok.is_set():
-                log.info("write succeeded again (stage=storage): receiving resumed")
+                log.info("write succeeded again: receiving resumed", extra={"stage": "storage"})
                 self._storage_ok.set()
             fault_point("after_fsync")
             # counted (and the snapshot written) once durable, before the deletes: a crash in between makes a
@@ -280,12 +287,20 @@ class Consumer:
                     failed = await self.queue.delete_batch(receipts[i : i + MAX_BATCH_ENTRIES])
                 except QueueError as exc:
                     failed = receipts[i : i + MAX_BATCH_ENTRIES]
-                    log.warning("delete failed (stage=delete): %s", exc)
+                    log.warning("delete failed: %s", exc, extra={"stage": "delete"})
                 if failed:  # written but not deleted: they come back and become duplicates, never loss
                     self.metrics.inc(m.CONSUMER_ERRORS, len(failed), stage="delete")
                     undeleted += len(failed)
             self.metrics.inc(m.MESSAGES_DELETED, len(receipts) - undeleted)
             fault_point("after_delete")
+            records = sum(held.records for held in batch)
+            log.info(
+                "wrote %d records from %d messages durably, deleted %d of them from the queue",
+                records,
+                len(batch),
+                len(receipts) - undeleted,
+                extra={"records": records, "messages": len(batch), "undeleted": undeleted},
+            )
         finally:
             self._flushing = []
 

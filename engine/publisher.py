@@ -21,6 +21,7 @@ from engine.errors import QueueBroken, QueueError, QueueSaturated
 from engine.queues import MAX_BATCH_ENTRIES, Queue
 
 log = logging.getLogger("canpipe.publisher")
+NEAR_FULL = 0.8  # past this share of max_pending_records in flight, a warning (at most every 10 s) says 503s are near
 
 
 class _Request:
@@ -107,6 +108,7 @@ class Publisher:
         self.pending_records = 0
         self.calls = 0
         self._last_refusal_log = -1e9
+        self._last_near_full_log = -1e9
         self._pending: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
@@ -135,9 +137,10 @@ class Publisher:
             await asyncio.gather(*calls, return_exceptions=True)
             log.warning(
                 "publisher closed: the queue did not answer within the deadline; %d waiting requests failed and %d"
-                " unanswered calls abandoned (stage=publish)",
+                " unanswered calls abandoned",
                 len(requests),
                 len(calls),
+                extra={"stage": "publish"},
             )
         if self._flusher is not None:
             self._flusher.cancel()
@@ -151,6 +154,8 @@ class Publisher:
         request = _Request(chunk, records, asyncio.get_running_loop().create_future())
         request.future.add_done_callback(_retrieve)  # a caller that timed out never reads the outcome
         self.pending_records += records
+        if self.pending_records > NEAR_FULL * self.max_pending_records:
+            self._near_full()
         self._pending.append(request)
         self._wakeup.set()
         # a timer instead of asyncio.wait_for: no extra task per request on the hot path
@@ -159,6 +164,18 @@ class Publisher:
             await request.future
         finally:
             timer.cancel()
+
+    def _near_full(self) -> None:
+        """Warn (at most every 10 s) that requests are about to be shed with 503: the queue is not keeping up."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_near_full_log >= 10.0:
+            self._last_near_full_log = now
+            log.warning(
+                "%d of at most %d records waiting for the queue: near the bound past which requests get 503",
+                self.pending_records,
+                self.max_pending_records,
+                extra={"stage": "publish"},
+            )
 
     def _expire(self, request: _Request) -> None:
         """The request waited too long: fail it, and withdraw it when not yet handed to the queue. One
@@ -222,12 +239,18 @@ class Publisher:
                 now = asyncio.get_running_loop().time()
                 if now - self._last_refusal_log >= 10.0:  # one line per 10 s, not one per batch under load
                     self._last_refusal_log = now
-                    log.warning("send_batch refused (stage=publish): %s", exc)
+                    log.warning("send_batch refused: %s", exc, extra={"stage": "publish"})
                 error = exc
                 break
             except QueueError as exc:
                 error, failed = exc, set(range(len(todo)))
-                log.warning("send_batch failed (attempt %d of %d): %s", attempt + 1, self.max_attempts, exc)
+                log.warning(
+                    "send_batch failed (attempt %d of %d): %s",
+                    attempt + 1,
+                    self.max_attempts,
+                    exc,
+                    extra={"stage": "publish"},
+                )
             for index, entry in enumerate(todo):
                 if index not in failed:
                     for request in entry.requests:

@@ -179,7 +179,9 @@ class Receiver:
         if now - self._last_auth_log >= 10.0:
             self._last_auth_log = now
             log.warning(
-                "rejected X-API-Key (%s); rejections in the next 10 s are only counted", self.auth.describe(header)
+                "rejected X-API-Key (%s); rejections in the next 10 s are only counted",
+                self.auth.describe(header),
+                extra={"stage": "auth"},
             )
 
     def instrumented(
@@ -258,11 +260,15 @@ class Receiver:
             self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="saturated")
             return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
         except QueueError as exc:
-            log.warning("publish failed (stage=publish): %s", exc)
+            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
             self.metrics.inc(m.PUBLISH_ERRORS)
             self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="queue_unavailable")
             return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
         self.metrics.inc(m.INGEST_RECORDS, len(records))
+        if log.isEnabledFor(logging.DEBUG):  # the contents, never the key: only at DEBUG, checked once per request
+            log.debug(
+                "accepted %d records: %s", len(records), body[:4096].decode(errors="replace"), extra={"key_id": key_id}
+            )
         # the ingest stage is recorded here, once per request (the consumer records the three later stages)
         received_s = received_at.timestamp()
         self.metrics.histogram(m.LATENCY, stage="ingest").record_many(

@@ -214,7 +214,7 @@ class SqliteQueue:
             except OSError as exc:
                 raise QueueError(f"embedded queue {self.path}: {exc}") from exc
             if self._broken is not None:
-                log.warning("embedded queue %s is usable again", self.path)
+                log.warning("embedded queue %s is usable again", self.path, extra={"stage": "queue"})
             self._broken = None
         return self._conn
 
@@ -222,7 +222,7 @@ class SqliteQueue:
         """Drop the connection after QueueBroken (reopened at most every REOPEN_AFTER_BROKEN_S), and log it."""
         if isinstance(error, QueueBroken):
             if self._broken is None or str(self._broken) != str(error):
-                log.error("%s", error)
+                log.error("%s", error, extra={"stage": "queue"})
             self._broken, self._reopen_at = error, time.monotonic() + REOPEN_AFTER_BROKEN_S
             conn, self._conn = self._conn, None
             if conn is not None:
