@@ -42,7 +42,16 @@ def test_seed_integration_1000_messages_every_one_on_disk_unchanged(serve, start
     url = serve(backend_env)
     consumers = start(["consume", "--workers", "2"], backend_env)
     sim = Simulator(
-        url, api_key=API_KEY, vehicles=20, rate_ms=20, duration_s=60, count=1000, keep_accepted=True, seed=7
+        # 250 records/s for 4 s: the open-loop simulator sends on time, and a 1 s burst could all land in
+        # one consumer's long polls; over 4 s both consumers take part (checked below on SQS)
+        url,
+        api_key=API_KEY,
+        vehicles=20,
+        rate_ms=80,
+        duration_s=60,
+        count=1000,
+        keep_accepted=True,
+        seed=7,
     )
     result = asyncio.run(sim.run())
     assert result.accepted == 1000 and result.failed == result.rejected == 0
