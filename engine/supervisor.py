@@ -165,6 +165,17 @@ class Supervisor:
         return self._drain()
 
     def _drain(self) -> int:
+        for index, proc in enumerate(self._procs):
+            if proc.exitcode is not None and index not in self._restart_at:
+                # died just before the stop, unnoticed yet: a crash like any other, logged as one; the exit
+                # code of the drain is about the workers that were running
+                log.error(
+                    "consumer pid %s exited with %s while stopping",
+                    proc.pid,
+                    proc.exitcode,
+                    extra={"stage": "consumer", "pid": proc.pid, "exit_code": proc.exitcode},
+                )
+                self._restart_at[index] = 0.0
         for proc in self._procs:
             if proc.exitcode is None and proc.pid is not None:
                 proc.terminate()  # SIGTERM: flush, delete, exit 0
