@@ -57,6 +57,39 @@ class Proc:
         return code
 
 
+def start_moto(port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """moto's server (SQS and S3 over real HTTP) on 127.0.0.1:port, returned once it answers; its output goes to
+    ``log``. Stop it with :func:`stop_process`."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        try:
+            return http("GET", f"http://127.0.0.1:{port}/moto-api/", timeout=1)[0] < 500
+        except OSError:
+            return proc.poll() is not None
+
+    if not wait_until(ready, timeout) or proc.poll() is not None:
+        stop_process(proc)
+        raise AssertionError(f"moto did not start on port {port}:\n{log.read_text(errors='replace')}")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM a child we started, then SIGKILL if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def http(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
 ) -> tuple[int, dict[str, str], bytes]:

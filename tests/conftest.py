@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, free_port, http, wait_until
+from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, free_port, http, start_moto, stop_process, wait_until
 
 
 @pytest.fixture
@@ -70,32 +68,11 @@ def serve(start: Callable[..., Proc]) -> Callable[..., str]:
 def moto_endpoint(tmp_path_factory) -> Iterator[str]:
     """moto's SQS server over real HTTP on 127.0.0.1, started for this test session and stopped by PID."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return http("GET", endpoint + "/moto-api/", timeout=1)[0] < 500
-        except OSError:
-            return False
-
+    proc = start_moto(port, tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        assert wait_until(lambda: up() or proc.poll() is not None, 60), log.read_text()
-        assert proc.poll() is None, log.read_text()
-        yield endpoint
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture

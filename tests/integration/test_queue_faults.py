@@ -25,8 +25,9 @@ from canpipe_testing import (
     make_record,
     on_disk,
     post_json,
+    start_moto,
+    stop_process,
     wait_for,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -210,31 +211,12 @@ def private_moto(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def up() -> subprocess.Popen:
-        out = open(tmp_path / f"moto-{len(procs)}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
-        )
-        out.close()
-        procs.append(proc)
-
-        def ready() -> bool:
-            try:
-                return http("GET", f"http://127.0.0.1:{port}/moto-api/", timeout=1)[0] < 500
-            except OSError:
-                return proc.poll() is not None
-
-        assert wait_until(ready, 60) and proc.poll() is None
-        return proc
+        procs.append(start_moto(port, tmp_path / f"moto-{len(procs)}.log"))
+        return procs[-1]
 
     yield port, up
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def test_sqs_endpoint_down_then_back(private_moto, env, serve, start, data_dir):
