@@ -77,6 +77,7 @@ class Settings:
     send_linger_ms: float | None = None  # None: the backend's profile (SQLite 0, SQS 50); QueueProfile.with_overrides
     receive_interval_ms: float | None = None  # None: the backend's profile (SQLite 0, SQS 200)
     dbc: str = ""
+    signal_map: str = ""  # CANPIPE_SIGNAL_MAP; empty: the map shipped for the DBC (engine/can/codec.py)
     queue_max_bytes: int = 2 * 1024**3  # embedded queue: past this many message bytes a send is refused (503)
     log_level: str = "INFO"  # CANPIPE_LOG_LEVEL; engine.logs.configure applies it, once per process
     log_format: str = "json"  # CANPIPE_LOG_FORMAT: json, or text (the default on a terminal)
@@ -113,6 +114,7 @@ class Settings:
             send_linger_ms=_number(env, "CANPIPE_SEND_LINGER_MS", None),
             receive_interval_ms=_number(env, "CANPIPE_RECEIVE_INTERVAL_MS", None),
             dbc=env.get("CANPIPE_DBC", ""),
+            signal_map=env.get("CANPIPE_SIGNAL_MAP", ""),
             queue_max_bytes=int(_number(env, "CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes)),
             log_level=log_level,
             log_format=log_format,

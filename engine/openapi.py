@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.can.frame import CanFrame
 from engine.config import Settings
 from engine.schema import Telemetry
 
@@ -24,7 +25,9 @@ INGEST_ERRORS = [
 
 def openapi_document(settings: Settings) -> dict:
     """OpenAPI 3.1: the record schema (patterns, ranges), the body and record-count limits, every response."""
-    (record,), components = msgspec.json.schema_components([Telemetry], ref_template="#/components/schemas/{name}")
+    (record, frame), components = msgspec.json.schema_components(
+        [Telemetry, CanFrame], ref_template="#/components/schemas/{name}"
+    )
     error = {"$ref": "#/components/schemas/Error"}
     components["Error"] = {
         "type": "object",
@@ -57,6 +60,26 @@ def openapi_document(settings: Settings) -> dict:
         f"{max_records} records, sent within {settings.body_timeout_s:g} s."
     )
     plain = {"text/plain": {"schema": {"type": "string"}}}
+    paths: dict[str, dict] = {}
+    if settings.dbc:  # only a receiver with a DBC decodes raw frames (without one, /ingest/can answers 503)
+        frames = {"oneOf": [frame, {"type": "array", "items": frame, "minItems": 1, "maxItems": max_records}]}
+        paths["/ingest/can"] = {
+            "post": {
+                "summary": "Ingest raw CAN frames, decoded with the receiver's DBC (CANPIPE_DBC)",
+                "description": "One frame, a JSON array of them, or NDJSON; all-or-nothing. Each frame becomes a "
+                "record of /ingest's shape holding the mapped signals it carries; a CAN id not in the DBC, a wrong "
+                "data length or a decoded value out of range is a 422 naming the frame. " + limits,
+                "security": [{"apiKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": frames},
+                        "application/x-ndjson": {"schema": {"type": "string", "maxLength": settings.max_body_bytes}},
+                    },
+                },
+                "responses": ingest_responses,
+            }
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": "canpipe", "version": "0.1.0"},
@@ -78,6 +101,7 @@ def openapi_document(settings: Settings) -> dict:
                     "responses": ingest_responses,
                 }
             },
+            **paths,
             "/health": {
                 "get": {
                     "summary": "200 when the queue is reachable",

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine import instruments as m
+from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
 from engine.lifetime import exit_with_parent
@@ -377,6 +378,7 @@ def create_app(
         exception_handlers={HTTPException: http_error},
         routes=[
             Route("/ingest", receiver.instrumented("/ingest", receiver.ingest), methods=["POST"]),
+            Route("/ingest/can", receiver.instrumented("/ingest/can", can_route(receiver)), methods=["POST"]),
             Route("/health", receiver.instrumented("/health", receiver.health), methods=["GET"]),
             Route("/metrics", receiver.instrumented("/metrics", receiver.prometheus), methods=["GET"]),
             Route("/openapi.json", receiver.instrumented("/openapi.json", receiver.openapi), methods=["GET"]),

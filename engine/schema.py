@@ -262,6 +262,8 @@ class StoredRecord(Telemetry, forbid_unknown_fields=True):
     """
 
     ingest_received_at: Timestamp
+    # records decoded from raw CAN frames (/ingest/can): "sha256:<hex>" of the DBC's bytes, to decode them again
+    dbc: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$(?!\n)")] | None = None
 
 
 stored_decoder = msgspec.json.Decoder(StoredRecord)

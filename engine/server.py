@@ -56,6 +56,10 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     from engine import logs
 
     settings.require_auth()
+    if settings.dbc:  # /ingest/can: an unreadable DBC or signal map is one clear error here, not one per worker
+        from engine.can.codec import CanCodec
+
+        CanCodec.load(settings.dbc, settings.signal_map or None)
     ensure_port_free(host, port)
     refuse_broken_queue(settings.queue_url)
     hand_over(settings)

@@ -1,0 +1,1 @@
+"""The CAN path: raw frames decoded with a DBC at ingest, log replay and raw-frame simulation."""

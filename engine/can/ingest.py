@@ -1,0 +1,224 @@
+"""``POST /ingest/can``: raw CAN frames decoded with the DBC of ``CANPIPE_DBC`` into ``/ingest``'s records.
+
+The same door as ``/ingest`` (the receiver's key check, body limits and deadline, record count, clock window,
+rate limit, publisher and error body), then per CAN id one batch decode (``engine.can.decode``) and the
+signal map: a stored record carries the canonical fields its frame holds (a multiplexed frame: the ones its
+multiplexer selects), rounded to the signal's resolution, and ``"dbc": "sha256:<hex>"`` of the DBC's bytes.
+A request is all-or-nothing: an id not in the DBC, a wrong data length, bad hex, a frame with none of the
+mapped signals or a decoded value outside the schema's physical ranges is a 422 naming the frame's path,
+and nothing is enqueued. Without a DBC the route answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from engine import instruments as m
+from engine.can.frame import CanFrame, decode_frames, format_frame_id, frame_errors, frame_id, located
+from engine.errors import QueueError, QueueSaturated
+from engine.schema import MAX_REPORTED_ERRORS, UTC, Payload, SkewError, Telemetry, check_clock, format_timestamp
+
+if TYPE_CHECKING:
+    from engine.can.codec import CanCodec
+    from engine.receiver import Receiver
+
+log = logging.getLogger("canpipe.receiver")
+
+_encoder = msgspec.json.Encoder()
+
+
+class FrameRejected(Exception):
+    """Frames of a request that cannot become records: ``errors`` is the 422 detail list, in frame order."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        super().__init__(f"{errors[0]['message']} - at `{errors[0]['path']}`")
+        self.errors = errors
+
+
+def decode_payloads(codec: CanCodec, frames: list[CanFrame]) -> tuple[list[int], list[Payload]]:
+    """Each frame's numeric id and validated payload; ``FrameRejected`` with every bad frame's path.
+
+    Frames are grouped by id and each group decoded in one call of the fast decoder."""
+    from engine.can.decode import BadLength, UnknownFrame
+
+    errors: list[tuple[int, str, str]] = []  # (frame index, path suffix, message)
+    ids = [0] * len(frames)
+    groups: dict[int, list[int]] = {}
+    for index, frame in enumerate(frames):
+        try:
+            ids[index] = frame_id(frame.can_id)
+        except ValueError as exc:
+            errors.append((index, ".can_id", str(exc)))
+            continue
+        groups.setdefault(ids[index], []).append(index)
+    rows: list[dict[str, float]] = [{} for _ in frames]
+    for number, indices in groups.items():
+        datas = [bytes.fromhex(frames[i].data) for i in indices]
+        try:
+            decoded = codec.payloads(number, datas)
+        except UnknownFrame:
+            name = codec.dbc_path.name
+            errors += [(i, ".can_id", f"CAN id {format_frame_id(number)} is not in the DBC {name}") for i in indices]
+            continue
+        except BadLength as exc:
+            message = codec.message(number)
+            errors += [
+                (i, ".data", f"{len(data)} data bytes; {message.name} ({format_frame_id(number)}) has {exc.expected}")
+                for i, data in zip(indices, datas)
+                if len(data) != exc.expected
+            ]
+            continue
+        for i, row in zip(indices, decoded):
+            if row:
+                rows[i] = row
+            else:
+                errors.append((i, ".data", f"the frame carries none of the mapped signals ({_mapped(codec, number)})"))
+    payloads: list[Payload] = []
+    if not errors:
+        try:
+            payloads = msgspec.convert(rows, list[Payload])
+        except msgspec.ValidationError:
+            errors += _range_errors(rows)
+    if errors:
+        errors.sort(key=lambda error: error[0])
+        raise FrameRejected(
+            [{"path": f"$[{i}]{suffix}", "message": text} for i, suffix, text in errors[:MAX_REPORTED_ERRORS]]
+        )
+    return ids, payloads
+
+
+def _mapped(codec: CanCodec, number: int) -> str:
+    signals = codec.by_frame.get(number, ())
+    if not signals:
+        return f"the signal map maps no signal of {codec.message(number).name}"
+    return ", ".join(f"{s.canonical} = {s.message}.{s.signal}" for s in signals)
+
+
+def _range_errors(rows: list[dict[str, float]]) -> list[tuple[int, str, str]]:
+    """The error path only: each decoded payload validated alone, the message naming the decoded values."""
+    errors = []
+    for index, row in enumerate(rows):
+        try:
+            msgspec.convert(row, Payload)
+        except msgspec.ValidationError as exc:
+            error = located(exc)
+            field = error["path"].lstrip("$.")
+            value = f" (decoded {field} = {row[field]:g})" if field in row else f" (decoded {row})"
+            errors.append((index, ".data", f"{error['message']}{value}"))
+    return errors
+
+
+def encode_can_records(records: list[Telemetry], received_at: dt.datetime, dbc_ref: str) -> bytes:
+    """The stored lines: ``/ingest``'s shape plus ``"dbc"``, in one encode and one replace (``}\\n`` occurs
+    only at line ends of compact JSON)."""
+    suffix = f',"ingest_received_at":"{format_timestamp(received_at)}","dbc":"{dbc_ref}"}}\n'.encode()
+    return _encoder.encode_lines(records).replace(b"}\n", suffix)
+
+
+class CanIngest:
+    """The ``/ingest/can`` handler of one receiver worker; ``codec`` is None when no DBC is configured."""
+
+    def __init__(self, receiver: Receiver, codec: CanCodec | None) -> None:
+        self.receiver = receiver
+        self.codec = codec
+        self.max_records = receiver.max_records
+
+    async def __call__(self, request: Request) -> Response:
+        response = await self._ingest(request)
+        if response.status_code != 202:
+            self.receiver.metrics.inc(m.REJECTED_REQUESTS, reason=getattr(response, "reason", "http"))
+        return response
+
+    async def _ingest(self, request: Request) -> Response:
+        from engine.receiver import _CLOSE, JSON_TYPES, NDJSON_TYPES, BodyTooLarge, _error, _read_body, _seconds
+
+        receiver, settings = self.receiver, self.receiver.settings
+        key_id = receiver.auth.key_id(request.headers.get("x-api-key")) if receiver.auth.enabled else ""
+        if key_id is None:
+            receiver._auth_failed(request.headers.get("x-api-key"))
+            return _error(401, "unauthorized", "missing or invalid X-API-Key")
+        if self.codec is None:
+            return _error(503, "no_dbc", "CANPIPE_DBC is not configured: this receiver cannot decode CAN frames")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ndjson = content_type in NDJSON_TYPES
+        if not ndjson and content_type not in JSON_TYPES:
+            return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await _read_body(request, settings.max_body_bytes)
+        except BodyTooLarge:
+            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
+        except TimeoutError:
+            return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
+        except ClientDisconnect:
+            return _error(400, "bad_body", "the body could not be read", headers=_CLOSE)
+        # a valid frame holds exactly one '{' (its strings are pattern-limited): bounds the work before decoding
+        if body.count(b"{") > self.max_records:
+            return _error(413, "too_many_records", f"more than {self.max_records} frames in one request; split it")
+        received_at = dt.datetime.now(UTC)
+        try:
+            frames = decode_frames(body, ndjson=ndjson)
+            if not frames:
+                return _error(422, "validation", "no frames in the request", errors=[{"path": "$", "message": "empty"}])
+            check_clock(
+                cast(list[Any], frames),
+                received_at,
+                max_future_s=settings.max_future_skew_s,
+                max_age_s=settings.max_age_s,
+            )
+            ids, payloads = decode_payloads(self.codec, frames)
+        except SkewError as exc:
+            return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _error(422, "validation", str(exc), errors=frame_errors(body, ndjson=ndjson))
+        except FrameRejected as exc:
+            return _error(422, "validation", str(exc), errors=exc.errors)
+        count = len(frames)
+        wait_s = receiver.limiter.retry_after_s(key_id, count)
+        if wait_s:
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
+            return _error(
+                429,
+                "rate_limited",
+                "over this key's record rate; retry later",
+                headers={"Retry-After": _seconds(wait_s)},
+            )
+        records = [
+            Telemetry(frame.timestamp, frame.vehicle_id, format_frame_id(number), payload)
+            for frame, number, payload in zip(frames, ids, payloads)
+        ]
+        try:
+            await receiver.publisher.publish(encode_can_records(records, received_at, self.codec.dbc_ref), count)
+        except QueueSaturated:
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
+            return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
+        except QueueError as exc:
+            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
+            receiver.metrics.inc(m.PUBLISH_ERRORS)
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
+            return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+        receiver.metrics.inc(m.INGEST_RECORDS, count)
+        received_s = received_at.timestamp()
+        receiver.metrics.histogram(m.LATENCY, stage="ingest").record_many(
+            np.fromiter(((received_s - f.timestamp.timestamp()) * 1000.0 for f in frames), np.float64, count)
+        )
+        return JSONResponse({"accepted": count}, status_code=202)
+
+
+def can_route(receiver: Receiver) -> CanIngest:
+    """The handler for a receiver: the codec loaded from its settings (``CANPIPE_DBC``, ``CANPIPE_SIGNAL_MAP``),
+    or none when no DBC is configured (the route then answers 503)."""
+    settings = receiver.settings
+    if not settings.dbc:
+        return CanIngest(receiver, None)
+    from engine.can.codec import CanCodec
+
+    return CanIngest(receiver, CanCodec.load(settings.dbc, settings.signal_map or None))
