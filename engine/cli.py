@@ -47,6 +47,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from engine.simulator import Simulator, describe
 
+    if args.can:  # raw frames to /ingest/can
+        return _simulate_can(args)
     key = args.api_key or os.environ.get("CANPIPE_API_KEY")
     sim = Simulator(
         args.url,
@@ -54,7 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         vehicles=args.vehicles,
         rate_ms=args.rate_ms,
         duration_s=args.duration,
-        batch=args.batch,
+        batch=args.batch or 1,
         seed=args.seed,
         count=args.count,
         max_in_flight=args.max_in_flight,
@@ -64,6 +66,64 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if result.failed or result.rejected:
         return 1
     return 1 if args.strict and result.short else 0
+
+
+def _can_codec(args: argparse.Namespace):  # -> engine.can.codec.CanCodec (imported only when a command runs)
+    """The DBC and map of ``simulate --can`` and ``replay``: the flags, else CANPIPE_DBC / CANPIPE_SIGNAL_MAP."""
+    from engine.can.codec import DEFAULT_DBC, CanCodec
+
+    dbc = args.dbc or os.environ.get("CANPIPE_DBC") or (DEFAULT_DBC if args.command == "simulate" else None)
+    if not dbc:
+        raise ConfigError("CANPIPE_DBC: replay needs a DBC: --dbc FILE (or CANPIPE_DBC)")
+    return CanCodec.load(dbc, args.signal_map or (None if args.dbc else os.environ.get("CANPIPE_SIGNAL_MAP")))
+
+
+def _simulate_can(args: argparse.Namespace) -> int:
+    from engine.can.simulate import CanSimulator, describe
+
+    sim = CanSimulator(
+        args.url,
+        _can_codec(args),
+        api_key=args.api_key or os.environ.get("CANPIPE_API_KEY"),
+        vehicles=args.vehicles,
+        rate_ms=args.rate_ms,
+        duration_s=args.duration,
+        batch=args.batch or 100,
+        seed=args.seed,
+        count=args.count,
+    )
+    result = asyncio.run(sim.run())
+    print(describe(result))
+    return 1 if result.counts.failed_frames else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from engine.can.replay import Replayer, describe
+
+    settings = Settings.from_env()
+    if not args.log.is_file():
+        raise ConfigError(f"replay: no log file {args.log}")
+    replayer = Replayer(
+        args.log,
+        _can_codec(args),
+        args.url,
+        api_key=args.api_key or os.environ.get("CANPIPE_API_KEY"),
+        vehicle_id=args.vehicle_id,
+        speed=None if args.speed == "max" else float(args.speed),
+        batch=args.batch,
+        timestamps=args.timestamps,
+        max_age_s=settings.max_age_s,
+        max_future_s=settings.max_future_skew_s,
+    )
+    summary = asyncio.run(replayer.run())
+    print(describe(summary))
+    return 1 if summary.failed_frames else 0
+
+
+def _speed(text: str) -> str:
+    if text != "max" and not (text.replace(".", "", 1).isdigit() and float(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'max', got {text!r}")
+    return text
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -239,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, default=10)
     p.add_argument("--rate-ms", type=float, default=200.0)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, help="records per request, default 1 (with --can: frames, default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=0, help="stop after this many records (0: run for --duration)")
     p.add_argument(
@@ -250,8 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when the asked rate was not kept (achieved < 95%% of it, or over 5%% of sends late)",
     )
+    p.add_argument("--can", action="store_true", help="post raw frames encoded with a DBC to /ingest/can")
+    p.add_argument("--dbc", help="with --can: the DBC (default CANPIPE_DBC, else canpipe's own BMS DBC)")
+    p.add_argument("--signal-map", help="with --can: TOML [signals] map (default: the one shipped for the DBC)")
     logging_flags(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", help="a candump .log, ASC or BLF log through /ingest/can, paced by its timestamps")
+    p.add_argument("log", type=Path, help="the log file (candump .log, .asc, .blf, or another python-can format)")
+    p.add_argument("--dbc", help="the DBC to decode with (CANPIPE_DBC); must match the receiver's")
+    p.add_argument("--signal-map", help="TOML [signals] map (CANPIPE_SIGNAL_MAP; default: the one shipped for the DBC)")
+    p.add_argument("--vehicle-id", help="the vehicle the log came from (default: from the log's file name)")
+    p.add_argument("--speed", type=_speed, default="1", help="times real time (2: twice as fast), or max")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="key_id:secret (or CANPIPE_API_KEY)")
+    p.add_argument("--batch", type=int, default=100, help="frames per request")
+    p.add_argument(
+        "--timestamps",
+        choices=["auto", "log", "now"],
+        default="auto",
+        help="the log's own (log), re-based to now (now), or the log's own when within the receiver's clock window "
+        "(auto, the default)",
+    )
+    logging_flags(p)
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("queue", help="queue administration")
     common(p)
