@@ -1,31 +1,76 @@
-"""Start-up checks shared by ``canpipe check``: each returns a problem that names the setting, or None."""
+"""Start-up checks shared by ``canpipe check`` and the daemons: each returns a problem that names the setting.
+
+Read-only: a check never creates the data directory or the embedded queue, it says whether they could be.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import tempfile
+from pathlib import Path
 
 from engine.config import Settings
 from engine.errors import CanpipeError
 from engine.queues import open_queue
 
+KERNELS = ("groupby", "histogram", "jsonl")
 
-def run_checks(settings: Settings, *, serving: bool = True) -> list[str]:
-    problems = []
-    if serving and not settings.api_keys and not settings.insecure_no_auth:
-        problems.append("CANPIPE_API_KEYS: no API keys configured ('key_id:secret,...')")
+
+def kernel_implementations() -> dict[str, tuple[str, str]]:
+    """Kernel name -> ("c" | "py", why), as the selector picked it in this process."""
+    from engine.kernels._select import SELECTED
+
+    for name in KERNELS:
+        importlib.import_module(f"engine.kernels.{name}")
+    return {name: SELECTED[name] for name in KERNELS}
+
+
+def describe_kernels() -> str:
+    """``groupby compiled, histogram compiled, jsonl Python twin (...)``: for start-up lines and ``check``."""
+    return ", ".join(
+        f"{name} compiled" if impl == "c" else f"{name} Python twin ({why})"
+        for name, (impl, why) in kernel_implementations().items()
+    )
+
+
+def _creatable(path: Path) -> str | None:
+    """None when ``path`` (a directory, missing) could be created: its nearest existing ancestor is a
+    writable directory. Otherwise why not."""
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
+def _data_dir_problem(data_dir: Path) -> str | None:
+    if not data_dir.exists():
+        why = _creatable(data_dir)
+        return None if why is None else f"cannot be created: {why}"
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=settings.data_dir, prefix=".check-") as probe:
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".check-") as probe:
             probe.write(b"x")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        problems.append(f"CANPIPE_DATA_DIR: {settings.data_dir} is not writable: {exc}")
+        return str(exc)
+    return None
+
+
+def _queue_problem(queue_url: str) -> str | None:
+    if queue_url.startswith("sqlite://"):
+        path = Path(queue_url.removeprefix("sqlite://"))
+        if not path.exists():  # created by the first serve or consume; a check leaves nothing behind
+            why = _creatable(path.parent)
+            return None if why is None else f"cannot be created: {why}"
 
     async def ping() -> None:
-        queue = open_queue(settings.queue_url)
+        queue = open_queue(queue_url, create=False)
         try:
             await asyncio.wait_for(queue.ping(), 10)
         finally:
@@ -34,5 +79,25 @@ def run_checks(settings: Settings, *, serving: bool = True) -> list[str]:
     try:
         asyncio.run(ping())
     except (TimeoutError, CanpipeError, OSError) as exc:
-        problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {exc or 'timeout'}")
+        return str(exc) or "timeout"
+    return None
+
+
+def run_checks(settings: Settings, *, serving: bool = True, queue: bool = True) -> list[str]:
+    """Every problem found, each naming its setting; empty when all is well. ``queue=False`` leaves the queue
+    to the caller (the daemons, whose retries ride out a queue that is not up yet)."""
+    problems = []
+    if serving and not settings.api_keys and not settings.insecure_no_auth:
+        problems.append("CANPIPE_API_KEYS: no API keys configured ('key_id:secret,...')")
+    if (why := _data_dir_problem(settings.data_dir)) is not None:
+        problems.append(f"CANPIPE_DATA_DIR: {settings.data_dir} is not writable: {why}")
+    if queue and (why := _queue_problem(settings.queue_url)) is not None:
+        problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {why}")
+    if os.environ.get("CANPIPE_REQUIRE_COMPILED", "") == "1":
+        missing = [name for name, (impl, _) in kernel_implementations().items() if impl != "c"]
+        if missing:
+            problems.append(
+                f"CANPIPE_REQUIRE_COMPILED: the compiled kernels {', '.join(missing)} are not in use "
+                f"({describe_kernels()}); rebuild with a C compiler: pip install -e ."
+            )
     return problems

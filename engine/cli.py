@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import os
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from engine.config import Settings
 from engine.errors import CanpipeError, ConfigError
+
+log = logging.getLogger("canpipe")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,10 +29,35 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(env)
 
 
+def _start_up(settings: Settings, command: str, *, serving: bool) -> None:
+    """A daemon's start: the checks of ``canpipe check`` (exit 1 naming each problem, not a crash loop), then
+    one line saying what this process runs with."""
+    from engine import __version__
+    from engine.checks import describe_kernels, run_checks
+
+    problems = run_checks(settings, serving=serving, queue=False)  # a queue not up yet is left to the retries
+    if problems:
+        raise ConfigError("; ".join(problems))
+    keys = ", ".join(k.key_id for k in settings.api_keys) or ("none (--insecure-no-auth)" if serving else "-")
+    log.info(
+        "canpipe %s %s: queue %s, data dir %s, key ids %s, kernels: %s",
+        __version__,
+        command,
+        settings.queue_url,
+        settings.data_dir.resolve(),
+        keys,
+        describe_kernels(),
+        extra={"version": __version__, "queue_url": settings.queue_url, "data_dir": str(settings.data_dir)},
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.server import serve
 
-    serve(_settings(args), args.host, args.port, args.workers)
+    settings = _settings(args)
+    settings.require_auth()
+    _start_up(settings, f"serve on {args.host}:{args.port}, {args.workers} workers", serving=True)
+    serve(settings, args.host, args.port, args.workers)
     return 0
 
 
@@ -38,6 +66,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from engine.supervisor import Supervisor
 
     settings = _settings(args)
+    _start_up(settings, f"consume, {args.workers} workers", serving=False)
     refuse_broken_queue(settings.queue_url)
     if args.batch_seconds is not None:
         settings = dataclasses.replace(settings, batch_seconds=args.batch_seconds)
@@ -61,7 +90,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         count=args.count,
         max_in_flight=args.max_in_flight,
     )
-    result = asyncio.run(sim.run())
+    _wait_for_receiver(args.url)
+    from engine.progress import simulation_line, with_progress
+
+    result = asyncio.run(with_progress(sim.run(), lambda s: simulation_line(sim.result, args.duration, s)))
     print(describe(result))
     if result.failed or result.rejected:
         return 1
@@ -126,13 +158,38 @@ def _speed(text: str) -> str:
     return text
 
 
+def _wait_for_receiver(url: str, timeout_s: float = 10.0) -> None:
+    """Wait up to ``timeout_s`` for something to listen at ``url`` (a receiver started a moment ago with ``&``);
+    a CanpipeError saying so when nothing does, instead of a run of failed sends."""
+    import socket
+    import urllib.parse
+
+    from engine.launch import wait_until
+
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80))
+    last: list[OSError] = []
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(address, timeout=2).close()
+        except OSError as exc:
+            last[:] = [exc]
+            return False
+        return True
+
+    if not wait_until(listening, timeout_s, 0.2):
+        cause = "connection refused" if isinstance(last[0], ConnectionRefusedError) else str(last[0])
+        raise CanpipeError(f"{cause} to {url} after {timeout_s:.0f} s: is the receiver running? (canpipe serve)")
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from engine.queues import QueueAttributes, open_queue
 
     settings = _settings(args)
 
     async def main() -> int:
-        queue = open_queue(settings.queue_url)
+        queue = open_queue(settings.queue_url, create=args.action == "create")  # stats never make a queue
         try:
             if args.action == "create":
                 await queue.create(
@@ -170,9 +227,21 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         return _aggregate_on_schedule(settings.data_dir)
     results: list[aggregator.HourResult | aggregator.HourFailure]
     if args.hour:
-        results = [aggregator.aggregate_isolated(settings.data_dir, aggregator.parse_hour(args.hour))]
+        if not aggregator.hour_inputs(settings.data_dir, args.hour):
+            label = aggregator.hour_label(args.hour)
+            print(f"no raw data for {label} under {settings.data_dir / 'raw'}: nothing written", file=sys.stderr)
+            return 1
+        results = [aggregator.aggregate_isolated(settings.data_dir, args.hour)]
     else:
-        results = aggregator.aggregate_pending(settings.data_dir)
+        from engine.progress import Progress
+
+        progress = Progress()
+        try:
+            results = aggregator.aggregate_pending(
+                settings.data_dir, on_hour=lambda i, n, label: progress.update(f"aggregating {label} ({i + 1}/{n})")
+            )
+        finally:
+            progress.done()
     failed = [r for r in results if isinstance(r, aggregator.HourFailure)]
     for r in results:
         if isinstance(r, aggregator.HourFailure):
@@ -217,9 +286,11 @@ def _aggregate_on_schedule(data_dir: Path) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.checks import run_checks
+    from engine.checks import describe_kernels, run_checks
 
-    problems = run_checks(_settings(args), serving=not args.consumer_only)
+    settings = _settings(args)
+    print(f"kernels: {describe_kernels()}")
+    problems = run_checks(settings, serving=not args.consumer_only)
     for line in problems:
         print(f"FAIL {line}")
     print("ok" if not problems else f"{len(problems)} check(s) failed")
@@ -249,9 +320,11 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine import __version__, logs
+
     parser = argparse.ArgumentParser(prog="canpipe", description="CAN battery telemetry pipeline")
+    parser.add_argument("--version", action="version", version=f"canpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from engine import logs
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, help="root of raw/ and aggregated/ (CANPIPE_DATA_DIR, ./data)")
@@ -265,28 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline on one machine: receiver + consumers + simulator")
     common(p)
-    p.add_argument("--vehicles", type=int, default=10)
+    p.add_argument("--vehicles", type=_positive_int, default=10, help="simulated vehicles")
     p.add_argument("--rate-ms", type=float, default=200.0, help="sampling period per vehicle, ms")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of simulated driving")
-    p.add_argument("--consumers", type=int, default=2, help="consumer processes")
+    p.add_argument("--consumers", type=_positive_int, default=2, help="consumer processes")
     p.add_argument("--batch", type=int, default=1, help="records per HTTP request")
-    p.add_argument("--receiver-workers", type=int, default=1)
+    p.add_argument("--receiver-workers", type=_positive_int, default=1, help="receiver (Granian) worker processes")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the files after the simulator ends")
     logging_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="the receiver (Granian)")
     common(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--workers", type=_positive_int, default=1, help="receiver (Granian) worker processes")
     p.add_argument("--insecure-no-auth", action="store_true", help="serve without API keys (development only)")
     logging_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("consume", help="the consumers")
     common(p)
-    p.add_argument("--workers", type=int, default=2, help="consumer processes")
+    p.add_argument("--workers", type=_positive_int, default=2, help="consumer processes")
     p.add_argument(
         "--batch-seconds", type=float, help="flush a batch this long after its first record (CANPIPE_BATCH_SECONDS)"
     )
@@ -294,13 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("simulate", help="the battery simulator posting to a receiver")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the receiver's base URL")
     p.add_argument("--api-key", help="key_id:secret (or CANPIPE_API_KEY)")
-    p.add_argument("--vehicles", type=int, default=10)
-    p.add_argument("--rate-ms", type=float, default=200.0)
-    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--vehicles", type=_positive_int, default=10, help="simulated vehicles")
+    p.add_argument("--rate-ms", type=float, default=200.0, help="sampling period per vehicle, ms")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of simulated driving")
     p.add_argument("--batch", type=int, help="records per request, default 1 (with --can: frames, default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated fleet")
     p.add_argument("--count", type=int, default=0, help="stop after this many records (0: run for --duration)")
     p.add_argument(
         "--max-in-flight", type=int, default=512, help="requests awaiting an answer, in all; a send over it is late"
@@ -322,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-map", help="TOML [signals] map (CANPIPE_SIGNAL_MAP; default: the one shipped for the DBC)")
     p.add_argument("--vehicle-id", help="the vehicle the log came from (default: from the log's file name)")
     p.add_argument("--speed", type=_speed, default="1", help="times real time (2: twice as fast), or max")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the receiver's base URL")
     p.add_argument("--api-key", help="key_id:secret (or CANPIPE_API_KEY)")
     p.add_argument("--batch", type=int, default=100, help="frames per request")
     p.add_argument(
@@ -338,14 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("queue", help="queue administration")
     common(p)
     p.add_argument("action", choices=["create", "stats", "purge", "redrive"])
-    p.add_argument("--visibility-timeout", type=int, default=30)
-    p.add_argument("--max-receive-count", type=int, default=5)
+    p.add_argument("--visibility-timeout", type=int, default=30, help="create: seconds a received message stays hidden")
+    p.add_argument(
+        "--max-receive-count",
+        type=int,
+        default=5,
+        help="create: receives before a message goes to the dead-letter queue",
+    )
     logging_flags(p)
     p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("aggregate", help="per-vehicle statistics of one hour, or of every closed hour pending")
     common(p)
-    p.add_argument("--hour", help="YYYY-MM-DDTHH (UTC); default: every closed hour not yet aggregated or changed")
+    p.add_argument(
+        "--hour",
+        type=_hour,
+        help="one hour, YYYY-MM-DDTHH (UTC), e.g. $(date -u +%%Y-%%m-%%dT%%H) for the current, still open hour; "
+        "default: every closed hour (ended 5 min ago) not yet aggregated or changed since",
+    )
     p.add_argument("--schedule", action="store_true", help="keep running: aggregate every hour at :05 UTC")
     logging_flags(p)
     p.set_defaults(func=cmd_aggregate)
@@ -361,7 +444,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     logging_flags(p)
     p.set_defaults(func=cmd_top)
+    for p in sub.choices.values():  # every flag's help says its default
+        p.formatter_class = _HelpFormatter
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help where there is a default to show (not None, not a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    """A count of processes or vehicles: 0 would start nothing and say nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _hour(text: str) -> dt.datetime:
+    """``--hour``: exactly YYYY-MM-DDTHH, UTC, not after the current hour."""
+    import re
+
+    from engine.aggregator.hours import parse_hour
+
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}", text):
+        raise argparse.ArgumentTypeError(
+            f"expected YYYY-MM-DDTHH (UTC, two-digit hour, e.g. 2026-11-28T08), got {text!r}"
+        )
+    try:
+        hour = parse_hour(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    now = dt.datetime.now(dt.UTC)
+    if hour > now:
+        current = now.strftime("%Y-%m-%dT%H")
+        raise argparse.ArgumentTypeError(f"{text} has not started yet (the current hour is {current} UTC)")
+    return hour
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,8 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # no log format to speak in yet
         print(f"canpipe: configuration error: {exc}", file=sys.stderr)
         return 1
+    from engine.config import unknown_names
+
+    for warning in unknown_names():  # a typo'd name would leave its default in force without a word
+        log.warning("%s", warning, extra={"stage": "config"})
     # a refusal to start is an event like the others: in the log's format, so a JSON log stays JSON
-    log = logging.getLogger("canpipe")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +40,109 @@ def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-def _number(env: Mapping[str, str], name: str, default: Any, *, minimum: float = 0.0, maximum: float = math.inf) -> Any:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum:g}, got {raw!r}")
-    if value > maximum:
-        raise ConfigError(f"{name}: must be <= {maximum:g}, got {raw!r}")
-    return value
+class _Reader:
+    """Reads settings from ``env``, noting every problem instead of stopping at the first one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def number(self, name: str, default: Any, *, minimum: float = 0.0, maximum: float = math.inf) -> Any:
+        raw = self.env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}: expected a number, got {raw!r}")
+            return default
+        if not math.isfinite(value):
+            self.problems.append(f"{name}: expected a finite number, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name}: must be >= {minimum:g}, got {raw!r}")
+        elif value > maximum:
+            self.problems.append(f"{name}: must be <= {maximum:g}, got {raw!r}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: float = 0.0, maximum: float = math.inf) -> int:
+        value = self.number(name, default, minimum=minimum, maximum=maximum)
+        if not float(value).is_integer():  # 1.5 records per batch is a typo, not 1
+            self.problems.append(f"{name}: expected a whole number, got {self.env[name]!r}")
+            return default
+        return int(value)
+
+    def existing_file(self, name: str) -> str:
+        raw = self.env.get(name, "")
+        if raw and not Path(raw).is_file():
+            self.problems.append(f"{name}: cannot read {raw}: no such file")
+        return raw
+
+    def check(self, parse: Callable[[], T], default: T) -> T:
+        try:
+            return parse()
+        except ConfigError as exc:
+            self.problems.append(str(exc))
+            return default
+
+
+#: the CANPIPE_* variables Settings.from_env reads (docs/configuration.md lists each)
+SETTING_NAMES = frozenset(
+    {
+        "CANPIPE_API_KEYS",
+        "CANPIPE_BATCH_RECORDS",
+        "CANPIPE_BATCH_SECONDS",
+        "CANPIPE_BODY_TIMEOUT_S",
+        "CANPIPE_DATA_DIR",
+        "CANPIPE_DBC",
+        "CANPIPE_HEADER_TIMEOUT_S",
+        "CANPIPE_INSECURE_NO_AUTH",
+        "CANPIPE_MAX_AGE_S",
+        "CANPIPE_MAX_BODY_BYTES",
+        "CANPIPE_MAX_FUTURE_SKEW_S",
+        "CANPIPE_MAX_PENDING_RECORDS",
+        "CANPIPE_MAX_RECORDS_PER_REQUEST",
+        "CANPIPE_PUBLISH_TIMEOUT_S",
+        "CANPIPE_QUEUE_MAX_BYTES",
+        "CANPIPE_QUEUE_URL",
+        "CANPIPE_RATE_LIMIT_BURST",
+        "CANPIPE_RATE_LIMIT_RECORDS_PER_S",
+        "CANPIPE_RECEIVE_INTERVAL_MS",
+        "CANPIPE_ROTATE_BYTES",
+        "CANPIPE_SEND_LINGER_MS",
+        "CANPIPE_SIGNAL_MAP",
+        "CANPIPE_VISIBILITY_TIMEOUT_S",
+    }
+)
+#: CANPIPE_* names read outside Settings: by the simulator, the kernel selector, the build, ``check``
+OTHER_NAMES = frozenset(
+    {
+        "CANPIPE_API_KEY",
+        "CANPIPE_NO_EXTENSIONS",
+        "CANPIPE_REQUIRE_COMPILED",
+        "CANPIPE_CYTHON_DEBUG",
+        "CANPIPE_CYTHON_ANNOTATE",
+        "CANPIPE_LOG_LEVEL",
+        "CANPIPE_LOG_FORMAT",
+    }
+)
+#: prefixes of the test suite's and benchmarks' own switches: not settings, never warned about
+_TOOLING_PREFIXES = ("CANPIPE_TEST_", "CANPIPE_BENCH_", "CANPIPE_FAULT_", "CANPIPE_SOAK_")
+
+
+def unknown_names(env: Mapping[str, str] | None = None) -> list[str]:
+    """A warning per ``CANPIPE_*`` variable canpipe does not read, with the nearest known name: a typo
+    (``CANPIPE_DATADIR``) would otherwise leave the default in force without a word."""
+    env = os.environ if env is None else env
+    known = sorted(SETTING_NAMES | OTHER_NAMES)
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("CANPIPE_") or name in known or name.startswith(_TOOLING_PREFIXES):
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        warnings.append(f"{name} is not a canpipe setting and is ignored{hint}")
+    return warnings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,38 +180,46 @@ class Settings:
         from engine.logs import resolve  # here, not at import: `canpipe --help` loads config and errors only
 
         env = os.environ if env is None else env
-        log_level, log_format = resolve(env=env)
+        read = _Reader(env)
+        log_level, log_format = read.check(lambda: resolve(env=env), (cls.log_level, cls.log_format))
         data_dir = Path(env.get("CANPIPE_DATA_DIR") or "./data")
         queue_url = env.get("CANPIPE_QUEUE_URL") or f"sqlite:///{(data_dir / 'queue.db').resolve()}"
-        return cls(
+        settings = cls(
             data_dir=data_dir,
             queue_url=queue_url,
-            api_keys=parse_api_keys(env.get("CANPIPE_API_KEYS", "")),
+            api_keys=read.check(lambda: parse_api_keys(env.get("CANPIPE_API_KEYS", "")), ()),
             insecure_no_auth=env.get("CANPIPE_INSECURE_NO_AUTH", "") == "1",
-            max_body_bytes=int(_number(env, "CANPIPE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024)),
-            max_future_skew_s=_number(env, "CANPIPE_MAX_FUTURE_SKEW_S", cls.max_future_skew_s),
-            max_age_s=_number(env, "CANPIPE_MAX_AGE_S", cls.max_age_s),
-            publish_timeout_s=_number(env, "CANPIPE_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.01),
-            max_pending_records=int(_number(env, "CANPIPE_MAX_PENDING_RECORDS", cls.max_pending_records, minimum=1)),
-            max_records_per_request=int(
-                _number(env, "CANPIPE_MAX_RECORDS_PER_REQUEST", cls.max_records_per_request, minimum=1)
+            max_body_bytes=read.integer("CANPIPE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            max_future_skew_s=read.number("CANPIPE_MAX_FUTURE_SKEW_S", cls.max_future_skew_s),
+            max_age_s=read.number("CANPIPE_MAX_AGE_S", cls.max_age_s),
+            publish_timeout_s=read.number("CANPIPE_PUBLISH_TIMEOUT_S", cls.publish_timeout_s, minimum=0.01),
+            max_pending_records=read.integer("CANPIPE_MAX_PENDING_RECORDS", cls.max_pending_records, minimum=1),
+            max_records_per_request=read.integer(
+                "CANPIPE_MAX_RECORDS_PER_REQUEST", cls.max_records_per_request, minimum=1
             ),
-            body_timeout_s=_number(env, "CANPIPE_BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
-            header_timeout_s=_number(env, "CANPIPE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.001, maximum=60),
-            rate_limit_records_per_s=_number(env, "CANPIPE_RATE_LIMIT_RECORDS_PER_S", cls.rate_limit_records_per_s),
-            rate_limit_burst=_number(env, "CANPIPE_RATE_LIMIT_BURST", cls.rate_limit_burst),
-            batch_records=int(_number(env, "CANPIPE_BATCH_RECORDS", cls.batch_records, minimum=1)),
-            batch_seconds=_number(env, "CANPIPE_BATCH_SECONDS", cls.batch_seconds, minimum=0.01),
-            visibility_timeout_s=_number(env, "CANPIPE_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
-            rotate_bytes=int(_number(env, "CANPIPE_ROTATE_BYTES", cls.rotate_bytes, minimum=1024)),
-            send_linger_ms=_number(env, "CANPIPE_SEND_LINGER_MS", None),
-            receive_interval_ms=_number(env, "CANPIPE_RECEIVE_INTERVAL_MS", None),
-            dbc=env.get("CANPIPE_DBC", ""),
-            signal_map=env.get("CANPIPE_SIGNAL_MAP", ""),
-            queue_max_bytes=int(_number(env, "CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes)),
+            body_timeout_s=read.number("CANPIPE_BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
+            header_timeout_s=read.number("CANPIPE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.001, maximum=60),
+            rate_limit_records_per_s=read.number("CANPIPE_RATE_LIMIT_RECORDS_PER_S", cls.rate_limit_records_per_s),
+            rate_limit_burst=read.number("CANPIPE_RATE_LIMIT_BURST", cls.rate_limit_burst),
+            batch_records=read.integer("CANPIPE_BATCH_RECORDS", cls.batch_records, minimum=1),
+            batch_seconds=read.number("CANPIPE_BATCH_SECONDS", cls.batch_seconds, minimum=0.01),
+            visibility_timeout_s=read.number("CANPIPE_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
+            rotate_bytes=read.integer("CANPIPE_ROTATE_BYTES", cls.rotate_bytes, minimum=1024),
+            send_linger_ms=read.number("CANPIPE_SEND_LINGER_MS", None),
+            receive_interval_ms=read.number("CANPIPE_RECEIVE_INTERVAL_MS", None),
+            dbc=read.existing_file("CANPIPE_DBC"),
+            signal_map=read.existing_file("CANPIPE_SIGNAL_MAP"),
+            queue_max_bytes=read.integer("CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes),
             log_level=log_level,
             log_format=log_format,
         )
+        if read.problems:
+            raise ConfigError(
+                f"{len(read.problems)} problem(s) in the settings:\n  " + "\n  ".join(read.problems)
+                if len(read.problems) > 1
+                else read.problems[0]
+            )
+        return settings
 
     def require_auth(self) -> None:
         """Refuse to serve without keys unless explicitly told to (``--insecure-no-auth``)."""

@@ -25,6 +25,9 @@ from engine.errors import ConfigError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("json", "text")
+#: libraries whose INFO lines are noise to an operator ("Found credentials in environment variables." on every
+#: SQS command): kept at WARNING whatever canpipe's own level is
+QUIET_LIBRARIES = ("aiobotocore", "botocore", "boto3", "urllib3", "asyncio")
 # the attributes every LogRecord has; anything else on a record came in through ``extra``
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 _encoder = msgspec.json.Encoder(enc_hook=str)  # an extra field of any type renders as its str()
@@ -116,6 +119,7 @@ def dictconfig(level: str, fmt: str) -> dict[str, Any]:
         "loggers": {
             "_granian": {"handlers": [], "level": level, "propagate": True},
             "granian.access": {"handlers": [], "level": level, "propagate": True},
+            **{name: {"level": "WARNING"} for name in QUIET_LIBRARIES},
         },
     }
 
@@ -136,4 +140,6 @@ def configure(level: str | None = None, fmt: str | None = None) -> tuple[str, st
     handler.canpipe = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return level, fmt

@@ -24,6 +24,7 @@ from engine.config import Settings
 from engine.errors import CanpipeError
 from engine.launch import free_port, healthy, queue_empty, start_command, stop, wait_until
 from engine.metrics import STAGES, read_snapshots
+from engine.progress import simulation_line, with_progress
 from engine.simulator import Simulator, describe
 from engine.storage import iter_raw_files, read_complete_lines
 
@@ -90,7 +91,9 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
             batch=options.batch,
             keep_accepted=True,
         )
-        result = asyncio.run(sim.run())
+        result = asyncio.run(
+            with_progress(sim.run(), lambda s: simulation_line(sim.result, options.duration_s, s))
+        )  # a progress line on a terminal only
         print(f"simulator: {describe(result)}", flush=True)
         accepted = {
             (r["vehicle_id"], r["can_id"], dt.datetime.fromisoformat(r["timestamp"])) for r in result.accepted_records

@@ -140,7 +140,9 @@ def test_aggregate_commands(env, data_dir, capsys, monkeypatch, start):
     assert main(["aggregate"]) == 0  # the input changed: aggregated again
     captured = capsys.readouterr()
     assert "aggregated 2025-10-19T17" in captured.out and "2 corrupt lines" in captured.err
-    assert main(["aggregate", "--hour", "yesterday"]) == 1
+    with pytest.raises(SystemExit) as refused:  # a malformed --hour is a usage error, as argparse reports them
+        main(["aggregate", "--hour", "yesterday"])
+    assert refused.value.code == 2
     (data_dir / "aggregated" / f"aggregated-{HOUR:%Y-%m-%dT%H}.manifest.json").unlink()
     scheduled = start(["aggregate", "--schedule"], env)
     wait_for(lambda: "aggregated 2025-10-19T17" in scheduled.output(), 30, "the scheduler's catch-up run")

@@ -204,13 +204,19 @@ def aggregate_isolated(data_dir: Path, hour: dt.datetime) -> HourResult | HourFa
         return HourFailure(hour_label(hour), f"{type(exc).__name__}: {exc}")
 
 
-def aggregate_pending(data_dir: Path, now: dt.datetime | None = None) -> list[HourResult | HourFailure]:
+def aggregate_pending(
+    data_dir: Path, now: dt.datetime | None = None, on_hour: Callable[[int, int, str], None] | None = None
+) -> list[HourResult | HourFailure]:
     """Every closed hour not yet aggregated, or whose input changed since. Hours are isolated: one that
     fails (unreadable file, a bug on odd data) is logged and reported as an ``HourFailure``, and the later
-    hours are still aggregated; it is tried again on the next run, since it has no manifest."""
+    hours are still aggregated; it is tried again on the next run, since it has no manifest.
+    ``on_hour(index, count, label)``: called before each closed hour is looked at (the cli's progress line)."""
     now = now or dt.datetime.now(UTC)
     results: list[HourResult | HourFailure] = []
-    for hour in closed_hours(data_dir, now):
+    hours = closed_hours(data_dir, now)
+    for index, hour in enumerate(hours):
+        if on_hour is not None:
+            on_hour(index, len(hours), hour_label(hour))
         try:
             pending = needs_aggregation(data_dir, hour)
         except OSError as exc:  # the hour's folder cannot be listed or its files stat'ed

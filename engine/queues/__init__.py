@@ -122,11 +122,14 @@ class Queue(Protocol):
     async def close(self) -> None: ...
 
 
-def open_queue(url: str, *, visibility_timeout_s: float | None = None, max_bytes: int | None = None) -> Queue:
+def open_queue(
+    url: str, *, visibility_timeout_s: float | None = None, max_bytes: int | None = None, create: bool = True
+) -> Queue:
     """The backend for ``url``: ``sqlite:///PATH`` or an SQS queue URL.
 
     ``max_bytes``: the embedded queue's depth bound (None: CANPIPE_QUEUE_MAX_BYTES; 0: unbounded). SQS
-    has no such bound here: its backlog is AWS's to hold.
+    has no such bound here: its backlog is AWS's to hold. ``create=False``: a missing embedded queue file is a
+    QueueError, not a new empty queue (read-only commands); an SQS queue is never created by opening it.
     """
     if url.startswith("sqlite://"):
         from engine.config import Settings
@@ -135,7 +138,7 @@ def open_queue(url: str, *, visibility_timeout_s: float | None = None, max_bytes
         if max_bytes is None:
             max_bytes = Settings.from_env().queue_max_bytes
         return SqliteQueue(
-            url.removeprefix("sqlite://"), visibility_timeout_s=visibility_timeout_s, max_bytes=max_bytes
+            url.removeprefix("sqlite://"), visibility_timeout_s=visibility_timeout_s, max_bytes=max_bytes, create=create
         )
     if url.startswith(("https://", "http://")):
         from engine.queues.sqs import SqsQueue

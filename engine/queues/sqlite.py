@@ -80,14 +80,18 @@ class SqliteQueue:
     """The ``sqlite:///PATH`` backend. All SQLite work runs on one private thread per instance.
 
     ``max_bytes``: the most message bytes the queue holds; past it ``send_batch`` raises QueueSaturated
-    (0: unbounded).
+    (0: unbounded). ``create=False``: never create the file (read-only commands such as ``queue stats``); a
+    missing queue is a QueueError saying so.
     """
 
     profile = QueueProfile(max_message_bytes=MAX_MESSAGE_BYTES)  # local calls: no linger, no pacing
 
-    def __init__(self, path: str, *, visibility_timeout_s: float | None = None, max_bytes: int = 0) -> None:
+    def __init__(
+        self, path: str, *, visibility_timeout_s: float | None = None, max_bytes: int = 0, create: bool = True
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.create_missing = create
         self._visibility_override = visibility_timeout_s
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="canpipe-sqlite")
         self._conn: sqlite3.Connection | None = None
@@ -150,6 +154,8 @@ class SqliteQueue:
                 f"embedded queue {self.path} is missing but its write-ahead log {self.path}-wal is there: the queue "
                 f"was deleted while in use; canpipe will not recreate it empty ({RECOVERY})"
             )
+        if create and not self.create_missing:
+            raise QueueError(f"embedded queue {self.path} does not exist (nothing has created it yet)")
         if create:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
