@@ -16,7 +16,7 @@ from canpipe_testing import API_KEY, on_disk, wait_for
 
 from engine import aggregator
 from engine.can.codec import DEFAULT_DBC, CanCodec
-from engine.can.replay import Replayer, ReplaySummary, describe, vehicle_id_for
+from engine.can.replay import Replayer, ReplaySummary, Screen, describe, vehicle_id_for
 from engine.can.simulate import FrameEncoder
 from engine.cli import main
 from engine.storage import raw_hours
@@ -183,3 +183,45 @@ def test_vehicle_ids_from_file_names_and_an_empty_summary():
     assert vehicle_id_for(Path("/x/drive 2024-05-01.blf")) == "drive-2024-05-01"
     assert vehicle_id_for(Path("___.log")) == "replay"
     assert describe(ReplaySummary("empty.log")).startswith("replay empty.log: 0 frames read, 0 sent")
+
+
+def test_the_screen_skips_what_the_receiver_would_refuse(tmp_path):
+    partial = tmp_path / "map.toml"
+    partial.write_text(
+        "[signals]\n"
+        'battery_soc = "BMS_StateOfCharge.BMS_SOC"\n'
+        'cell_temp_min = "BMS_CellStats.BMS_CellTempMin"\n'
+        'cell_temp_max = "BMS_CellStats.BMS_CellTempMax"\n'
+    )
+    screen = Screen(CanCodec.load(DEFAULT_DBC, partial))
+    soc = DB.get_message_by_name("BMS_StateOfCharge")
+    cells = DB.get_message_by_name("BMS_CellStats")
+    frames = [
+        can.Message(arbitration_id=soc.frame_id, data=soc.encode({"BMS_SOC": 50.0, "BMS_ChargeState": 0})),
+        can.Message(
+            arbitration_id=soc.frame_id, data=soc.encode({"BMS_SOC": 150.0, "BMS_ChargeState": 0}, strict=False)
+        ),
+        can.Message(arbitration_id=soc.frame_id, is_remote_frame=True, dlc=4),
+        can.Message(arbitration_id=0x3A0, is_extended_id=False, data=bytes(8)),
+        can.Message(arbitration_id=soc.frame_id, data=bytes(3)),
+        can.Message(arbitration_id=cells.frame_id, is_extended_id=False, data=bytes(8)),  # page 0: voltages
+    ]
+    assert screen.reasons(frames) == [
+        None,
+        "decoded value outside the physical ranges",
+        "remote frame",
+        "message not in the signal map",
+        "data length differs from the DBC",
+        "multiplexer page without a mapped signal",
+    ]
+
+
+def test_a_receiver_that_never_answers_fails_the_frames_after_the_retries(tmp_path):
+    from canpipe_testing import free_port
+
+    log = write_log(tmp_path / "a.log", bus_frames(time.time(), ticks=1))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    summary = asyncio.run(Replayer(log, CanCodec.load(DEFAULT_DBC), url, speed=None, max_attempts=2).run())
+    ((cause, frames),) = summary.failed.items()
+    assert frames == summary.sent == 4 and "ClientConnectorError" in cause and "(after 2 attempts)" in cause
+    assert summary.retries == 1
