@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 STAGES = ("ingest", "queue", "processing", "end_to_end")
-ROUTES = ("/ingest", "/health", "/metrics", "/openapi.json")
+ROUTES = ("/ingest", "/ingest/can", "/health", "/metrics", "/openapi.json")
 # the ``error`` codes of the receiver's 4xx/5xx answers (docs/api: the error body)
 REJECT_REASONS = (
     "unauthorized",
@@ -24,6 +24,7 @@ REJECT_REASONS = (
     "rate_limited",
     "saturated",
     "queue_unavailable",
+    "no_dbc",  # /ingest/can without CANPIPE_DBC
 )
 CONSUMER_ERROR_STAGES = ("receive", "parse", "storage", "delete")
 # upper bounds (``le``) of the histogram buckets, seconds: 0.5 ms to 5 min, about 2.5x apart
