@@ -368,3 +368,19 @@ def test_a_message_the_map_leaves_out_is_422_saying_so(settings, queue, tmp_path
         response = client.post("/ingest/can", content=json.dumps(pack()), headers=JSON)
         assert response.status_code == 422
         assert "the signal map maps no signal of BMS_PackStatus" in response.json()["errors"][0]["message"]
+
+
+def test_an_ieee_float_signal_is_stored_as_decoded_not_rounded_to_its_unit_scale(tmp_path, queue):
+    dbc = tmp_path / "float.dbc"
+    dbc.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: BMS\n\n'
+        'BO_ 256 PackFloat: 4 BMS\n SG_ Voltage : 0|32@1- (1,0) [0|1500] "V" Vector__XXX\n\n'
+        "SIG_VALTYPE_ 256 Voltage : 1;\n"
+    )
+    (tmp_path / "float.toml").write_text('[signals]\nbattery_voltage = "PackFloat.Voltage"\n')
+    settings = Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path), "CANPIPE_API_KEYS": KEY, "CANPIPE_DBC": str(dbc)})
+    data = cantools.database.load_file(dbc).get_message_by_name("PackFloat").encode({"Voltage": 396.25}).hex()
+    frame = {"timestamp": now(), "vehicle_id": "EV-1", "can_id": "0x100", "data": data}
+    with TestClient(create_app(settings, queue), base_url="http://127.0.0.1") as client:
+        assert client.post("/ingest/can", content=json.dumps(frame), headers=JSON).status_code == 202
+        assert queued(client, queue)[0]["payload"] == {"battery_voltage": 396.25}

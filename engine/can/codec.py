@@ -36,7 +36,7 @@ class MappedSignal:
     signal: str
     frame_id: int
     scale: float
-    decimals: int
+    decimals: int | None  # None: an IEEE float signal, stored as decoded
     multiplexer_ids: tuple[int, ...] | None  # the mux values that select it; None: always present
 
 
@@ -149,7 +149,7 @@ class CanCodec:
                     signal_name,
                     message.frame_id,
                     float(signal.scale),
-                    decimals_of(float(signal.scale), float(signal.offset)),
+                    None if signal.is_float else decimals_of(float(signal.scale), float(signal.offset)),
                     None if ids is None else tuple(ids),
                 )
             )
@@ -183,7 +183,13 @@ class CanCodec:
         frame: those its multiplexer selects). Raises the decoder's ``UnknownFrame`` / ``BadLength``."""
         columns = self.decoder.decode(frame_id, datas)
         mapped = self.by_frame.get(frame_id, ())
-        rounded = [(s.canonical, np.round(columns[s.signal], s.decimals).tolist()) for s in mapped]
+        rounded = [
+            (
+                s.canonical,
+                (columns[s.signal] if s.decimals is None else np.round(columns[s.signal], s.decimals)).tolist(),
+            )
+            for s in mapped
+        ]
         rows: list[dict[str, float]] = [{} for _ in datas]
         for canonical, values in rounded:
             for row, value in zip(rows, values):
