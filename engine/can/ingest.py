@@ -52,13 +52,17 @@ def decode_payloads(codec: CanCodec, frames: list[CanFrame]) -> tuple[list[int],
     errors: list[tuple[int, str, str]] = []  # (frame index, path suffix, message)
     ids = [0] * len(frames)
     groups: dict[int, list[int]] = {}
+    parsed: dict[int | str, int] = {}  # a request holds few distinct ids: parse each form once
     for index, frame in enumerate(frames):
-        try:
-            ids[index] = frame_id(frame.can_id)
-        except ValueError as exc:
-            errors.append((index, ".can_id", str(exc)))
-            continue
-        groups.setdefault(ids[index], []).append(index)
+        number = parsed.get(frame.can_id)
+        if number is None:
+            try:
+                number = parsed[frame.can_id] = frame_id(frame.can_id)
+            except ValueError as exc:
+                errors.append((index, ".can_id", str(exc)))
+                continue
+        ids[index] = number
+        groups.setdefault(number, []).append(index)
     rows: list[dict[str, float]] = [{} for _ in frames]
     for number, indices in groups.items():
         datas = [bytes.fromhex(frames[i].data) for i in indices]
@@ -191,8 +195,9 @@ class CanIngest:
                 "over this key's record rate; retry later",
                 headers={"Retry-After": _seconds(wait_s)},
             )
+        names = {number: format_frame_id(number) for number in set(ids)}
         records = [
-            Telemetry(frame.timestamp, frame.vehicle_id, format_frame_id(number), payload)
+            Telemetry(frame.timestamp, frame.vehicle_id, names[number], payload)
             for frame, number, payload in zip(frames, ids, payloads)
         ]
         try:
