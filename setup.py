@@ -1,30 +1,51 @@
 """Declares the compiled kernels only; everything else is in pyproject.toml.
 
 CANPIPE_CYTHON_DEBUG=1 builds with line tracing and no optimisation; CANPIPE_CYTHON_ANNOTATE=1 writes
-the HTML annotation beside each .pyx. A failed compile is not fatal: the pure-Python twins serve.
+the HTML annotation beside each .pyx. A failed compile is not fatal: the pure-Python twins serve, a WARNING
+block names each kernel not built (pip shows it with -v; `canpipe check` reports the kernels in use), and
+CANPIPE_REQUIRE_COMPILED=1 makes it fail the build instead (images and wheels that must be fast).
 """
 
 import os
+import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CANPIPE_CYTHON_DEBUG") == "1"
+REQUIRE_COMPILED = os.environ.get("CANPIPE_REQUIRE_COMPILED") == "1"
+NOT_BUILT = """
+{rule}
+WARNING: these compiled kernels were NOT built; their pure-Python twins will serve, several times slower:
+{names}
+`canpipe check` names the kernel implementation an installation uses; CANPIPE_REQUIRE_COMPILED=1 at build
+time makes a failed compile fail the build.
+{rule}"""
 KERNELS = ["histogram", "groupby", "jsonl"]
 
 
 class OptionalBuildExt(build_ext):
+    """Builds every kernel it can; the ones it cannot are named at the end, or fail the build when required."""
+
     def run(self):
+        self.not_built = {}  # extension name -> why
         try:
             super().run()
-        except Exception as exc:  # no compiler: install without the compiled kernels
-            print(f"WARNING: compiled kernels not built ({exc}); the pure-Python twins will be used")
+        except Exception as exc:  # no compiler at all
+            if REQUIRE_COMPILED:
+                raise
+            self.not_built.update({ext.name: str(exc) for ext in self.extensions if ext.name not in self.not_built})
+        if self.not_built:
+            names = "\n".join(f"  {name}: {why}" for name, why in sorted(self.not_built.items()))
+            print(NOT_BUILT.format(rule="=" * 78, names=names), file=sys.stderr)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            print(f"WARNING: {ext.name} not built ({exc}); its pure-Python twin will be used")
+            if REQUIRE_COMPILED:
+                raise RuntimeError(f"CANPIPE_REQUIRE_COMPILED=1: kernel {ext.name} did not compile: {exc}") from exc
+            self.not_built[ext.name] = str(exc)
 
 
 def extensions():

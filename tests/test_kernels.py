@@ -42,7 +42,7 @@ def test_every_compiled_kernel_is_built_and_selected():
     assert names == ["groupby", "histogram", "jsonl"], "a new kernel needs its selector checked here"
     for name in names:
         importlib.import_module(f"engine.kernels.{name}")
-        built = list((ROOT / "engine" / "kernels").glob(f"_{name}_c.*{EXT_SUFFIX}"))
+        built = list(Path(engine.kernels.__file__).parent.glob(f"_{name}_c.*{EXT_SUFFIX}"))  # in a wheel too
         assert built, f"ext/{name}.pyx was not built (no _{name}_c*{EXT_SUFFIX}): run pip install -e ."
         assert _select.SELECTED[name] == ("c", "compiled"), f"kernel {name}: {_select.SELECTED[name]}"
     assert engine.kernels.IMPLEMENTATION == histogram.IMPLEMENTATION == "c"
@@ -164,6 +164,30 @@ def stored(
     return head + b',"ingest_received_at":"2025-10-19T17:00:02Z"' + extra + b"}"
 
 
+def written(
+    order: tuple[str, ...] = ("timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"),
+    sep: bytes = b",",
+    colon: bytes = b":",
+    lead: bytes = b"",
+    trail: bytes = b"",
+    extra: bytes = b"",
+    escaped: bool = False,
+    open: bool = True,
+    **raw: bytes,
+) -> bytes:
+    """A stored record as another tool may write it: key order, separators, whitespace and fields chosen."""
+    fields = {
+        "timestamp": raw.get("ts", b'"2025-10-19T17:00:01Z"'),
+        "vehicle_id": raw.get("vehicle", b'"EV-1"'),
+        "can_id": b'"0x132"',
+        "payload": raw.get("payload", b'{"battery_soc":50.5}'),
+        "ingest_received_at": raw.get("ingest", b'"2025-10-19T17:00:02.5Z"'),
+    }
+    keys = {k: (b"\\u0074imestamp" if escaped and k == "timestamp" else k.encode()) for k in fields}
+    body = sep.join(b'"' + keys[k] + b'"' + colon + fields[k] for k in order)
+    return lead + (b"{" if open else b"") + body + extra + b"}" + trail
+
+
 DEEP = b"[" * 100_000 + b"]" * 100_000
 # (case, line, (can_id, battery_soc) of the row it gives, or None: a corrupt line)
 CORPUS = [
@@ -211,6 +235,49 @@ CORPUS = [
     ("trailing garbage", stored() + b" x", None),
     ("an array", b"[" + stored() + b"]", None),
     ("truncated", stored()[:-1], None),
+    # other writers' renderings of a record (the compiled fast path reads these too, or asks the twin)
+    *[
+        (case, written(**parts), want)
+        for case, parts, want in [
+            ("milliseconds", {"ts": b'"2025-10-19T17:00:01.123Z"'}, (0x132, 50.5)),
+            ("whole seconds, other writer", {"ingest": b'"2025-10-19T17:00:02Z"'}, (0x132, 50.5)),
+            ("+00:00", {"ts": b'"2025-10-19T17:00:01.5+00:00"'}, (0x132, 50.5)),
+            ("-05:30", {"ts": b'"2025-10-19T11:30:01-05:30"'}, (0x132, 50.5)),
+            ("+23:59", {"ts": b'"2025-10-19T17:00:01+23:59"'}, (0x132, 50.5)),
+            ("-00:00", {"ingest": b'"2025-10-19T17:00:02-00:00"'}, (0x132, 50.5)),
+            ("+24:00", {"ts": b'"2025-10-19T17:00:01+24:00"'}, None),
+            ("+0000, no colon", {"ts": b'"2025-10-19T17:00:01+0000"'}, (0x132, 50.5)),
+            ("lower-case z", {"ts": b'"2025-10-19T17:00:01z"'}, (0x132, 50.5)),
+            ("space for T", {"ts": b'"2025-10-19 17:00:01Z"'}, (0x132, 50.5)),
+            ("7 fraction digits", {"ts": b'"2025-10-19T17:00:01.1234565Z"'}, (0x132, 50.5)),
+            ("9 fraction digits", {"ingest": b'"2025-10-19T17:00:01.999999999Z"'}, (0x132, 50.5)),
+            ("fraction without digits", {"ts": b'"2025-10-19T17:00:01.Z"'}, None),
+            ("leap second", {"ts": b'"2025-10-19T17:00:60Z"'}, None),
+            ("no seconds", {"ts": b'"2025-10-19T17:00Z"'}, None),
+            ("ingest time first", {"order": ("ingest_received_at", "payload", "can_id", "timestamp", "vehicle_id")}, (0x132, 50.5)),
+            ("payload first", {"order": ("payload", "vehicle_id", "timestamp", "ingest_received_at", "can_id")}, (0x132, 50.5)),
+            ("a space after separators", {"sep": b", ", "colon": b": "}, (0x132, 50.5)),
+            ("spaces around colons", {"sep": b" , ", "colon": b" : "}, (0x132, 50.5)),
+            ("spaces and tabs around", {"lead": b" \t", "trail": b"\t \r"}, (0x132, 50.5)),
+            ("spaces in the payload", {"payload": b'{ "battery_soc" : 50.5 , "battery_current" : -1 }'}, (0x132, 50.5)),
+            ("every signal, nulls", {"payload": b'{"battery_soc":50.5,' + b",".join(b'"%s":null' % s.encode() for s in schema.SIGNALS[1:]) + b"}"}, (0x132, 50.5)),
+            ("signals reversed", {"payload": b'{"cell_temp_max":30,"battery_current":-2.5,"battery_soc":50.5}'}, (0x132, 50.5)),
+            ("empty payload with a space", {"payload": b"{ }"}, (0x132, None)),
+            ("a signal twice, last wins", {"payload": b'{"battery_soc":1,"battery_soc":50.5}'}, (0x132, 50.5)),
+            ("a field twice, last wins", {"extra": b',"can_id":"0x7"'}, (0x7, 50.5)),
+            ("an escaped known key", {"order": ("timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"), "escaped": True}, (0x132, 50.5)),
+            ("an escaped signal name", {"payload": b'{"battery\\u005fsoc":50.5}'}, (0x132, 50.5)),
+            ("empty vehicle id", {"vehicle": b'""'}, (0x132, 50.5)),
+            ("escaped vehicle id", {"vehicle": b'"EV-\\u0031"'}, (0x132, 50.5)),
+            ("an unknown field first", {"lead": b'{"source":"logger-7",', "open": False}, None),
+            ("an unknown field, spaces", {"sep": b", ", "colon": b": ", "extra": b', "seq": 17'}, None),
+            ("an unknown escaped field", {"extra": b',"s\\u006furce":1'}, None),
+            ("an unknown signal, other order", {"payload": b'{"cell_temp_max":30,"coolant_temp":20}'}, None),
+            ("a string signal", {"payload": b'{"battery_soc":"50.5"}'}, None),
+            ("missing timestamp, other order", {"order": ("ingest_received_at", "payload", "can_id", "vehicle_id")}, None),
+            ("a trailing comma", {"extra": b","}, None),
+        ]
+    ],
 ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -23,12 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.errors import QueueError
+from engine.errors import ConfigError, QueueError
 from engine.queues import MAX_BATCH_ENTRIES, Queue, QueueAttributes, QueueProfile, QueueStats, QueueUsage, Received
 
 BILLING_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024  # until the queue's own MaximumMessageSize is read
 COMPRESS_ABOVE_BYTES = 2048
+INSTALL_HINT = "pip install 'canpipe[sqs]'"  # aiobotocore is optional: the embedded queue does not need it
 _REGION_IN_HOST = re.compile(r"sqs[.-]([a-z0-9-]+)\.amazonaws\.com")
 _SYSTEM_ATTRIBUTES = ["SentTimestamp", "ApproximateFirstReceiveTimestamp", "ApproximateReceiveCount"]
 
@@ -53,6 +55,8 @@ class SqsQueue:
     """The SQS backend. One aiobotocore client per instance, created on first use."""
 
     def __init__(self, url: str, *, visibility_timeout_s: float | None = None) -> None:
+        if importlib.util.find_spec("aiobotocore") is None:  # said at start-up, not at the first call
+            raise ConfigError(f"CANPIPE_QUEUE_URL {url} is an SQS queue, which needs aiobotocore: {INSTALL_HINT}")
         self.url = url
         self.name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
         self.visibility_timeout_s = visibility_timeout_s
@@ -84,8 +88,8 @@ class SqsQueue:
             try:
                 from aiobotocore.session import get_session
                 from botocore.config import Config
-            except ImportError as exc:  # pragma: no cover - aiobotocore is a dependency
-                raise QueueError("the SQS backend needs aiobotocore: pip install aiobotocore") from exc
+            except ImportError as exc:  # pragma: no cover - found by __init__; only a broken install gets here
+                raise QueueError(f"the SQS backend needs aiobotocore: {INSTALL_HINT}") from exc
             parts = urlsplit(self.url)
             endpoint = (
                 os.environ.get("AWS_ENDPOINT_URL_SQS")
