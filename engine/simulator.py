@@ -15,51 +15,16 @@ import time
 import aiohttp
 import msgspec
 
+from engine.battery import PackModel  # the pack each vehicle simulates (engine/battery.py)
 from engine.kernels import LatencyHistogram
 from engine.schema import UTC
 
-CELLS_IN_SERIES = 96
-CAPACITY_AH = 230.0
 CAN_IDS = ("0x132", "0x292", "0x332")
 RETRY_STATUSES = {429, 503}
 LATE_AFTER_S = 0.1  # a send leaving this long after its schedule is late (event-loop or CPU lag)
 SHORTFALL_RATIO = 0.95  # achieved under this share of the target rate is a shortfall
 LATE_RATIO = 0.05  # more than this share of sends late is a shortfall (a few lag behind on a busy machine)
 _encoder = msgspec.json.Encoder()
-
-
-class PackModel:
-    """A simple lithium-ion pack: SOC by coulomb counting, OCV line, internal resistance, I^2R heating."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.soc = rng.uniform(35.0, 95.0)
-        self.current = rng.uniform(10.0, 60.0)
-        self.temp = rng.uniform(18.0, 30.0)
-        self.resistance = 0.06 + rng.uniform(0.0, 0.02)  # ohm, whole pack
-
-    def step(self, dt_s: float) -> dict[str, float]:
-        rng = self.rng
-        # current: a mean-reverting random walk around a cruise draw, with regenerative braking bursts
-        self.current += 0.2 * (35.0 - self.current) + rng.gauss(0.0, 12.0)
-        self.current = max(-250.0, min(450.0, self.current))
-        self.soc = max(0.0, min(100.0, self.soc - self.current * dt_s / (CAPACITY_AH * 3600.0) * 100.0))
-        self.temp += dt_s * (self.current**2 * self.resistance / 4000.0 - (self.temp - 25.0) / 600.0)
-        self.temp = max(-20.0, min(70.0, self.temp))
-        cell_ocv = 3.0 + 1.2 * self.soc / 100.0
-        pack_v = CELLS_IN_SERIES * cell_ocv - self.current * self.resistance
-        cell_v = pack_v / CELLS_IN_SERIES
-        spread_v = 0.004 + abs(rng.gauss(0.0, 0.004))
-        spread_t = 0.5 + abs(rng.gauss(0.0, 1.0))
-        return {
-            "battery_soc": round(self.soc, 3),
-            "battery_voltage": round(pack_v, 2),
-            "battery_current": round(self.current, 2),
-            "cell_voltage_min": round(cell_v - spread_v / 2, 4),
-            "cell_voltage_max": round(cell_v + spread_v / 2, 4),
-            "cell_temp_min": round(self.temp - spread_t / 2, 2),
-            "cell_temp_max": round(self.temp + spread_t / 2, 2),
-        }
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """The embedded queue: one SQLite file with SQS semantics, safe for many processes.
 
 Durability: WAL with ``synchronous=FULL``, so a send is on disk (the WAL is fsynced) before it is
-acknowledged. Long polling sleeps on a Unix datagram socket that every sender pokes after its commit,
+acknowledged. Receives, deletes and visibility changes commit with ``synchronous=NORMAL`` (no fsync of
+their own; the next send's or checkpoint's sync covers them): losing one in a power cut only brings a
+message back, a duplicate, never a loss, and the write lock the senders wait for is held far shorter. Long polling sleeps on a Unix datagram socket that every sender pokes after its commit,
 so an idle consumer costs no CPU and a new message wakes it at once.
 
 Cost does not grow with the backlog: a receipt is ``<row id>:<token>`` and addresses its row by primary
