@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
 import math
 import sysconfig
 from pathlib import Path
@@ -247,25 +248,46 @@ CORPUS = [
             ("-00:00", {"ingest": b'"2025-10-19T17:00:02-00:00"'}, (0x132, 50.5)),
             ("+24:00", {"ts": b'"2025-10-19T17:00:01+24:00"'}, None),
             ("+0000, no colon", {"ts": b'"2025-10-19T17:00:01+0000"'}, (0x132, 50.5)),
-            ("lower-case z", {"ts": b'"2025-10-19T17:00:01z"'}, (0x132, 50.5)),
             ("space for T", {"ts": b'"2025-10-19 17:00:01Z"'}, (0x132, 50.5)),
             ("7 fraction digits", {"ts": b'"2025-10-19T17:00:01.1234565Z"'}, (0x132, 50.5)),
             ("9 fraction digits", {"ingest": b'"2025-10-19T17:00:01.999999999Z"'}, (0x132, 50.5)),
-            ("fraction without digits", {"ts": b'"2025-10-19T17:00:01.Z"'}, None),
             ("leap second", {"ts": b'"2025-10-19T17:00:60Z"'}, None),
-            ("no seconds", {"ts": b'"2025-10-19T17:00Z"'}, None),
-            ("ingest time first", {"order": ("ingest_received_at", "payload", "can_id", "timestamp", "vehicle_id")}, (0x132, 50.5)),
-            ("payload first", {"order": ("payload", "vehicle_id", "timestamp", "ingest_received_at", "can_id")}, (0x132, 50.5)),
+            (
+                "ingest time first",
+                {"order": ("ingest_received_at", "payload", "can_id", "timestamp", "vehicle_id")},
+                (0x132, 50.5),
+            ),
+            (
+                "payload first",
+                {"order": ("payload", "vehicle_id", "timestamp", "ingest_received_at", "can_id")},
+                (0x132, 50.5),
+            ),
             ("a space after separators", {"sep": b", ", "colon": b": "}, (0x132, 50.5)),
             ("spaces around colons", {"sep": b" , ", "colon": b" : "}, (0x132, 50.5)),
             ("spaces and tabs around", {"lead": b" \t", "trail": b"\t \r"}, (0x132, 50.5)),
             ("spaces in the payload", {"payload": b'{ "battery_soc" : 50.5 , "battery_current" : -1 }'}, (0x132, 50.5)),
-            ("every signal, nulls", {"payload": b'{"battery_soc":50.5,' + b",".join(b'"%s":null' % s.encode() for s in schema.SIGNALS[1:]) + b"}"}, (0x132, 50.5)),
-            ("signals reversed", {"payload": b'{"cell_temp_max":30,"battery_current":-2.5,"battery_soc":50.5}'}, (0x132, 50.5)),
+            (
+                "every signal, nulls",
+                {
+                    "payload": b'{"battery_soc":50.5,'
+                    + b",".join(b'"%s":null' % s.encode() for s in schema.SIGNALS[1:])
+                    + b"}"
+                },
+                (0x132, 50.5),
+            ),
+            (
+                "signals reversed",
+                {"payload": b'{"cell_temp_max":30,"battery_current":-2.5,"battery_soc":50.5}'},
+                (0x132, 50.5),
+            ),
             ("empty payload with a space", {"payload": b"{ }"}, (0x132, None)),
             ("a signal twice, last wins", {"payload": b'{"battery_soc":1,"battery_soc":50.5}'}, (0x132, 50.5)),
             ("a field twice, last wins", {"extra": b',"can_id":"0x7"'}, (0x7, 50.5)),
-            ("an escaped known key", {"order": ("timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"), "escaped": True}, (0x132, 50.5)),
+            (
+                "an escaped known key",
+                {"order": ("timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"), "escaped": True},
+                (0x132, 50.5),
+            ),
             ("an escaped signal name", {"payload": b'{"battery\\u005fsoc":50.5}'}, (0x132, 50.5)),
             ("empty vehicle id", {"vehicle": b'""'}, (0x132, 50.5)),
             ("escaped vehicle id", {"vehicle": b'"EV-\\u0031"'}, (0x132, 50.5)),
@@ -274,14 +296,26 @@ CORPUS = [
             ("an unknown escaped field", {"extra": b',"s\\u006furce":1'}, None),
             ("an unknown signal, other order", {"payload": b'{"cell_temp_max":30,"coolant_temp":20}'}, None),
             ("a string signal", {"payload": b'{"battery_soc":"50.5"}'}, None),
-            ("missing timestamp, other order", {"order": ("ingest_received_at", "payload", "can_id", "vehicle_id")}, None),
+            (
+                "missing timestamp, other order",
+                {"order": ("ingest_received_at", "payload", "can_id", "vehicle_id")},
+                None,
+            ),
             ("a trailing comma", {"extra": b","}, None),
         ]
     ],
 ]
+# timestamp forms where the RFC 3339 reader (msgspec) and the ground truth's datetime.fromisoformat part
+# ways: the twins must still agree, the ground truth (tests/canpipe_truth.py) does not cover them
+RFC3339_EDGES = [
+    ("lower-case z", written(ts=b'"2025-10-19T17:00:01z"'), (0x132, 50.5)),
+    ("fraction without digits", written(ts=b'"2025-10-19T17:00:01.Z"'), None),
+    ("no seconds", written(ts=b'"2025-10-19T17:00Z"'), None),
+]
+SCANNER_CASES = CORPUS + RFC3339_EDGES
 
 
-@pytest.mark.parametrize("case, line, expected", CORPUS, ids=[c[0] for c in CORPUS])
+@pytest.mark.parametrize("case, line, expected", SCANNER_CASES, ids=[c[0] for c in SCANNER_CASES])
 def test_scanner_edge_case(parse, case, line, expected):
     cols = parse(line + b"\n", {})
     if expected is None:
@@ -299,11 +333,11 @@ def test_scanner_edge_case(parse, case, line, expected):
     jsonl.IMPLEMENTATION != "c", reason="compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)"
 )
 def test_scanner_twins_agree_on_the_whole_corpus():
-    data = b"\n".join(line for _, line, _ in CORPUS) + b"\n"
+    data = b"\n".join(line for _, line, _ in SCANNER_CASES) + b"\n"
     results = [(impl, {}) for impl in (jsonl.parse_lines, _jsonl_py.parse_lines)]
     a, b = (impl(data, vehicles) for impl, vehicles in results)
-    assert results[0][1] == results[1][1] and a.bad_lines == b.bad_lines and a.lines == b.lines == len(CORPUS)
-    assert a.bad_lines == [n for n, (_, _, want) in enumerate(CORPUS, 1) if want is None]
+    assert results[0][1] == results[1][1] and a.bad_lines == b.bad_lines and a.lines == b.lines == len(SCANNER_CASES)
+    assert a.bad_lines == [n for n, (_, _, want) in enumerate(SCANNER_CASES, 1) if want is None]
     for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert a.values.tobytes() == b.values.tobytes()  # bit for bit: -0.0 and NaN included
@@ -318,6 +352,80 @@ def test_a_line_without_newline_at_the_end_is_a_torn_tail(tmp_path, monkeypatch,
     scan = partitions.scan_files([str(path)], str(tmp_path), 1, None, "s0")
     assert (scan.info.records, scan.info.torn_tail_bytes, scan.info.corrupt_count) == (1, len(stored(b'"0x7"')), 0)
     assert scan.memory[0].can_id.tolist() == [0x132]
+
+
+def test_one_instant_written_by_any_writer_is_one_timestamp_on_both_scanners(parse):
+    # the dedup key compares instants, not text: these four are the same microsecond
+    forms = [b'"2025-10-19T17:00:01.5Z"', b'"2025-10-19T17:00:01.500+00:00"', b'"2025-10-19T19:30:01.5+02:30"']
+    forms.append(b'"2025-10-19T16:00:01.500000-01:00"')
+    cols = parse(b"".join(written(ts=form) + b"\n" for form in forms), {})
+    assert cols.bad_lines == [] and set(cols.timestamp_us.tolist()) == {1760893201500000}
+
+
+def test_a_line_blank_only_to_the_twin_gives_neither_row_nor_report(parse):
+    # a vertical tab or form feed is whitespace to bytes.strip, not to JSON: the twin skips the line
+    cols = parse(stored() + b"\n\x0b\x0c\n" + stored() + b"\n", {})
+    assert (len(cols.can_id), cols.bad_lines, cols.lines) == (2, [], 3)
+
+
+WRITER_RECORDS = st.fixed_dictionaries(
+    {
+        "us": st.integers(1_760_000_000_000_000, 1_770_000_000_000_000),
+        "vehicle": st.sampled_from(["EV-1", "EV-2", "Ä-3", ""]),
+        "can": st.integers(0, 0xFFFFFFFF),
+        "signals": st.dictionaries(
+            st.sampled_from(schema.SIGNALS),
+            st.none() | st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**6), 10**6),
+        ),
+        "fraction": st.sampled_from([0, 3, 6]),
+        "offset_min": st.sampled_from([0, 0, 60, -330, 23 * 60 + 59]),
+        "z": st.sampled_from(["Z", "z", "+00:00"]),
+        "keys": st.permutations(["timestamp", "vehicle_id", "can_id", "payload", "ingest_received_at"]),
+        "space": st.sampled_from(["", " ", "\t"]),
+        "extra": st.sampled_from([None, None, None, "source", "seq"]),
+    }
+)
+
+
+def _render(r: dict) -> bytes:
+    """``r`` as one writer renders a stored record (key order, whitespace, timestamp form, extras)."""
+    offset = dt.timedelta(minutes=r["offset_min"])
+    moment = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=r["us"])).astimezone(
+        dt.timezone(offset)
+    )
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S") + (
+        f".{moment.microsecond:06d}"[: r["fraction"] + 1] if r["fraction"] else ""
+    )
+    text += r["z"] if not r["offset_min"] else moment.strftime("%z")[:3] + ":" + moment.strftime("%z")[3:]
+    fields = {
+        "timestamp": text,
+        "vehicle_id": r["vehicle"],
+        "can_id": f"0x{r['can']:X}",
+        "payload": r["signals"],
+        "ingest_received_at": text,
+    }
+    obj = {k: fields[k] for k in r["keys"]}
+    if r["extra"]:
+        obj[r["extra"]] = 1
+    sp = r["space"]
+    return json.dumps(obj, separators=("," + sp, ":" + sp), ensure_ascii=False).encode()
+
+
+@pytest.mark.skipif(
+    jsonl.IMPLEMENTATION != "c", reason="compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)"
+)
+@settings(max_examples=200, deadline=None)
+@given(records=st.lists(WRITER_RECORDS, min_size=1, max_size=20))
+def test_scanner_twins_agree_on_any_writers_lines(records):
+    data = b"".join(_render(r) + b"\n" for r in records)
+    results = [(impl, {}) for impl in (jsonl.parse_lines, _jsonl_py.parse_lines)]
+    a, b = (impl(data, vehicles) for impl, vehicles in results)
+    assert results[0][1] == results[1][1] and a.bad_lines == b.bad_lines and a.lines == b.lines == len(records)
+    assert a.bad_lines == [n for n, r in enumerate(records, 1) if r["extra"]]  # an unknown field: corrupt
+    for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.values.tobytes() == b.values.tobytes()
+    assert a.timestamp_us.tolist() == [r["us"] - r["us"] % 10 ** (6 - r["fraction"]) for r in records if not r["extra"]]
 
 
 # --- one signal list: the schema's, the scanner twins' and the compiled fast path's ---------------------

@@ -3,8 +3,9 @@
 Durability: WAL with ``synchronous=FULL``, so a send is on disk (the WAL is fsynced) before it is
 acknowledged. Receives, deletes and visibility changes commit with ``synchronous=NORMAL`` (no fsync of
 their own; the next send's or checkpoint's sync covers them): losing one in a power cut only brings a
-message back, a duplicate, never a loss, and the write lock the senders wait for is held far shorter. Long polling sleeps on a Unix datagram socket that every sender pokes after its commit,
-so an idle consumer costs no CPU and a new message wakes it at once.
+message back, a duplicate, never a loss, and the write lock the senders wait for is held far shorter.
+Long polling sleeps on a Unix datagram socket that every sender pokes after its commit, so an idle
+consumer costs no CPU and a new message wakes it at once.
 
 Cost does not grow with the backlog: a receipt is ``<row id>:<token>`` and addresses its row by primary
 key; a receive dead-letters only the rows it selected; retention deletes at most ``RETENTION_SWEEP_ROWS``
@@ -245,6 +246,17 @@ class SqliteQueue:
             fields["visibility_timeout_s"] = self._visibility_override
         self._attrs = QueueAttributes(**fields)
 
+    def _resync(self, conn: sqlite3.Connection) -> None:
+        """After a failed call: synchronous=FULL again (a failed receive or delete may leave NORMAL behind,
+        see ``_begin_unsynced``), or the connection is dropped, so that no send ever commits unsynced."""
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            if self._conn is conn:
+                self._conn = None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
             conn = self._connect()
@@ -255,6 +267,7 @@ class SqliteQueue:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
+                self._resync(conn)
                 if isinstance(exc, sqlite3.Error):
                     raise self._fail(self._error(exc)) from exc
                 if isinstance(exc, QueueError):
@@ -355,7 +368,7 @@ class SqliteQueue:
 
     def _receive_now(self, conn: sqlite3.Connection, max_messages: int) -> tuple[list[Received], int | None]:
         attrs = self._attrs
-        conn.execute("BEGIN IMMEDIATE")
+        _begin_unsynced(conn)
         now = self._clock.now_ms()
         if now - self._last_retention_ms > RETENTION_EVERY_MS:
             self._sweep_retention(conn, now)
@@ -395,7 +408,7 @@ class SqliteQueue:
         if not rows:
             next_visible = conn.execute("SELECT MIN(visible_ms) FROM messages").fetchone()[0]
         self._clock.persist(conn, now)
-        conn.execute("COMMIT")
+        _commit_unsynced(conn)
         messages = [Received(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in sorted(rows)]
         return messages, None if next_visible is None else next_visible - now
 
@@ -425,26 +438,26 @@ class SqliteQueue:
 
     async def delete_batch(self, receipts: Sequence[str]) -> list[str]:
         def delete(conn: sqlite3.Connection) -> list[str]:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_unsynced(conn)
             failed = [
                 receipt
                 for row_id, receipt in self._addressed(receipts)
                 if conn.execute("DELETE FROM messages WHERE id = ? AND receipt = ?", (row_id, receipt)).rowcount != 1
             ]
-            conn.execute("COMMIT")
+            _commit_unsynced(conn)
             return failed
 
         return await self._run(delete)
 
     async def change_visibility(self, receipts: Sequence[str], timeout_s: float) -> None:
         def change(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_unsynced(conn)
             visible = self._clock.now_ms() + int(timeout_s * 1000)
             conn.executemany(
                 "UPDATE messages SET visible_ms = ? WHERE id = ? AND receipt = ?",
                 [(visible, row_id, receipt) for row_id, receipt in self._addressed(receipts)],
             )
-            conn.execute("COMMIT")
+            _commit_unsynced(conn)
             if timeout_s <= 0:
                 self._wake_waiters()
 
@@ -531,6 +544,22 @@ class SqliteQueue:
 
             await asyncio.get_running_loop().run_in_executor(self._executor, close_quietly)
         self._executor.shutdown(wait=False)
+
+
+def _begin_unsynced(conn: sqlite3.Connection) -> None:
+    """Begin a receive, delete or visibility change: a transaction whose loss in a power cut is harmless (the
+    message is received again: a duplicate, never a loss), so its commit does not wait for fsync
+    (synchronous=NORMAL: the write-ahead log is synced by the next send's FULL commit or the checkpoint, in
+    order). The write lock is held for a fraction of the time, which is what the receivers' sends wait for."""
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("BEGIN IMMEDIATE")
+
+
+def _commit_unsynced(conn: sqlite3.Connection) -> None:
+    """Commit what ``_begin_unsynced`` began; the connection is back to synchronous=FULL for the next send (on
+    a failure ``_run`` puts it back)."""
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA synchronous=FULL")
 
 
 _: type[Queue] = SqliteQueue  # mypy: the backend offers every member of the protocol
