@@ -497,7 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.configure(args.log_level, args.log_format)
     except ConfigError as exc:  # no log format to speak in yet
-        print(f"canpipe: configuration error: {exc}", file=sys.stderr)
+        problem = str(exc)
+        try:  # the whole list, the log setting's problem among them, not only the first problem
+            Settings.from_env()
+        except ConfigError as every:
+            problem = str(every)
+        print(f"canpipe: configuration error: {problem}", file=sys.stderr)
         return 1
     from engine.config import unknown_names
 
