@@ -23,7 +23,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 SQS_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/telemetry"
 # what the tests and the build read besides engine/: the sdist must hold every file of these
-SOURCE_DIRS = ["ext", "tests", "bench", "loadtest", "docs"]
+SOURCE_DIRS = ["ext", "tests", "bench", "loadtest", "docs", "deploy"]
 NEVER_SHIPPED = (".c", ".so", ".html", ".pyc")
 
 
@@ -44,6 +44,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def source_files() -> set[str]:
     """Files the sdist must hold: the top-level ones and every file under SOURCE_DIRS, caches aside."""
     wanted = {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in"}
+    wanted |= {"Dockerfile", ".dockerignore", "compose.yaml"}  # deploying from a source release, as from a clone
     for top in SOURCE_DIRS:
         for path in (ROOT / top).rglob("*"):
             rel = path.relative_to(ROOT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import msgspec
@@ -78,9 +78,13 @@ def encode(doc: dict) -> bytes:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: readers see old or new, never half."""
+    """Temp file in the same folder, fsync, rename, fsync the folder: readers see old or new, never half.
+
+    Mode 0644 less the umask, as the raw files (storage.local): whoever may read the raw data may read its
+    aggregates (mkstemp's fixed 0600 made them unreadable to the readers of the raw files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

@@ -164,6 +164,9 @@ class SqliteQueue:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise QueueError(f"embedded queue {self.path}: cannot create its directory: {exc}") from exc
+            # owner-only: it holds every record in transit (SQLite gives its -wal and -shm files the same mode)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         elif not self.path.exists():
             self._check_identity()  # raises: deleted
         uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode={'rwc' if create else 'rw'}"
