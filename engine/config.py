@@ -118,6 +118,9 @@ SETTING_NAMES = frozenset(
 OTHER_NAMES = frozenset(
     {
         "CANPIPE_API_KEY",
+        "CANPIPE_NUM_VEHICLES",
+        "CANPIPE_SAMPLING_RATE_MS",
+        "CANPIPE_DURATION_SECONDS",
         "CANPIPE_NO_EXTENSIONS",
         "CANPIPE_REQUIRE_COMPILED",
         "CANPIPE_CYTHON_DEBUG",
@@ -139,8 +142,10 @@ def unknown_names(env: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(env):
         if not name.startswith("CANPIPE_") or name in known or name.startswith(_TOOLING_PREFIXES):
             continue
-        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]}?" if near else ""
+        # compared without the common prefix, which would make any two names look alike
+        suffix = name.removeprefix("CANPIPE_")
+        near = difflib.get_close_matches(suffix, [k.removeprefix("CANPIPE_") for k in known], n=1, cutoff=0.6)
+        hint = f"; did you mean CANPIPE_{near[0]}?" if near else ""
         warnings.append(f"{name} is not a canpipe setting and is ignored{hint}")
     return warnings
 

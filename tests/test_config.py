@@ -67,3 +67,26 @@ def test_receiver_limits_and_deadlines_come_from_the_environment():
 def test_bad_receiver_limits_name_the_setting(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_numbers_must_be_finite(value):
+    with pytest.raises(ConfigError, match=f"CANPIPE_BATCH_SECONDS: expected a finite number, got '{value}'"):
+        Settings.from_env({"CANPIPE_BATCH_SECONDS": value})
+
+
+def test_every_problem_is_listed_and_unknown_names_get_the_nearest_known_one():
+    from engine.config import unknown_names
+
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({"CANPIPE_ROTATE_BYTES": "2048.5", "CANPIPE_API_KEYS": "nocolon", "CANPIPE_DBC": "/nope"})
+    assert str(error.value).splitlines()[1:] == [
+        "  CANPIPE_API_KEYS: each key must be 'key_id:secret' (got an entry without ':')",
+        "  CANPIPE_ROTATE_BYTES: expected a whole number, got '2048.5'",
+        "  CANPIPE_DBC: cannot read /nope: no such file",
+    ]
+    env = {"CANPIPE_BATCH_RECORD": "1", "CANPIPE_TEST_SEED": "1", "CANPIPE_ZZZZZZ": "1", "PATH": ""}
+    assert unknown_names(env) == [
+        "CANPIPE_BATCH_RECORD is not a canpipe setting and is ignored; did you mean CANPIPE_BATCH_RECORDS?",
+        "CANPIPE_ZZZZZZ is not a canpipe setting and is ignored",
+    ]

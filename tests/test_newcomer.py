@@ -272,6 +272,8 @@ def test_zero_workers_is_refused(tmp_path, command):
     assert done.returncode == 2
     assert "--workers: must be at least 1, got 0" in done.stderr
     assert files_under(tmp_path) == []
+    done = canpipe(command, "--workers", "two", cwd=tmp_path)
+    assert done.returncode == 2 and "--workers: expected a whole number, got 'two'" in done.stderr
 
 
 # --- kernels -------------------------------------------------------------------------------------------
@@ -295,6 +297,8 @@ def test_an_hour_without_two_digits_is_refused(tmp_path):
     done = canpipe("aggregate", "--hour", "2026-11-28T8", cwd=tmp_path)
     assert done.returncode == 2
     assert "expected YYYY-MM-DDTHH" in done.stderr
+    done = canpipe("aggregate", "--hour", "2026-13-28T08", cwd=tmp_path)  # the right shape, not a date
+    assert done.returncode == 2 and "--hour: expected YYYY-MM-DDTHH (UTC), got '2026-13-28T08'" in done.stderr
 
 
 def test_an_hour_in_the_future_is_refused_and_writes_nothing(tmp_path):
