@@ -237,3 +237,10 @@ def test_the_wheel_built_from_the_sdist_installs_and_runs(sdist, tmp_path):
         cwd=source, capture_output=True, text=True, timeout=300, env=clean_env(),
     )  # fmt: skip
     assert selection.returncode == 0 and "2 passed" in selection.stdout, selection.stdout[-3000:]
+    # the storage layout and the aggregator (every kernel on real files) against the installed package
+    installed = subprocess.run(
+        [env / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_storage.py",
+         "tests/test_aggregator.py"],
+        cwd=source, capture_output=True, text=True, timeout=300, env=clean_env(),
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stdout[-3000:]
