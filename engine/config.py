@@ -127,6 +127,9 @@ OTHER_NAMES = frozenset(
         "CANPIPE_CYTHON_ANNOTATE",
         "CANPIPE_LOG_LEVEL",
         "CANPIPE_LOG_FORMAT",
+        "CANPIPE_NUM_VEHICLES",  # the simulated fleet of simulate and run (engine/cli.py)
+        "CANPIPE_SAMPLING_RATE_MS",
+        "CANPIPE_DURATION_SECONDS",
     }
 )
 #: prefixes of the test suite's and benchmarks' own switches: not settings, never warned about
