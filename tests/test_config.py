@@ -90,3 +90,20 @@ def test_every_problem_is_listed_and_unknown_names_get_the_nearest_known_one():
         "CANPIPE_BATCH_RECORD is not a canpipe setting and is ignored; did you mean CANPIPE_BATCH_RECORDS?",
         "CANPIPE_ZZZZZZ is not a canpipe setting and is ignored",
     ]
+
+
+def test_every_canpipe_name_the_code_reads_is_known_so_never_warned_about():
+    """A name read anywhere in engine/ but missing from the known lists would be called a typo on every run."""
+    import re
+    from pathlib import Path
+
+    from engine.config import OTHER_NAMES, SETTING_NAMES, unknown_names
+
+    engine_dir = Path(__file__).resolve().parent.parent / "engine"
+    read = {
+        name
+        for path in engine_dir.rglob("*.py")
+        for name in re.findall(r"[\"'](CANPIPE_[A-Z0-9_]*[A-Z0-9])[\"']", path.read_text())  # as code reads it
+    }
+    assert read, "no CANPIPE_* names found in engine/"
+    assert unknown_names(dict.fromkeys(read, "1")) == [], sorted(read - SETTING_NAMES - OTHER_NAMES)
