@@ -1,0 +1,72 @@
+"""Pure-Python (numpy) twin of ``ext/candecode.pyx``: executes a DBC decode plan over a batch of CAN frames.
+
+A plan (built by ``engine.can.decode``) describes each signal as at most nine byte terms: the signal's raw
+value is ``sum((data[byte] >> rshift) & mask) << lshift)`` over its terms, for either byte order. ``kinds``
+says how the raw bits are read: unsigned, signed (two's complement of ``length`` bits), IEEE half, single or
+double, or NaN (the signal lies outside the frame).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+UNSIGNED, SIGNED, FLOAT16, FLOAT32, FLOAT64, OUTSIDE = range(6)
+
+
+def first_bad_length(data: Sequence[bytes], length: int) -> int:
+    """Index of the first item whose length is not ``length``; -1 when all fit."""
+    for index, item in enumerate(data):
+        if len(item) != length:
+            return index
+    return -1
+
+
+def decode_into(
+    data: Sequence[bytes],
+    length: int,
+    terms: np.ndarray,
+    signals: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """Decode every frame of ``data`` (each ``length`` bytes) into ``out[signal, frame]`` (float64, scaled).
+
+    ``terms``: int64 (T, 4) of byte, rshift, mask, lshift; ``signals``: int64 (S, 4) of first term, term
+    count, bit length, kind. Returns -1, or the index of the first frame of another length (``out`` is then
+    left incomplete)."""
+    bad = first_bad_length(data, length)
+    if bad >= 0:
+        return bad
+    n = len(data)
+    if n == 0 or not len(signals):
+        return -1
+    frames = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(n, length) if length else None
+    for index, (first, count, bits, kind) in enumerate(signals.tolist()):
+        row = out[index]
+        if kind == OUTSIDE or frames is None:
+            row[:] = np.nan
+            continue
+        raw = np.zeros(n, dtype=np.uint64)
+        for byte, rshift, mask, lshift in terms[first : first + count].tolist():
+            column = frames[:, byte].astype(np.uint64)
+            raw |= ((column >> np.uint64(rshift)) & np.uint64(mask)) << np.uint64(lshift)
+        if kind == UNSIGNED:
+            row[:] = raw
+        elif kind == SIGNED:
+            if bits < 64:
+                sign = np.uint64(1 << (bits - 1))
+                raw = (raw ^ sign) - sign  # wraps modulo 2**64 into the two's complement of 64 bits
+            row[:] = raw.view(np.int64)
+        elif kind == FLOAT16:
+            row[:] = raw.astype(np.uint16).view(np.float16)
+        elif kind == FLOAT32:
+            row[:] = raw.astype(np.uint32).view(np.float32)
+        else:
+            row[:] = raw.view(np.float64)
+        if scale[index] != 1.0 or offset[index] != 0.0:
+            row *= scale[index]
+            row += offset[index]
+    return -1
