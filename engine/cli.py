@@ -260,8 +260,28 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     for f in failed:  # after all the others were done: one line per hour, the traceback is in the log
         print(f"FAILED {f.hour}: {f.error}", file=sys.stderr)
     if not results:
-        print("nothing to aggregate: every closed hour is up to date")
+        print(f"nothing to aggregate: {_why_nothing_pending(settings.data_dir)}")
     return 1 if failed else 0
+
+
+def _why_nothing_pending(data_dir: Path) -> str:
+    """Why ``aggregate`` found nothing: no data, or only hours still open (the usual case right after a
+    first run), or every closed hour done."""
+    from engine import aggregator
+    from engine.storage import raw_hours
+
+    now = dt.datetime.now(dt.UTC)
+    hours = [h.start for h in raw_hours(data_dir / "raw")]
+    if not hours:
+        return f"no raw data under {data_dir / 'raw'}"
+    closed = set(aggregator.closed_hours(data_dir, now))
+    still_open = [aggregator.hour_label(h) for h in hours if h not in closed]
+    if still_open:
+        return (
+            f"every closed hour is up to date; {', '.join(still_open)} still open (an hour closes 5 min after it "
+            f"ends): canpipe aggregate --hour {still_open[-1]} gives its figures so far"
+        )
+    return "every closed hour is up to date"
 
 
 def _aggregate_on_schedule(data_dir: Path) -> int:

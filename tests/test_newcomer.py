@@ -308,6 +308,13 @@ def test_an_hour_in_the_future_is_refused_and_writes_nothing(tmp_path):
     assert files_under(tmp_path) == []
 
 
+def test_aggregate_in_a_folder_without_data_says_there_is_none(tmp_path):
+    done = canpipe("aggregate", cwd=tmp_path)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"nothing to aggregate: no raw data under {Path('data') / 'raw'}"
+    assert files_under(tmp_path) == []
+
+
 def test_a_past_hour_without_data_says_so_and_writes_no_empty_aggregate(tmp_path):
     done = canpipe("aggregate", "--hour", "2026-01-01T00", cwd=tmp_path)
     assert done.returncode == 1
@@ -326,6 +333,10 @@ def test_the_current_hour_can_be_aggregated_while_it_is_open(serve, env, data_di
         assert consumer.wait(40) == 0
     folder = next((data_dir / "raw").rglob("*.jsonl")).parent.as_posix()
     label = "{}-{}-{}T{}".format(*re.search(r"year=(\d+)/month=(\d+)/day=(\d+)/hour=(\d+)", folder).groups())
+    pending = canpipe("aggregate", cwd=tmp_path, env=env)  # what the README's reader ran, and was puzzled by
+    assert pending.returncode == 0, pending.stderr
+    assert "nothing to aggregate" in pending.stdout and f"{label} still open" in pending.stdout, pending.stdout
+    assert "canpipe aggregate --hour 20" in pending.stdout
     done = canpipe("aggregate", "--hour", label, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert f"aggregated {label}: 1 vehicles, 5 records" in done.stdout
