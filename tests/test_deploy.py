@@ -243,15 +243,29 @@ def compose(env: dict[str, str]) -> dict:
     return interpolate(yaml.safe_load((ROOT / "compose.yaml").read_text()), env)
 
 
-def test_compose_validates_with_docker_compose_where_it_exists():
-    has_compose = shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True)
-    if not has_compose or has_compose.returncode != 0:
-        pytest.skip("`docker compose` (the Compose v2 plugin) is not installed here; the YAML checks below still run")
-    done = subprocess.run(
-        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
-        capture_output=True, text=True, env=clean_env(CANPIPE_API_KEYS="ops:s3cret"), timeout=60,
+def compose_validator(tmp_path: Path) -> list[str] | None:
+    """`docker compose -f compose.yaml`, else the Python docker-compose 1.29 on a copy without the top-level
+    `name:` (Compose v2's project name, which 1.29 predates and refuses); None when neither is installed."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose", "-f", str(ROOT / "compose.yaml")]
+    if shutil.which("docker-compose"):
+        text = (ROOT / "compose.yaml").read_text()
+        (tmp_path / "compose.yaml").write_text(re.sub(r"^name: .*\n", "", text, flags=re.M))
+        return ["docker-compose", "-f", str(tmp_path / "compose.yaml"), "--project-directory", str(ROOT)]
+    return None
+
+
+def test_compose_validates_with_docker_compose_where_it_exists(tmp_path):
+    command = compose_validator(tmp_path)
+    if command is None:
+        pytest.skip("neither `docker compose` (v2 plugin) nor docker-compose is installed; the YAML checks still run")
+    valid = subprocess.run(
+        [*command, "config", "-q"], capture_output=True, text=True, env=clean_env(CANPIPE_API_KEYS="ops:s3cret"),
+        timeout=60, cwd=ROOT,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert valid.returncode == 0, valid.stderr
+    keyless = subprocess.run([*command, "config", "-q"], capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+    assert keyless.returncode != 0 and "CANPIPE_API_KEYS" in keyless.stderr, "the receiver needs its keys"
 
 
 def test_compose_runs_each_role_with_a_canpipe_command_and_known_settings():
