@@ -379,3 +379,47 @@ def test_services_are_rated_well_hardened_by_systemd_analyze_security(rendered_u
         if "--offline" in done.stderr and "unrecognized" in done.stderr:  # systemd before 252
             pytest.skip("systemd-analyze security --offline needs systemd 252")
         assert done.returncode == 0, f"{unit.name}: exposure above 2.0\n{done.stdout[-1500:]}"
+
+
+MDWE_LAUNCHER = r"""
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (prctl(65 /* PR_SET_MDWE */, 1UL /* PR_MDWE_REFUSE_EXEC_GAIN */, 0UL, 0UL, 0UL) != 0) {
+        perror("PR_SET_MDWE");
+        return 125;
+    }
+    execvp(argv[1], argv + 1);
+    perror("execvp");
+    return 126;
+}
+"""
+
+
+def test_the_pipeline_runs_under_memory_deny_write_execute(tmp_path):
+    # the units' MemoryDenyWriteExecute=yes, as the kernel's own MDWE (Linux 6.3+, inherited by every child):
+    # a library that maps writable code (a JIT, ctypes callbacks without libffi's trampolines) would fail here
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the PR_SET_MDWE launcher")
+    (tmp_path / "mdwe.c").write_text(MDWE_LAUNCHER)
+    subprocess.run([compiler, "-o", str(tmp_path / "mdwe"), str(tmp_path / "mdwe.c")], check=True, timeout=60)
+    in_force = "import mmap\ntry:\n    mmap.mmap(-1, 4096, prot=7)\nexcept PermissionError:\n    print('refused')"
+    probe = subprocess.run([tmp_path / "mdwe", sys.executable, "-c", in_force], capture_output=True, text=True)
+    if probe.returncode == 125:
+        pytest.skip(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {probe.stderr.strip()}")
+    assert probe.stdout.strip() == "refused", "MDWE was not in force: the test would prove nothing"
+    data = tmp_path / "data"
+    common = dict(cwd=tmp_path, capture_output=True, text=True, timeout=100, env=clean_env())
+    run = [tmp_path / "mdwe", sys.executable, "-m", "engine", "run", "--data-dir", str(data), "--vehicles", "3",
+           "--duration", "1.5", "--consumers", "1"]  # fmt: skip
+    ran = subprocess.run(run, **common)
+    assert ran.returncode == 0 and "missing 0" in ran.stdout, ran.stdout[-2000:] + ran.stderr[-2000:]
+    (hour_dir, *_) = sorted((data / "raw").glob("year=*/month=*/day=*/hour=*"))
+    y, m, d, h = (part.split("=")[1] for part in hour_dir.relative_to(data / "raw").parts)
+    aggregate = [tmp_path / "mdwe", sys.executable, "-m", "engine", "aggregate", "--data-dir", str(data), "--hour",
+                 f"{y}-{m}-{d}T{h}"]  # fmt: skip
+    aggregated = subprocess.run(aggregate, **common)
+    assert aggregated.returncode == 0, aggregated.stderr[-2000:]
+    assert list((data / "aggregated").glob("aggregated-*.json"))
