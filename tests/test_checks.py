@@ -78,3 +78,36 @@ def test_canpipe_check_prints_each_problem_and_exits_non_zero(tmp_path, monkeypa
             "FAIL CANPIPE_API_KEYS: no API keys configured ('key_id:secret,...')",
             "1 check(s) failed",
         ]
+
+
+def test_an_existing_queue_is_pinged_and_a_damaged_one_named(tmp_path):
+    import asyncio
+
+    from engine.queues import open_queue
+
+    good = tmp_path / "good.db"
+
+    async def create() -> None:
+        queue = open_queue(f"sqlite:///{good}")
+        await queue.create()
+        await queue.close()
+
+    asyncio.run(create())
+    assert run_checks(settings(tmp_path, CANPIPE_QUEUE_URL=f"sqlite:///{good}"), serving=False) == []
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"this is not an SQLite database" * 100)
+    (problem,) = run_checks(settings(tmp_path, CANPIPE_QUEUE_URL=f"sqlite:///{damaged}"), serving=False)
+    assert problem.startswith(f"CANPIPE_QUEUE_URL: queue sqlite:///{damaged} is not reachable: ")
+    assert damaged.read_bytes() == b"this is not an SQLite database" * 100  # looked at, never rewritten
+
+
+def test_a_data_dir_under_a_read_only_folder_is_named(tmp_path, monkeypatch):
+    import os
+
+    # root may write anywhere, so the folder's permission bits are stood in for by os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    (problem,) = run_checks(settings(tmp_path), serving=False, queue=False)
+    assert (
+        problem
+        == f"CANPIPE_DATA_DIR: {tmp_path / 'data'} is not writable: cannot be created: {tmp_path} is not writable"
+    )
