@@ -7,12 +7,12 @@ canonical form of ``engine.schema.format_timestamp``, NaN (no sample) as ``null`
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import secrets
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from engine.aggregator.partitions import InputReport
 from engine.aggregator.rollup import STAT, Totals
@@ -26,31 +26,67 @@ def micros_timestamp(us: int) -> str:
     return format_timestamp(EPOCH + dt.timedelta(microseconds=int(us)))
 
 
-def _number(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
+# years 1000-9999: where numpy's ISO text and strftime's %Y (not zero-padded below 1000) are the same
+_FOUR_DIGIT_YEARS = (-30_610_224_000_000_000, 253_402_300_800_000_000)
+
+
+def micros_timestamps(us: np.ndarray) -> list[str]:
+    """``micros_timestamp`` of every element, in one numpy call where the text is the same."""
+    if len(us) and (int(us.min()) < _FOUR_DIGIT_YEARS[0] or int(us.max()) >= _FOUR_DIGIT_YEARS[1]):
+        return [micros_timestamp(x) for x in us.tolist()]
+    return [text + "Z" for text in np.datetime_as_string(us.astype("datetime64[us]"), unit="us").tolist()]
+
+
+def _numbers(x: np.ndarray) -> list[float | None]:
+    """Floats as JSON numbers, NaN (no sample) as null."""
+    return [None if v != v else v for v in x.tolist()]
 
 
 def document(hour: dt.datetime, vehicles: dict[str, int], totals: Totals, info: InputReport) -> dict:
-    """The hour's aggregate: ``vehicles`` maps each vehicle id to its index in ``totals``."""
+    """The hour's aggregate: ``vehicles`` maps each vehicle id to its index in ``totals``. Built column by
+    column (one numpy call per statistic, not one per vehicle): an hour of 10,000 vehicles is 240,000
+    numbers."""
     stats = totals.stats
-    minimum, maximum, mean = stats.minimum, stats.maximum, stats.mean()
+    ids = sorted(vehicles)
+    index = np.array([vehicles[v] for v in ids], dtype=np.int64)
+    inside = index < stats.groups
+    counts = np.zeros(len(ids), dtype=np.int64)
+    counts[inside] = stats.records[index[inside]]
+    keep = counts > 0
+    ids = [v for v, kept in zip(ids, keep.tolist()) if kept]
+    index, counts = index[keep], counts[keep]
+    minimum, maximum, mean = stats.minimum[:, index], stats.maximum[:, index], stats.mean()[:, index]
+    signals = [
+        (name, _numbers(minimum[STAT[name]]), _numbers(maximum[STAT[name]]), _numbers(mean[STAT[name]]))
+        for name in SIGNALS
+    ]
+    columns = zip(
+        ids,
+        counts.tolist(),
+        totals.duplicates[index].tolist(),
+        micros_timestamps(minimum[STAT["timestamp_us"]].astype(np.int64)),
+        micros_timestamps(maximum[STAT["timestamp_us"]].astype(np.int64)),
+        _numbers(maximum[STAT["cell_voltage_spread"]]),
+        _numbers(maximum[STAT["cell_temp_spread"]]),
+        _numbers(totals.soc_last[index] - totals.soc_first[index]),
+        totals.charge_ah[index].tolist(),
+        totals.energy_kwh[index].tolist(),
+    )
     rows = []
-    for vehicle_id, k in sorted(vehicles.items()):
-        count = int(stats.records[k]) if k < stats.groups else 0
-        if count == 0:
-            continue
+    for k, (vehicle_id, count, duplicates, first, last, cv_spread, ct_spread, soc, charge, energy) in enumerate(
+        columns
+    ):
         entry: dict[str, object] = {"vehicle_id": vehicle_id, "message_count": count}
-        for name in SIGNALS:
-            s = STAT[name]
-            entry[name] = {"min": _number(minimum[s, k]), "max": _number(maximum[s, k]), "avg": _number(mean[s, k])}
-        entry["duplicates_dropped"] = int(totals.duplicates[k])
-        entry["first_timestamp"] = micros_timestamp(int(minimum[STAT["timestamp_us"], k]))
-        entry["last_timestamp"] = micros_timestamp(int(maximum[STAT["timestamp_us"], k]))
-        entry["cell_voltage_spread_max"] = _number(maximum[STAT["cell_voltage_spread"], k])
-        entry["cell_temp_spread_max"] = _number(maximum[STAT["cell_temp_spread"], k])
-        entry["soc_change"] = _number(totals.soc_last[k] - totals.soc_first[k])
-        entry["charge_throughput_ah"] = float(totals.charge_ah[k])
-        entry["energy_throughput_kwh"] = float(totals.energy_kwh[k])
+        for name, low, high, avg in signals:
+            entry[name] = {"min": low[k], "max": high[k], "avg": avg[k]}
+        entry["duplicates_dropped"] = duplicates
+        entry["first_timestamp"] = first
+        entry["last_timestamp"] = last
+        entry["cell_voltage_spread_max"] = cv_spread
+        entry["cell_temp_spread_max"] = ct_spread
+        entry["soc_change"] = soc
+        entry["charge_throughput_ah"] = charge
+        entry["energy_throughput_kwh"] = energy
         rows.append(entry)
     latest = totals.latest_ingest_us
     return {
