@@ -384,6 +384,39 @@ def test_bad_lines_are_reported_and_skipped_and_the_hour_is_aggregated(tmp_path,
     assert_aggregate_matches(tmp_path, HOUR)
 
 
+def test_a_writer_the_door_would_refuse_is_counted_listed_to_100_and_logged_in_bounded_lines(tmp_path, scanner, caplog):
+    # an unknown field on every line: corrupt by contract, and 250 of them must not mean 250 log lines
+    good = fleet(vehicles=2, per_vehicle=10)
+    foreign = [line.replace(b"}\n", b',"source":"logger-7"}\n') for line in fleet(seed=9)[:250]]
+    path = write(tmp_path, good + foreign)
+    doc = run(tmp_path)
+    rel = path.relative_to(tmp_path / "raw")
+    assert doc["input"]["corrupt_lines"] == 250 and sum(v["message_count"] for v in doc["vehicles"]) == 20
+    assert doc["input"]["corrupt_line_locations"] == [f"{rel}:{n}" for n in range(21, 121)]
+    messages = [r.getMessage() for r in caplog.records if r.name == "canpipe.aggregator.partitions"]
+    assert len(messages) == 101 and messages[-1].startswith(f"150 more corrupt lines in {rel} skipped (lines 121-270")
+
+
+def _as_other_writer(line: bytes, style: int) -> bytes:
+    """The same record as another tool writes it: key order, separators, ``+00:00`` for ``Z``."""
+    obj = json.loads(line)
+    for key in ("timestamp", "ingest_received_at"):
+        obj[key] = obj[key].replace("Z", "+00:00") if style % 2 else obj[key]
+    keys = list(obj)[::-1] if style % 3 else list(obj)
+    seps = (", ", ": ") if style % 4 < 2 else (",", ":")
+    return json.dumps({k: obj[k] for k in keys}, separators=seps).encode() + b"\n"
+
+
+def test_other_writers_lines_aggregate_to_the_same_bytes_as_the_receivers(tmp_path, scanner):
+    lines = fleet(vehicles=4, per_vehicle=60)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    write(ours, lines)
+    write(theirs, [_as_other_writer(line, k) for k, line in enumerate(lines)])
+    run(ours), run(theirs)
+    assert aggregator.output_path(theirs, HOUR).read_bytes() == aggregator.output_path(ours, HOUR).read_bytes()
+    assert_aggregate_matches(theirs, HOUR)
+
+
 def test_a_directory_named_like_a_raw_file_is_skipped(tmp_path, scanner, caplog):
     write(tmp_path, fleet(vehicles=2, per_vehicle=20))
     odd = hour_path(tmp_path / "raw", KEY) / "batch-0-odd.jsonl"

@@ -151,8 +151,24 @@ def scan_files(paths: list[str], raw_dir: str, partitions: int, spill_dir: str |
 
 
 def note_corrupt(bad_lines: list[int], info: InputReport, name: str, line_base: int) -> None:
+    """Count corrupt lines; the first ``MAX_REPORTED_CORRUPT`` of a scan are listed and logged one by one,
+    the rest in one line per chunk (a file from a writer the door would refuse can be all corrupt lines:
+    400,000 log lines cost more than the scan)."""
+    quiet = 0
     for number in bad_lines:
         info.corrupt_count += 1
         if len(info.corrupt) < MAX_REPORTED_CORRUPT:
             info.corrupt.append(f"{name}:{line_base + number}")
-        log.error("corrupt line %s:%d skipped", name, line_base + number, extra={"stage": "aggregate"})
+            log.error("corrupt line %s:%d skipped", name, line_base + number, extra={"stage": "aggregate"})
+        else:
+            quiet += 1
+    if quiet:
+        log.error(
+            "%d more corrupt lines in %s skipped (lines %d-%d; the first %d are logged one by one)",
+            quiet,
+            name,
+            line_base + bad_lines[-quiet],
+            line_base + bad_lines[-1],
+            MAX_REPORTED_CORRUPT,
+            extra={"stage": "aggregate"},
+        )
