@@ -21,7 +21,7 @@ WARNING: these compiled kernels were NOT built; their pure-Python twins will ser
 `canpipe check` names the kernel implementation an installation uses; CANPIPE_REQUIRE_COMPILED=1 at build
 time makes a failed compile fail the build.
 {rule}"""
-KERNELS = ["histogram", "groupby", "jsonl"]
+KERNELS = ["histogram", "groupby", "jsonl", "candecode"]
 
 
 class OptionalBuildExt(build_ext):

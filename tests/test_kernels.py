@@ -40,7 +40,7 @@ def test_every_compiled_kernel_is_built_and_selected():
     # CI builds the extensions at install; a failed compile falls back silently at run time, so this fails
     # it loudly: one built module and one compiled selection per ext/*.pyx
     names = sorted(path.stem for path in (ROOT / "ext").glob("*.pyx"))
-    assert names == ["groupby", "histogram", "jsonl"], "a new kernel needs its selector checked here"
+    assert names == ["candecode", "groupby", "histogram", "jsonl"], "a new kernel needs its selector checked here"
     for name in names:
         importlib.import_module(f"engine.kernels.{name}")
         built = list(Path(engine.kernels.__file__).parent.glob(f"_{name}_c.*{EXT_SUFFIX}"))  # in a wheel too

@@ -17,6 +17,7 @@ An IEEE float signal that carries NaN is NaN too; nothing else is.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -151,11 +152,31 @@ def compile_message(message: Any) -> Plan:
 class FrameDecoder:
     """Decodes batches of raw CAN frames with a cantools Database; plans are compiled on first use of an id."""
 
-    def __init__(self, db: Any, content_hash: str | None = None) -> None:
+    def __init__(self, db: Any, *, content_hash: str | None = None, implementation: str | None = None) -> None:
+        """``implementation``: ``"c"`` or ``"py"`` to force a kernel (tests, benchmarks); by default the one
+        the selector picked (``engine.kernels.candecode.IMPLEMENTATION``)."""
         self.db = db
-        self.content_hash = content_hash or hashlib.sha256(db.as_dbc_string().encode()).hexdigest()
+        self._content_hash = content_hash
         self._plans: dict[int, Plan] = {}
-        self._kernel = candecode.decode_into
+        if implementation is None:
+            self._kernel = candecode.decode_into
+        elif implementation in ("c", "py"):
+            self._kernel = importlib.import_module(f"engine.kernels._candecode_{implementation}").decode_into
+        else:
+            raise ValueError(f"implementation must be 'c' or 'py', not {implementation!r}")
+        self.implementation = implementation or candecode.IMPLEMENTATION
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 (hex) of the DBC file's bytes (``from_file``), else of ``db.as_dbc_string()``; of the messages'
+        and signals' descriptions for a database no DBC can express (a half-precision float signal)."""
+        if self._content_hash is None:
+            try:
+                text = self.db.as_dbc_string()
+            except Exception:  # cantools raises KeyError, ValueError... on what the DBC format cannot hold
+                text = "\n".join(repr(message) + "".join(map(repr, message.signals)) for message in self.db.messages)
+            self._content_hash = hashlib.sha256(text.encode()).hexdigest()
+        return self._content_hash
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> FrameDecoder:
@@ -165,16 +186,20 @@ class FrameDecoder:
 
         with open(path, "rb") as file:
             content = file.read()
-        return cls(cantools.database.load_file(path, strict=False), hashlib.sha256(content).hexdigest())
+        return cls(cantools.database.load_file(path, strict=False), content_hash=hashlib.sha256(content).hexdigest())
 
     def plan(self, frame_id: int) -> Plan:
-        """The compiled plan of ``frame_id``; UnknownFrame if the DBC has no such message."""
+        """The compiled plan of ``frame_id`` (``message.frame_id``: 11 or 29 bits, a standard id first where the
+        DBC has both); UnknownFrame if the DBC has no such message."""
         plan = self._plans.get(frame_id)
         if plan is None:
             try:
                 message = self.db.get_message_by_frame_id(frame_id)
             except KeyError:
-                raise UnknownFrame(frame_id) from None
+                try:  # an extended message whose id is <= 0x7FF: cantools finds it only when told it is extended
+                    message = self.db.get_message_by_frame_id(frame_id, force_extended_id=True)
+                except KeyError:
+                    raise UnknownFrame(frame_id) from None
             plan = self._plans[frame_id] = compile_message(message)
         return plan
 

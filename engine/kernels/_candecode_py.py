@@ -60,10 +60,11 @@ def decode_into(
                 sign = np.uint64(1 << (bits - 1))
                 raw = (raw ^ sign) - sign  # wraps modulo 2**64 into the two's complement of 64 bits
             row[:] = raw.view(np.int64)
-        elif kind == FLOAT16:
-            row[:] = raw.astype(np.uint16).view(np.float16)
-        elif kind == FLOAT32:
-            row[:] = raw.astype(np.uint32).view(np.float32)
+        elif kind in (FLOAT16, FLOAT32):
+            with np.errstate(invalid="ignore"):  # a signalling NaN becomes a quiet one, as in C
+                row[:] = raw.astype(np.uint16 if kind == FLOAT16 else np.uint32).view(
+                    np.float16 if kind == FLOAT16 else np.float32
+                )
         else:
             row[:] = raw.view(np.float64)
         if scale[index] != 1.0 or offset[index] != 0.0:
