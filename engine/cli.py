@@ -73,9 +73,33 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return Supervisor(settings, args.workers).run()
 
 
+#: the simulated fleet of ``run`` and ``simulate``: (flag's attribute, environment variable, type, default)
+FLEET_SETTINGS = (
+    ("vehicles", "CANPIPE_NUM_VEHICLES", int, 10),
+    ("rate_ms", "CANPIPE_SAMPLING_RATE_MS", float, 200.0),
+    ("duration", "CANPIPE_DURATION_SECONDS", float, 10.0),
+)
+
+
+def _fleet(args: argparse.Namespace) -> None:
+    """Fill --vehicles, --rate-ms and --duration left unset from their environment variables, else defaults."""
+    for attr, name, kind, default in FLEET_SETTINGS:
+        if getattr(args, attr) is not None:
+            continue
+        raw = os.environ.get(name, "").strip()
+        try:
+            value = kind(raw) if raw else default
+        except ValueError:
+            raise ConfigError(f"{name}: expected a {'whole ' * (kind is int)}number, got {raw!r}") from None
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{name}: must be a positive number, got {raw!r}")
+        setattr(args, attr, value)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from engine.simulator import Simulator, describe
 
+    _fleet(args)
     if args.can:  # raw frames to /ingest/can
         return _simulate_can(args)
     key = args.api_key or os.environ.get("CANPIPE_API_KEY")
@@ -321,6 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.run import RunOptions, run_pipeline
 
     settings = _settings(args)
+    _fleet(args)
     options = RunOptions(
         vehicles=args.vehicles,
         rate_ms=args.rate_ms,
@@ -358,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline on one machine: receiver + consumers + simulator")
     common(p)
-    p.add_argument("--vehicles", type=_positive_int, default=10, help="simulated vehicles")
-    p.add_argument("--rate-ms", type=float, default=200.0, help="sampling period per vehicle, ms")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of simulated driving")
+    p.add_argument("--vehicles", type=_positive_int, help="simulated vehicles (CANPIPE_NUM_VEHICLES, default 10)")
+    p.add_argument("--rate-ms", type=float, help="sampling period per vehicle, ms (CANPIPE_SAMPLING_RATE_MS, 200)")
+    p.add_argument("--duration", type=float, help="seconds of simulated driving (CANPIPE_DURATION_SECONDS, 10)")
     p.add_argument("--consumers", type=_positive_int, default=2, help="consumer processes")
     p.add_argument("--batch", type=int, default=1, help="records per HTTP request")
     p.add_argument("--receiver-workers", type=_positive_int, default=1, help="receiver (Granian) worker processes")
@@ -389,9 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="the battery simulator posting to a receiver")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the receiver's base URL")
     p.add_argument("--api-key", help="key_id:secret (or CANPIPE_API_KEY)")
-    p.add_argument("--vehicles", type=_positive_int, default=10, help="simulated vehicles")
-    p.add_argument("--rate-ms", type=float, default=200.0, help="sampling period per vehicle, ms")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of simulated driving")
+    p.add_argument("--vehicles", type=_positive_int, help="simulated vehicles (CANPIPE_NUM_VEHICLES, default 10)")
+    p.add_argument("--rate-ms", type=float, help="sampling period per vehicle, ms (CANPIPE_SAMPLING_RATE_MS, 200)")
+    p.add_argument("--duration", type=float, help="seconds of simulated driving (CANPIPE_DURATION_SECONDS, 10)")
     p.add_argument("--batch", type=int, help="records per request, default 1 (with --can: frames, default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulated fleet")
     p.add_argument("--count", type=int, default=0, help="stop after this many records (0: run for --duration)")

@@ -161,3 +161,20 @@ def simulate(*args: str) -> subprocess.CompletedProcess:
         timeout=60,
         env=os.environ | {"CANPIPE_LOG_FORMAT": "text"},
     )
+
+
+def test_fleet_size_and_pace_come_from_the_environment_and_flags_win(slow_receiver, monkeypatch):
+    monkeypatch.setenv("CANPIPE_NUM_VEHICLES", "3")
+    monkeypatch.setenv("CANPIPE_SAMPLING_RATE_MS", "100")
+    monkeypatch.setenv("CANPIPE_DURATION_SECONDS", "1")
+    by_env = simulate("--url", slow_receiver)
+    assert by_env.returncode == 0, by_env.stdout + by_env.stderr
+    assert "target 30.0 records/s" in by_env.stdout, by_env.stdout
+    assert 20 <= int(re.search(r"sent (\d+)", by_env.stdout).group(1)) <= 30, by_env.stdout  # 3 vehicles x 10 s^-1
+    assert "not a canpipe setting" not in by_env.stderr
+    by_flag = simulate("--url", slow_receiver, "--vehicles", "1")
+    assert "target 10.0 records/s" in by_flag.stdout, by_flag.stdout
+    for bad in ("many", "0"):
+        monkeypatch.setenv("CANPIPE_NUM_VEHICLES", bad)
+        refused = simulate("--url", slow_receiver)
+        assert refused.returncode == 1 and "CANPIPE_NUM_VEHICLES" in refused.stderr, refused.stderr
