@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -115,6 +114,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
     )
     _wait_for_receiver(args.url)
+    import asyncio
+
     from engine.progress import simulation_line, with_progress
 
     result = asyncio.run(with_progress(sim.run(), lambda s: simulation_line(sim.result, args.duration, s)))
@@ -135,6 +136,8 @@ def _can_codec(args: argparse.Namespace):  # -> engine.can.codec.CanCodec (impor
 
 
 def _simulate_can(args: argparse.Namespace) -> int:
+    import asyncio
+
     from engine.can.simulate import CanSimulator, describe
 
     sim = CanSimulator(
@@ -154,6 +157,8 @@ def _simulate_can(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
     from engine.can.replay import Replayer, describe
 
     settings = Settings.from_env()
@@ -208,6 +213,8 @@ def _wait_for_receiver(url: str, timeout_s: float = 10.0) -> None:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    import asyncio
+
     from engine.queues import QueueAttributes, open_queue
 
     settings = _settings(args)

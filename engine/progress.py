@@ -6,7 +6,6 @@ a 60 s ``simulate`` is working instead of 60 s of silence.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +43,8 @@ async def with_progress(
     work: Awaitable[T], describe: Callable[[float], str], interval_s: float = 1.0, stream: TextIO | None = None
 ) -> T:
     """Await ``work``, showing ``describe(elapsed_s)`` every ``interval_s`` on a terminal."""
+    import asyncio  # here, not at the top: ``canpipe aggregate`` uses ``Progress`` and starts without asyncio
+
     progress = Progress(stream)
     task = asyncio.ensure_future(work)
     start = time.monotonic()

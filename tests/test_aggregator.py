@@ -495,9 +495,44 @@ def test_schedule_keeps_running_past_a_failing_hour(tmp_path, env, start):
 
 def test_the_aggregator_imports_no_queue_receiver_or_consumer():
     # DESIGN.md: the aggregator reads files, never the queue; a fresh interpreter shows what it pulls in
-    modules = modules_loaded_by("engine.aggregator")
+    # (the package loads its modules on first use: name the ones an aggregation runs)
+    modules = modules_loaded_by(
+        ", ".join(f"engine.aggregator.{m}" for m in ("driver", "partitions", "rollup", "document"))
+    )
     assert not [m for m in modules if m.split(".")[1] in ("queues", "receiver", "consumer", "publisher", "cli")]
     assert "engine.partitions" not in modules and "engine.aggregator.partitions" in modules
+
+
+LOADED_BY_CLI = """
+import sys
+from engine.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+finally:
+    print("\\nloaded:", " ".join(sys.modules))
+"""
+HEAVY = ("asyncio", "starlette", "granian", "aiobotocore", "botocore", "uvloop", "cantools")
+
+
+def _loaded_by_cli(*argv: str) -> set[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_BY_CLI, *argv], capture_output=True, text=True, timeout=60, check=True
+    )
+    return set(done.stdout.rsplit("loaded:", 1)[1].split())
+
+
+def test_canpipe_aggregate_starts_without_numpy_and_never_loads_the_servers_libraries(tmp_path):
+    # a cron job's start-up: --help and a run with nothing pending load no numpy; an hour loads numpy and
+    # the kernels, but never the receiver's or the queue's libraries (or asyncio)
+    for argv in (["aggregate", "--help"], ["aggregate", "--data-dir", str(tmp_path)]):
+        modules = _loaded_by_cli(*argv)
+        assert "numpy" not in modules and not modules & set(HEAVY), (argv, sorted(modules & {"numpy", *HEAVY}))
+    write(tmp_path, fleet(vehicles=2, per_vehicle=5))
+    modules = _loaded_by_cli("aggregate", "--data-dir", str(tmp_path), "--hour", HOUR.strftime("%Y-%m-%dT%H"))
+    assert aggregator.output_path(tmp_path, HOUR).exists()
+    assert "numpy" in modules and not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
 class _StopAfter:

@@ -10,22 +10,16 @@ reads files, never the queue.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import logging
 import math
-import multiprocessing
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
-import numpy as np
 
-from engine.aggregator.document import document, encode, write_atomically
 from engine.aggregator.hours import (
     Manifest,
     closed_hours,
@@ -37,10 +31,18 @@ from engine.aggregator.hours import (
     next_run,
     output_path,
 )
-from engine.aggregator.partitions import InputReport, concatenate, load_partition, scan_files
-from engine.aggregator.rollup import Totals, add_rows, merge_totals, new_totals
 from engine.errors import StorageError
 from engine.schema import UTC
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    import numpy as np
+
+    from engine.aggregator.rollup import Totals
+
+# numpy, the kernels and the process pool are imported where an hour is aggregated, not with this module:
+# ``canpipe aggregate`` with nothing pending (a cron job's usual run) never loads them
 
 log = logging.getLogger("canpipe.aggregator")
 
@@ -69,6 +71,9 @@ class HourFailure(msgspec.Struct):
 
 def _partition_job(spill_dir: str, p: int, tags: list[str], remaps: list[np.ndarray], groups: int) -> Totals:
     """Totals of partition ``p``: every scan's rows for it, in file order, with global vehicle indices."""
+    from engine.aggregator.partitions import concatenate, load_partition
+    from engine.aggregator.rollup import add_rows, new_totals
+
     pieces = []
     for tag, remap in zip(tags, remaps):
         cols = load_partition(Path(spill_dir), p, tag)
@@ -89,6 +94,15 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     aggregates partitions. Rows of a vehicle are always summed in file order, so the bytes written do
     not depend on the number of processes or partitions.
     """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from engine.aggregator.document import document, encode, write_atomically
+    from engine.aggregator.partitions import InputReport, concatenate, scan_files
+    from engine.aggregator.rollup import add_rows, merge_totals, new_totals
+
     data_dir = Path(data_dir)
     files = hour_inputs(data_dir, hour, warn=True)
     inputs = fingerprint(data_dir, files)
@@ -186,6 +200,9 @@ class _InProcess:
 def _pool(workers: int) -> concurrent.futures.Executor | _InProcess:
     if workers <= 1:
         return _InProcess()
+    import concurrent.futures
+    import multiprocessing
+
     # fork: the workers start at once with everything imported (the aggregator runs no threads of its own)
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
