@@ -295,6 +295,34 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from engine.lake.compact import compact_hour, pending_hours
+
+    settings = _settings(args)
+    hours = [args.hour] if args.hour else pending_hours(settings.data_dir, dt.datetime.now(dt.UTC))
+    if not hours:
+        print("nothing to compact: every closed hour is compacted and unchanged since")
+    for hour in hours:
+        r = compact_hour(settings.data_dir, hour, force=args.force)
+        if r.skipped:
+            print(f"{r.hour}: up to date ({r.path})")
+            continue
+        print(
+            f"compacted {r.hour}: {r.rows} records ({r.duplicates} duplicates dropped) from {r.raw_bytes} raw bytes "
+            f"-> {r.parquet_bytes} bytes {r.path}"
+        )
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from engine.lake import query
+
+    settings = _settings(args)
+    columns, rows = query.run(settings.data_dir, args.sql)
+    sys.stdout.write(query.render(columns, rows, args.format))
+    return 0
+
+
 def _why_nothing_pending(data_dir: Path) -> str:
     """Why ``aggregate`` found nothing: no data, or only hours still open (the usual case right after a
     first run), or every closed hour done."""
@@ -484,6 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", action="store_true", help="keep running: aggregate every hour at :05 UTC")
     logging_flags(p)
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("compact", help="closed hours of raw JSONL into Parquet (deduplicated, sorted), for the lake")
+    common(p)
+    p.add_argument(
+        "--hour", type=_hour, help="one hour, YYYY-MM-DDTHH (UTC); default: every closed hour new or changed since"
+    )
+    p.add_argument("--force", action="store_true", help="compact again even when the raw files are unchanged")
+    logging_flags(p)
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("query", help='SQL over the lake with DuckDB: views "raw" and "parquet"')
+    common(p)
+    p.add_argument("sql", help='e.g. "SELECT vehicle_id, avg(battery_soc) FROM raw GROUP BY 1"')
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    logging_flags(p)
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("check", help="start-up checks: queue reachable, data dir writable, keys configured")
     common(p)
