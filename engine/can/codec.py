@@ -153,7 +153,11 @@ class CanCodec:
                     None if ids is None else tuple(ids),
                 )
             )
-        self.by_frame = {frame_id: tuple(signals) for frame_id, signals in by_frame.items()}
+        # in the payload's field order, so a record's keys come out as /ingest's encoder writes them
+        self.by_frame = {
+            frame_id: tuple(sorted(signals, key=lambda s: SIGNALS.index(s.canonical)))
+            for frame_id, signals in by_frame.items()
+        }
 
     @classmethod
     def load(cls, dbc: str | Path, signal_map: str | Path | None = None) -> CanCodec:
@@ -178,21 +182,17 @@ class CanCodec:
         """The cantools message of ``frame_id``; KeyError if the DBC has none."""
         return self.database.get_message_by_frame_id(frame_id)
 
+    def columns(self, frame_id: int, datas: list[bytes]) -> dict[str, np.ndarray]:
+        """The canonical fields of a frame id's message for every frame, rounded, NaN where a frame does not
+        hold the field (its multiplexer selects another page). Raises the decoder's ``UnknownFrame`` /
+        ``BadLength``."""
+        decoded = self.decoder.decode(frame_id, datas)
+        return {
+            s.canonical: decoded[s.signal] if s.decimals is None else np.round(decoded[s.signal], s.decimals)
+            for s in self.by_frame.get(frame_id, ())
+        }
+
     def payloads(self, frame_id: int, datas: list[bytes]) -> list[dict[str, float]]:
-        """Per frame, its canonical fields and rounded values: only the signals the frame holds (a multiplexed
-        frame: those its multiplexer selects). Raises the decoder's ``UnknownFrame`` / ``BadLength``."""
-        columns = self.decoder.decode(frame_id, datas)
-        mapped = self.by_frame.get(frame_id, ())
-        rounded = [
-            (
-                s.canonical,
-                (columns[s.signal] if s.decimals is None else np.round(columns[s.signal], s.decimals)).tolist(),
-            )
-            for s in mapped
-        ]
-        rows: list[dict[str, float]] = [{} for _ in datas]
-        for canonical, values in rounded:
-            for row, value in zip(rows, values):
-                if value == value:  # NaN: not selected by this frame's multiplexer
-                    row[canonical] = value
-        return rows
+        """Per frame, its canonical fields and rounded values: only the signals the frame holds."""
+        columns = {name: values.tolist() for name, values in self.columns(frame_id, datas).items()}
+        return [{name: v[j] for name, v in columns.items() if v[j] == v[j]} for j in range(len(datas))]
