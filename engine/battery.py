@@ -172,6 +172,10 @@ class Phase:
     target_soc: float = 100.0
     speed_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("drive", "idle", "charge"):
+            raise ValueError(f"a phase is drive, idle or charge, not {self.mode!r}")
+
 
 class DutyCycle:
     """A sequence of phases the pack goes through, repeated when ``repeat``; stateful, one per pack."""
@@ -207,7 +211,7 @@ class DutyCycle:
             self.elapsed_s = -math.inf
 
     def force(self, phase: Phase) -> None:
-        """Insert ``phase`` now; the schedule resumes where it was once it ends."""
+        """Insert ``phase`` now; once it ends, the phase it interrupted starts again."""
         self.override, self.elapsed_s = phase, 0.0
 
     @classmethod

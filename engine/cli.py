@@ -45,7 +45,7 @@ def _start_up(settings: Settings, command: str, *, serving: bool) -> None:
         settings.queue_url,
         settings.data_dir.resolve(),
         keys,
-        describe_kernels(),
+        describe_kernels(probe=True),  # the workers import them; this process need not load numpy
         extra={"version": __version__, "queue_url": settings.queue_url, "data_dir": str(settings.data_dir)},
     )
 

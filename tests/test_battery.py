@@ -240,6 +240,8 @@ def test_bad_pack_specs_are_refused():
         PackSpec(resistance_sd=0.5)
     with pytest.raises(ValueError, match="phase"):
         DutyCycle([])
+    with pytest.raises(ValueError, match="drive, idle or charge"):
+        Phase("Drive")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("soc", "ambient_c"), [(120.0, 200.0), (-10.0, -80.0)])
