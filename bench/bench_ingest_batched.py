@@ -191,10 +191,11 @@ def run_once(*, body: str = "ndjson", records: int = RECORDS_PER_BODY, seconds: 
     )
 
 
-def drain_once(*, seconds: float = 5.0) -> tuple[int, float]:
+def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float]:
     """The consumer alone: fill a fresh queue through the receiver (wrk, 100-record NDJSON, ``seconds``), stop
     the receiver, then time one consumer process from its start until the queue is empty and every record
-    is on disk. (records, seconds), counted from its first written batch (its start-up, ~1 s, left out)."""
+    is on disk. (records, seconds, receiver-alone accepted records/s): the seconds count from the consumer's
+    first written batch (its start-up, ~1 s, left out); the last figure is the fill, no consumer running."""
     if WRK is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk); the batched-ingest benchmark drives with it")
     data_dir = Path(tempfile.mkdtemp(prefix="canpipe-drain-"))
@@ -212,12 +213,15 @@ def drain_once(*, seconds: float = 5.0) -> tuple[int, float]:
     try:
         if not wait_until(lambda: healthy(url), 30):
             raise RuntimeError("the receiver did not become healthy within 30 s")
-        subprocess.run(
+        wrk = subprocess.run(
             [WRK, "-t1", "-c16", f"-d{seconds:g}s", "-s", str(script), url + "/ingest"],
             capture_output=True,
+            text=True,
             timeout=seconds + 60,
             check=True,
         )
+        stats = json.loads(re.findall(r"^WRKJSON (.*)$", wrk.stdout, re.M)[-1])
+        alone = (stats["requests"] - stats["non2xx"]) * RECORDS_PER_BODY / (stats["duration_us"] / 1e6)
         stop(server)
         consumer = start_command(["consume", "--workers", "1"], env)
         if not wait_until(lambda: written(data_dir) > 0, 60, 0.01):  # the clock starts at the first batch
@@ -233,7 +237,7 @@ def drain_once(*, seconds: float = 5.0) -> tuple[int, float]:
         if consumer is not None:
             stop(consumer)
     shutil.rmtree(data_dir, ignore_errors=True)
-    return records, drain_s
+    return records, drain_s, alone
 
 
 def consumer_parse_speedup(messages: int = 100) -> float:
@@ -309,10 +313,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.drain:
         for _ in range(args.runs):
-            records, drain_s = drain_once(seconds=args.duration)
+            records, drain_s, alone = drain_once(seconds=args.duration)
             print(
-                f"consumer alone: {records:,} records drained and on disk in {drain_s:.2f} s: "
-                f"{records / drain_s:,.0f} records/s",
+                f"receiver alone (no consumer) accepted {alone:,.0f} records/s; consumer alone: {records:,} "
+                f"records drained and on disk in {drain_s:.2f} s: {records / drain_s:,.0f} records/s",
                 flush=True,
             )
     bodies = ("ndjson", "array") if args.body == "both" else (args.body,)
