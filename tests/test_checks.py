@@ -111,3 +111,16 @@ def test_a_data_dir_under_a_read_only_folder_is_named(tmp_path, monkeypatch):
         problem
         == f"CANPIPE_DATA_DIR: {tmp_path / 'data'} is not writable: cannot be created: {tmp_path} is not writable"
     )
+
+
+def test_the_daemons_probe_agrees_with_what_the_selector_picks(monkeypatch):
+    import importlib.util
+
+    from engine.checks import KERNELS, kernel_implementations
+
+    assert kernel_implementations(probe=True) == kernel_implementations()  # this build, as imported
+    monkeypatch.setenv("CANPIPE_NO_EXTENSIONS", "1")
+    assert kernel_implementations(probe=True) == dict.fromkeys(KERNELS, ("py", "CANPIPE_NO_EXTENSIONS=1"))
+    monkeypatch.delenv("CANPIPE_NO_EXTENSIONS")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a build without a C compiler
+    assert kernel_implementations(probe=True) == dict.fromkeys(KERNELS, ("py", "compiled module not built"))
