@@ -12,8 +12,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import logging
 import math
+import operator
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,11 +25,13 @@ import msgspec
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from engine import instruments as m
+from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, receive_body
 from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
@@ -36,17 +40,23 @@ from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
 from engine.queues import Queue, QueueStats, open_queue
-from engine.schema import UTC, SkewError, check_clock, decode_records, encode_stored, validation_errors
+from engine.schema import (
+    UTC,
+    SkewError,
+    Telemetry,
+    check_clock,
+    decode_records,
+    encode_stored,
+    validation_errors,
+)
 
 log = logging.getLogger("canpipe.receiver")
 
 JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
+_JSON_TYPES = {t.encode() for t in JSON_TYPES}
+_NDJSON_TYPES = {t.encode() for t in NDJSON_TYPES}
 _DUMMY_DIGEST = hashlib.sha256(b"canpipe-no-such-key").digest()
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class Authenticator:
@@ -64,7 +74,11 @@ class Authenticator:
 
     def key_id(self, header: str | None) -> str | None:
         """The key id when the header holds a valid key, else None."""
-        key_id, _, secret = (header or "").encode("latin-1", "replace").partition(b":")
+        return self.key_id_of((header or "").encode("latin-1", "replace"))
+
+    def key_id_of(self, header: bytes) -> str | None:
+        """``key_id`` of the header's raw bytes (as an ASGI scope holds them)."""
+        key_id, _, secret = header.partition(b":")
         expected = self.digests.get(key_id, _DUMMY_DIGEST)
         valid = hmac.compare_digest(hashlib.sha256(secret).digest(), expected)
         return key_id.decode() if valid and key_id in self.digests else None
@@ -121,7 +135,7 @@ class _Refusal(JSONResponse):
         self.reason = error
 
 
-def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> Response:
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> _Refusal:
     return _Refusal(status, error, {"error": error, "detail": detail, **extra}, headers)
 
 
@@ -158,6 +172,9 @@ class Receiver:
         self._stats: QueueStats | None = None
         self._durations_ms: dict[str, list[float]] = {}  # per route, since the last fold into the histogram
         self._stats_task: asyncio.Task[QueueStats] | None = None
+        self._accepted = [0, 0]  # 202 answers of /ingest and their records since the last fold into the counters
+        self._lag_received_s: list[float] = []  # per accepted request since the last fold: its receive time
+        self._lag_stamps: list[list[float]] = []  # ... and its records' client timestamps (Unix seconds)
         self.limiter = RateLimiter(settings.rate_limit_records_per_s, settings.rate_limit_burst)
         # past the pending cap a request could never be accepted: 413, not a 503 that invites a retry
         self.max_records = min(settings.max_records_per_request, settings.max_pending_records)
@@ -202,80 +219,18 @@ class Receiver:
 
         return answer
 
-    async def ingest(self, request: Request) -> Response:
-        response = await self._ingest(request)
-        if isinstance(response, _Refusal):
-            self.metrics.inc(m.REJECTED_REQUESTS, reason=response.reason)
-        return response
+    def _ingest_lag(self, received_s: float, records: list[Telemetry]) -> None:
+        """Keep the request's client timestamps for the ingest stage (folded into the histogram per snapshot)."""
+        self._lag_received_s.append(received_s)
+        self._lag_stamps.append(list(map(_epoch_s, map(_timestamp_of, records))))
 
-    async def _ingest(self, request: Request) -> Response:
-        key_id = self.auth.key_id(request.headers.get("x-api-key")) if self.auth.enabled else ""
-        if key_id is None:
-            self._auth_failed(request.headers.get("x-api-key"))
-            return _error(401, "unauthorized", "missing or invalid X-API-Key")
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        ndjson = content_type in NDJSON_TYPES
-        if not ndjson and content_type not in JSON_TYPES:
-            return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
-        try:
-            async with asyncio.timeout(self.settings.body_timeout_s):
-                body = await _read_body(request, self.settings.max_body_bytes)
-        except BodyTooLarge:
-            return _error(413, "too_large", f"body exceeds {self.settings.max_body_bytes} bytes", headers=_CLOSE)
-        except TimeoutError:
-            return _error(
-                408, "timeout", f"body not received within {self.settings.body_timeout_s:g} s", headers=_CLOSE
-            )
-        except ClientDisconnect:  # a malformed chunked body ends the stream early
-            return _error(400, "bad_body", "the body could not be read", headers=_CLOSE)
-        # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
-        # before any of them is decoded: memory and time stay bounded by the limit, not by the body
-        if body.count(b"{") > 2 * self.max_records:
-            return _error(413, "too_many_records", f"more than {self.max_records} records in one request; split it")
-        received_at = dt.datetime.now(UTC)
-        try:
-            records = decode_records(body, ndjson=ndjson)
-            if not records:
-                return _error(
-                    422, "validation", "no records in the request", errors=[{"path": "$", "message": "empty"}]
-                )
-            check_clock(
-                records, received_at, max_future_s=self.settings.max_future_skew_s, max_age_s=self.settings.max_age_s
-            )
-        except SkewError as exc:
-            return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
-        wait_s = self.limiter.retry_after_s(key_id, len(records))
-        if wait_s:
-            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="rate_limited")
-            return _error(
-                429,
-                "rate_limited",
-                "over this key's record rate; retry later",
-                headers={"Retry-After": _seconds(wait_s)},
-            )
-        try:
-            await self.publisher.publish(encode_stored(records, received_at), len(records))
-        except QueueSaturated:
-            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="saturated")
-            return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
-        except QueueError as exc:
-            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
-            self.metrics.inc(m.PUBLISH_ERRORS)
-            self.metrics.inc(m.REJECTED_RECORDS, len(records), reason="queue_unavailable")
-            return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
-        self.metrics.inc(m.INGEST_RECORDS, len(records))
-        if log.isEnabledFor(logging.DEBUG):  # the contents, never the key: only at DEBUG, checked once per request
-            log.debug(
-                "accepted %d records: %s", len(records), body[:4096].decode(errors="replace"), extra={"key_id": key_id}
-            )
-        # the ingest stage is recorded here, once per request (the consumer records the three later stages)
-        received_s = received_at.timestamp()
-        self.metrics.histogram(m.LATENCY, stage="ingest").record_many(
-            np.fromiter(((received_s - r.timestamp.timestamp()) * 1000.0 for r in records), np.float64, len(records))
-        )
-        return JSONResponse({"accepted": len(records)}, status_code=202)
+    def _fold_ingest_lags(self) -> None:
+        if self._lag_stamps:
+            stamps = np.fromiter(itertools.chain.from_iterable(self._lag_stamps), np.float64)
+            received = np.repeat(np.array(self._lag_received_s), [len(s) for s in self._lag_stamps])
+            self.metrics.histogram(m.LATENCY, stage="ingest").record_many((received - stamps) * 1000.0)
+            self._lag_stamps.clear()
+            self._lag_received_s.clear()
 
     async def health(self, request: Request) -> Response:
         try:
@@ -286,6 +241,12 @@ class Receiver:
 
     def own_metrics(self) -> Metrics:
         """This worker's metrics, with the values the publisher and the queue keep copied in."""
+        requests, records = self._accepted
+        if requests:  # two plain int additions per accepted request; the labelled counters once per fold
+            self._accepted[:] = [0, 0]
+            self.metrics.inc(m.HTTP_REQUESTS, requests, route=Ingest.route, status=202)
+            self.metrics.inc(m.INGEST_RECORDS, records)
+        self._fold_ingest_lags()
         for route, durations in self._durations_ms.items():
             if durations:  # one numpy call for all the requests since the last fold, not one per request
                 self.metrics.histogram(m.HTTP_DURATION, route=route).record_many(np.array(durations))
@@ -347,6 +308,123 @@ class Receiver:
         return JSONResponse(openapi_document(self.settings))
 
 
+_timestamp_of = operator.attrgetter("timestamp")
+_epoch_s = dt.datetime.timestamp
+_ACCEPTED_HEADERS = [(b"content-type", b"application/json")]
+
+
+class Ingest:
+    """``POST /ingest`` as a raw ASGI endpoint (Starlette routes to it as to an app): the headers are read from
+    the scope as bytes in one pass, the body through ``read_body``, and the 202 is sent as two ASGI messages;
+    no Request or Response object on the accepting path. Errors are answered with ``_error``'s responses.
+    """
+
+    route = "/ingest"
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.durations = receiver._durations_ms.setdefault(self.route, [])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        response = await self.accept(scope, receive, send)
+        if response is not None:
+            metrics = self.receiver.metrics
+            metrics.inc(m.REJECTED_REQUESTS, reason=response.reason)
+            await response(scope, receive, send)
+            metrics.inc(m.HTTP_REQUESTS, route=self.route, status=response.status_code)
+        self.durations.append((time.perf_counter() - started) * 1000.0)
+
+    async def accept(self, scope: Scope, receive: Receive, send: Send) -> _Refusal | None:
+        """Queue the request's records and send the 202; else the refusal to send."""
+        receiver, settings = self.receiver, self.receiver.settings
+        api_key = content_type = declared = coding = None
+        for name, value in scope["headers"]:  # the first of a repeated header counts, as in Starlette
+            if name == b"x-api-key":
+                api_key = value if api_key is None else api_key
+            elif name == b"content-type":
+                content_type = value if content_type is None else content_type
+            elif name == b"content-length":
+                declared = value
+            elif name == b"content-encoding":
+                coding = value
+        key_id = receiver.auth.key_id_of(api_key or b"") if receiver.auth.enabled else ""
+        if key_id is None:
+            receiver._auth_failed(None if api_key is None else api_key.decode("latin-1"))
+            return _error(401, "unauthorized", "missing or invalid X-API-Key")
+        media = (content_type or b"").split(b";")[0].strip().lower()
+        ndjson = media in _NDJSON_TYPES
+        if not ndjson and media not in _JSON_TYPES:
+            return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
+        try:
+            wbits = content_coding(coding)
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await receive_body(receive, declared, wbits, settings.max_body_bytes)
+        except UnsupportedEncoding as exc:
+            return _error(
+                415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
+            )
+        except BodyTooLarge:
+            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
+        except TimeoutError:
+            return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
+        except BodyUnreadable as exc:
+            return _error(400, "bad_body", str(exc), headers=_CLOSE)
+        # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
+        # before any of them is decoded: memory and time stay bounded by the limit, not by the body
+        if body.count(b"{") > 2 * receiver.max_records:
+            return _error(413, "too_many_records", f"more than {receiver.max_records} records in one request; split it")
+        received_at = dt.datetime.now(UTC)
+        try:
+            records = decode_records(body, ndjson=ndjson)
+            if not records:
+                return _error(
+                    422, "validation", "no records in the request", errors=[{"path": "$", "message": "empty"}]
+                )
+            check_clock(records, received_at, max_future_s=settings.max_future_skew_s, max_age_s=settings.max_age_s)
+        except SkewError as exc:
+            return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _error(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
+        count = len(records)
+        wait_s = receiver.limiter.retry_after_s(key_id, count)
+        if wait_s:
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
+            return _error(
+                429,
+                "rate_limited",
+                "over this key's record rate; retry later",
+                headers={"Retry-After": _seconds(wait_s)},
+            )
+        try:
+            await receiver.publisher.publish(encode_stored(records, received_at), count)
+        except QueueSaturated:
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
+            return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
+        except QueueError as exc:
+            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
+            receiver.metrics.inc(m.PUBLISH_ERRORS)
+            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
+            return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+        accepted = receiver._accepted  # folded into the request and record counters per snapshot or scrape
+        accepted[0] += 1
+        accepted[1] += count
+        if log.isEnabledFor(logging.DEBUG):  # the contents, never the key: only at DEBUG, checked once per request
+            log.debug("accepted %d records: %s", count, body[:4096].decode(errors="replace"), extra={"key_id": key_id})
+        # the ingest stage is recorded here, once per request (the consumer records the three later stages)
+        receiver._ingest_lag(received_at.timestamp(), records)
+        answer = b'{"accepted":%d}' % count
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [(b"content-length", b"%d" % len(answer)), *_ACCEPTED_HEADERS],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+        return None
+
+
 def create_app(
     settings: Settings | None = None, queue: Queue | None = None, *, metrics_dir: Path | None = None
 ) -> Starlette:
@@ -377,7 +455,7 @@ def create_app(
     app = Starlette(
         exception_handlers={HTTPException: http_error},
         routes=[
-            Route("/ingest", receiver.instrumented("/ingest", receiver.ingest), methods=["POST"]),
+            Route("/ingest", Ingest(receiver), methods=["POST"]),
             Route("/ingest/can", receiver.instrumented("/ingest/can", can_route(receiver)), methods=["POST"]),
             Route("/health", receiver.instrumented("/health", receiver.health), methods=["GET"]),
             Route("/metrics", receiver.instrumented("/metrics", receiver.prometheus), methods=["GET"]),

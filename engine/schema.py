@@ -245,7 +245,17 @@ def encode_stored(records: list[Telemetry], received_at: dt.datetime) -> bytes:
     Done as one C-level encode plus one replace: a line of compact JSON ends in ``}\\n`` and JSON strings
     cannot hold a raw newline, so ``}\\n`` occurs only at line ends.
     """
-    suffix = b',"ingest_received_at":"' + format_timestamp(received_at).encode() + b'"}\n'
+    moment = received_at if received_at.tzinfo is UTC else received_at.astimezone(UTC)
+    # format_timestamp's form, written with one bytes % (strftime is 3x slower, and this runs per request)
+    suffix = b',"ingest_received_at":"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ"}\n' % (
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+    )
     return _encoder.encode_lines(records).replace(b"}\n", suffix)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from engine.config import Settings
 from engine.errors import CanpipeError
@@ -49,8 +50,6 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     embedded queue: one clear error here rather than a server of 401s or 503s, or an error in every worker.
     """
     from granian import Granian
-    from granian.constants import Interfaces, Loops
-    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
     from engine import logs
@@ -69,17 +68,28 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         factory=True,
         address=host,
         port=port,
-        interface=Interfaces.ASGI,
         workers=workers,
-        loop=Loops.uvloop,
-        backlog=LISTEN_BACKLOG,
-        # a client that trickles its headers is cut off (the body has its own deadline in the app)
-        http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.header_timeout_s * 1000))),
+        **granian_options(settings.header_timeout_s),
         # Granian configures logging in its own process and in each worker from this: its lines and the
         # receiver's come out in canpipe's format and level (CANPIPE_LOG_*, as the cli resolved them)
         log_level=LogLevels(level.lower()),
         log_dictconfig=logs.dictconfig(level, fmt),
-        log_access=False,
         respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
         respawn_interval=RESPAWN_INTERVAL_S,
     ).serve()
+
+
+def granian_options(header_timeout_s: float) -> dict[str, Any]:
+    """Granian's settings of the request path (interface, loop, threads, HTTP/1), shared with the benchmark's
+    bare anchor app (``bench/bench_receiver.py``) so that both are served alike."""
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
+
+    return {
+        "interface": Interfaces.ASGI,
+        "loop": Loops.uvloop,
+        "backlog": LISTEN_BACKLOG,
+        # a client that trickles its headers is cut off (the body has its own deadline in the app)
+        "http1_settings": HTTP1Settings(header_read_timeout=max(1, int(header_timeout_s * 1000))),
+        "log_access": False,
+    }
