@@ -5,22 +5,32 @@ Default (CI quick mode): a small hour at 30 records/s. The issue's sizes:
     CANPIPE_BENCH_AGG_RATE=5000 python -m pytest bench/bench_aggregator.py -s -p no:cacheprovider --timeout 0   (18 M)
 Each side runs in its own process (so peak RSS is its own), alternately, best of several runs.
 CANPIPE_BENCH_AGG_DIR=DIR reuses an hour generated before with bench/generate_hour.py.
+
+One-shot processes, the way a cron job runs it: ``canpipe aggregate --hour H`` (``python -m engine``) against
+``python bench/duckdb_hour.py DIR`` (DuckDB alone imported), each a fresh process timed from start to exit,
+alternating, on hours in each writer's shape (bench/generate_hour.py --shape):
+    python bench/bench_aggregator.py --sizes 10000,100000,400000 --shapes canpipe,ms,mixed --rounds 5 [--dir D]
+prints one row per hour: median, min and max of each side and the ratio of the medians. The CI guard
+``test_guard_aggregate_vs_duckdb_mixed`` does the same on a mixed-shape hour at the quick size.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from generate_hour import generate
 
 from engine.kernels._select import extensions_disabled
-from engine.schema import UTC
+from engine.schema import SIGNALS, UTC
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = int(os.environ.get("CANPIPE_BENCH_AGG_RATE", "30"))
@@ -92,3 +102,87 @@ def test_guard_aggregator_vs_duckdb(hour_dir):
     # (faster than DuckDB at 1.8 M and 18 M records, under 1 GB) is checked in the full runs
     assert ratio >= 0.7, f"aggregator at {ratio:.2f}x DuckDB's speed (guard 0.7x)"
     assert peak < 1024, f"peak RSS {peak:.0f} MB"
+
+
+# --- one-shot processes, any writer's lines -------------------------------------------------------------
+
+
+def one_shot_commands(data_dir: Path) -> dict[str, list[str]]:
+    return {
+        "canpipe": [
+            sys.executable,
+            "-m",
+            "engine",
+            "aggregate",
+            "--hour",
+            "2025-10-19T17",
+            "--data-dir",
+            str(data_dir),
+        ],
+        "duckdb": [sys.executable, str(ROOT / "bench" / "duckdb_hour.py"), str(data_dir), ",".join(SIGNALS)],
+    }
+
+
+def race(data_dir: Path, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of each side as a fresh process, alternating (a warm-up round of each first: page cache)."""
+    commands = one_shot_commands(data_dir)
+    seconds: dict[str, list[float]] = {side: [] for side in commands}
+    for k in range(rounds + 1):
+        for side, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if k:
+                seconds[side].append(time.perf_counter() - start)
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def mixed_hour_dir(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp(f"mixed-{RATE}")
+    generate(data_dir, HOUR, RATE, vehicles=min(1000, RATE * 2), duplicates=0.01, shape="mixed")
+    return data_dir
+
+
+@pytest.mark.skipif(extensions_disabled(), reason="CANPIPE_NO_EXTENSIONS=1: the guard is for the compiled scanner")
+def test_guard_aggregate_vs_duckdb_mixed(mixed_hour_dir):
+    # every writer's shape in one hour (ms/s/us, +00:00, key order, spaces, nulls, 1 % unknown fields), both
+    # timed as fresh processes; with the fast path lost for other writers canpipe took ~10x DuckDB's time
+    seconds = race(mixed_hour_dir, rounds=3)
+    ours, duck = min(seconds["canpipe"]), min(seconds["duckdb"])
+    print(f"\none-shot, mixed-shape hour at {RATE}/s: canpipe {ours:.3f} s, DuckDB {duck:.3f} s ({duck / ours:.2f}x)")
+    assert duck / ours >= 0.6, f"canpipe aggregate at {duck / ours:.2f}x DuckDB's speed on a mixed hour (guard 0.6x)"
+
+
+def _main() -> None:
+    from generate_hour import SHAPES
+
+    parser = argparse.ArgumentParser(description="one-shot canpipe aggregate vs DuckDB, by writer shape and size")
+    parser.add_argument("--sizes", default="10000,100000,400000")
+    parser.add_argument("--shapes", default=",".join((*SHAPES, "mixed")))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", type=Path, help="hours are generated here once and reused (default: a temp dir)")
+    args = parser.parse_args()
+    import tempfile
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="canpipe-bench-agg-"))
+    print("| hour | lines | canpipe median (min-max) | DuckDB median (min-max) | DuckDB / canpipe |")
+    print("|---|---|---|---|---|")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for shape in args.shapes.split(","):
+            data_dir = root / f"{shape}-{size}"
+            if not data_dir.exists():
+                generate(
+                    data_dir, HOUR, max(1, size // 3600), vehicles=1000, duplicates=0.01, shape=shape, records=size
+                )
+            lines = sum(p.read_bytes().count(b"\n") for p in (data_dir / "raw").rglob("*.jsonl"))
+            s = race(data_dir, args.rounds)
+            ours, duck = statistics.median(s["canpipe"]), statistics.median(s["duckdb"])
+            print(
+                f"| {shape} | {lines:,} | {ours:.3f} s ({min(s['canpipe']):.3f}-{max(s['canpipe']):.3f}) | "
+                f"{duck:.3f} s ({min(s['duckdb']):.3f}-{max(s['duckdb']):.3f}) | {duck / ours:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,25 +1,48 @@
-"""The same hour's per-vehicle statistics computed by DuckDB SQL from the same raw files (reference)."""
+"""The same hour's per-vehicle statistics computed by DuckDB SQL from the same raw files (reference).
+
+As a process, the way the one-shot benchmark times it against ``canpipe aggregate``:
+
+    python bench/duckdb_hour.py DATA_DIR battery_soc,battery_voltage,...
+
+(the signal names come from the caller, so that DuckDB's process imports duckdb alone, not canpipe).
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
 import duckdb
 
-from engine.schema import SIGNALS
 
-COLUMNS = (
-    "{timestamp: 'TIMESTAMPTZ', vehicle_id: 'VARCHAR', can_id: 'VARCHAR', payload: 'STRUCT("
-    + ", ".join(f"{s} DOUBLE" for s in SIGNALS)
-    + ")', ingest_received_at: 'TIMESTAMPTZ'}"
-)
+def _schema_signals() -> tuple[str, ...]:
+    from engine.schema import SIGNALS
+
+    return SIGNALS
 
 
-def query(glob: str) -> str:
-    stats = ", ".join(f"min({s}) AS {s}_min, max({s}) AS {s}_max, avg({s}) AS {s}_avg" for s in SIGNALS)
-    unpack = ", ".join(f"payload.{s} AS {s}" for s in SIGNALS)
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "SIGNALS":  # the schema's list, imported when asked for (the process mode does without)
+        return _schema_signals()
+    raise AttributeError(f"module 'duckdb_hour' has no attribute {name!r}")
+
+
+def columns(signals: Sequence[str]) -> str:
+    return (
+        "{timestamp: 'TIMESTAMPTZ', vehicle_id: 'VARCHAR', can_id: 'VARCHAR', payload: 'STRUCT("
+        + ", ".join(f"{s} DOUBLE" for s in signals)
+        + ")', ingest_received_at: 'TIMESTAMPTZ'}"
+    )
+
+
+def query(glob: str, signals: Sequence[str] | None = None) -> str:
+    signals = signals or _schema_signals()
+    stats = ", ".join(f"min({s}) AS {s}_min, max({s}) AS {s}_max, avg({s}) AS {s}_avg" for s in signals)
+    unpack = ", ".join(f"payload.{s} AS {s}" for s in signals)
     return f"""
     WITH raw AS (
         SELECT timestamp, vehicle_id, can_id, {unpack}
-        FROM read_json('{glob}', format = 'newline_delimited', columns = {COLUMNS}, ignore_errors = true)
+        FROM read_json('{glob}', format = 'newline_delimited', columns = {columns(signals)}, ignore_errors = true)
     ),
     dedup AS (SELECT DISTINCT ON (vehicle_id, can_id, timestamp) * FROM raw),
     counts AS (SELECT vehicle_id, count(*) AS total FROM raw GROUP BY vehicle_id)
@@ -32,13 +55,18 @@ def query(glob: str) -> str:
     """
 
 
-def run(glob: str, threads: int | None = None) -> list[dict]:
+def run(glob: str, threads: int | None = None, signals: Sequence[str] | None = None) -> list[dict]:
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     if threads:
         con.execute(f"SET threads = {threads}")
-    cursor = con.execute(query(glob))
+    cursor = con.execute(query(glob, signals))
     names = [d[0] for d in cursor.description]
     rows = [dict(zip(names, row)) for row in cursor.fetchall()]
     con.close()
     return rows
+
+
+if __name__ == "__main__":
+    rows = run(sys.argv[1] + "/raw/*/*/*/*/*.jsonl", signals=sys.argv[2].split(","))
+    print(f"{len(rows)} vehicles")
