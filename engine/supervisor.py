@@ -162,6 +162,11 @@ class Supervisor:
                     del restart_at[index]
                     self._procs[index] = self._spawn(index)
                     self.restarts += 1
+        # stopping: a second SIGTERM (an impatient operator, a test) asks nothing more. Ignored, not handled:
+        # at interpreter exit Python puts its own handlers back to the default, and a SIGTERM then would end
+        # a clean drain as "killed by SIGTERM"; an ignored signal stays ignored to the end
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return self._drain()
 
     def _drain(self) -> int:
