@@ -384,3 +384,16 @@ def test_an_ieee_float_signal_is_stored_as_decoded_not_rounded_to_its_unit_scale
     with TestClient(create_app(settings, queue), base_url="http://127.0.0.1") as client:
         assert client.post("/ingest/can", content=json.dumps(frame), headers=JSON).status_code == 202
         assert queued(client, queue)[0]["payload"] == {"battery_voltage": 396.25}
+
+
+def test_a_gzip_body_is_decoded_and_an_unknown_coding_is_415(client, queue):
+    import gzip
+
+    body = gzip.compress(json.dumps([pack(), pack(vehicle_id="EV-2")]).encode())
+    response = client.post("/ingest/can", content=body, headers=JSON | {"Content-Encoding": "gzip"})
+    assert (response.status_code, response.json()) == (202, {"accepted": 2})
+    response = client.post("/ingest/can", content=b"x", headers=JSON | {"Content-Encoding": "br"})
+    assert response.status_code == 415 and "Content-Encoding" in response.json()["detail"]
+    response = client.post("/ingest/can", content=b"not gzip", headers=JSON | {"Content-Encoding": "gzip"})
+    assert response.status_code == 400
+    assert len(queued(client, queue)) == 2

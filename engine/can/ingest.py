@@ -11,17 +11,17 @@ and nothing is enqueued. Without a DBC the route answers 503.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import numpy as np
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine import instruments as m
+from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, read_body
 from engine.can.frame import CanFrame, decode_frames, format_frame_id, frame_errors, frame_id, located
 from engine.errors import QueueError, QueueSaturated
 from engine.schema import MAX_REPORTED_ERRORS, UTC, Payload, SkewError, check_clock, format_timestamp
@@ -181,7 +181,7 @@ class CanIngest:
         return response
 
     async def _ingest(self, request: Request) -> Response:
-        from engine.receiver import _CLOSE, JSON_TYPES, NDJSON_TYPES, BodyTooLarge, _error, _read_body, _seconds
+        from engine.receiver import _CLOSE, JSON_TYPES, NDJSON_TYPES, _error, _seconds
 
         receiver, settings = self.receiver, self.receiver.settings
         key_id = receiver.auth.key_id(request.headers.get("x-api-key")) if receiver.auth.enabled else ""
@@ -194,15 +194,20 @@ class CanIngest:
         ndjson = content_type in NDJSON_TYPES
         if not ndjson and content_type not in JSON_TYPES:
             return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
-        try:
-            async with asyncio.timeout(settings.body_timeout_s):
-                body = await _read_body(request, settings.max_body_bytes)
+        try:  # /ingest's body rules: size limit (also decompressed), deadline, gzip or deflate
+            body = await read_body(
+                request.receive, request.scope["headers"], settings.max_body_bytes, settings.body_timeout_s
+            )
+        except UnsupportedEncoding as exc:
+            return _error(
+                415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
+            )
         except BodyTooLarge:
             return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
         except TimeoutError:
             return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
-        except ClientDisconnect:
-            return _error(400, "bad_body", "the body could not be read", headers=_CLOSE)
+        except BodyUnreadable as exc:
+            return _error(400, "bad_body", str(exc), headers=_CLOSE)
         # a valid frame holds exactly one '{' (its strings are pattern-limited): bounds the work before decoding
         if body.count(b"{") > self.max_records:
             return _error(413, "too_many_records", f"more than {self.max_records} frames in one request; split it")
