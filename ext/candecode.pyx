@@ -7,7 +7,7 @@ then scaled. Same plan, same kinds, same results as the numpy twin.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
-from libc.math cimport INFINITY, NAN, ldexp
+from libc.math cimport INFINITY, NAN, ldexp, trunc
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -32,28 +32,80 @@ cdef inline double half_to_double(uint16_t bits) noexcept nogil:
     return -value if bits & 0x8000 else value
 
 
+cdef struct Term:
+    uint64_t mask
+    Py_ssize_t byte
+    int rshift
+    int lshift
+
+
+cdef struct Field:
+    Py_ssize_t first
+    Py_ssize_t last
+    uint64_t sign
+    double scale
+    double offset
+    int kind
+    bint rescale
+
+
 def decode_into(data, Py_ssize_t length, const int64_t[:, ::1] terms, const int64_t[:, ::1] signals,
-                const double[::1] scale, const double[::1] offset, double[:, ::1] out):
+                const double[::1] scale, const double[::1] offset, const int64_t[:, ::1] selectors,
+                const double[::1] selector_ids, double[:, ::1] out):
     """See engine/kernels/_candecode_py.py: fills ``out[signal, frame]``; -1, or the first frame of another
     length (then ``out`` is left untouched)."""
     cdef list items = data if type(data) is list else list(data)
-    cdef Py_ssize_t n = len(items), n_signals = signals.shape[0]
-    cdef Py_ssize_t i, s, t, first, last
+    cdef Py_ssize_t n = len(items), n_signals = signals.shape[0], n_terms = terms.shape[0]
+    cdef Py_ssize_t i, s, t
     cdef object item
     cdef list kept = []  # bytes made of bytes-like items, alive until the end
     cdef const uint8_t **frames
-    cdef uint64_t raw, sign
+    cdef const uint8_t *frame
+    cdef uint64_t raw
     cdef uint32_t bits32
     cdef float single
     cdef double value
-    cdef int kind
-    cdef bint rescale
+    cdef Field *field
+    cdef Term *term
+    cdef Py_ssize_t k, j, n_selectors = selectors.shape[0]
+    cdef bint found
 
     if out.shape[0] != n_signals or out.shape[1] != n:
         raise ValueError("out must be (signals, frames)")
-    if terms.shape[1] != 4 or signals.shape[1] != 4:
-        raise ValueError("terms and signals must have 4 columns")
+    if terms.shape[1] != 4 or signals.shape[1] != 4 or scale.shape[0] < n_signals or offset.shape[0] < n_signals:
+        raise ValueError("terms and signals must have 4 columns, scale and offset one value per signal")
     import numpy as np
+    # the plan as C structs (kept in numpy buffers, freed with them)
+    term_buffer = np.zeros(max(n_terms, 1) * sizeof(Term), dtype=np.uint8)
+    field_buffer = np.zeros(max(n_signals, 1) * sizeof(Field), dtype=np.uint8)
+    cdef uint8_t[::1] term_bytes = term_buffer, field_bytes = field_buffer
+    cdef Term *plan_terms = <Term *>&term_bytes[0]
+    cdef Field *fields = <Field *>&field_bytes[0]
+    for t in range(n_terms):
+        if not 0 <= terms[t, 0] < length or not 0 <= terms[t, 1] < 8 or not 0 <= terms[t, 3] < 64:
+            raise ValueError("term out of range")
+        plan_terms[t].byte = terms[t, 0]
+        plan_terms[t].rshift = <int>terms[t, 1]
+        plan_terms[t].mask = <uint64_t>terms[t, 2]
+        plan_terms[t].lshift = <int>terms[t, 3]
+    for s in range(n_signals):
+        if not 0 <= signals[s, 0] <= signals[s, 0] + signals[s, 1] <= n_terms:
+            raise ValueError("signal terms out of range")
+        fields[s].first = signals[s, 0]
+        fields[s].last = signals[s, 0] + signals[s, 1]
+        fields[s].sign = (<uint64_t>1) << (signals[s, 2] - 1) if 0 < signals[s, 2] <= 64 else 0
+        fields[s].kind = <int>signals[s, 3]
+        fields[s].scale = scale[s]
+        fields[s].offset = offset[s]
+        fields[s].rescale = scale[s] != 1.0 or offset[s] != 0.0
+
+    if selectors.shape[1] != 5:
+        raise ValueError("selectors must have 5 columns")
+    for k in range(n_selectors):
+        if (not 0 <= selectors[k, 0] < n_signals or not 0 <= selectors[k, 1] < n_signals
+                or not 0 <= selectors[k, 2] <= selectors[k, 2] + selectors[k, 3] <= selector_ids.shape[0]):
+            raise ValueError("selector out of range")
+
     pointers = np.empty(max(n, 1), dtype=np.uintp)
     cdef size_t[::1] addresses = pointers
     for i in range(n):
@@ -65,39 +117,40 @@ def decode_into(data, Py_ssize_t length, const int64_t[:, ::1] terms, const int6
             return i
         addresses[i] = <size_t>PyBytes_AS_STRING(item)
     frames = <const uint8_t **>&addresses[0]
-    for s in range(n_signals):
-        if not 0 <= signals[s, 0] <= signals[s, 0] + signals[s, 1] <= terms.shape[0]:
-            raise ValueError("signal terms out of range")
-        for t in range(signals[s, 0], signals[s, 0] + signals[s, 1]):
-            if not 0 <= terms[t, 0] < length or not 0 <= terms[t, 1] < 8 or not 0 <= terms[t, 3] < 64:
-                raise ValueError("term out of range")
 
     with nogil:
-        for s in range(n_signals):
-            first = signals[s, 0]
-            last = first + signals[s, 1]
-            kind = <int>signals[s, 3]
-            sign = (<uint64_t>1) << (signals[s, 2] - 1) if 0 < signals[s, 2] <= 64 else 0
-            rescale = scale[s] != 1.0 or offset[s] != 0.0
-            if kind == OUTSIDE:
-                for i in range(n):
-                    out[s, i] = NAN
-                continue
-            for i in range(n):
+        for i in range(n):
+            frame = frames[i]
+            for s in range(n_signals):
+                field = &fields[s]
                 raw = 0
-                for t in range(first, last):
-                    raw |= ((<uint64_t>(frames[i][terms[t, 0]] >> terms[t, 1])) & <uint64_t>terms[t, 2]) << terms[t, 3]
-                if kind == UNSIGNED:
+                for t in range(field.first, field.last):
+                    term = &plan_terms[t]
+                    raw |= ((<uint64_t>frame[term.byte] >> term.rshift) & term.mask) << term.lshift
+                if field.kind == UNSIGNED:
                     value = <double>raw
-                elif kind == SIGNED:
-                    value = <double>(<int64_t>((raw ^ sign) - sign))
-                elif kind == FLOAT32:
+                elif field.kind == SIGNED:
+                    value = <double>(<int64_t>((raw ^ field.sign) - field.sign))
+                elif field.kind == FLOAT32:
                     bits32 = <uint32_t>raw
                     memcpy(&single, &bits32, 4)
                     value = single
-                elif kind == FLOAT64:
+                elif field.kind == FLOAT64:
                     memcpy(&value, &raw, 8)
-                else:
+                elif field.kind == FLOAT16:
                     value = half_to_double(<uint16_t>raw)
-                out[s, i] = value * scale[s] + offset[s] if rescale else value
+                else:
+                    value = NAN
+                out[s, i] = value * field.scale + field.offset if field.rescale else value
+            for k in range(n_selectors):  # parents first: an unselected multiplexer unselects its pages
+                value = out[selectors[k, 0], i]
+                if selectors[k, 4]:
+                    value = trunc(value)
+                found = False
+                for j in range(selectors[k, 2], selectors[k, 2] + selectors[k, 3]):
+                    if value == selector_ids[j]:
+                        found = True
+                        break
+                if not found:
+                    out[selectors[k, 1], i] = NAN
     return -1

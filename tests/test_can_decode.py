@@ -370,15 +370,23 @@ def test_kernel_rejects_a_plan_it_cannot_run():
 
     terms = np.array([[8, 0, 255, 0]], dtype=np.int64)  # byte 8 of a 8-byte frame
     signals = np.array([[0, 1, 8, 0]], dtype=np.int64)
+    fine = np.array([[0, 0, 255, 0]], dtype=np.int64)
+    no_selector = (np.zeros((0, 5), dtype=np.int64), np.zeros(0))
     args = (np.ones(1), np.zeros(1))
-    with pytest.raises(ValueError):
-        _candecode_c.decode_into([bytes(8)], 8, terms, signals, *args, np.empty((1, 1)))
-    with pytest.raises(ValueError):
-        _candecode_c.decode_into([bytes(8)], 8, terms, signals, *args, np.empty((2, 1)))
-    with pytest.raises(ValueError):
-        _candecode_c.decode_into(
-            [bytes(8)], 8, terms, np.array([[0, 2, 8, 0]], dtype=np.int64), *args, np.empty((1, 1))
-        )
+
+    def run(terms=fine, signals=signals, selectors=no_selector, out_rows=1):
+        return _candecode_c.decode_into([bytes(8)], 8, terms, signals, *args, *selectors, np.empty((out_rows, 1)))
+
+    assert run() == -1
+    for wrong in (
+        {"terms": terms},
+        {"out_rows": 2},
+        {"signals": np.array([[0, 2, 8, 0]], dtype=np.int64)},
+        {"selectors": (np.array([[0, 3, 0, 0, 0]], dtype=np.int64), np.zeros(0))},
+        {"selectors": (np.zeros((0, 4), dtype=np.int64), np.zeros(0))},
+    ):
+        with pytest.raises(ValueError):
+            run(**wrong)
 
 
 def test_signal_past_the_frame_is_nan_and_a_scaled_multiplexer_selects_as_in_cantools(implementation):

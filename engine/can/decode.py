@@ -49,15 +49,6 @@ class BadLength(ValueError):
         self.expected = expected
 
 
-class _Page(NamedTuple):
-    """Signals that are present only where the multiplexer ``mux`` (a row of the plan) holds one of ``ids``."""
-
-    mux: int
-    ids: np.ndarray
-    truncate: bool  # the multiplexer's scaled value is not integral: cantools takes int() of it
-    children: np.ndarray  # rows of the plan
-
-
 class Plan(NamedTuple):
     """One message compiled for the kernels."""
 
@@ -67,8 +58,8 @@ class Plan(NamedTuple):
     signals: np.ndarray  # int64 (S, 4): first term, term count, bit length, kind
     scale: np.ndarray
     offset: np.ndarray
-    pages: tuple[_Page, ...]  # parents before children (nested multiplexers)
-    orphans: np.ndarray  # rows whose multiplexer is not a signal of the message: always NaN
+    selectors: np.ndarray  # int64 (K, 5): multiplexer row, child row, first id, id count, truncate
+    selector_ids: np.ndarray  # float64: the multiplexer values that select each child
 
 
 def byte_terms(start: int, length: int, big_endian: bool, size: int) -> list[tuple[int, int, int, int]] | None:
@@ -116,27 +107,24 @@ def compile_message(message: Any) -> Plan:
         kind = _kind(signal) if found is not None else candecode.OUTSIDE
         rows.append((len(terms), len(found or ()), signal.length, kind))
         terms.extend(found or ())
-    by_page: dict[tuple[int, tuple[int, ...]], list[int]] = {}
-    orphans = []
+    children = []
     for row, signal in enumerate(message.signals):
-        if signal.multiplexer_ids is None:
-            continue
-        mux = row_of.get(signal.multiplexer_signal)
-        if mux is None:
-            orphans.append(row)
-        else:
-            by_page.setdefault((mux, tuple(sorted(signal.multiplexer_ids))), []).append(row)
+        if signal.multiplexer_ids is not None:
+            children.append((row, row_of.get(signal.multiplexer_signal), sorted(signal.multiplexer_ids)))
 
-    def depth(row: int) -> int:
-        signal = message.signals[row]
-        parent = row_of.get(signal.multiplexer_signal) if signal.multiplexer_ids is not None else None
-        return 0 if parent is None or parent == row else 1 + depth(parent)
+    def depth(row: int | None, seen: int = 0) -> int:
+        parent = next((mux for child, mux, _ in children if child == row), None)
+        return 0 if parent is None or seen > len(children) else 1 + depth(parent, seen + 1)
 
-    pages = []
-    for (mux, ids), children in sorted(by_page.items(), key=lambda item: depth(item[0][0])):
+    selectors: list[tuple[int, int, int, int, bool]] = []
+    selector_ids: list[int] = []
+    for row, mux, ids in sorted(children, key=lambda child: depth(child[0])):
+        if mux is None:  # its multiplexer is not a signal of the message (cantools never decodes it)
+            mux, ids = row, []
         conversion = message.signals[mux].conversion
         integral = float(conversion.scale).is_integer() and float(conversion.offset).is_integer()
-        pages.append(_Page(mux, np.array(ids, dtype=np.float64), not integral, np.array(children, dtype=np.intp)))
+        selectors.append((mux, row, len(selector_ids), len(ids), not integral))
+        selector_ids.extend(ids)
     return Plan(
         size,
         names,
@@ -144,8 +132,8 @@ def compile_message(message: Any) -> Plan:
         np.array(rows, dtype=np.int64).reshape(-1, 4),
         np.array([float(signal.scale) for signal in message.signals], dtype=np.float64),
         np.array([float(signal.offset) for signal in message.signals], dtype=np.float64),
-        tuple(pages),
-        np.array(orphans, dtype=np.intp),
+        np.array(selectors, dtype=np.int64).reshape(-1, 5),
+        np.array(selector_ids, dtype=np.float64),
     )
 
 
@@ -214,18 +202,19 @@ class FrameDecoder:
         if not isinstance(data, (list, tuple)):
             data = list(data)
         out = np.empty((len(plan.names), len(data)), dtype=np.float64)
-        bad = self._kernel(data, plan.length, plan.terms, plan.signals, plan.scale, plan.offset, out)
+        bad = self._kernel(
+            data,
+            plan.length,
+            plan.terms,
+            plan.signals,
+            plan.scale,
+            plan.offset,
+            plan.selectors,
+            plan.selector_ids,
+            out,
+        )
         if bad >= 0:
             raise BadLength(frame_id, bad, len(data[bad]), plan.length)
-        for page in plan.pages:
-            mux = out[page.mux]
-            if page.truncate:
-                mux = np.trunc(mux)
-            selected = mux == page.ids[0] if len(page.ids) == 1 else np.isin(mux, page.ids)
-            if not selected.all():
-                out[np.ix_(page.children, ~selected)] = np.nan
-        if len(plan.orphans):
-            out[plan.orphans] = np.nan
         return dict(zip(plan.names, out))
 
     def decode_batch(

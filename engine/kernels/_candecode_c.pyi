@@ -9,5 +9,7 @@ def decode_into(
     signals: np.ndarray,
     scale: np.ndarray,
     offset: np.ndarray,
+    selectors: np.ndarray,
+    selector_ids: np.ndarray,
     out: np.ndarray,
 ) -> int: ...

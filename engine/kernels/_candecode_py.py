@@ -17,10 +17,9 @@ UNSIGNED, SIGNED, FLOAT16, FLOAT32, FLOAT64, OUTSIDE = range(6)
 
 def first_bad_length(data: Sequence[bytes], length: int) -> int:
     """Index of the first item whose length is not ``length``; -1 when all fit."""
-    for index, item in enumerate(data):
-        if len(item) != length:
-            return index
-    return -1
+    if set(map(len, data)) <= {length}:
+        return -1
+    return next(index for index, item in enumerate(data) if len(item) != length)
 
 
 def decode_into(
@@ -30,18 +29,23 @@ def decode_into(
     signals: np.ndarray,
     scale: np.ndarray,
     offset: np.ndarray,
+    selectors: np.ndarray,
+    selector_ids: np.ndarray,
     out: np.ndarray,
 ) -> int:
     """Decode every frame of ``data`` (each ``length`` bytes) into ``out[signal, frame]`` (float64, scaled).
 
     ``terms``: int64 (T, 4) of byte, rshift, mask, lshift; ``signals``: int64 (S, 4) of first term, term
-    count, bit length, kind. Returns -1, or the index of the first frame of another length (``out`` is then
+    count, bit length, kind; ``selectors``: int64 (K, 5) of multiplexer row, child row, first id, id count,
+    truncate (the multiplexer's value is not integral: cantools takes ``int()`` of it), parents before children:
+    the child is NaN in frames where the multiplexer's value is none of ``selector_ids[first : first + count]``.
+    Returns -1, or the index of the first frame of another length (``out`` is then
     left incomplete)."""
     bad = first_bad_length(data, length)
     if bad >= 0:
         return bad
     n = len(data)
-    if n == 0 or not len(signals):
+    if n == 0:
         return -1
     frames = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(n, length) if length else None
     for index, (first, count, bits, kind) in enumerate(signals.tolist()):
@@ -70,4 +74,9 @@ def decode_into(
         if scale[index] != 1.0 or offset[index] != 0.0:
             row *= scale[index]
             row += offset[index]
+    for mux, child, first, count, truncate in selectors.tolist():
+        value = np.trunc(out[mux]) if truncate else out[mux]
+        ids = selector_ids[first : first + count]
+        selected = value == ids[0] if count == 1 else np.isin(value, ids)
+        out[child][~selected] = np.nan
     return -1
