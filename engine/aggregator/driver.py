@@ -97,6 +97,10 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     import shutil
     import tempfile
 
+    # no BLAS call anywhere in the aggregator: OpenBLAS's thread pool, started by numpy's import, only
+    # spins (50-90 ms of CPU per one-shot run, measured). Effective when numpy is not loaded yet, as in
+    # ``canpipe aggregate``; an explicit setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy as np
 
     from engine.aggregator.document import document, encode, write_atomically
