@@ -535,6 +535,22 @@ def test_canpipe_aggregate_starts_without_numpy_and_never_loads_the_servers_libr
     assert "numpy" in modules and not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+def test_timestamps_text_is_the_same_vectorised_and_one_by_one_in_and_out_of_four_digit_years():
+    from engine.aggregator import document
+
+    inside = np.array([0, 1_760_893_201_500_000, 253_402_300_799_999_999], dtype=np.int64)
+    outside = np.append(inside, -62_135_596_800_000_000)  # 0001-01-01: strftime's %Y is not zero-padded
+    for us in (inside, outside):
+        assert document.micros_timestamps(us) == [document.micros_timestamp(x) for x in us.tolist()]
+
+
+def test_the_package_names_load_on_first_use_and_unknown_ones_fail():
+    assert {"aggregate_hour", "parse_hour", "MAX_GAP_US"} <= set(dir(aggregator))
+    assert aggregator.MAX_GAP_US == 60_000_000
+    with pytest.raises(AttributeError, match="no attribute 'aggregate_minute'"):
+        aggregator.aggregate_minute  # noqa: B018
+
+
 class _StopAfter:
     """A stop signal that records each wait and is set after ``waits`` of them (no real sleeping)."""
 
