@@ -258,7 +258,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         return _aggregate_on_schedule(settings.data_dir)
     results: list[aggregator.HourResult | aggregator.HourFailure]
     if args.hour:
-        if not aggregator.hour_inputs(settings.data_dir, args.hour):
+        if not aggregator.hour_inputs(settings.data_dir, args.hour) and not _compacted(settings.data_dir, args.hour):
             label = aggregator.hour_label(args.hour)
             print(f"no raw data for {label} under {settings.data_dir / 'raw'}: nothing written", file=sys.stderr)
             return 1
@@ -341,6 +341,13 @@ def _why_nothing_pending(data_dir: Path) -> str:
             f"ends): canpipe aggregate --hour {still_open[-1]} gives its figures so far"
         )
     return "every closed hour is up to date"
+
+
+def _compacted(data_dir: Path, hour: dt.datetime) -> bool:
+    """The hour has a Parquet file (its raw files may be gone: ``aggregate --hour`` reads the lake then)."""
+    from engine.lake.compact import parquet_path
+
+    return parquet_path(data_dir, hour).exists()
 
 
 def _aggregate_on_schedule(data_dir: Path) -> int:

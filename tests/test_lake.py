@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -60,9 +63,9 @@ def hour_dir(tmp_path):
     return tmp_path
 
 
-def truth_rows(data_dir, hour=HOUR) -> list[tuple]:
+def truth_rows(data_dir, hour=HOUR, file_order: bool = False) -> list[tuple]:
     """The hour's records as the ground truth reads them: first copy of each dedup key, sorted by
-    (vehicle_id, timestamp, can_id)."""
+    (vehicle_id, timestamp, can_id), or in the order of the raw files (``file_order``)."""
     lines, _, _ = hour_lines(data_dir, hour)
     kept: dict[tuple, dict] = {}
     for line in lines:
@@ -72,10 +75,10 @@ def truth_rows(data_dir, hour=HOUR) -> list[tuple]:
     rows = [
         (r["vehicle"], r["ts"], r["can"], *(r["payload"].get(s) for s in SIGNALS), r["ingest"]) for r in kept.values()
     ]
-    return sorted(rows, key=lambda row: (row[0], row[1], row[2]))
+    return rows if file_order else sorted(rows, key=lambda row: (row[0], row[1], row[2]))
 
 
-def parquet_rows(path) -> list[tuple]:
+def parquet_rows(path, file_order: bool = False) -> list[tuple]:
     table = pq.read_table(path)
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -83,10 +86,14 @@ def parquet_rows(path) -> list[tuple]:
         return (t - epoch) // dt.timedelta(microseconds=1)
 
     d = table.to_pydict()
-    return [
+    rows = [
         (v, us(t), int(c, 16), *(d[s][k] for s in SIGNALS), us(i))
         for k, (v, t, c, i) in enumerate(zip(d["vehicle_id"], d["timestamp"], d["can_id"], d["ingest_received_at"]))
     ]
+    if file_order:
+        assert len(set(d["raw_order"])) == len(rows)
+        rows = [row for _, row in sorted(zip(d["raw_order"], rows))]
+    return rows
 
 
 def test_compacted_rows_are_the_deduplicated_raw_rows_sorted_by_vehicle_and_time(hour_dir):
@@ -96,6 +103,8 @@ def test_compacted_rows_are_the_deduplicated_raw_rows_sorted_by_vehicle_and_time
     assert path == hour_dir / "parquet/year=2025/month=10/day=19/hour=17/part-0.parquet" == result.path
     expected = truth_rows(hour_dir)
     assert parquet_rows(path) == expected
+    # raw_order gives back the order of the raw files, the first copy of each record where copies were
+    assert parquet_rows(path, file_order=True) == truth_rows(hour_dir, file_order=True) != expected
     assert result.rows == len(expected) and result.duplicates == 20 and result.raw_records == len(expected) + 20
     meta = pq.ParquetFile(path).metadata
     assert meta.row_group(0).column(3).compression == "ZSTD"
@@ -203,3 +212,172 @@ def test_compact_and_query_from_the_command_line(hour_dir):
 
     bad = canpipe("query", "SELECT * FROM nowhere")
     assert bad.returncode != 0 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- canpipe aggregate from the Parquet file: the same bytes as from the raw JSONL ---
+
+EXTENDED = "0x18FF50E5"  # a 29-bit (J1939-style) CAN id beside the standard 0x132
+
+
+def fleet_records(hour: dt.datetime, rng: random.Random, count: int) -> list[dict]:
+    """Records of 5 vehicles at microsecond times, two CAN ids (one 29-bit) sometimes at the same instant,
+    with random values: float sums over them depend on the order they are added in."""
+    out = []
+    for i in range(count):
+        moment = hour + dt.timedelta(seconds=i * 7 + rng.random() * 5)
+        cv = rng.uniform(3.3, 4.1)
+        ct = rng.uniform(10, 35)
+        payload = {
+            "battery_soc": rng.uniform(5, 95),
+            "battery_voltage": rng.uniform(300, 420),
+            "battery_current": rng.uniform(-150, 150),
+            "cell_voltage_min": cv,
+            "cell_voltage_max": cv + rng.uniform(0, 0.1),
+            "cell_temp_min": ct,
+            "cell_temp_max": ct + rng.uniform(0, 5),
+        }
+        r = {
+            "timestamp": moment.isoformat().replace("+00:00", "Z"),
+            "vehicle_id": rng.choice(["EV-3", "EV-1", "EV-10", "EV-2", "TRUCK-7"]),
+            "can_id": rng.choice(["0x132", EXTENDED]),
+            "payload": payload,
+        }
+        out.append(r)
+        if i % 9 == 0:  # the other CAN id at the same instant: both are records
+            out.append(r | {"can_id": EXTENDED if r["can_id"] == "0x132" else "0x132"})
+    return out
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """Three hours, each from two writers whose files interleave every vehicle's time line (the file order
+    is not the time order). Hour 1: a redelivered batch whose copies carry other values (the first copy in
+    file order counts), a record with two signals, a corrupt line, a torn tail; hour 2: plain; hour 3: a
+    file of nothing but corrupt lines (no record at all)."""
+    rng = random.Random(13)
+    hours = [HOUR, NEXT, NEXT + dt.timedelta(hours=1)]
+    for n, hour in enumerate(hours[:2]):
+        records = fleet_records(hour, rng, 300)
+        ingest = hour + dt.timedelta(minutes=40)
+        a, b = records[0::2], records[1::2]
+        body_b = stored(b, ingest)
+        if n == 0:
+            copies = [r | {"payload": r["payload"] | {"battery_soc": 99.5}} for r in a[10:30]]
+            partial = {"timestamp": a[3]["timestamp"], "vehicle_id": "EV-2", "can_id": "0x333"}
+            partial["payload"] = {"cell_temp_min": 21.5, "cell_temp_max": 24.0}
+            lines = stored([*copies, partial], ingest + dt.timedelta(seconds=5)).splitlines(keepends=True)
+            body_b += lines[0] + b'{"vehicle_id": "EV-1"}\n' + b"".join(lines[1:]) + TORN_TAIL
+        write_raw(tmp_path, "batch-1-a.jsonl", stored(a, ingest), hour)
+        write_raw(tmp_path, "batch-2-b.jsonl", body_b, hour)
+    write_raw(tmp_path, "batch-1-a.jsonl", b"not json\n{}\n", hours[2])
+    return tmp_path, hours
+
+
+def aggregates(data_dir, hours) -> dict[dt.datetime, bytes]:
+    for hour in hours:
+        aggregate_hour(data_dir, hour)
+    return {hour: output_path(data_dir, hour).read_bytes() for hour in hours}
+
+
+def from_lake(caplog) -> set[str]:
+    """The hours the aggregator took from a Parquet file, as its log says."""
+    return {r.args[0] for r in caplog.records if r.name == "canpipe.lake" and "from" in r.msg}
+
+
+def test_aggregate_from_parquet_is_byte_identical_to_the_jsonl_aggregate(fleet, caplog):
+    data_dir, hours = fleet
+    caplog.set_level(logging.INFO, logger="canpipe.lake")
+    from_jsonl = aggregates(data_dir, hours)
+    assert not from_lake(caplog)
+    for hour in hours:
+        compact_hour(data_dir, hour)
+    from_parquet = aggregates(data_dir, hours)
+
+    assert from_lake(caplog) == {"2025-10-19T17", "2025-10-19T18", "2025-10-19T19"}
+    assert from_parquet == from_jsonl
+    first = json.loads(from_parquet[HOUR])
+    assert first["input"]["duplicates_dropped"] == 20 and first["input"]["corrupt_lines"] == 1
+    assert first["input"]["torn_tail_bytes"] == len(TORN_TAIL) and first["input"]["files"] == 2
+    assert {v["vehicle_id"] for v in first["vehicles"]} == {"EV-1", "EV-10", "EV-2", "EV-3", "TRUCK-7"}
+    empty = json.loads(from_parquet[hours[2]])
+    assert empty["vehicles"] == [] and empty["input"]["corrupt_lines"] == 2
+    # the data is such that the order of the sums shows: added in the Parquet file's (vehicle, time) order
+    # instead of the raw files' order, some vehicle's mean of some signal differs in its last bits
+    table = pq.read_table(parquet_path(data_dir, HOUR)).to_pydict()
+    differ = 0
+    for vehicle in set(table["vehicle_id"]):
+        mine = [k for k, v in enumerate(table["vehicle_id"]) if v == vehicle]
+        read = sorted(mine, key=lambda k: table["raw_order"][k])
+        for name in SIGNALS:
+            in_time = [table[name][k] for k in mine if table[name][k] is not None]
+            as_read = [table[name][k] for k in read if table[name][k] is not None]
+            differ += _sequential_sum(in_time) != _sequential_sum(as_read)
+    assert differ > 0
+
+
+def _sequential_sum(values: list[float]) -> float:
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def test_late_data_after_compaction_is_read_from_the_raw_files_until_compacted_again(fleet, caplog):
+    data_dir, hours = fleet
+    caplog.set_level(logging.INFO, logger="canpipe.lake")
+    compact_hour(data_dir, HOUR)
+    before = aggregates(data_dir, [HOUR])[HOUR]
+    late = fleet_records(HOUR, random.Random(7), 20)
+    write_raw(data_dir, "batch-9-c.jsonl", stored(late, NEXT + dt.timedelta(minutes=3)))
+    caplog.clear()
+
+    with_late = aggregates(data_dir, [HOUR])[HOUR]  # the Parquet file is older than the raw files
+    assert not from_lake(caplog) and with_late != before
+    assert json.loads(with_late)["input"]["files"] == 3
+    compact_hour(data_dir, HOUR)
+    assert aggregates(data_dir, [HOUR])[HOUR] == with_late and from_lake(caplog) == {"2025-10-19T17"}
+
+
+def test_a_parquet_file_without_the_aggregate_metadata_is_not_used(fleet, caplog):
+    data_dir, _ = fleet
+    expected = aggregates(data_dir, [HOUR])[HOUR]
+    compact_hour(data_dir, HOUR)
+    path = parquet_path(data_dir, HOUR)
+    table = pq.read_table(path)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"canpipe.aggregate"}
+    pq.write_table(table.replace_schema_metadata(meta), path)  # as the first compact wrote it
+    caplog.set_level(logging.INFO, logger="canpipe.lake")
+
+    assert aggregates(data_dir, [HOUR])[HOUR] == expected
+    assert not from_lake(caplog) and "no canpipe.aggregate metadata" in caplog.text
+
+
+def test_the_lake_as_the_long_term_form_aggregate_with_the_raw_hour_deleted(fleet):
+    """Raw hours deleted after compaction: ``canpipe aggregate --hour`` gives the same document from the
+    Parquet file alone (the input report is the raw files' at compaction)."""
+    data_dir, _ = fleet
+    expected = aggregates(data_dir, [HOUR])[HOUR]
+    compact_hour(data_dir, HOUR)
+    shutil.rmtree(data_dir / "raw" / "year=2025/month=10/day=19/hour=17")
+    output_path(data_dir, HOUR).unlink()
+    env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_LOG_FORMAT": "text"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "aggregate", "--hour", "2025-10-19T17"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert output_path(data_dir, HOUR).read_bytes() == expected
+    nothing = subprocess.run(
+        [sys.executable, "-m", "engine", "aggregate", "--hour", "2025-10-19T16"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nothing.returncode == 1 and "no raw data for 2025-10-19T16" in nothing.stderr

@@ -106,11 +106,15 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     from engine.aggregator.document import document, encode, write_atomically
     from engine.aggregator.partitions import InputReport, concatenate, scan_files
     from engine.aggregator.rollup import add_rows, merge_totals, new_totals
+    from engine.lake.read import hour_totals
 
     data_dir = Path(data_dir)
     files = hour_inputs(data_dir, hour, warn=True)
     inputs = fingerprint(data_dir, files)
     total_bytes = sum(i.bytes for i in inputs)
+    lake = hour_totals(data_dir, hour, inputs)  # from the hour's Parquet file when made from these raw files
+    if lake is not None:
+        files, total_bytes = [], 0  # nothing to scan
     large = total_bytes >= PARALLEL_FROM_BYTES
     count = max(1, math.ceil(total_bytes / PARTITION_INPUT_BYTES)) if large else 1
     workers = min(os.cpu_count() or 1, MAX_WORKERS) if large else 1
@@ -156,6 +160,8 @@ def aggregate_hour(data_dir: Path, hour: dt.datetime) -> HourResult:
     finally:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
+    if lake is not None:
+        index, totals, info = lake
     doc = document(hour, index, totals, info)
     body = encode(doc)
     out = output_path(data_dir, hour)

@@ -11,6 +11,13 @@ kept in the file's own key-value metadata: a run finds an hour whose raw files a
 leaves it alone (compacting twice changes nothing); an hour that got late data since is compacted again as
 a whole (raw data is kept, so the new file holds the late rows in their place, not in a side file). The new
 file replaces the old one atomically (temp file, fsync, rename, fsync of the folder).
+
+``canpipe aggregate`` reads the file instead of the raw files when its ``canpipe.inputs`` equal the hour's
+raw files now (``engine.lake.read``), and writes the same bytes. Two things make that exact: the column
+``raw_order`` (each row's position in the raw files as read: the group-by sums a vehicle's values in that
+order, and floating-point sums depend on it), and ``canpipe.aggregate`` in the key-value metadata, what the
+rows alone do not tell: the input report (files, records read, torn tail bytes, corrupt lines) and the
+copies dropped per vehicle.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ PART_NAME = "part-0.parquet"
 # DuckDB's threads still split a row group's vectors; an hour at 5,000 records/s (18M rows) is ~18 groups
 ROW_GROUP_ROWS = 1 << 20
 INPUTS_KEY = b"canpipe.inputs"  # the raw files compacted: [{"file", "bytes"}] as JSON, in the file's metadata
+REPORT_KEY = b"canpipe.aggregate"  # ``HourReport`` as JSON: what the aggregate needs beyond the rows
 COMPRESSION = "zstd"
 
 
@@ -52,6 +60,25 @@ class CompactResult:
     raw_bytes: int
     parquet_bytes: int
     skipped: bool  # already up to date: nothing written
+
+
+class HourReport(msgspec.Struct):
+    """What an hour's aggregate says about its input that the deduplicated rows cannot: the aggregator's
+    ``input`` report of the raw files and the copies it dropped per vehicle (vehicles without copies left
+    out)."""
+
+    files: int
+    records: int  # records read, copies included
+    torn_tail_bytes: int
+    corrupt_lines: int
+    corrupt_line_locations: list[str]  # the first ``partitions.MAX_REPORTED_CORRUPT``, ``file:line``
+    duplicates: dict[str, int]
+
+
+@dataclasses.dataclass
+class HourTable:
+    table: pa.Table  # sorted by (vehicle_id, timestamp, can_id), first copy of each record
+    report: HourReport
 
 
 def parquet_path(data_dir: Path, hour: dt.datetime) -> Path:
@@ -84,6 +111,8 @@ def schema() -> pa.Schema:
         pa.field("can_id", pa.string(), nullable=False),
         *(pa.field(name, pa.float64()) for name in SIGNALS),
         pa.field("ingest_received_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # the row's position in the hour's raw files as read (sorted file names, then lines), copies counted
+        pa.field("raw_order", pa.int64(), nullable=False),
     ]
     return pa.schema(fields)
 
@@ -98,9 +127,9 @@ def compacted_inputs(path: Path) -> list[InputFile] | None:
     return msgspec.json.decode(raw, type=list[InputFile]) if raw else None
 
 
-def hour_table(data_dir: Path, hour: dt.datetime) -> tuple[pa.Table, int, int]:
-    """The hour's deduplicated rows as an Arrow table sorted by (vehicle_id, timestamp, can_id), with the
-    number of records read and of copies dropped."""
+def hour_table(data_dir: Path, hour: dt.datetime) -> HourTable:
+    """The hour's deduplicated rows as an Arrow table sorted by (vehicle_id, timestamp, can_id), and the
+    report of what was read and dropped."""
     import numpy as np
 
     from engine.aggregator.partitions import concatenate, scan_files
@@ -110,8 +139,10 @@ def hour_table(data_dir: Path, hour: dt.datetime) -> tuple[pa.Table, int, int]:
     data_dir = Path(data_dir)
     files = [str(f) for f in hour_inputs(data_dir, hour, warn=True)]
     scan = scan_files(files, str(data_dir / "raw"), 1, None, "compact")
+    info = scan.info
+    report = HourReport(info.files, info.records, info.torn_tail_bytes, info.corrupt_count, info.corrupt, {})
     if not scan.memory:
-        return schema().empty_table(), 0, 0
+        return HourTable(schema().empty_table(), report)
     cols = concatenate(scan.memory)
     # vehicle indices are in order of first appearance: rank them by name so the sort is by vehicle_id
     names = np.array(scan.vehicles, dtype=object)
@@ -123,13 +154,16 @@ def hour_table(data_dir: Path, hour: dt.datetime) -> tuple[pa.Table, int, int]:
     v, t, c = vehicle[rows], cols.timestamp_us[rows], cols.can_id[rows]
     keep = np.ones(len(rows), dtype=bool)
     keep[1:] = (v[1:] != v[:-1]) | (t[1:] != t[:-1]) | (c[1:] != c[:-1])
+    dropped = np.bincount(v[~keep], minlength=len(names))
+    sorted_names = names[by_name]
+    report.duplicates = {str(sorted_names[k]): int(dropped[k]) for k in np.flatnonzero(dropped).tolist()}
     rows = rows[keep]
     ids, can_index = np.unique(cols.can_id[rows], return_inverse=True)
     can_text = np.array([f"0x{int(i):X}" for i in ids], dtype=object)[can_index]
     arrays = [
         pa.DictionaryArray.from_arrays(
             pa.array(vehicle[rows], pa.int32()),
-            pa.array(names[by_name], pa.string()),
+            pa.array(sorted_names, pa.string()),
         ).cast(pa.string()),
         pa.array(cols.timestamp_us[rows], pa.timestamp("us", tz="UTC")),
         pa.array(can_text, pa.string()),
@@ -137,9 +171,9 @@ def hour_table(data_dir: Path, hour: dt.datetime) -> tuple[pa.Table, int, int]:
             pa.array(cols.values[k, rows], pa.float64(), from_pandas=True) for k in range(len(SIGNALS))
         ),  # from_pandas: NaN (a signal the record does not carry) becomes null
         pa.array(cols.ingest_us[rows], pa.timestamp("us", tz="UTC")),
+        pa.array(rows, pa.int64()),  # ``rows`` index the concatenated scan: the position in the raw files
     ]
-    table = pa.Table.from_arrays(arrays, schema=schema())
-    return table, len(cols.vehicle), len(cols.vehicle) - len(rows)
+    return HourTable(pa.Table.from_arrays(arrays, schema=schema()), report)
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -154,6 +188,8 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
                 compression=COMPRESSION,
                 row_group_size=ROW_GROUP_ROWS,
                 use_dictionary=["vehicle_id", "can_id"],
+                # raw_order rises within a vehicle's time line: deltas pack it in a few bits a row
+                column_encoding={"raw_order": "DELTA_BINARY_PACKED"},
                 write_statistics=True,
             )
             out.flush()
@@ -186,10 +222,16 @@ def compact_hour(data_dir: Path, hour: dt.datetime, *, force: bool = False) -> C
         raise ConfigError(f"no raw data for hour {hour_label(hour)}: nothing to compact")
     if not force and compacted_inputs(out) == inputs:
         return CompactResult(hour_label(hour), out, -1, -1, -1, raw_bytes, out.stat().st_size, True)
-    table, read, dropped = hour_table(data_dir, hour)
-    table = table.replace_schema_metadata({INPUTS_KEY: msgspec.json.encode(inputs)})
+    made = hour_table(data_dir, hour)
+    report = made.report
+    table = made.table.replace_schema_metadata(
+        {INPUTS_KEY: msgspec.json.encode(inputs), REPORT_KEY: msgspec.json.encode(report)}
+    )
     _write_atomically(table, out)
-    return CompactResult(hour_label(hour), out, table.num_rows, dropped, read, raw_bytes, out.stat().st_size, False)
+    dropped = sum(report.duplicates.values())
+    return CompactResult(
+        hour_label(hour), out, table.num_rows, dropped, report.records, raw_bytes, out.stat().st_size, False
+    )
 
 
 def pending_hours(data_dir: Path, now: dt.datetime) -> list[dt.datetime]:
