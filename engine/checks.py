@@ -6,8 +6,10 @@ Read-only: a check never creates the data directory or the embedded queue, it sa
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import importlib.util
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 from engine.config import Settings
 from engine.errors import CanpipeError
 from engine.queues import open_queue
+
+log = logging.getLogger("canpipe.checks")
 
 KERNELS = ("groupby", "histogram", "jsonl")
 
@@ -56,7 +60,12 @@ def _creatable(path: Path) -> str | None:
     return None
 
 
-def _data_dir_problem(data_dir: Path) -> str | None:
+# a data dir that is full (or over quota) is a passing state the consumers ride out (they hold their batch
+# and retry: docs/reliability.md); permissions, a read-only mount or a missing folder are configuration
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _data_dir_problem(data_dir: Path, *, transient_ok: bool = False) -> str | None:
     if not data_dir.exists():
         why = _creatable(data_dir)
         return None if why is None else f"cannot be created: {why}"
@@ -66,6 +75,9 @@ def _data_dir_problem(data_dir: Path) -> str | None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
+        if transient_ok and exc.errno in TRANSIENT_ERRNOS:
+            log.warning("CANPIPE_DATA_DIR %s: %s; starting anyway, writes wait for space", data_dir, exc)
+            return None
         return str(exc)
     return None
 
@@ -91,13 +103,14 @@ def _queue_problem(queue_url: str) -> str | None:
     return None
 
 
-def run_checks(settings: Settings, *, serving: bool = True, queue: bool = True) -> list[str]:
+def run_checks(settings: Settings, *, serving: bool = True, queue: bool = True, daemon: bool = False) -> list[str]:
     """Every problem found, each naming its setting; empty when all is well. ``queue=False`` leaves the queue
-    to the caller (the daemons, whose retries ride out a queue that is not up yet)."""
+    to the caller (the daemons, whose retries ride out a queue that is not up yet); ``daemon``: a full data
+    dir is logged, not a problem (the daemons ride it out; ``canpipe check`` reports it)."""
     problems = []
     if serving and not settings.api_keys and not settings.insecure_no_auth:
         problems.append("CANPIPE_API_KEYS: no API keys configured ('key_id:secret,...')")
-    if (why := _data_dir_problem(settings.data_dir)) is not None:
+    if (why := _data_dir_problem(settings.data_dir, transient_ok=daemon)) is not None:
         problems.append(f"CANPIPE_DATA_DIR: {settings.data_dir} is not writable: {why}")
     if queue and (why := _queue_problem(settings.queue_url)) is not None:
         problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {why}")

@@ -34,7 +34,7 @@ def _start_up(settings: Settings, command: str, *, serving: bool) -> None:
     from engine import __version__
     from engine.checks import describe_kernels, run_checks
 
-    problems = run_checks(settings, serving=serving, queue=False)  # a queue not up yet is left to the retries
+    problems = run_checks(settings, serving=serving, queue=False, daemon=True)  # the retries ride out the rest
     if problems:
         raise ConfigError("; ".join(problems))
     keys = ", ".join(k.key_id for k in settings.api_keys) or ("none (--insecure-no-auth)" if serving else "-")

@@ -196,11 +196,32 @@ def test_disk_full_dead_letters_nothing_and_writes_everything_once_space_returns
     check_files_and_aggregates(small_disk, accepted, "(disk full)")
 
 
+def test_a_full_data_dir_is_reported_by_check_but_the_daemons_start_and_wait(env, small_disk, tmp_path):
+    """A full disk is a passing state: `canpipe check` names it, a consumer starts anyway (and rides it out,
+    above); a read-only data dir is configuration: the consumer refuses to start, exit 1, with the reason."""
+    env = disk_env(env, small_disk, tmp_path)
+    filler = fill(small_disk)
+    check = subprocess.run(
+        [sys.executable, "-m", "engine", "check", "--consumer-only"], env=env, capture_output=True, text=True
+    )
+    assert check.returncode == 1 and "No space left on device" in check.stdout, check.stdout + check.stderr
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        consume = subprocess.run(
+            [sys.executable, "-m", "engine", "consume", "--workers", "1"], env=env, capture_output=True, text=True
+        )
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert consume.returncode == 1 and "Read-only file system" in consume.stderr, consume.stderr
+
+
 def test_read_only_data_directory_dead_letters_nothing(serve, start, env, small_disk, tmp_path):
     env = disk_env(env, small_disk, tmp_path)
     url = serve(env)
     consumers = start(["consume", "--workers", "2"], env)
-    wait_for(lambda: (small_disk / "metrics").is_dir(), 30, "consumers started")
+    # past the start-up checks (which refuse a read-only data dir): both workers running
+    wait_for(lambda: len(children(consumers.pid)) == 2, 30, "consumers started")
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:
         accepted = load(url, seed=43, seconds=2.0)
