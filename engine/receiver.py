@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine import instruments as m
-from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, receive_body
+from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, receive_body, within
 from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
@@ -358,8 +358,9 @@ class Ingest:
             return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
         try:
             wbits = content_coding(coding)
-            async with asyncio.timeout(settings.body_timeout_s):
-                body = await receive_body(receive, declared, wbits, settings.max_body_bytes)
+            body = await within(
+                settings.body_timeout_s, receive_body(receive, declared, wbits=wbits, limit=settings.max_body_bytes)
+            )
         except UnsupportedEncoding as exc:
             return _error(
                 415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"

@@ -196,3 +196,32 @@ def test_a_body_that_does_not_split_into_records_gets_its_first_error():
     assert validation_errors(b'[{"timestamp": 1}, {oops', ndjson=False) == [
         {"path": "$[0].timestamp", "message": "Expected `datetime`, got `int`"}
     ]
+
+
+@pytest.mark.parametrize("count", [1, 4, 5, 100])
+def test_check_clock_names_the_first_record_out_of_the_window_and_normalises_offsets_at_any_batch_size(count):
+    from engine.schema import SkewError, check_clock, decode_records
+
+    now = dt.datetime.now(dt.UTC)
+    stamps = [now - dt.timedelta(seconds=i) for i in range(count)]
+
+    def records(bad: dict[int, dt.datetime] | None = None, offset: bool = False) -> list:
+        lines = []
+        for i, stamp in enumerate(stamps):
+            stamp = (bad or {}).get(i, stamp)
+            if offset and i == count - 1:
+                stamp = stamp.astimezone(dt.timezone(dt.timedelta(hours=2)))
+            lines.append(json.dumps(make_record(i) | {"timestamp": stamp.isoformat()}))
+        return decode_records("\n".join(lines).encode(), ndjson=True)
+
+    window = {"max_future_s": 300, "max_age_s": 3600}
+    batch = records(offset=True)
+    check_clock(batch, now, **window)
+    assert [r.timestamp for r in batch] == stamps and all(r.timestamp.tzinfo is dt.UTC for r in batch)
+    last = count - 1
+    with pytest.raises(SkewError, match="ahead") as ahead:
+        check_clock(records({last: now + dt.timedelta(seconds=301)}), now, **window)
+    assert ahead.value.path == f"$[{last}].timestamp"
+    with pytest.raises(SkewError, match="old") as old:
+        check_clock(records({last: now - dt.timedelta(seconds=3601), 0: now - dt.timedelta(hours=2)}), now, **window)
+    assert old.value.path == "$[0].timestamp"
