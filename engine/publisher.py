@@ -174,7 +174,8 @@ class Publisher:
 
     async def _watch_deadlines(self) -> None:
         """Expire the requests past ``timeout_s`` (``_expire``), oldest first, waking at most every
-        ``timeout_s / 50`` (at least 10 ms): a request times out within 2 % of its timeout."""
+        ``timeout_s / 50`` (at least 10 ms; a request times out within 2 % of its timeout) and at least every
+        0.1 s while requests wait."""
         loop = asyncio.get_running_loop()
         tick = max(0.01, self.timeout_s / 50)
         waiting = self._waiting
@@ -186,8 +187,8 @@ class Publisher:
                 await self._waiting_event.wait()
                 continue
             due = waiting[0].enqueued_at + self.timeout_s - loop.time()
-            if due > 0:
-                await asyncio.sleep(max(due, tick))
+            if due > 0:  # at least every 0.1 s, to drop the answered requests (and their bytes) from the deque
+                await asyncio.sleep(min(max(due, tick), 0.1))
                 continue
             self._expire(waiting.popleft())
 

@@ -14,7 +14,7 @@ import pytest
 from canpipe_testing import API_KEY, http, make_record, queued_records
 from starlette.testclient import TestClient
 
-from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, read_body
+from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, read_body, within
 from engine.config import Settings
 from engine.queues import open_queue
 from engine.receiver import create_app
@@ -177,3 +177,15 @@ def test_a_gzip_body_through_granian_is_queued(serve, env, data_dir):
     assert len(queued_records(data_dir)) == 5
     status, _, answer = http("POST", url + "/ingest", body, headers | {"Content-Encoding": "zstd"})
     assert status == 415
+
+
+def test_within_is_a_timeout_only_when_its_own_deadline_passed():
+    async def cancelled_by_its_caller() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.01, task.cancel)
+        await within(5.0, asyncio.sleep(10))
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancelled_by_its_caller())
+    assert asyncio.run(within(5.0, asyncio.sleep(0, "done"))) == "done"
