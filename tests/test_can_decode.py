@@ -375,7 +375,8 @@ def test_kernel_rejects_a_plan_it_cannot_run():
     args = (np.ones(1), np.zeros(1))
 
     def run(terms=fine, signals=signals, selectors=no_selector, out_rows=1):
-        return _candecode_c.decode_into([bytes(8)], 8, terms, signals, *args, *selectors, np.empty((out_rows, 1)))
+        plan = _candecode_c.compile_plan(8, terms, signals, *args, *selectors)
+        return _candecode_c.decode_into([bytes(8)], plan, np.empty((out_rows, 1)))
 
     assert run() == -1
     for wrong in (

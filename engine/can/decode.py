@@ -146,10 +146,11 @@ class FrameDecoder:
         self.db = db
         self._content_hash = content_hash
         self._plans: dict[int, Plan] = {}
+        self._compiled: dict[int, Any] = {}  # frame id -> the plan as the kernel runs it
         if implementation is None:
-            self._kernel = candecode.decode_into
+            self._kernel: Any = candecode
         elif implementation in ("c", "py"):
-            self._kernel = importlib.import_module(f"engine.kernels._candecode_{implementation}").decode_into
+            self._kernel = importlib.import_module(f"engine.kernels._candecode_{implementation}")
         else:
             raise ValueError(f"implementation must be 'c' or 'py', not {implementation!r}")
         self.implementation = implementation or candecode.IMPLEMENTATION
@@ -202,17 +203,12 @@ class FrameDecoder:
         if not isinstance(data, (list, tuple)):
             data = list(data)
         out = np.empty((len(plan.names), len(data)), dtype=np.float64)
-        bad = self._kernel(
-            data,
-            plan.length,
-            plan.terms,
-            plan.signals,
-            plan.scale,
-            plan.offset,
-            plan.selectors,
-            plan.selector_ids,
-            out,
-        )
+        compiled = self._compiled.get(frame_id)
+        if compiled is None:
+            compiled = self._compiled[frame_id] = self._kernel.compile_plan(
+                plan.length, plan.terms, plan.signals, plan.scale, plan.offset, plan.selectors, plan.selector_ids
+            )
+        bad = self._kernel.decode_into(data, compiled, out)
         if bad >= 0:
             raise BadLength(frame_id, bad, len(data[bad]), plan.length)
         return dict(zip(plan.names, out))

@@ -2,8 +2,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-def decode_into(
-    data: Sequence[bytes],
+class CompiledPlan:
+    length: int
+    n_signals: int
+
+def compile_plan(
     length: int,
     terms: np.ndarray,
     signals: np.ndarray,
@@ -11,5 +14,5 @@ def decode_into(
     offset: np.ndarray,
     selectors: np.ndarray,
     selector_ids: np.ndarray,
-    out: np.ndarray,
-) -> int: ...
+) -> CompiledPlan: ...
+def decode_into(data: Sequence[bytes], plan: CompiledPlan, out: np.ndarray) -> int: ...

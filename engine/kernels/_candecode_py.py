@@ -9,6 +9,7 @@ double, or NaN (the signal lies outside the frame).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,8 +23,19 @@ def first_bad_length(data: Sequence[bytes], length: int) -> int:
     return next(index for index, item in enumerate(data) if len(item) != length)
 
 
-def decode_into(
-    data: Sequence[bytes],
+class CompiledPlan(NamedTuple):
+    """A message's plan as the twin runs it (the compiled kernel holds the same as C arrays)."""
+
+    length: int
+    terms: list[list[int]]
+    signals: list[list[int]]
+    scale: list[float]
+    offset: list[float]
+    selectors: list[list[int]]
+    selector_ids: np.ndarray
+
+
+def compile_plan(
     length: int,
     terms: np.ndarray,
     signals: np.ndarray,
@@ -31,16 +43,27 @@ def decode_into(
     offset: np.ndarray,
     selectors: np.ndarray,
     selector_ids: np.ndarray,
-    out: np.ndarray,
-) -> int:
-    """Decode every frame of ``data`` (each ``length`` bytes) into ``out[signal, frame]`` (float64, scaled).
+) -> CompiledPlan:
+    """The plan of one message for frames of ``length`` bytes. ``terms``: int64 (T, 4) of byte, rshift, mask,
+    lshift; ``signals``: int64 (S, 4) of first term, term count, bit length, kind; ``selectors``: int64 (K, 5)
+    of multiplexer row, child row, first id, id count, truncate (the multiplexer's value is not integral:
+    cantools takes ``int()`` of it), parents before children: the child is NaN in frames where the
+    multiplexer's value is none of ``selector_ids[first : first + count]``."""
+    return CompiledPlan(
+        length,
+        terms.tolist(),
+        signals.tolist(),
+        scale.tolist(),
+        offset.tolist(),
+        selectors.tolist(),
+        np.asarray(selector_ids, dtype=np.float64),
+    )
 
-    ``terms``: int64 (T, 4) of byte, rshift, mask, lshift; ``signals``: int64 (S, 4) of first term, term
-    count, bit length, kind; ``selectors``: int64 (K, 5) of multiplexer row, child row, first id, id count,
-    truncate (the multiplexer's value is not integral: cantools takes ``int()`` of it), parents before children:
-    the child is NaN in frames where the multiplexer's value is none of ``selector_ids[first : first + count]``.
-    Returns -1, or the index of the first frame of another length (``out`` is then
-    left incomplete)."""
+
+def decode_into(data: Sequence[bytes], plan: CompiledPlan, out: np.ndarray) -> int:
+    """Decode every frame of ``data`` into ``out[signal, frame]`` (float64, scaled). Returns -1, or the index
+    of the first frame of another length than the plan's (``out`` is then left as it was)."""
+    length = plan.length
     bad = first_bad_length(data, length)
     if bad >= 0:
         return bad
@@ -48,13 +71,13 @@ def decode_into(
     if n == 0:
         return -1
     frames = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(n, length) if length else None
-    for index, (first, count, bits, kind) in enumerate(signals.tolist()):
+    for index, (first, count, bits, kind) in enumerate(plan.signals):
         row = out[index]
         if kind == OUTSIDE or frames is None:
             row[:] = np.nan
             continue
         raw = np.zeros(n, dtype=np.uint64)
-        for byte, rshift, mask, lshift in terms[first : first + count].tolist():
+        for byte, rshift, mask, lshift in plan.terms[first : first + count]:
             column = frames[:, byte].astype(np.uint64)
             raw |= ((column >> np.uint64(rshift)) & np.uint64(mask)) << np.uint64(lshift)
         if kind == UNSIGNED:
@@ -71,12 +94,12 @@ def decode_into(
                 )
         else:
             row[:] = raw.view(np.float64)
-        if scale[index] != 1.0 or offset[index] != 0.0:
-            row *= scale[index]
-            row += offset[index]
-    for mux, child, first, count, truncate in selectors.tolist():
+        if plan.scale[index] != 1.0 or plan.offset[index] != 0.0:
+            row *= plan.scale[index]
+            row += plan.offset[index]
+    for mux, child, first, count, truncate in plan.selectors:
         value = np.trunc(out[mux]) if truncate else out[mux]
-        ids = selector_ids[first : first + count]
+        ids = plan.selector_ids[first : first + count]
         selected = value == ids[0] if count == 1 else np.isin(value, ids)
         out[child][~selected] = np.nan
     return -1
