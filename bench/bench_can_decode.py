@@ -9,6 +9,7 @@ and multiplexed cell messages). Random payloads from a fixed seed; cantools deco
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import cantools
@@ -105,3 +106,32 @@ def test_guard_candecode_vs_cantools(workload):
     )
     assert cantools_ratio >= 20, f"compiled only {cantools_ratio:.0f}x faster than cantools (guard 20x)"
     assert twin_ratio >= 1.3, f"compiled only {twin_ratio:.1f}x faster than its numpy twin (guard 1.3x)"
+
+
+def decode_repeatedly(decoder: FrameDecoder, frame_id: int, batch: list[bytes], calls: int) -> None:
+    for _ in range(calls):
+        decoder.decode(frame_id, batch)
+
+
+def main() -> None:
+    """Per-call cost by batch size (``python bench/bench_can_decode.py``): what a request of few frames per id
+    pays (the door of /ingest/can) beside the bulk rate; best of 5 rounds of 100 calls (10 for 10,000)."""
+    from timing import best_seconds
+
+    db, frames = make_workload()
+    decoders = {"compiled": FrameDecoder(db, implementation="c"), "numpy twin": FrameDecoder(db, implementation="py")}
+    print("message | frames a call | " + " | ".join(f"{name} ns/frame" for name in decoders) + " | cantools ns/frame")
+    for frame_id, batch in frames.items():
+        message = db.get_message_by_frame_id(frame_id)
+        reference = best_seconds(partial(decode_cantools, db, {frame_id: batch})) / CANTOOLS_FRAMES
+        for size in (1, 25, 100, FRAMES_PER_ID):
+            calls = 10 if size == FRAMES_PER_ID else 100
+            cells = []
+            for decoder in decoders.values():
+                seconds = best_seconds(partial(decode_repeatedly, decoder, frame_id, batch[:size], calls))
+                cells.append(f"{seconds / calls / size * 1e9:,.0f}")
+            print(f"0x{frame_id:X} {message.name} | {size:,} | " + " | ".join(cells) + f" | {reference * 1e9:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
