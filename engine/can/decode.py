@@ -11,7 +11,8 @@ floats, frames up to 64 bytes (CAN FD). Where cantools would give no value the a
 - a signal whose multiplexer is not a signal of the message (cantools never decodes those);
 - a signal whose bits lie beyond the message's length (cantools refuses the whole message).
 
-An IEEE float signal that carries NaN is NaN too; nothing else is.
+An IEEE float signal that carries NaN is NaN too; nothing else is. Values are float64: a raw integer above
+2**53 (a long counter) is rounded once to the nearest float64 before scaling, where cantools keeps a Python int.
 """
 
 from __future__ import annotations
