@@ -23,7 +23,7 @@ from canpipe_truth import hour_lines, parse_record
 
 from engine.aggregator import aggregate_hour, output_path
 from engine.errors import ConfigError
-from engine.lake import query
+from engine.lake import compact, query
 from engine.lake.compact import compact_hour, parquet_path, pending_hours
 from engine.schema import SIGNALS, decode_records, encode_stored
 
@@ -381,3 +381,19 @@ def test_the_lake_as_the_long_term_form_aggregate_with_the_raw_hour_deleted(flee
         timeout=60,
     )
     assert nothing.returncode == 1 and "no raw data for 2025-10-19T16" in nothing.stderr
+
+
+def test_aggregate_from_parquet_reads_a_row_group_at_a_time_with_vehicles_across_groups(fleet, monkeypatch):
+    """A large hour is read a row group at a time (bounded memory); a vehicle whose rows run on into the
+    next row group is rolled up with all of them: the bytes do not change."""
+    data_dir, hours = fleet
+    from_jsonl = aggregates(data_dir, hours[:2])
+    monkeypatch.setattr(compact, "ROW_GROUP_ROWS", 7)
+    for hour in hours[:2]:
+        compact_hour(data_dir, hour)
+    source = pq.ParquetFile(parquet_path(data_dir, HOUR))
+    firsts = [source.read_row_group(g).column("vehicle_id")[0].as_py() for g in range(source.num_row_groups)]
+    lasts = [source.read_row_group(g).column("vehicle_id")[-1].as_py() for g in range(source.num_row_groups)]
+    assert source.num_row_groups > 40 and any(a == b for a, b in zip(lasts, firsts[1:]))
+
+    assert aggregates(data_dir, hours[:2]) == from_jsonl

@@ -9,8 +9,10 @@ while ``aggregate`` without ``--hour`` only looks at hours that have raw files.
 
 The rows are put back in the order they were read from the raw files (``raw_order``) and rolled up by the
 aggregator's own ``rollup.add_rows``: the group-by sums a vehicle's values in that order, as from the raw
-files, so the means come out the same to the last bit. The copies the compaction dropped and the input
-report come from the file's ``canpipe.aggregate`` metadata.
+files, so the means come out the same to the last bit. The file is read a row group (~1M rows) at a time, each
+piece cut to whole vehicles (the file is sorted by vehicle), so memory stays bounded however large the
+hour. The copies the compaction dropped and the input report come from the file's ``canpipe.aggregate``
+metadata.
 
 Nothing here imports pyarrow or numpy unless the hour has a Parquet file: ``canpipe aggregate`` over raw
 data alone starts as fast as before.
@@ -30,11 +32,15 @@ from engine.lake.compact import INPUTS_KEY, REPORT_KEY, HourReport, parquet_path
 from engine.schema import SIGNALS
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from engine.aggregator.partitions import InputReport
     from engine.aggregator.rollup import Totals
+    from engine.kernels.jsonl import Columns
 
 log = logging.getLogger("canpipe.lake")
 
@@ -48,11 +54,9 @@ def hour_totals(
     path = parquet_path(data_dir, hour)
     if not path.exists():
         return None
-    import numpy as np
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from engine.aggregator.partitions import InputReport, rows_only
+    from engine.aggregator.partitions import InputReport
     from engine.aggregator.rollup import add_rows, new_totals
 
     meta = pq.read_schema(path).metadata or {}
@@ -64,7 +68,6 @@ def hour_totals(
         return None  # late data since the compaction: the raw files are newer
     summary = msgspec.json.decode(report, type=HourReport)
     log.info("aggregating %s from %s", hour_label(hour), path, extra={"stage": "aggregate"})
-    table = pq.read_table(path)
     info = InputReport(
         summary.files,
         summary.records,
@@ -72,31 +75,63 @@ def hour_totals(
         summary.corrupt_line_locations,
         summary.corrupt_lines,
     )
-    if table.num_rows == 0:
-        return {}, new_totals(0), info
-    # back to the order of the raw files: the one the group-by sums in
-    table = table.take(pc.sort_indices(table, [("raw_order", "ascending")]))
-    vehicles = pc.dictionary_encode(table.column("vehicle_id").combine_chunks())
-    names = vehicles.dictionary.to_pylist()
-    index = {name: k for k, name in enumerate(sorted(names))}
-    vehicle = np.array([index[n] for n in names], dtype=np.int64)[vehicles.indices.to_numpy()]
-    cans = pc.dictionary_encode(table.column("can_id").combine_chunks())
-    can_id = np.array([int(c, 16) for c in cans.dictionary.to_pylist()], dtype=np.int64)[cans.indices.to_numpy()]
-    values = np.empty((len(SIGNALS), table.num_rows))
-    for k, name in enumerate(SIGNALS):
-        values[k] = table.column(name).to_numpy()  # null (not carried) -> NaN, as the scanner gives it
-    cols = rows_only(
-        timestamp_us=_micros(table, "timestamp"),
-        ingest_us=_micros(table, "ingest_received_at"),
-        vehicle=vehicle,
-        can_id=can_id,
-        values=values,
-    )
+    source = pq.ParquetFile(path)
+    # every vehicle id of the file, from the column read as a dictionary (no string a row)
+    ids = pq.read_table(path, columns=["vehicle_id"], read_dictionary=["vehicle_id"]).column(0)
+    index = {name: k for k, name in enumerate(sorted({n for c in ids.chunks for n in c.dictionary.to_pylist()}))}
+    del ids
     totals = new_totals(len(index))
-    add_rows(cols, totals)  # no copies left in the file: the copies dropped are the compaction's
-    for name, copies in summary.duplicates.items():
+    for rows in _whole_vehicles(source):
+        add_rows(_columns(rows, index), totals)  # every row of these vehicles, in the raw files' order
+    for name, copies in summary.duplicates.items():  # none left in the file: the compaction's count
         totals.duplicates[index[name]] = copies
     return index, totals, info
+
+
+def _whole_vehicles(source: pq.ParquetFile) -> Iterator[pa.Table]:
+    """The file's rows a row group at a time (bounded memory: ~1M rows), cut so that each piece holds every
+    row of its vehicles: the rows of the last vehicle of a group wait for the next group."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    carry = None
+    for g in range(source.num_row_groups):
+        rows = source.read_row_group(g)
+        if carry is not None:
+            rows = pa.concat_tables([carry, rows])
+        if g + 1 < source.num_row_groups and rows.num_rows:
+            vehicle = rows.column("vehicle_id")
+            cut = pc.index(vehicle, vehicle[-1]).as_py()  # where the group's last vehicle starts
+            rows, carry = rows.slice(0, cut), rows.slice(cut)
+        else:
+            carry = None
+        if rows.num_rows:
+            yield rows
+
+
+def _columns(rows: pa.Table, index: dict[str, int]) -> Columns:
+    """Rows of whole vehicles as the scanner's columns, back in the order of the raw files (``raw_order``):
+    the order the group-by sums a vehicle's values in."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from engine.aggregator.partitions import rows_only
+
+    rows = rows.take(pc.sort_indices(rows, [("raw_order", "ascending")]))
+    vehicles = pc.dictionary_encode(rows.column("vehicle_id").combine_chunks())
+    vehicle = np.array([index[n] for n in vehicles.dictionary.to_pylist()], dtype=np.int64)
+    cans = pc.dictionary_encode(rows.column("can_id").combine_chunks())
+    can_id = np.array([int(c, 16) for c in cans.dictionary.to_pylist()], dtype=np.int64)
+    values = np.empty((len(SIGNALS), rows.num_rows))
+    for k, name in enumerate(SIGNALS):
+        values[k] = rows.column(name).to_numpy()  # null (not carried) -> NaN, as the scanner gives it
+    return rows_only(
+        timestamp_us=_micros(rows, "timestamp"),
+        ingest_us=_micros(rows, "ingest_received_at"),
+        vehicle=vehicle[vehicles.indices.to_numpy()],
+        can_id=can_id[cans.indices.to_numpy()],
+        values=values,
+    )
 
 
 def _micros(table: pa.Table, name: str) -> np.ndarray:
