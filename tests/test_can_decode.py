@@ -444,3 +444,27 @@ def test_ieee_float_signals_half_single_double(implementation):
     assert_as_cantools(message, decoder.decode(0x400, frames), frames, implementation)
     # no DBC can hold a half-precision signal: the hash describes the messages instead, stable across decoders
     assert decoder.content_hash == FrameDecoder(db).content_hash != FrameDecoder(Database()).content_hash
+
+
+NESTED_DBC = """VERSION ""
+BU_: N
+BO_ 100 Nested: 2 N
+ SG_ Top M : 0|4@1+ (1,0) [0|15] "" N
+ SG_ Inner m1M : 4|4@1+ (1,0) [0|15] "" N
+ SG_ Leaf m2 : 8|8@1+ (1,0) [0|255] "" N
+ SG_ Other m0 : 8|8@1- (0.5,0) [0|255] "" N
+
+SG_MUL_VAL_ 100 Inner Top 1-1;
+SG_MUL_VAL_ 100 Leaf Inner 2-2;
+SG_MUL_VAL_ 100 Other Top 0-0;
+"""
+
+
+def test_extended_multiplexing_a_page_inside_a_page(implementation):
+    db = cantools.database.load_string(NESTED_DBC)
+    message = db.get_message_by_frame_id(100)
+    # 0x20: Top 0 with Inner's bits reading 2; Leaf is on no page then, though its own multiplexer's bits say 2
+    frames = [bytes([0x21, 7]), bytes([0x20, 0xF0]), bytes([0x21, 0x80]), bytes([0x00, 0x01])]
+    decoded = FrameDecoder(db, implementation=implementation).decode(100, frames)
+    assert_as_cantools(message, decoded, frames, implementation)
+    assert np.isnan(decoded["Leaf"][1]) and decoded["Other"][1] == -8.0
