@@ -75,61 +75,75 @@ def hour_totals(
         summary.corrupt_line_locations,
         summary.corrupt_lines,
     )
-    source = pq.ParquetFile(path)
-    # every vehicle id of the file, from the column read as a dictionary (no string a row)
-    ids = pq.read_table(path, columns=["vehicle_id"], read_dictionary=["vehicle_id"]).column(0)
+    # ids and CAN ids read as dictionaries: one string per distinct value, not per row
+    source = pq.ParquetFile(path, read_dictionary=["vehicle_id", "can_id"])
+    ids = source.read(columns=["vehicle_id"]).column(0)
     index = {name: k for k, name in enumerate(sorted({n for c in ids.chunks for n in c.dictionary.to_pylist()}))}
     del ids
     totals = new_totals(len(index))
-    for rows in _whole_vehicles(source):
-        add_rows(_columns(rows, index), totals)  # every row of these vehicles, in the raw files' order
+    for rows, vehicle in _whole_vehicles(source, index):
+        add_rows(_columns(rows, vehicle), totals)  # every row of these vehicles, in the raw files' order
     for name, copies in summary.duplicates.items():  # none left in the file: the compaction's count
         totals.duplicates[index[name]] = copies
     return index, totals, info
 
 
-def _whole_vehicles(source: pq.ParquetFile) -> Iterator[pa.Table]:
+def _whole_vehicles(source: pq.ParquetFile, index: dict[str, int]) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """The file's rows a row group at a time (bounded memory: ~1M rows), cut so that each piece holds every
-    row of its vehicles: the rows of the last vehicle of a group wait for the next group."""
+    row of its vehicles (the rows of the last vehicle of a group wait for the next group), with each row's
+    vehicle index."""
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     carry = None
     for g in range(source.num_row_groups):
         rows = source.read_row_group(g)
         if carry is not None:
             rows = pa.concat_tables([carry, rows])
+        vehicle = _dictionary_codes(rows.column("vehicle_id"), [index[n] for n in _names(rows, "vehicle_id")])
         if g + 1 < source.num_row_groups and rows.num_rows:
-            vehicle = rows.column("vehicle_id")
-            cut = pc.index(vehicle, vehicle[-1]).as_py()  # where the group's last vehicle starts
-            rows, carry = rows.slice(0, cut), rows.slice(cut)
+            cut = int(np.searchsorted(vehicle, vehicle[-1]))  # sorted by vehicle: where the last one starts
+            rows, carry, vehicle = rows.slice(0, cut), rows.slice(cut), vehicle[:cut]
         else:
             carry = None
         if rows.num_rows:
-            yield rows
+            yield rows, vehicle
 
 
-def _columns(rows: pa.Table, index: dict[str, int]) -> Columns:
+def _names(rows: pa.Table, column: str) -> list[str]:
+    """The distinct values of a dictionary column over all its chunks (each chunk has its own dictionary)."""
+    return [n for c in rows.column(column).chunks for n in c.dictionary.to_pylist()]
+
+
+def _dictionary_codes(column: pa.ChunkedArray, codes: list[int]) -> np.ndarray:
+    """Each row's code: ``codes`` lists the code of every dictionary entry, chunk after chunk."""
+    import numpy as np
+
+    out, base = [], 0
+    table = np.array(codes, dtype=np.int64)
+    for chunk in column.chunks:
+        out.append(table[base + chunk.indices.to_numpy()])
+        base += len(chunk.dictionary)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _columns(rows: pa.Table, vehicle: np.ndarray) -> Columns:
     """Rows of whole vehicles as the scanner's columns, back in the order of the raw files (``raw_order``):
     the order the group-by sums a vehicle's values in."""
     import numpy as np
-    import pyarrow.compute as pc
 
     from engine.aggregator.partitions import rows_only
 
-    rows = rows.take(pc.sort_indices(rows, [("raw_order", "ascending")]))
-    vehicles = pc.dictionary_encode(rows.column("vehicle_id").combine_chunks())
-    vehicle = np.array([index[n] for n in vehicles.dictionary.to_pylist()], dtype=np.int64)
-    cans = pc.dictionary_encode(rows.column("can_id").combine_chunks())
-    can_id = np.array([int(c, 16) for c in cans.dictionary.to_pylist()], dtype=np.int64)
+    back = np.argsort(rows.column("raw_order").to_numpy())
+    can_id = _dictionary_codes(rows.column("can_id"), [int(c, 16) for c in _names(rows, "can_id")])
     values = np.empty((len(SIGNALS), rows.num_rows))
     for k, name in enumerate(SIGNALS):
-        values[k] = rows.column(name).to_numpy()  # null (not carried) -> NaN, as the scanner gives it
+        values[k] = rows.column(name).to_numpy()[back]  # null (not carried) -> NaN, as the scanner gives it
     return rows_only(
-        timestamp_us=_micros(rows, "timestamp"),
-        ingest_us=_micros(rows, "ingest_received_at"),
-        vehicle=vehicle[vehicles.indices.to_numpy()],
-        can_id=can_id[cans.indices.to_numpy()],
+        timestamp_us=_micros(rows, "timestamp")[back],
+        ingest_us=_micros(rows, "ingest_received_at")[back],
+        vehicle=vehicle[back],
+        can_id=can_id[back],
         values=values,
     )
 
