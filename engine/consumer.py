@@ -79,7 +79,7 @@ class StoredLines:
     signals' ranges, min <= max, at least one signal, the vehicle id pattern (once per distinct id). A body
     that passes is exactly one that ``StoredRecord`` accepts (tests/test_consumer.py holds the two equal on
     mutated lines); anything else (a refused line, a blank line, a missing final newline, a field the
-    kernel does not know such as ``dbc``) returns None and the caller decides with ``StoredRecord``.
+    kernel reads but does not check, such as ``dbc``) returns None and the caller decides with ``StoredRecord``.
     """
 
     MAX_VEHICLES = 100_000  # distinct ids remembered with their verdict; past it the memory starts over
@@ -102,8 +102,8 @@ class StoredLines:
 
     def columns(self, body: bytes) -> jsonl.Columns | None:
         """The columns of ``body`` when every line is a valid stored record; None: not decided here."""
-        if not body.endswith(b"\n"):
-            return None
+        if not body.endswith(b"\n") or b'"dbc"' in body:  # the kernel skips a dbc value; its pattern is checked
+            return None  # by StoredRecord (a key can hold no quote: '"dbc"' is that key or nothing)
         if len(self.vehicles) > self.MAX_VEHICLES:
             self.vehicles, self.vehicle_ok = {}, np.zeros(0, dtype=bool)
         cols = jsonl.parse_lines(body, self.vehicles)

@@ -2,8 +2,8 @@
 """Compiled twin of engine/kernels/_jsonl_py.py: stored lines -> columns without a Python object per field.
 
 The fast path reads a stored record as any writer may render it: keys in any order, JSON whitespace,
-timestamps with 0 to 6 fraction digits and ``Z`` or a ``+HH:MM`` offset, signals absent or ``null``. A
-key the schema does not have makes the line corrupt on the spot (the twin refuses it whatever else the
+timestamps with 0 to 6 fraction digits and ``Z`` or a ``+HH:MM`` offset, signals absent or ``null``, the
+optional ``dbc`` of a record decoded from a CAN frame. A key the schema does not have makes the line corrupt on the spot (the twin refuses it whatever else the
 line holds). Any other deviation (escapes, a key seen twice, 7+ fraction digits, a number JSON would not
 accept, a CAN id other than ``0x`` + 1..8 hex digits...) goes to the pure-Python twin for that one line,
 so both implementations accept and reject exactly the same lines.
@@ -215,7 +215,8 @@ DEF K_VEHICLE = 1
 DEF K_CAN = 2
 DEF K_PAYLOAD = 3
 DEF K_INGEST = 4
-DEF ALL_KEYS = 31
+DEF K_DBC = 5  # optional: the DBC's content hash of a record decoded from a CAN frame (POST /ingest/can)
+DEF ALL_KEYS = 31  # the five required keys
 
 
 cdef struct Record:
@@ -242,6 +243,8 @@ cdef inline int record_key(const char* k, Py_ssize_t n) noexcept nogil:
         return K_PAYLOAD
     if n == 18 and memcmp(k, b"ingest_received_at", 18) == 0:
         return K_INGEST
+    if n == 3 and memcmp(k, b"dbc", 3) == 0:
+        return K_DBC
     return -1
 
 
@@ -352,6 +355,20 @@ cdef inline bint vehicle_id(const char* p, Py_ssize_t* i, Py_ssize_t end, Record
     return True
 
 
+cdef inline bint printable_string(const char* p, Py_ssize_t* i, Py_ssize_t end) noexcept nogil:
+    """A string of printable ASCII without escapes, skipped (its UTF-8 needs no check)."""
+    cdef Py_ssize_t j
+    if i[0] >= end or p[i[0]] != 34:
+        return False
+    j = i[0] + 1
+    while j < end and p[j] != 34 and p[j] != 92 and 32 <= p[j] <= 126:
+        j += 1
+    if j >= end or p[j] != 34:
+        return False
+    i[0] = j + 1
+    return True
+
+
 cdef inline bint can_id(const char* p, Py_ssize_t* i, Py_ssize_t end, long long* out) noexcept nogil:
     """'"0x' + 1..8 hex digits + '"'; anything else (escapes, other forms) is for the twin."""
     cdef Py_ssize_t j = i[0]
@@ -416,6 +433,8 @@ cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, Hour
             ok = can_id(p, &i, end, &r.can_id)
         elif key == K_INGEST:
             ok = timestamp(p, &i, end, &r.in_us, ingest_hour)
+        elif key == K_DBC:
+            ok = printable_string(p, &i, end)  # kept in raw data only; null or anything else: the twin
         else:
             s = payload(p, &i, end, r.v)
             if s != ROW:
@@ -428,7 +447,7 @@ cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, Hour
             return ASK_TWIN
         if more == 0:
             break
-    if skip_space(p, i, end) != end or seen != ALL_KEYS:
+    if skip_space(p, i, end) != end or (seen & ALL_KEYS) != ALL_KEYS:
         return ASK_TWIN
     return ROW
 

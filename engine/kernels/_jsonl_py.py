@@ -52,6 +52,7 @@ _Line = msgspec.defstruct(
         ("can_id", str),
         ("payload", _Payload),
         ("ingest_received_at", dt.datetime),
+        ("dbc", str | None, None),  # a record decoded from a CAN frame: its DBC's hash, kept in raw data only
     ],
     gc=False,
     forbid_unknown_fields=True,
