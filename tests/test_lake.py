@@ -21,7 +21,7 @@ import pytest
 from canpipe_testing import ROOT, make_record
 from canpipe_truth import hour_lines, parse_record
 
-from engine.aggregator import aggregate_hour, output_path
+from engine.aggregator import HourFailure, aggregate_hour, aggregate_isolated, output_path
 from engine.errors import ConfigError
 from engine.lake import compact, query
 from engine.lake.compact import compact_hour, parquet_path, pending_hours
@@ -397,3 +397,17 @@ def test_aggregate_from_parquet_reads_a_row_group_at_a_time_with_vehicles_across
     assert source.num_row_groups > 40 and any(a == b for a, b in zip(lasts, firsts[1:]))
 
     assert aggregates(data_dir, hours[:2]) == from_jsonl
+
+
+def test_a_damaged_parquet_file_gives_way_to_the_raw_files_and_is_an_error_without_them(fleet, caplog):
+    data_dir, _ = fleet
+    expected = aggregates(data_dir, [HOUR])[HOUR]
+    compact_hour(data_dir, HOUR)
+    path = parquet_path(data_dir, HOUR)
+    path.write_bytes(path.read_bytes()[:-100])  # the footer cut off: not a Parquet file any more
+
+    assert aggregates(data_dir, [HOUR])[HOUR] == expected
+    assert "cannot be read" in caplog.text and "the raw files are read instead" in caplog.text
+    shutil.rmtree(data_dir / "raw" / "year=2025/month=10/day=19/hour=17")
+    failed = aggregate_isolated(data_dir, HOUR)
+    assert isinstance(failed, HourFailure) and "Parquet" in failed.error

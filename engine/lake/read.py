@@ -54,6 +54,24 @@ def hour_totals(
     path = parquet_path(data_dir, hour)
     if not path.exists():
         return None
+    try:
+        return _from_parquet(path, hour, inputs)
+    except (ImportError, OSError, ValueError, msgspec.MsgspecError) as exc:  # ArrowInvalid is a ValueError
+        if not inputs:  # nothing else to read the hour from
+            raise
+        log.warning(
+            "%s cannot be read (%s: %s): the raw files are read instead",
+            path,
+            type(exc).__name__,
+            exc,
+            extra={"stage": "aggregate"},
+        )
+        return None
+
+
+def _from_parquet(
+    path: Path, hour: dt.datetime, inputs: list[InputFile]
+) -> tuple[dict[str, int], Totals, InputReport] | None:
     import pyarrow.parquet as pq
 
     from engine.aggregator.partitions import InputReport
