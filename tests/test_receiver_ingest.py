@@ -1,0 +1,118 @@
+"""POST /ingest's raw ASGI endpoint in process (Starlette's TestClient, real embedded queue): the refusals that
+the Granian tests reach only in a worker process, and the counters and ingest latency the 202 path folds
+per snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+import logging
+
+import pytest
+from canpipe_testing import make_record
+from starlette.testclient import TestClient
+
+from engine import instruments as m
+from engine.config import Settings
+from engine.queues import open_queue
+from engine.receiver import create_app
+
+KEY = "fleet1:s3cret-for-tests"
+JSON = {"X-API-Key": KEY, "Content-Type": "application/json"}
+
+
+def serve(tmp_path, **env: str):
+    settings = Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path), "CANPIPE_API_KEYS": KEY} | env)
+    queue = open_queue(settings.queue_url, max_bytes=int(env.get("MAX_BYTES", "0")))
+    client = TestClient(create_app(settings, queue), base_url="http://127.0.0.1")
+    client.queued = lambda: [m.body for m in client.portal.call(functools.partial(queue.receive, 10, 0.0))]
+    return client
+
+
+def test_more_records_than_allowed_is_413_before_decoding(tmp_path):
+    with serve(tmp_path, CANPIPE_MAX_RECORDS_PER_REQUEST="2") as client:
+        response = client.post("/ingest", content=json.dumps([make_record(i) for i in range(3)]), headers=JSON)
+        assert (response.status_code, response.json()["error"]) == (413, "too_many_records")
+        assert client.queued() == []
+
+
+def test_a_clock_far_ahead_is_422_naming_the_record(tmp_path):
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    with serve(tmp_path) as client:
+        body = json.dumps([make_record(0), make_record(1) | {"timestamp": ahead}])
+        response = client.post("/ingest", content=body, headers=JSON)
+        assert response.status_code == 422
+        assert response.json()["errors"] == [
+            {"path": "$[1].timestamp", "message": "timestamp is more than 300 s ahead of server time"}
+        ]
+
+
+def test_over_the_key_rate_is_429_with_retry_after(tmp_path):
+    with serve(tmp_path, CANPIPE_RATE_LIMIT_RECORDS_PER_S="1", CANPIPE_RATE_LIMIT_BURST="2") as client:
+        assert (
+            client.post("/ingest", content=json.dumps([make_record(0), make_record(1)]), headers=JSON).status_code
+            == 202
+        )
+        response = client.post("/ingest", content=json.dumps(make_record(2)), headers=JSON)
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert len(b"".join(client.queued()).splitlines()) == 2
+
+
+def test_a_full_queue_is_503_saturated(tmp_path):
+    with serve(tmp_path, MAX_BYTES="100") as client:
+        response = client.post("/ingest", content=json.dumps(make_record()), headers=JSON)
+        assert (response.status_code, response.json()["error"]) == (503, "saturated")
+        assert response.headers["retry-after"] == "1"
+
+
+def test_accepted_requests_show_in_the_counters_and_the_ingest_latency(tmp_path, caplog):
+    with serve(tmp_path) as client:
+        with caplog.at_level(logging.DEBUG, logger="canpipe.receiver"):
+            for i in range(3):
+                assert (
+                    client.post(
+                        "/ingest", content=json.dumps([make_record(2 * i), make_record(2 * i + 1)]), headers=JSON
+                    ).status_code
+                    == 202
+                )
+        assert "accepted 2 records" in caplog.text and KEY.split(":")[1] not in caplog.text
+        metrics = client.app.state.receiver.own_metrics()
+        assert metrics.value(m.HTTP_REQUESTS, route="/ingest", status=202) == 3
+        assert metrics.value(m.INGEST_RECORDS) == 6
+        lag = metrics.histogram(m.LATENCY, stage="ingest")
+        assert lag.count == 6 and 0 <= lag.quantile(0.5) < 60_000
+
+
+@pytest.mark.parametrize("header", [b"test", b""])
+def test_a_second_key_header_does_not_override_the_first(tmp_path, header):
+    with serve(tmp_path) as client:
+        headers = [
+            ("content-type", "application/json"),
+            ("x-api-key", KEY),
+            ("x-api-key", "fleet1:wrong" + header.decode()),
+        ]
+        assert client.post("/ingest", content=json.dumps(make_record()), headers=headers).status_code == 202
+
+
+def test_a_body_slower_than_its_deadline_is_408_and_closes_the_connection(tmp_path):
+    settings = Settings.from_env(
+        {"CANPIPE_DATA_DIR": str(tmp_path), "CANPIPE_API_KEYS": KEY, "CANPIPE_BODY_TIMEOUT_S": "0.1"}
+    )
+    app = create_app(settings, open_queue(settings.queue_url))
+    headers = [(b"x-api-key", KEY.encode()), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/ingest", "headers": headers, "query_string": b""}
+    sent: list[dict] = []
+
+    async def trickle() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope | {"root_path": "", "scheme": "http", "server": ("127.0.0.1", 80)}, trickle, send))
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"] == "timeout"
