@@ -20,7 +20,7 @@ from engine.queues import open_queue
 
 log = logging.getLogger("canpipe.checks")
 
-KERNELS = ("groupby", "histogram", "jsonl")
+KERNELS = ("candecode", "groupby", "histogram", "jsonl")
 
 
 def kernel_implementations(*, probe: bool = False) -> dict[str, tuple[str, str]]:

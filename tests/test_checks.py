@@ -70,7 +70,7 @@ def test_canpipe_check_prints_each_problem_and_exits_non_zero(tmp_path, monkeypa
     monkeypatch.delenv("CANPIPE_INSECURE_NO_AUTH", raising=False)
     assert main(["check", *(["--consumer-only"] if consumer_only else [])]) == status
     out = capsys.readouterr().out
-    assert out.startswith("kernels: groupby ")  # which implementation of each kernel runs, first
+    assert out.startswith("kernels: candecode ")  # which implementation of each kernel runs, first
     if consumer_only:
         assert out.splitlines()[-1] == "ok"
     else:

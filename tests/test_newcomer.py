@@ -177,7 +177,7 @@ def test_consume_logs_a_start_up_line_naming_queue_storage_and_kernels(start, en
     line = next(ln for ln in consumers.output().splitlines() if "consume, 1 workers" in ln)
     assert f"canpipe {engine.__version__} consume" in line
     assert f"queue sqlite:///{data_dir / 'queue.db'}" in line and f"data dir {data_dir}" in line
-    assert re.search(r"kernels: groupby (compiled|Python twin)", line), line
+    assert re.search(r"kernels: candecode (compiled|Python twin)", line), line
 
 
 def test_serve_logs_a_start_up_line_with_key_ids_never_secrets(serve, start, env):
@@ -281,12 +281,15 @@ def test_zero_workers_is_refused(tmp_path, command):
 
 def test_check_names_the_kernels_and_fails_when_compiled_ones_were_required(tmp_path):
     done = canpipe("check", "--consumer-only", cwd=tmp_path)
-    assert re.match(r"kernels: groupby (compiled|Python twin)", done.stdout), done.stdout
+    assert re.match(r"kernels: candecode (compiled|Python twin)", done.stdout), done.stdout
     twins = clean_env(CANPIPE_NO_EXTENSIONS="1", CANPIPE_REQUIRE_COMPILED="1")
     done = canpipe("check", "--consumer-only", cwd=tmp_path, env=twins)
     assert done.returncode == 1
-    assert "kernels: groupby Python twin (CANPIPE_NO_EXTENSIONS=1)" in done.stdout
-    assert "FAIL CANPIPE_REQUIRE_COMPILED: the compiled kernels groupby, histogram, jsonl are not in use" in done.stdout
+    assert "kernels: candecode Python twin (CANPIPE_NO_EXTENSIONS=1)" in done.stdout
+    assert (
+        "FAIL CANPIPE_REQUIRE_COMPILED: the compiled kernels candecode, groupby, histogram, jsonl are not in use"
+        in done.stdout
+    )
     assert canpipe("check", "--consumer-only", cwd=tmp_path, env=clean_env(CANPIPE_NO_EXTENSIONS="1")).returncode == 0
 
 
