@@ -139,19 +139,6 @@ def _error(status: int, error: str, detail: str, headers: dict[str, str] | None 
     return _Refusal(status, error, {"error": error, "detail": detail, **extra}, headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 _CLOSE = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
 
 
