@@ -34,6 +34,10 @@ class UnsupportedEncoding(Exception):
 _CODINGS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
 
 
+# what reading a body may raise besides a disconnect: each is answered by the receiver's ``body_refusal``
+READ_ERRORS = (UnsupportedEncoding, BodyTooLarge, TimeoutError, BodyUnreadable)
+
+
 def content_coding(header: bytes | None) -> int | None:
     """zlib's wbits for a ``Content-Encoding`` header value, None for none or ``identity``; raise
     ``UnsupportedEncoding`` for anything else (several codings stacked included)."""

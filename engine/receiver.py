@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine import instruments as m
-from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, content_coding, receive_body, within
+from engine.body import READ_ERRORS, BodyTooLarge, UnsupportedEncoding, content_coding, receive_body, within
 from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.errors import QueueError, QueueSaturated
@@ -140,6 +140,20 @@ def _error(status: int, error: str, detail: str, headers: dict[str, str] | None 
 
 
 _CLOSE = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
+
+
+def body_refusal(exc: BaseException, settings: Settings) -> _Refusal:
+    """The answer to a body that could not be read (``engine.body.READ_ERRORS``), for /ingest and /ingest/can:
+    after 413, 408 and 400 the rest of the body is unread, so the connection closes."""
+    if isinstance(exc, UnsupportedEncoding):
+        return _error(
+            415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
+        )
+    if isinstance(exc, BodyTooLarge):
+        return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
+    if isinstance(exc, TimeoutError):
+        return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
+    return _error(400, "bad_body", str(exc), headers=_CLOSE)
 
 
 def _seconds(wait_s: float) -> str:
@@ -348,16 +362,8 @@ class Ingest:
             body = await within(
                 settings.body_timeout_s, receive_body(receive, declared, wbits=wbits, limit=settings.max_body_bytes)
             )
-        except UnsupportedEncoding as exc:
-            return _error(
-                415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
-            )
-        except BodyTooLarge:
-            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
-        except TimeoutError:
-            return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
-        except BodyUnreadable as exc:
-            return _error(400, "bad_body", str(exc), headers=_CLOSE)
+        except READ_ERRORS as exc:
+            return body_refusal(exc, settings)
         # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
         # before any of them is decoded: memory and time stay bounded by the limit, not by the body
         if body.count(b"{") > 2 * receiver.max_records:

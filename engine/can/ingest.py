@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine import instruments as m
-from engine.body import BodyTooLarge, BodyUnreadable, UnsupportedEncoding, read_body
+from engine.body import READ_ERRORS, read_body
 from engine.can.frame import CanFrame, decode_frames, format_frame_id, frame_errors, frame_id, located
 from engine.errors import QueueError, QueueSaturated
 from engine.schema import MAX_REPORTED_ERRORS, UTC, Payload, SkewError, check_clock, format_timestamp
@@ -181,7 +181,7 @@ class CanIngest:
         return response
 
     async def _ingest(self, request: Request) -> Response:
-        from engine.receiver import _CLOSE, JSON_TYPES, NDJSON_TYPES, _error, _seconds
+        from engine.receiver import JSON_TYPES, NDJSON_TYPES, _error, _seconds, body_refusal
 
         receiver, settings = self.receiver, self.receiver.settings
         key_id = receiver.auth.key_id(request.headers.get("x-api-key")) if receiver.auth.enabled else ""
@@ -198,16 +198,8 @@ class CanIngest:
             body = await read_body(
                 request.receive, request.scope["headers"], settings.max_body_bytes, settings.body_timeout_s
             )
-        except UnsupportedEncoding as exc:
-            return _error(
-                415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
-            )
-        except BodyTooLarge:
-            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
-        except TimeoutError:
-            return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
-        except BodyUnreadable as exc:
-            return _error(400, "bad_body", str(exc), headers=_CLOSE)
+        except READ_ERRORS as exc:
+            return body_refusal(exc, settings)
         # a valid frame holds exactly one '{' (its strings are pattern-limited): bounds the work before decoding
         if body.count(b"{") > self.max_records:
             return _error(413, "too_many_records", f"more than {self.max_records} frames in one request; split it")
