@@ -38,11 +38,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wrk import WRK, run_wrk  # noqa: E402
+
 from engine.launch import free_port, healthy, queue_empty, start_command, stop, wait_until  # noqa: E402
 from engine.metrics import read_snapshots  # noqa: E402
 from engine.storage import iter_raw_files  # noqa: E402
 
-WRK = shutil.which("wrk")
 RECORDS_PER_BODY = 100
 WRITTEN = "canpipe_consumer_records_written_total"
 
@@ -147,16 +148,7 @@ def run_once(*, body: str = "ndjson", records: int = RECORDS_PER_BODY, seconds: 
             raise RuntimeError("the receiver did not become healthy within 30 s")
         time.sleep(1.0)  # the consumer worker is a spawned process: let it finish importing before the clock
         start = time.monotonic()
-        wrk = subprocess.run(
-            [WRK, "-t1", "-c16", f"-d{seconds:g}s", "--latency", "-s", str(script), url + "/ingest"],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-        )
-        match = re.search(r"^WRKJSON (.*)$", wrk.stdout, re.M)
-        if wrk.returncode != 0 or match is None:
-            raise RuntimeError(f"wrk failed ({wrk.returncode}): {wrk.stdout}\n{wrk.stderr}")
-        stats = json.loads(match.group(1))
+        stats = run_wrk(url + "/ingest", script, seconds, 16)
         # the last record is durable when the queue is empty and the written counter has stopped moving
         last = (-1, start)
 

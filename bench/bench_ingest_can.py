@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,11 +33,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from wrk import WRK, run_wrk  # noqa: E402
+
 from engine.can.codec import DEFAULT_DBC, CanCodec  # noqa: E402
 from engine.can.simulate import FrameEncoder  # noqa: E402
 from engine.launch import free_port, healthy, start_command, stop, wait_until  # noqa: E402
 
-WRK = shutil.which("wrk")
 PER_REQUEST = 100
 GUARD_RATIO = 0.3
 
@@ -106,17 +105,7 @@ def drive(url: str, route: str, key: str, seconds: float, workdir: Path) -> dict
         .replace("__CAN__", "true" if route == "/ingest/can" else "false")
         .replace("__PAGES__", ", ".join(f'{{"{can_id}", "{data}"}}' for can_id, data in _pages()))
     )
-    assert WRK is not None
-    wrk = subprocess.run(
-        [WRK, "-t1", "-c16", f"-d{seconds:g}s", "--latency", "-s", str(script), url + route],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
-    match = re.search(r"^WRKJSON (.*)$", wrk.stdout, re.M)
-    if wrk.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({wrk.returncode}): {wrk.stdout}\n{wrk.stderr}")
-    stats = json.loads(match.group(1))
+    stats = run_wrk(url + route, script, seconds, 16)
     stats["per_s"] = (stats["requests"] - stats["non2xx"]) * PER_REQUEST / (stats["duration_us"] / 1e6)
     return stats
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -41,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
+from wrk import WRK, run_wrk  # noqa: E402
+
 from engine.launch import free_port, healthy, start_command, stop, wait_until  # noqa: E402
 
-WRK = shutil.which("wrk")
 # best-of-3 quick runs measured 0.52-0.60 on this loaded 2-core machine (docs/benchmarks.md, "Receiver against its
 # anchors"); the receiver before the raw ASGI endpoint was at 0.40-0.41, which this is meant to fail
 GUARD_RATIO = 0.45
@@ -87,17 +86,7 @@ def write_script(folder: Path, key: str, records: int) -> Path:
 
 def drive(url: str, script: Path, seconds: float, connections: int) -> dict:
     """One wrk run against ``url``/ingest; wrk's counts as a dict (requests, duration_us, non2xx, ...)."""
-    assert WRK is not None
-    wrk = subprocess.run(
-        [WRK, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url + "/ingest"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
-    match = re.search(r"^WRKJSON (.*)$", wrk.stdout, re.M)
-    if wrk.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({wrk.returncode}): {wrk.stdout}\n{wrk.stderr}")
-    stats = json.loads(match.group(1))
+    stats = run_wrk(url + "/ingest", script, seconds, connections)
     stats["per_s"] = (stats["requests"] - stats["non2xx"]) / (stats["duration_us"] / 1e6)
     return stats
 
