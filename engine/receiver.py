@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import itertools
 import logging
-import math
 import operator
 import os
 import time
@@ -31,9 +30,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine import instruments as m
-from engine.body import READ_ERRORS, BodyTooLarge, UnsupportedEncoding, content_coding, receive_body, within
+from engine.body import READ_ERRORS, content_coding, receive_body, within
 from engine.can.ingest import can_route
 from engine.config import Settings
+from engine.door import JSON_MEDIA, NDJSON_MEDIA, Refusal, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
 from engine.lifetime import exit_with_parent
 from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
@@ -52,10 +52,6 @@ from engine.schema import (
 
 log = logging.getLogger("canpipe.receiver")
 
-JSON_TYPES = {"application/json"}
-NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl"}
-_JSON_TYPES = {t.encode() for t in JSON_TYPES}
-_NDJSON_TYPES = {t.encode() for t in NDJSON_TYPES}
 _DUMMY_DIGEST = hashlib.sha256(b"canpipe-no-such-key").digest()
 
 
@@ -125,40 +121,6 @@ class RateLimiter:
 # interval) see every counter monotonic: each worker's file is newer than the previous scrape.
 SNAPSHOT_INTERVAL_S = 0.5
 STATS_WAIT_S = 0.25  # a scrape waits this long for the queue's stats, then answers with the last known
-
-
-class _Refusal(JSONResponse):
-    """An error answer; its error code labels the rejection counters."""
-
-    def __init__(self, status: int, error: str, body: dict[str, object], headers: dict[str, str] | None) -> None:
-        super().__init__(body, status_code=status, headers=headers)
-        self.reason = error
-
-
-def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: object) -> _Refusal:
-    return _Refusal(status, error, {"error": error, "detail": detail, **extra}, headers)
-
-
-_CLOSE = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
-
-
-def body_refusal(exc: BaseException, settings: Settings) -> _Refusal:
-    """The answer to a body that could not be read (``engine.body.READ_ERRORS``), for /ingest and /ingest/can:
-    after 413, 408 and 400 the rest of the body is unread, so the connection closes."""
-    if isinstance(exc, UnsupportedEncoding):
-        return _error(
-            415, "unsupported_media_type", f"Content-Encoding {exc} is not supported: send gzip, deflate or none"
-        )
-    if isinstance(exc, BodyTooLarge):
-        return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes", headers=_CLOSE)
-    if isinstance(exc, TimeoutError):
-        return _error(408, "timeout", f"body not received within {settings.body_timeout_s:g} s", headers=_CLOSE)
-    return _error(400, "bad_body", str(exc), headers=_CLOSE)
-
-
-def _seconds(wait_s: float) -> str:
-    """A Retry-After value: whole seconds, rounded up, at least 1."""
-    return str(max(1, math.ceil(wait_s)))
 
 
 class Receiver:
@@ -336,7 +298,7 @@ class Ingest:
             metrics.inc(m.HTTP_REQUESTS, route=self.route, status=response.status_code)
         self.durations.append((time.perf_counter() - started) * 1000.0)
 
-    async def accept(self, scope: Scope, receive: Receive, send: Send) -> _Refusal | None:
+    async def accept(self, scope: Scope, receive: Receive, send: Send) -> Refusal | None:
         """Queue the request's records and send the 202; else the refusal to send."""
         receiver, settings = self.receiver, self.receiver.settings
         api_key = content_type = declared = coding = None
@@ -352,11 +314,11 @@ class Ingest:
         key_id = receiver.auth.key_id_of(api_key or b"") if receiver.auth.enabled else ""
         if key_id is None:
             receiver._auth_failed(None if api_key is None else api_key.decode("latin-1"))
-            return _error(401, "unauthorized", "missing or invalid X-API-Key")
+            return refuse(401, "unauthorized", "missing or invalid X-API-Key")
         media = (content_type or b"").split(b";")[0].strip().lower()
-        ndjson = media in _NDJSON_TYPES
-        if not ndjson and media not in _JSON_TYPES:
-            return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
+        ndjson = media in NDJSON_MEDIA
+        if not ndjson and media not in JSON_MEDIA:
+            return refuse(415, "unsupported_media_type", "send application/json or application/x-ndjson")
         try:
             wbits = content_coding(coding)
             body = await within(
@@ -367,39 +329,39 @@ class Ingest:
         # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
         # before any of them is decoded: memory and time stay bounded by the limit, not by the body
         if body.count(b"{") > 2 * receiver.max_records:
-            return _error(413, "too_many_records", f"more than {receiver.max_records} records in one request; split it")
+            return refuse(413, "too_many_records", f"more than {receiver.max_records} records in one request; split it")
         received_at = dt.datetime.now(UTC)
         try:
             records = decode_records(body, ndjson=ndjson)
             if not records:
-                return _error(
+                return refuse(
                     422, "validation", "no records in the request", errors=[{"path": "$", "message": "empty"}]
                 )
             check_clock(records, received_at, max_future_s=settings.max_future_skew_s, max_age_s=settings.max_age_s)
         except SkewError as exc:
-            return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
+            return refuse(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
+            return refuse(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
         count = len(records)
         wait_s = receiver.limiter.retry_after_s(key_id, count)
         if wait_s:
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
-            return _error(
+            return refuse(
                 429,
                 "rate_limited",
                 "over this key's record rate; retry later",
-                headers={"Retry-After": _seconds(wait_s)},
+                headers={"Retry-After": retry_after(wait_s)},
             )
         try:
             await receiver.publisher.publish(encode_stored(records, received_at), count)
         except QueueSaturated:
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
-            return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
+            return refuse(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
         except QueueError as exc:
             log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
             receiver.metrics.inc(m.PUBLISH_ERRORS)
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
-            return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+            return refuse(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
         accepted = receiver._accepted  # folded into the request and record counters per snapshot or scrape
         accepted[0] += 1
         accepted[1] += count
@@ -444,7 +406,7 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, "http", exc.detail, headers=dict(exc.headers or {}))
+        return refuse(exc.status_code, "http", exc.detail, headers=dict(exc.headers or {}))
 
     app = Starlette(
         exception_handlers={HTTPException: http_error},

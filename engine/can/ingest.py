@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from engine import instruments as m
 from engine.body import READ_ERRORS, read_body
 from engine.can.frame import CanFrame, decode_frames, format_frame_id, frame_errors, frame_id, located
+from engine.door import JSON_TYPES, NDJSON_TYPES, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
 from engine.schema import MAX_REPORTED_ERRORS, UTC, Payload, SkewError, check_clock, format_timestamp
 
@@ -181,19 +182,18 @@ class CanIngest:
         return response
 
     async def _ingest(self, request: Request) -> Response:
-        from engine.receiver import JSON_TYPES, NDJSON_TYPES, _error, _seconds, body_refusal
 
         receiver, settings = self.receiver, self.receiver.settings
         key_id = receiver.auth.key_id(request.headers.get("x-api-key")) if receiver.auth.enabled else ""
         if key_id is None:
             receiver._auth_failed(request.headers.get("x-api-key"))
-            return _error(401, "unauthorized", "missing or invalid X-API-Key")
+            return refuse(401, "unauthorized", "missing or invalid X-API-Key")
         if self.codec is None:
-            return _error(503, "no_dbc", "CANPIPE_DBC is not configured: this receiver cannot decode CAN frames")
+            return refuse(503, "no_dbc", "CANPIPE_DBC is not configured: this receiver cannot decode CAN frames")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         ndjson = content_type in NDJSON_TYPES
         if not ndjson and content_type not in JSON_TYPES:
-            return _error(415, "unsupported_media_type", "send application/json or application/x-ndjson")
+            return refuse(415, "unsupported_media_type", "send application/json or application/x-ndjson")
         try:  # /ingest's body rules: size limit (also decompressed), deadline, gzip or deflate
             body = await read_body(
                 request.receive, request.scope["headers"], settings.max_body_bytes, settings.body_timeout_s
@@ -202,12 +202,12 @@ class CanIngest:
             return body_refusal(exc, settings)
         # a valid frame holds exactly one '{' (its strings are pattern-limited): bounds the work before decoding
         if body.count(b"{") > self.max_records:
-            return _error(413, "too_many_records", f"more than {self.max_records} frames in one request; split it")
+            return refuse(413, "too_many_records", f"more than {self.max_records} frames in one request; split it")
         received_at = dt.datetime.now(UTC)
         try:
             frames = decode_frames(body, ndjson=ndjson)
             if not frames:
-                return _error(422, "validation", "no frames in the request", errors=[{"path": "$", "message": "empty"}])
+                return refuse(422, "validation", "no frames in the request", errors=[{"path": "$", "message": "empty"}])
             check_clock(
                 cast(list[Any], frames),
                 received_at,
@@ -216,20 +216,20 @@ class CanIngest:
             )
             ids, payloads = decode_payloads(self.codec, frames)
         except SkewError as exc:
-            return _error(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
+            return refuse(422, "validation", str(exc), errors=[{"path": exc.path, "message": str(exc).split(" - ")[0]}])
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(422, "validation", str(exc), errors=frame_errors(body, ndjson=ndjson))
+            return refuse(422, "validation", str(exc), errors=frame_errors(body, ndjson=ndjson))
         except FrameRejected as exc:
-            return _error(422, "validation", str(exc), errors=exc.errors)
+            return refuse(422, "validation", str(exc), errors=exc.errors)
         count = len(frames)
         wait_s = receiver.limiter.retry_after_s(key_id, count)
         if wait_s:
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
-            return _error(
+            return refuse(
                 429,
                 "rate_limited",
                 "over this key's record rate; retry later",
-                headers={"Retry-After": _seconds(wait_s)},
+                headers={"Retry-After": retry_after(wait_s)},
             )
         names = {number: format_frame_id(number) for number in set(ids)}
         records = [
@@ -240,12 +240,12 @@ class CanIngest:
             await receiver.publisher.publish(encode_can_records(records, received_at, self.codec.dbc_ref), count)
         except QueueSaturated:
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
-            return _error(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
+            return refuse(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
         except QueueError as exc:
             log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
             receiver.metrics.inc(m.PUBLISH_ERRORS)
             receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
-            return _error(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+            return refuse(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
         receiver.metrics.inc(m.INGEST_RECORDS, count)
         received_s = received_at.timestamp()
         receiver.metrics.histogram(m.LATENCY, stage="ingest").record_many(
