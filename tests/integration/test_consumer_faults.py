@@ -313,9 +313,10 @@ def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, sta
     wait_for(lambda: stop_outside_a_write(stalled, data_dir), 30, "the worker stopped outside a queue transaction")
     try:
         second = start(["consume", "--workers", "1"], env)
+        # 2 s of visibility plus the second supervisor's start; generous for a loaded CI machine
         wait_for(
             lambda: read_snapshots(data_dir / "metrics").counters["canpipe_consumer_redelivered_messages_total"] > 0,
-            30,
+            60,
             "the second supervisor to receive the stalled batch again",
         )
     finally:
