@@ -153,6 +153,30 @@ class Receiver:
             linger_s=profile.send_linger_s,
         )
 
+    async def admit(self, key_id: str, count: int, encode: Callable[[], bytes]) -> Refusal | None:
+        """The last steps of both ingest routes: the key's rate limit (429), then the publish of ``encode()``
+        (503 when the queue is saturated or unavailable); None once the queue has the records."""
+        wait_s = self.limiter.retry_after_s(key_id, count)
+        if wait_s:
+            self.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
+            return refuse(
+                429,
+                "rate_limited",
+                "over this key's record rate; retry later",
+                headers={"Retry-After": retry_after(wait_s)},
+            )
+        try:
+            await self.publisher.publish(encode(), count)
+        except QueueSaturated:
+            self.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
+            return refuse(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
+        except QueueError as exc:
+            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
+            self.metrics.inc(m.PUBLISH_ERRORS)
+            self.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
+            return refuse(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+        return None
+
     def _auth_failed(self, header: str | None) -> None:
         """Count every rejected key; log the key id (never the secret) at most every 10 s."""
         self.metrics.inc(m.AUTH_FAILURES)
@@ -343,25 +367,9 @@ class Ingest:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return refuse(422, "validation", str(exc), errors=validation_errors(body, ndjson=ndjson))
         count = len(records)
-        wait_s = receiver.limiter.retry_after_s(key_id, count)
-        if wait_s:
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
-            return refuse(
-                429,
-                "rate_limited",
-                "over this key's record rate; retry later",
-                headers={"Retry-After": retry_after(wait_s)},
-            )
-        try:
-            await receiver.publisher.publish(encode_stored(records, received_at), count)
-        except QueueSaturated:
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
-            return refuse(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
-        except QueueError as exc:
-            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
-            receiver.metrics.inc(m.PUBLISH_ERRORS)
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
-            return refuse(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+        refused = await receiver.admit(key_id, count, lambda: encode_stored(records, received_at))
+        if refused is not None:
+            return refused
         accepted = receiver._accepted  # folded into the request and record counters per snapshot or scrape
         accepted[0] += 1
         accepted[1] += count

@@ -23,8 +23,7 @@ from starlette.responses import JSONResponse, Response
 from engine import instruments as m
 from engine.body import READ_ERRORS, read_body
 from engine.can.frame import CanFrame, decode_frames, format_frame_id, frame_errors, frame_id, located
-from engine.door import JSON_TYPES, NDJSON_TYPES, body_refusal, refuse, retry_after
-from engine.errors import QueueError, QueueSaturated
+from engine.door import JSON_TYPES, NDJSON_TYPES, body_refusal, refuse
 from engine.schema import MAX_REPORTED_ERRORS, UTC, Payload, SkewError, check_clock, format_timestamp
 
 if TYPE_CHECKING:
@@ -222,30 +221,15 @@ class CanIngest:
         except FrameRejected as exc:
             return refuse(422, "validation", str(exc), errors=exc.errors)
         count = len(frames)
-        wait_s = receiver.limiter.retry_after_s(key_id, count)
-        if wait_s:
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="rate_limited")
-            return refuse(
-                429,
-                "rate_limited",
-                "over this key's record rate; retry later",
-                headers={"Retry-After": retry_after(wait_s)},
-            )
         names = {number: format_frame_id(number) for number in set(ids)}
         records = [
             {"timestamp": frame.timestamp, "vehicle_id": frame.vehicle_id, "can_id": names[number], "payload": payload}
             for frame, number, payload in zip(frames, ids, payloads)
         ]
-        try:
-            await receiver.publisher.publish(encode_can_records(records, received_at, self.codec.dbc_ref), count)
-        except QueueSaturated:
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="saturated")
-            return refuse(503, "saturated", "queue cannot keep up; retry later", headers={"Retry-After": "1"})
-        except QueueError as exc:
-            log.warning("publish failed: %s", exc, extra={"stage": "publish", "key_id": key_id})
-            receiver.metrics.inc(m.PUBLISH_ERRORS)
-            receiver.metrics.inc(m.REJECTED_RECORDS, count, reason="queue_unavailable")
-            return refuse(503, "queue_unavailable", "queue unavailable; retry later", headers={"Retry-After": "2"})
+        codec = self.codec
+        refused = await receiver.admit(key_id, count, lambda: encode_can_records(records, received_at, codec.dbc_ref))
+        if refused is not None:
+            return refused
         receiver.metrics.inc(m.INGEST_RECORDS, count)
         received_s = received_at.timestamp()
         receiver.metrics.histogram(m.LATENCY, stage="ingest").record_many(
