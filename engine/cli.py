@@ -255,9 +255,18 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.schedule:
-        return _aggregate_on_schedule(settings.data_dir)
+        return _aggregate_on_schedule(settings)
     results: list[aggregator.HourResult | aggregator.HourFailure]
-    if args.hour:
+    held: list[str] = []
+    if settings.storage_url.is_s3:
+        from engine import remote
+
+        results, held = remote.aggregate(settings, args.hour)
+        if args.hour and not results and not held:
+            label = aggregator.hour_label(args.hour)
+            print(f"no raw data for {label} under {settings.storage_url}/raw: nothing written", file=sys.stderr)
+            return 1
+    elif args.hour:
         if not aggregator.hour_inputs(settings.data_dir, args.hour) and not _compacted(settings.data_dir, args.hour):
             label = aggregator.hour_label(args.hour)
             print(f"no raw data for {label} under {settings.data_dir / 'raw'}: nothing written", file=sys.stderr)
@@ -290,20 +299,32 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             )
     for f in failed:  # after all the others were done: one line per hour, the traceback is in the log
         print(f"FAILED {f.hour}: {f.error}", file=sys.stderr)
-    if not results:
-        print(f"nothing to aggregate: {_why_nothing_pending(settings.data_dir)}")
-    return 1 if failed else 0
+    for line in held:  # another host's job has the hour: not a failure of this run, but nothing done
+        print(f"BUSY {line}", file=sys.stderr)
+    if not results and not held:
+        s3 = settings.storage_url.is_s3
+        why = "every closed hour is up to date" if s3 else _why_nothing_pending(settings.data_dir)
+        print(f"nothing to aggregate: {why}")
+    return 1 if failed or (held and args.hour) else 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
     from engine.lake.compact import compact_hour, pending_hours
 
     settings = _settings(args)
-    hours = [args.hour] if args.hour else pending_hours(settings.data_dir, dt.datetime.now(dt.UTC))
-    if not hours:
+    held: list[str] = []
+    if settings.storage_url.is_s3:
+        from engine import remote
+
+        results, held = remote.compact(settings, args.hour, args.force)
+    else:
+        hours = [args.hour] if args.hour else pending_hours(settings.data_dir, dt.datetime.now(dt.UTC))
+        results = [compact_hour(settings.data_dir, hour, force=args.force) for hour in hours]
+    if not results and not held:
         print("nothing to compact: every closed hour is compacted and unchanged since")
-    for hour in hours:
-        r = compact_hour(settings.data_dir, hour, force=args.force)
+    for line in held:
+        print(f"BUSY {line}", file=sys.stderr)
+    for r in results:
         if r.skipped:
             print(f"{r.hour}: up to date ({r.path})")
             continue
@@ -311,7 +332,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
             f"compacted {r.hour}: {r.rows} records ({r.duplicates} duplicates dropped) from {r.raw_bytes} raw bytes "
             f"-> {r.parquet_bytes} bytes {r.path}"
         )
-    return 0
+    return 1 if held and args.hour else 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -350,7 +371,7 @@ def _compacted(data_dir: Path, hour: dt.datetime) -> bool:
     return parquet_path(data_dir, hour).exists()
 
 
-def _aggregate_on_schedule(data_dir: Path) -> int:
+def _aggregate_on_schedule(settings: Settings) -> int:
     """``aggregate --schedule``: the aggregator's schedule until SIGTERM/SIGINT, one line per hour."""
     import signal
     import threading
@@ -366,7 +387,19 @@ def _aggregate_on_schedule(data_dir: Path) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    aggregator.run_schedule(data_dir, stop, report)
+    if settings.storage_url.is_s3:  # the same schedule, each hour under its lease (hosts may all run it)
+        from engine import remote
+
+        while not stop.is_set():
+            results, held = remote.aggregate(settings, None)
+            for r in results:
+                report(r)
+            for line in held:
+                print(f"BUSY {line}", file=sys.stderr, flush=True)
+            now = dt.datetime.now(dt.UTC)
+            stop.wait((aggregator.next_run(now) - now).total_seconds())
+    else:
+        aggregator.run_schedule(settings.data_dir, stop, report)
     print("aggregate --schedule: stopped", flush=True)
     return 0
 

@@ -9,9 +9,12 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:  # engine.storage loads the schema: not at every command's start-up
+    from engine.storage.url import StorageURL
 
 T = TypeVar("T")
 
@@ -91,6 +94,10 @@ SETTING_NAMES = frozenset(
     {
         "CANPIPE_API_KEYS",
         "CANPIPE_BATCH_RECORDS",
+        "CANPIPE_STORAGE_URL",
+        "CANPIPE_S3_OBJECT_BYTES",
+        "CANPIPE_S3_OBJECT_SECONDS",
+        "CANPIPE_RAW_COMPRESSION",
         "CANPIPE_BATCH_SECONDS",
         "CANPIPE_BODY_TIMEOUT_S",
         "CANPIPE_DATA_DIR",
@@ -150,6 +157,20 @@ def unknown_names(env: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
+def _storage(text: str | None, data_dir: Path) -> StorageURL | None:
+    if not text:
+        return None
+    from engine.storage.url import parse_storage_url
+
+    return parse_storage_url(text, data_dir)
+
+
+def _compression(text: str | None) -> str:
+    if text and text not in ("none", "zstd"):
+        raise ConfigError(f"CANPIPE_RAW_COMPRESSION={text!r}: none or zstd")
+    return text or "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything configurable. Build with ``Settings.from_env()``; override with ``dataclasses.replace``."""
@@ -179,6 +200,17 @@ class Settings:
     queue_max_bytes: int = 2 * 1024**3  # embedded queue: past this many message bytes a send is refused (503)
     log_level: str = "INFO"  # CANPIPE_LOG_LEVEL; engine.logs.configure applies it, once per process
     log_format: str = "json"  # CANPIPE_LOG_FORMAT: json, or text (the default on a terminal)
+    storage: StorageURL | None = None  # CANPIPE_STORAGE_URL; None: the local disk under data_dir
+    s3_object_bytes: int = 8 * 1024 * 1024  # an S3 consumer puts its held records at this size ...
+    s3_object_seconds: float = 60.0  # ... or this long after the first arrived, whichever comes first
+    raw_compression: str = "none"  # CANPIPE_RAW_COMPRESSION: none, or zstd (S3 raw objects as .jsonl.zst)
+
+    @property
+    def storage_url(self) -> StorageURL:
+        """Where raw data, Parquet and aggregates live: CANPIPE_STORAGE_URL, else ``data_dir``."""
+        from engine.storage.url import StorageURL
+
+        return self.storage or StorageURL("file", path=self.data_dir)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -188,6 +220,12 @@ class Settings:
         read = _Reader(env)
         log_level, log_format = read.check(lambda: resolve(env=env), (cls.log_level, cls.log_format))
         data_dir = Path(env.get("CANPIPE_DATA_DIR") or "./data")
+        storage = read.check(lambda: _storage(env.get("CANPIPE_STORAGE_URL"), data_dir), None)
+        if storage is not None and not storage.is_s3:  # file:///path: the local disk at path, i.e. the data dir
+            assert storage.path is not None
+            if env.get("CANPIPE_DATA_DIR") and Path(env["CANPIPE_DATA_DIR"]).resolve() != storage.path.resolve():
+                read.problems.append("CANPIPE_STORAGE_URL=file://... and CANPIPE_DATA_DIR name two roots: set one")
+            data_dir, storage = storage.path, None
         queue_url = env.get("CANPIPE_QUEUE_URL") or f"sqlite:///{(data_dir / 'queue.db').resolve()}"
         settings = cls(
             data_dir=data_dir,
@@ -217,6 +255,10 @@ class Settings:
             queue_max_bytes=read.integer("CANPIPE_QUEUE_MAX_BYTES", cls.queue_max_bytes),
             log_level=log_level,
             log_format=log_format,
+            storage=storage,
+            s3_object_bytes=read.integer("CANPIPE_S3_OBJECT_BYTES", cls.s3_object_bytes, minimum=1024),
+            s3_object_seconds=read.number("CANPIPE_S3_OBJECT_SECONDS", cls.s3_object_seconds, minimum=0.01),
+            raw_compression=read.check(lambda: _compression(env.get("CANPIPE_RAW_COMPRESSION")), "none"),
         )
         if read.problems:
             raise ConfigError(

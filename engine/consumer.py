@@ -26,6 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -39,9 +40,13 @@ from engine.queues import MAX_BATCH_ENTRIES, Queue, Received
 from engine.schema import SIGNALS, Payload, StoredRecord, stored_decoder
 from engine.storage import Hour, PartitionWriter, UnsafeFileState, fault_point
 
+if TYPE_CHECKING:
+    from engine.storage.s3 import S3Writer
+
 log = logging.getLogger("canpipe.consumer")
 
 MAX_HELD_RECORDS = 50_000  # received but not yet flushed; past this the receive loop waits for the writer
+S3_MAX_HELD_RECORDS = 250_000  # the same for an S3 consumer, which holds a whole object's worth (8 MiB)
 POISON_RETRY_S = 1  # a message that fails validation is visible again after this (SQS takes whole seconds)
 STORAGE_RETRY_FIRST_S = 0.5  # a failed write is retried after this, doubling ...
 STORAGE_RETRY_MAX_S = 10.0  # ... up to this: how soon writing resumes once the disk has room again
@@ -188,11 +193,33 @@ def writer_id() -> str:
     return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
+def _first_ms_by_hour(batch: list[_Held]) -> dict[Hour, int]:
+    """The earliest ``ingest_received_at`` (epoch ms) of each hour in ``batch``: the S3 object's name."""
+    ingest_s = np.concatenate([h.ingest_s for h in batch])
+    hours = (ingest_s // 3600).astype(np.int64)
+    first: dict[Hour, int] = {}
+    for index in np.unique(hours).tolist():
+        first[Hour.from_epoch_hour(index)] = int(ingest_s[hours == index].min() * 1000)
+    return first
+
+
 class Consumer:
-    def __init__(self, settings: Settings, queue: Queue, writer: PartitionWriter, *, snapshot: Path | None = None):
+    def __init__(
+        self, settings: Settings, queue: Queue, writer: PartitionWriter | S3Writer, *, snapshot: Path | None = None
+    ):
         self.settings = settings
         self.queue = queue
         self.writer = writer
+        # when a batch is written: a local file takes small batches (fsync is cheap); an S3 object is held to
+        # CANPIPE_S3_OBJECT_BYTES or CANPIPE_S3_OBJECT_SECONDS (each PUT is billed, small objects slow readers)
+        self.local = isinstance(writer, PartitionWriter)
+        if self.local:
+            self.flush_records, self.flush_bytes = settings.batch_records, None
+            self.flush_seconds, self.max_held = settings.batch_seconds, MAX_HELD_RECORDS
+        else:
+            self.flush_records, self.flush_bytes = S3_MAX_HELD_RECORDS, settings.s3_object_bytes
+            self.flush_seconds, self.max_held = settings.s3_object_seconds, S3_MAX_HELD_RECORDS
+        self.held_bytes = 0
         self.metrics = Metrics()
         self.snapshot = snapshot
         self.held: list[_Held] = []
@@ -221,9 +248,7 @@ class Consumer:
         failed = False
         try:
             while not stop.is_set():
-                timeout = (
-                    None if self.first_at is None else self.first_at + self.settings.batch_seconds - time.monotonic()
-                )
+                timeout = None if self.first_at is None else self.first_at + self.flush_seconds - time.monotonic()
                 arrived = loop.create_task(self._arrived.wait())
                 await asyncio.wait(
                     {arrived, stop_wait, receiving, heartbeat},
@@ -236,8 +261,9 @@ class Consumer:
                     if task.done():  # they loop forever: an end is a failure, never something to idle through
                         raise task.exception() or RuntimeError(f"{task.get_coro()!r} ended")
                 if self.held and (
-                    self.held_records >= self.settings.batch_records
-                    or time.monotonic() >= (self.first_at or 0) + self.settings.batch_seconds
+                    self.held_records >= self.flush_records
+                    or (self.flush_bytes is not None and self.held_bytes >= self.flush_bytes)
+                    or time.monotonic() >= (self.first_at or 0) + self.flush_seconds
                 ):
                     await self.flush(stop)
         except BaseException:
@@ -262,7 +288,7 @@ class Consumer:
         ).receive_interval_s
         backoff = 0.5
         while True:
-            while self.held_records >= MAX_HELD_RECORDS:  # the writer is behind: stop fetching until it flushed
+            while self.held_records >= self.max_held:  # the writer is behind: stop fetching until it flushed
                 self._room.clear()
                 await self._room.wait()
             await self._storage_ok.wait()  # the disk refuses writes: receiving more would only hold more
@@ -314,6 +340,7 @@ class Consumer:
                 self.first_at = time.monotonic()
             self.held.append(held)
             self.held_records += held.records
+            self.held_bytes += len(message.body)
         return poison
 
     async def flush(self, stop: asyncio.Event | None = None) -> None:
@@ -322,7 +349,7 @@ class Consumer:
         A failed write is retried with backoff until it succeeds or ``stop`` is set (without ``stop``: one
         attempt); meanwhile receiving pauses and the batch stays held. Raises UnsafeFileState.
         """
-        batch, self.held, self.held_records, self.first_at = self.held, [], 0, None
+        batch, self.held, self.held_records, self.held_bytes, self.first_at = self.held, [], 0, 0, None
         self._room.set()
         if not batch:
             return
@@ -335,7 +362,10 @@ class Consumer:
             retry_s = STORAGE_RETRY_FIRST_S
             while True:
                 try:
-                    await asyncio.to_thread(self._write, by_hour)
+                    if self.local:
+                        await asyncio.to_thread(self._write, by_hour)
+                    else:
+                        await self._put(by_hour, batch)
                     break
                 except UnsafeFileState:
                     raise
@@ -394,12 +424,26 @@ class Consumer:
     def _write(self, by_hour: dict[Hour, list[memoryview]]) -> None:
         """Append each hour's lines; an hour written is removed from ``by_hour``, so a retry after a
         failure writes only the rest (no duplicates of our own making)."""
+        assert isinstance(self.writer, PartitionWriter)
         for hour in sorted(by_hour):
             path = self.writer.append(hour, by_hour[hour])
             self.metrics.inc(m.BYTES_WRITTEN, sum(len(part) for part in by_hour[hour]))
             if self._files.get(hour) != path:  # a new or rotated hour file
                 self._files[hour] = path
                 self.metrics.inc(m.FILES_WRITTEN)
+            del by_hour[hour]
+
+    async def _put(self, by_hour: dict[Hour, list[memoryview]], batch: list[_Held]) -> None:
+        """Put each hour's lines as one S3 object; an hour put is removed from ``by_hour`` (as ``_write``)."""
+        from engine.storage.s3 import S3Writer
+
+        assert isinstance(self.writer, S3Writer)
+        first_ms = _first_ms_by_hour(batch)
+        for hour in sorted(by_hour):
+            name, size = await self.writer.write(hour, by_hour[hour], first_ms[hour])
+            self.metrics.inc(m.BYTES_WRITTEN, size)
+            self.metrics.inc(m.FILES_WRITTEN)
+            log.debug("put %s (%d bytes)", name, size, extra={"stage": "storage"})
             del by_hour[hour]
 
     def _record(self, batch: list[_Held], durable_s: float) -> None:

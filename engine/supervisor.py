@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import logs
 from engine.config import Settings
@@ -23,6 +23,9 @@ from engine.consumer import Consumer, writer_id
 from engine.errors import QueueBroken, QueueError, StorageError
 from engine.queues import open_queue
 from engine.storage import PartitionWriter, repair_torn_tails
+
+if TYPE_CHECKING:
+    from engine.storage.s3 import S3Writer
 
 log = logging.getLogger("canpipe.supervisor")
 
@@ -52,8 +55,15 @@ class RestartBackoff:
 async def _consume(settings: Settings) -> Consumer:
     queue = open_queue(settings.queue_url, visibility_timeout_s=settings.visibility_timeout_s)
     wid = writer_id()
-    repair_torn_tails(settings.data_dir / "raw")
-    writer = PartitionWriter(settings.data_dir, wid, rotate_bytes=settings.rotate_bytes)
+    writer: PartitionWriter | S3Writer
+    if settings.storage_url.is_s3:
+        from engine.storage.s3 import S3Writer
+
+        writer = S3Writer(settings.storage_url, compression=settings.raw_compression)
+        await writer.store.check()  # a missing bucket or no credentials: said now, not at the first put
+    else:
+        repair_torn_tails(settings.data_dir / "raw")
+        writer = PartitionWriter(settings.data_dir, wid, rotate_bytes=settings.rotate_bytes)
     metrics_dir = settings.data_dir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     consumer = Consumer(settings, queue, writer, snapshot=metrics_dir / f"consumer-{wid}.metrics")
@@ -64,7 +74,10 @@ async def _consume(settings: Settings) -> Consumer:
     try:
         await consumer.run(stop)
     finally:
-        writer.close()
+        if isinstance(writer, PartitionWriter):
+            writer.close()
+        else:
+            await writer.close()
         with contextlib.suppress(QueueError):
             await queue.close()
     counters = consumer.metrics.counters
