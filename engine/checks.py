@@ -82,6 +82,21 @@ def _data_dir_problem(data_dir: Path, *, transient_ok: bool = False) -> str | No
     return None
 
 
+def _storage_problem(settings: Settings) -> str | None:
+    """An S3 root: the bucket answers a list with these credentials (a check puts nothing)."""
+    from engine.storage.s3 import S3Store
+
+    async def ping() -> None:
+        async with S3Store(settings.storage_url) as store:
+            await asyncio.wait_for(store.check(), 10)
+
+    try:
+        asyncio.run(ping())
+    except (TimeoutError, CanpipeError, OSError) as exc:
+        return str(exc) or "timeout"
+    return None
+
+
 def _queue_problem(queue_url: str) -> str | None:
     if queue_url.startswith("sqlite://"):
         path = Path(queue_url.removeprefix("sqlite://"))
@@ -114,6 +129,8 @@ def run_checks(settings: Settings, *, serving: bool = True, queue: bool = True, 
         problems.append(f"CANPIPE_DATA_DIR: {settings.data_dir} is not writable: {why}")
     if queue and (why := _queue_problem(settings.queue_url)) is not None:
         problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {why}")
+    if queue and settings.storage_url.is_s3 and (why := _storage_problem(settings)) is not None:
+        problems.append(f"CANPIPE_STORAGE_URL: {settings.storage_url} is not usable: {why}")
     if os.environ.get("CANPIPE_REQUIRE_COMPILED", "") == "1":
         missing = [name for name, (impl, _) in kernel_implementations().items() if impl != "c"]
         if missing:

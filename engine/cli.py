@@ -38,12 +38,13 @@ def _start_up(settings: Settings, command: str, *, serving: bool) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
     keys = ", ".join(k.key_id for k in settings.api_keys) or ("none (--insecure-no-auth)" if serving else "-")
+    url, scratch = settings.storage_url, settings.data_dir.resolve()
     log.info(
-        "canpipe %s %s: queue %s, data dir %s, key ids %s, kernels: %s",
+        "canpipe %s %s: queue %s, %s, key ids %s, kernels: %s",
         __version__,
         command,
         settings.queue_url,
-        settings.data_dir.resolve(),
+        f"storage {url}, scratch {scratch}" if url.is_s3 else f"data dir {scratch}",
         keys,
         describe_kernels(probe=True),  # the workers import them; this process need not load numpy
         extra={"version": __version__, "queue_url": settings.queue_url, "data_dir": str(settings.data_dir)},

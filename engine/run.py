@@ -60,6 +60,27 @@ def stored_keys(raw_dir: Path, since_ns: int = 0) -> list[tuple[str, str, dt.dat
     return keys
 
 
+def stored_keys_s3(settings: Settings, since_ms: int) -> list[tuple[str, str, dt.datetime]]:
+    """``stored_keys`` of an S3 root: the raw objects whose earliest record came in at or after ``since_ms``."""
+    from engine.storage.s3 import RAW_SUFFIXES, S3Store, decompress
+
+    async def read() -> list[bytes]:
+        async with S3Store(settings.storage_url) as store:
+            bodies = []
+            for name, _ in await store.list("raw/"):
+                stamp = name.rsplit("/", 1)[-1].split("-")[1]
+                if name.endswith(RAW_SUFFIXES) and stamp.isdigit() and int(stamp) >= since_ms:
+                    got = await store.get(name)
+                    if got is not None:
+                        bodies.append(decompress(name, got[0]))
+            return bodies
+
+    keys: list[tuple[str, str, dt.datetime]] = []
+    for body in asyncio.run(read()):
+        keys.extend((k.vehicle_id, k.can_id, k.timestamp) for k in _key_decoder.decode_lines(body))
+    return keys
+
+
 def run_pipeline(settings: Settings, options: RunOptions) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,8 +96,14 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
         "CANPIPE_DATA_DIR": str(data_dir),
         "CANPIPE_QUEUE_URL": settings.queue_url,
         "CANPIPE_API_KEYS": ",".join(filter(None, [os.environ.get("CANPIPE_API_KEYS", ""), key])),
+        # an S3 consumer holds a minute's worth by default: a short run puts its objects sooner
+        "CANPIPE_S3_OBJECT_SECONDS": os.environ.get("CANPIPE_S3_OBJECT_SECONDS") or "2",
     }
-    print(f"canpipe run: receiver on {url}, {options.consumers} consumers, queue {settings.queue_url}", flush=True)
+    print(
+        f"canpipe run: receiver on {url}, {options.consumers} consumers, queue {settings.queue_url}, "
+        f"storage {settings.storage_url}",
+        flush=True,
+    )
     server = start_command(["serve", "--port", str(port), "--workers", str(options.receiver_workers)], env)
     consumers = start_command(["consume", "--workers", str(options.consumers)], env)
     try:
@@ -107,7 +134,10 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     finally:
         consumer_code = stop(consumers)
         stop(server)
-    keys = stored_keys(data_dir / "raw", started_ns - 1)
+    if settings.storage_url.is_s3:
+        keys = stored_keys_s3(settings, started_ns // 1_000_000)
+    else:
+        keys = stored_keys(data_dir / "raw", started_ns - 1)
     unique = set(keys)
     missing = accepted - unique
     # the merge /metrics serves: every receiver worker's and consumer's snapshot (the last ones written on stop)
@@ -124,7 +154,8 @@ def run_pipeline(settings: Settings, options: RunOptions) -> int:
     calls = {labels[0]: value for (name, labels), value in metrics.values.items() if name == m.SQS_REQUESTS.name}
     if calls:
         print(cost.describe(int(metrics.value(m.SQS_BILLED)), len(accepted), calls))
-    print(f"files: {data_dir / 'raw'} (hour-partitioned JSONL), metrics snapshots: {metrics_dir}")
+    raw = f"{settings.storage_url}/raw" if settings.storage_url.is_s3 else data_dir / "raw"
+    print(f"files: {raw} (hour-partitioned JSONL), metrics snapshots: {metrics_dir}")
     if missing:
         print(f"FAILED: {len(missing)} accepted records are not on disk", file=sys.stderr)
         return 1
