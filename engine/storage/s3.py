@@ -353,7 +353,7 @@ class Lease:
 
     def _body(self) -> bytes:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ttl_s)
-        return json.dumps({"owner": self.owner, "expires_at": expires.isoformat(timespec="seconds")}).encode()
+        return json.dumps({"owner": self.owner, "expires_at": expires.isoformat(timespec="milliseconds")}).encode()
 
     async def acquire(self) -> None:
         """Take the lease, or raise LeaseHeld naming its holder and expiry."""
