@@ -47,6 +47,9 @@ log = logging.getLogger("canpipe.consumer")
 
 MAX_HELD_RECORDS = 50_000  # received but not yet flushed; past this the receive loop waits for the writer
 S3_MAX_HELD_RECORDS = 250_000  # the same for an S3 consumer, which holds a whole object's worth (8 MiB)
+# SQS refuses receives past 120,000 in-flight messages per queue: an S3 consumer holding single-record
+# messages puts at this many, so that six consumers stay under the limit (docs/adr/0002-s3-storage.md)
+S3_MAX_HELD_MESSAGES = 20_000
 POISON_RETRY_S = 1  # a message that fails validation is visible again after this (SQS takes whole seconds)
 STORAGE_RETRY_FIRST_S = 0.5  # a failed write is retried after this, doubling ...
 STORAGE_RETRY_MAX_S = 10.0  # ... up to this: how soon writing resumes once the disk has room again
@@ -262,6 +265,7 @@ class Consumer:
                         raise task.exception() or RuntimeError(f"{task.get_coro()!r} ended")
                 if self.held and (
                     self.held_records >= self.flush_records
+                    or len(self.held) >= S3_MAX_HELD_MESSAGES
                     or (self.flush_bytes is not None and self.held_bytes >= self.flush_bytes)
                     or time.monotonic() >= (self.first_at or 0) + self.flush_seconds
                 ):
