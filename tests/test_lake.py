@@ -116,7 +116,7 @@ def test_compacted_rows_are_the_deduplicated_raw_rows_sorted_by_vehicle_and_time
     assert len(partial) == 1 and partial[0][3:8] == (None,) * 5 and partial[0][8:10] == (21.5, 24.0)
 
 
-def test_compacting_twice_changes_nothing_and_late_data_is_merged_at_the_next_run(hour_dir):
+def test_compacting_twice_changes_nothing_and_late_data_goes_to_a_late_file(hour_dir):
     compact_hour(hour_dir, HOUR)
     path = parquet_path(hour_dir, HOUR)
     before = path.stat()
@@ -128,9 +128,16 @@ def test_compacting_twice_changes_nothing_and_late_data_is_merged_at_the_next_ru
     write_raw(hour_dir, "batch-3-c.jsonl", stored(late, ingest=NEXT + dt.timedelta(minutes=2)))
     assert pending_hours(hour_dir, NEXT + dt.timedelta(minutes=10)) == [HOUR]
     result = compact_hour(hour_dir, HOUR)
-    assert not result.skipped and parquet_rows(path) == truth_rows(hour_dir)
-    assert sum(1 for row in parquet_rows(path) if row[0] == "EV-9") == 5
-    assert [p.name for p in path.parent.iterdir()] == ["part-0.parquet"]  # no temp file left behind
+    # the main file is left as it was; the 5 late rows are in a small file beside it
+    assert result.late and result.rows == 5 and result.path.name.startswith("late-")
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert sorted(parquet_rows(path) + parquet_rows(result.path)) == truth_rows(hour_dir)
+    assert sorted(p.name for p in path.parent.iterdir()) == [result.path.name, "part-0.parquet"]  # no temp file
+    assert compact_hour(hour_dir, HOUR).skipped and pending_hours(hour_dir, NEXT + dt.timedelta(minutes=10)) == []
+
+    merged = compact_hour(hour_dir, HOUR, force=True)  # a merge: the hour whole in the main file again
+    assert merged.merged == 1 and parquet_rows(path) == truth_rows(hour_dir)
+    assert [p.name for p in path.parent.iterdir()] == ["part-0.parquet"]
 
 
 def test_an_hour_without_raw_data_is_refused_and_writes_nothing(tmp_path):

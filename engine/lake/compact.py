@@ -1,29 +1,39 @@
-"""``canpipe compact``: a closed hour's raw JSONL -> one Parquet file, deduplicated and sorted.
+"""``canpipe compact``: a closed hour's raw JSONL -> Parquet, deduplicated and sorted; late data -> a late file.
 
 The rows are read with the aggregator's own scanner (``aggregator.partitions.scan_files``), so a line the
 aggregator skips (corrupt, torn tail) is not in the lake either, and deduplicated on the dedup key
 (vehicle_id, can_id, timestamp in microseconds) keeping the first copy in file order, as the roll-up does:
 the lake's rows are exactly the records the aggregates count.
 
-One file per hour, ``parquet/year=/month=/day=/hour=/part-0.parquet``: zstd, sorted by (vehicle_id,
-timestamp, can_id), row groups of ``ROW_GROUP_ROWS``. The raw files it was made from (name and size) are
-kept in the file's own key-value metadata: a run finds an hour whose raw files are unchanged up to date and
-leaves it alone (compacting twice changes nothing); an hour that got late data since is compacted again as
-a whole (raw data is kept, so the new file holds the late rows in their place, not in a side file). The new
-file replaces the old one atomically (temp file, fsync, rename, fsync of the folder).
+The hour's main file, ``parquet/year=/month=/day=/hour=/part-0.parquet``: zstd, sorted by (vehicle_id,
+timestamp, can_id), row groups of ``ROW_GROUP_ROWS``. What it was made from is in its own key-value metadata
+(``engine.lake.pieces``: the raw files' names and sizes, the records read from each). A run that finds the
+hour's raw files as they were compacted leaves it alone (compacting twice changes nothing). New raw files
+beside the compacted ones (late data: a redelivery, a consumer that held a batch past the hour) go to a small
+``late-<digest>.parquet`` in the same folder: only their rows, deduplicated among themselves and against the
+lake's rows, so main + late files hold each record once. The late files are merged into the main file (the
+hour compacted again from its raw files, the late files deleted) when the late rows would exceed
+``LATE_MAX_FRACTION`` of the hour or there would be more than ``LATE_MAX_FILES`` of them, or when anything
+else changed (a compacted raw file grew or is gone), or with ``--force``: a merge costs a full compaction of
+the hour, which at every late batch is what made late data expensive. One rare case also merges: a late copy
+of a record already in the lake that comes first in file order (its file's name sorts before the kept
+copy's), since the aggregator keeps the first copy and the lake must keep the same one. Every file is written
+atomically (temp file, fsync, rename, fsync of the folder); a merge writes the main file before it deletes
+the late files, and a reader that meets both (their inputs overlap) does not combine them.
 
-``canpipe aggregate`` reads the file instead of the raw files when its ``canpipe.inputs`` equal the hour's
-raw files now (``engine.lake.read``), and writes the same bytes. Two things make that exact: the column
-``raw_order`` (each row's position in the raw files as read: the group-by sums a vehicle's values in that
-order, and floating-point sums depend on it), and ``canpipe.aggregate`` in the key-value metadata, what the
-rows alone do not tell: the input report (files, records read, torn tail bytes, corrupt lines) and the
-copies dropped per vehicle.
+``canpipe aggregate`` reads the pieces instead of the raw files when together they were made from exactly
+the hour's raw files now (``engine.lake.read``), and writes the same bytes. Two things make that exact: the
+column ``raw_order`` (each row's position in its piece's raw files as read: the group-by sums a vehicle's
+values in the order of all the hour's raw files, and floating-point sums depend on it), and
+``canpipe.aggregate`` in the key-value metadata, what the rows alone do not tell: the input report (files,
+records read, torn tail bytes, corrupt lines) and the copies dropped per vehicle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -33,33 +43,50 @@ import msgspec
 
 from engine.aggregator.hours import InputFile, fingerprint, hour_inputs, hour_label
 from engine.errors import ConfigError
+from engine.lake.pieces import (
+    INPUTS_KEY,
+    MAIN_NAME,
+    RECORDS_KEY,
+    REPORT_KEY,
+    Piece,
+    covered,
+    file_of,
+    late_name,
+    read_piece,
+)
 from engine.schema import SIGNALS
 from engine.storage import Hour
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+log = logging.getLogger("canpipe.lake")
+
 PARQUET_DIR = "parquet"
-PART_NAME = "part-0.parquet"
+PART_NAME = MAIN_NAME
 # rows per row group: large enough for Athena and Spark (a row group is their unit of work and of I/O; 1M rows
 # of these 11 columns are ~10 MB compressed, ~90 MB decoded) and many times DuckDB's own 122,880-row unit, so
 # DuckDB's threads still split a row group's vectors; an hour at 5,000 records/s (18M rows) is ~18 groups
 ROW_GROUP_ROWS = 1 << 20
-INPUTS_KEY = b"canpipe.inputs"  # the raw files compacted: [{"file", "bytes"}] as JSON, in the file's metadata
-REPORT_KEY = b"canpipe.aggregate"  # ``HourReport`` as JSON: what the aggregate needs beyond the rows
 COMPRESSION = "zstd"
+# late files are merged into the main file once they would hold more than this share of the hour's rows, or be
+# more than this many: a handful of small files costs a reader little, a merge costs a full compaction
+LATE_MAX_FRACTION = 0.1
+LATE_MAX_FILES = 8
 
 
 @dataclasses.dataclass
 class CompactResult:
     hour: str
-    path: Path
+    path: Path  # the file written (the main file, or the late file)
     rows: int  # records in the file (after dedup)
     duplicates: int  # copies dropped
     raw_records: int  # records read from the raw files
     raw_bytes: int
     parquet_bytes: int
     skipped: bool  # already up to date: nothing written
+    late: bool = False  # only the new raw files' rows, written to a late file beside the main file
+    merged: int = 0  # late files merged into the main file (and deleted)
 
 
 class HourReport(msgspec.Struct):
@@ -79,6 +106,7 @@ class HourReport(msgspec.Struct):
 class HourTable:
     table: pa.Table  # sorted by (vehicle_id, timestamp, can_id), first copy of each record
     report: HourReport
+    records: list[int]  # records read from each raw file, in order: ``raw_order`` counts through them
 
 
 def parquet_path(data_dir: Path, hour: dt.datetime) -> Path:
@@ -117,35 +145,35 @@ def schema() -> pa.Schema:
     return pa.schema(fields)
 
 
-def compacted_inputs(path: Path) -> list[InputFile] | None:
-    """The raw files a Parquet hour was made from, from its metadata; None when there is no such file."""
-    _, pq = _pyarrow()
-    if not path.exists():
-        return None
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(INPUTS_KEY)
-    return msgspec.json.decode(raw, type=list[InputFile]) if raw else None
-
-
-def hour_table(data_dir: Path, hour: dt.datetime) -> HourTable:
-    """The hour's deduplicated rows as an Arrow table sorted by (vehicle_id, timestamp, can_id), and the
-    report of what was read and dropped."""
+def hour_table(data_dir: Path, hour: dt.datetime, files: list[Path] | None = None) -> HourTable:
+    """The deduplicated rows of the hour's raw files (or of ``files``, some of them) as an Arrow table sorted
+    by (vehicle_id, timestamp, can_id), and the report of what was read and dropped."""
     import numpy as np
 
-    from engine.aggregator.partitions import concatenate, scan_files
+    from engine.aggregator.partitions import InputReport, concatenate, scan_files
     from engine.aggregator.rollup import order
 
     pa, _ = _pyarrow()
     data_dir = Path(data_dir)
-    files = [str(f) for f in hour_inputs(data_dir, hour, warn=True)]
-    scan = scan_files(files, str(data_dir / "raw"), 1, None, "compact")
-    info = scan.info
+    if files is None:
+        files = hour_inputs(data_dir, hour, warn=True)
+    # one scan per file: the records each file holds place every row in its file (``pieces.global_order``)
+    info, records, memory = InputReport(), [], []
+    vehicles: dict[str, int] = {}
+    for path in files:
+        scan = scan_files([str(path)], str(data_dir / "raw"), 1, None, "compact")
+        info.add(scan.info)
+        records.append(scan.info.records)
+        remap = np.array([vehicles.setdefault(v, len(vehicles)) for v in scan.vehicles], dtype=np.int64)
+        for cols in scan.memory:
+            cols.vehicle = remap[cols.vehicle]
+            memory.append(cols)
     report = HourReport(info.files, info.records, info.torn_tail_bytes, info.corrupt_count, info.corrupt, {})
-    if not scan.memory:
-        return HourTable(schema().empty_table(), report)
-    cols = concatenate(scan.memory)
+    if not memory:
+        return HourTable(schema().empty_table(), report, records)
+    cols = concatenate(memory)
     # vehicle indices are in order of first appearance: rank them by name so the sort is by vehicle_id
-    names = np.array(scan.vehicles, dtype=object)
+    names = np.array(list(vehicles), dtype=object)
     by_name = np.argsort(names, kind="stable")
     rank_of = np.empty(len(names), dtype=np.int64)
     rank_of[by_name] = np.arange(len(names))
@@ -173,7 +201,7 @@ def hour_table(data_dir: Path, hour: dt.datetime) -> HourTable:
         pa.array(cols.ingest_us[rows], pa.timestamp("us", tz="UTC")),
         pa.array(rows, pa.int64()),  # ``rows`` index the concatenated scan: the position in the raw files
     ]
-    return HourTable(pa.Table.from_arrays(arrays, schema=schema()), report)
+    return HourTable(pa.Table.from_arrays(arrays, schema=schema()), report, records)
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -212,36 +240,155 @@ def _umask() -> int:
     return mask
 
 
+def _write_piece(made: HourTable, inputs: list[InputFile], path: Path) -> pa.Table:
+    table = made.table.replace_schema_metadata(
+        {
+            INPUTS_KEY: msgspec.json.encode(inputs),
+            RECORDS_KEY: msgspec.json.encode(made.records),
+            REPORT_KEY: msgspec.json.encode(made.report),
+        }
+    )
+    _write_atomically(table, path)
+    return table
+
+
+def _pieces(out: Path) -> tuple[Piece | None, list[Piece]]:
+    """The hour's main file and late files as they are (None: no main file, or one that cannot be read)."""
+    from engine.lake.pieces import late_paths
+
+    main = None
+    if out.exists():
+        try:
+            main = read_piece(out)
+        except (OSError, ValueError) as exc:  # damaged: compacted again from the raw files
+            log.warning("%s cannot be read (%s): compacting the hour again", out, exc, extra={"stage": "compact"})
+    lates = []
+    for path in late_paths(out.parent):
+        try:
+            lates.append(read_piece(path))
+        except (OSError, ValueError):
+            return main, [Piece(path, None, None, None)]  # unknown content: only a merge makes the hour exact
+    return main, lates
+
+
+def _up_to_date(main: Piece | None, lates: list[Piece], inputs: list[InputFile]) -> bool:
+    return main is not None and all(p.exact for p in (main, *lates)) and covered([main, *lates]) == inputs
+
+
 def compact_hour(data_dir: Path, hour: dt.datetime, *, force: bool = False) -> CompactResult:
-    """Compact one hour; skipped (nothing written) when its Parquet file was made from the same raw files."""
+    """Compact one hour: skipped (nothing written) when its Parquet files were made from the raw files there
+    now; the new raw files' rows only, to a late file, when the rest was compacted; else the whole hour."""
     data_dir = Path(data_dir)
-    inputs = fingerprint(data_dir, hour_inputs(data_dir, hour))
+    files = hour_inputs(data_dir, hour)
+    inputs = fingerprint(data_dir, files)
     out = parquet_path(data_dir, hour)
     raw_bytes = sum(i.bytes for i in inputs)
     if not inputs:
         raise ConfigError(f"no raw data for hour {hour_label(hour)}: nothing to compact")
-    if not force and compacted_inputs(out) == inputs:
+    main, lates = _pieces(out)
+    if not force and _up_to_date(main, lates, inputs):
         return CompactResult(hour_label(hour), out, -1, -1, -1, raw_bytes, out.stat().st_size, True)
-    made = hour_table(data_dir, hour)
+    if not force and main is not None:
+        late = _late(data_dir, hour, main, lates, files, inputs)
+        if late is not None:
+            return late
+    made = hour_table(data_dir, hour, files)
+    table = _write_piece(made, inputs, out)
+    for piece in lates:  # after the main file holds their rows: a crash between leaves overlap, never a gap
+        piece.path.unlink(missing_ok=True)
     report = made.report
-    table = made.table.replace_schema_metadata(
-        {INPUTS_KEY: msgspec.json.encode(inputs), REPORT_KEY: msgspec.json.encode(report)}
-    )
-    _write_atomically(table, out)
-    dropped = sum(report.duplicates.values())
     return CompactResult(
-        hour_label(hour), out, table.num_rows, dropped, report.records, raw_bytes, out.stat().st_size, False
+        hour_label(hour),
+        out,
+        table.num_rows,
+        sum(report.duplicates.values()),
+        report.records,
+        raw_bytes,
+        out.stat().st_size,
+        False,
+        merged=len(lates),
+    )
+
+
+def _late(
+    data_dir: Path, hour: dt.datetime, main: Piece, lates: list[Piece], files: list[Path], inputs: list[InputFile]
+) -> CompactResult | None:
+    """Write the rows of the raw files not compacted yet to a late file; None when the hour must be compacted
+    whole instead (something other than new files changed, a late file would tip the merge rule, or a late
+    copy comes first in file order)."""
+    import numpy as np
+
+    pa, pq = _pyarrow()
+    pieces = [main, *lates]
+    done = covered(pieces)
+    if done is None or not all(p.exact for p in pieces):
+        return None
+    now = {i.file: i for i in inputs}
+    if any(now.get(i.file) != i for i in done):  # a compacted file grew or is gone
+        return None
+    known = {i.file for i in done}
+    new = [i for i in inputs if i.file not in known]
+    if len(lates) + 1 > LATE_MAX_FILES:
+        return None
+    made = hour_table(data_dir, hour, [f for f, i in zip(files, inputs) if i.file not in known])
+    late_rows = made.table.num_rows + sum(pq.ParquetFile(p.path).metadata.num_rows for p in lates)
+    if late_rows > LATE_MAX_FRACTION * pq.ParquetFile(main.path).metadata.num_rows:
+        return None
+    table = made.table
+    if table.num_rows:
+        import pyarrow.compute as pc
+
+        keys = ["vehicle_id", "can_id", "timestamp"]
+        vehicles = pc.unique(table.column("vehicle_id")).to_pylist()
+        mine = table.select(keys).append_column("late_row", pa.array(np.arange(table.num_rows)))
+        late_order = table.column("raw_order").to_numpy()
+        this = Piece(main.path, new, made.records, None)
+        found = []
+        for piece in pieces:
+            rows = pq.read_table(piece.path, columns=[*keys, "raw_order"], filters=[("vehicle_id", "in", vehicles)])
+            hit = mine.join(rows, keys, join_type="inner")
+            if not hit.num_rows:
+                continue
+            late_rows_hit = hit.column("late_row").to_numpy()
+            late_files = file_of(this, late_order[late_rows_hit])
+            lake_files = file_of(piece, hit.column("raw_order").to_numpy())
+            if any(a < b for a, b in zip(late_files, lake_files)):
+                return None  # the raw files keep the late copy, the lake an older one: merge
+            found.append(late_rows_hit)
+        if found:  # copies of records the lake holds: dropped here, counted as the aggregator counts them
+            copies = np.unique(np.concatenate(found))
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[copies] = False
+            duplicates = made.report.duplicates
+            for name in table.column("vehicle_id").take(pa.array(copies)).to_pylist():
+                duplicates[name] = duplicates.get(name, 0) + 1
+            made.report.duplicates = dict(sorted(duplicates.items()))
+            table = table.filter(pa.array(keep))
+    made.table = table
+    path = main.path.parent / late_name(new)
+    _write_piece(made, new, path)
+    report = made.report
+    return CompactResult(
+        hour_label(hour),
+        path,
+        table.num_rows,
+        sum(report.duplicates.values()),
+        report.records,
+        sum(i.bytes for i in new),
+        path.stat().st_size,
+        False,
+        late=True,
     )
 
 
 def pending_hours(data_dir: Path, now: dt.datetime) -> list[dt.datetime]:
-    """Closed hours whose raw files differ from what their Parquet file was made from (or that have none)."""
+    """Closed hours whose raw files differ from what their Parquet files were made from (or that have none)."""
     from engine.aggregator.hours import closed_hours
 
     data_dir = Path(data_dir)
     pending = []
     for hour in closed_hours(data_dir, now):
         inputs = fingerprint(data_dir, hour_inputs(data_dir, hour))
-        if inputs and compacted_inputs(parquet_path(data_dir, hour)) != inputs:
+        if inputs and not _up_to_date(*_pieces(parquet_path(data_dir, hour)), inputs):
             pending.append(hour)
     return pending

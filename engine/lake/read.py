@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from engine.aggregator.hours import InputFile, hour_label
-from engine.lake.compact import INPUTS_KEY, REPORT_KEY, HourReport, parquet_path
+from engine.lake.compact import HourReport, parquet_path
+from engine.lake.pieces import covered, global_order, late_paths, merged_report, position, read_piece
 from engine.schema import SIGNALS
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ log = logging.getLogger("canpipe.lake")
 def hour_totals(
     data_dir: Path, hour: dt.datetime, inputs: list[InputFile]
 ) -> tuple[dict[str, int], Totals, InputReport] | None:
-    """The hour's vehicles (id -> index), totals and input report from its Parquet file, as the raw files
-    ``inputs`` would give them; None when there is no such file or it was not made from ``inputs`` (and
-    ``inputs`` is not empty: no raw files left, the Parquet file is all there is)."""
+    """The hour's vehicles (id -> index), totals and input report from its Parquet files, as the raw files
+    ``inputs`` would give them; None when there is no such file or they were not made from ``inputs`` (and
+    ``inputs`` is not empty: no raw files left, the Parquet files are all there is)."""
     path = parquet_path(data_dir, hour)
     if not path.exists():
         return None
@@ -74,17 +75,30 @@ def _from_parquet(
 ) -> tuple[dict[str, int], Totals, InputReport] | None:
     import pyarrow.parquet as pq
 
-    from engine.aggregator.partitions import InputReport
+    from engine.aggregator.partitions import MAX_REPORTED_CORRUPT, InputReport
     from engine.aggregator.rollup import add_rows, new_totals
 
-    meta = pq.read_schema(path).metadata or {}
-    made_from, report = meta.get(INPUTS_KEY), meta.get(REPORT_KEY)
-    if report is None or made_from is None:  # made before the report was kept: only the raw files can say
+    main = read_piece(path)
+    lates = [read_piece(p) for p in late_paths(path.parent)]
+    pieces = [main, *lates]
+    if main.report is None or main.inputs is None or any(p.report is None for p in lates):
+        # made before the report was kept: only the raw files can say
         log.warning("%s has no canpipe.aggregate metadata: not used (compact the hour again)", path)
         return None
-    if inputs and msgspec.json.decode(made_from, type=list[InputFile]) != inputs:
+    if lates and not all(p.exact for p in pieces):
+        if not inputs:
+            raise ValueError(f"{path}: late files without their raw files' record counts; compact the hour again")
+        return None  # the pieces cannot be put back in the raw files' order: the raw files can
+    made_from = covered(pieces)
+    if made_from is None:  # a late file an interrupted merge left behind beside the main file
+        if not inputs:
+            raise ValueError(f"{path.parent}: late files overlap the main file; compact the hour again")
+        return None
+    if inputs and made_from != inputs:
         return None  # late data since the compaction: the raw files are newer
-    summary = msgspec.json.decode(report, type=HourReport)
+    summary = merged_report(
+        [msgspec.json.decode(p.report or b"", type=HourReport) for p in pieces], MAX_REPORTED_CORRUPT
+    )
     log.info("aggregating %s from %s", hour_label(hour), path, extra={"stage": "aggregate"})
     info = InputReport(
         summary.files,
@@ -95,15 +109,66 @@ def _from_parquet(
     )
     # ids and CAN ids read as dictionaries: one string per distinct value, not per row
     source = pq.ParquetFile(path, read_dictionary=["vehicle_id", "can_id"])
-    ids = source.read(columns=["vehicle_id"]).column(0)
-    index = {name: k for k, name in enumerate(sorted({n for c in ids.chunks for n in c.dictionary.to_pylist()}))}
-    del ids
+    late = [pq.read_table(p.path, read_dictionary=["vehicle_id", "can_id"]) for p in lates]
+    names = set(_names(source.read(columns=["vehicle_id"]), "vehicle_id"))
+    for table in late:
+        names.update(_names(table, "vehicle_id"))
+    index = {name: k for k, name in enumerate(sorted(names))}
     totals = new_totals(len(index))
-    for rows, vehicle in _whole_vehicles(source, index):
-        add_rows(_columns(rows, vehicle), totals)  # every row of these vehicles, in the raw files' order
-    for name, copies in summary.duplicates.items():  # none left in the file: the compaction's count
+    if lates:
+        orders = global_order(pieces)
+        late_rows = _with_order(late, orders[1:], index)
+        for rows, vehicle, order in _with_late(_whole_vehicles(source, index), orders[0], late_rows):
+            add_rows(_columns(rows, vehicle, order), totals)
+    else:
+        for rows, vehicle in _whole_vehicles(source, index):
+            add_rows(_columns(rows, vehicle, rows.column("raw_order").to_numpy()), totals)
+    for name, copies in summary.duplicates.items():  # none left in the files: the compactions' count
         totals.duplicates[index[name]] = copies
     return index, totals, info
+
+
+def _with_order(
+    tables: list[pa.Table], orders: list[tuple[np.ndarray, np.ndarray]], index: dict[str, int]
+) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The late files' rows as one table sorted by vehicle, with each row's vehicle index and place in the
+    scan of every raw file of the hour."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    vehicle = _dictionary_codes(table.column("vehicle_id"), [index[n] for n in _names(table, "vehicle_id")])
+    order = np.concatenate(
+        [position(o, t.column("raw_order").to_numpy()) for o, t in zip(orders, tables)] or [np.zeros(0, np.int64)]
+    )
+    by_vehicle = np.argsort(vehicle, kind="stable")
+    return table.take(pa.array(by_vehicle)), vehicle[by_vehicle], order[by_vehicle]
+
+
+def _with_late(
+    main: Iterator[tuple[pa.Table, np.ndarray]],
+    main_order: tuple[np.ndarray, np.ndarray],
+    late: tuple[pa.Table, np.ndarray, np.ndarray],
+) -> Iterator[tuple[pa.Table, np.ndarray, np.ndarray]]:
+    """The main file's pieces of whole vehicles, each joined by the late rows of its vehicles and of the
+    vehicles between it and the piece before (late rows of vehicles past the last piece come last): every
+    vehicle's rows in one piece, with each row's place in the scan of all the hour's raw files."""
+    import numpy as np
+    import pyarrow as pa
+
+    late_rows, late_vehicle, late_order = late
+    taken = 0
+    for rows, vehicle in main:
+        upto = int(np.searchsorted(late_vehicle, vehicle[-1], side="right"))
+        order = position(main_order, rows.column("raw_order").to_numpy())
+        if upto > taken:
+            rows = pa.concat_tables([rows, late_rows.slice(taken, upto - taken)])
+            vehicle = np.concatenate([vehicle, late_vehicle[taken:upto]])
+            order = np.concatenate([order, late_order[taken:upto]])
+            taken = upto
+        yield rows, vehicle, order
+    if taken < late_rows.num_rows:
+        yield late_rows.slice(taken), late_vehicle[taken:], late_order[taken:]
 
 
 def _whole_vehicles(source: pq.ParquetFile, index: dict[str, int]) -> Iterator[tuple[pa.Table, np.ndarray]]:
@@ -145,14 +210,14 @@ def _dictionary_codes(column: pa.ChunkedArray, codes: list[int]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _columns(rows: pa.Table, vehicle: np.ndarray) -> Columns:
-    """Rows of whole vehicles as the scanner's columns, back in the order of the raw files (``raw_order``):
-    the order the group-by sums a vehicle's values in."""
+def _columns(rows: pa.Table, vehicle: np.ndarray, order: np.ndarray) -> Columns:
+    """Rows of whole vehicles as the scanner's columns, back in the order of the raw files (``order``: each
+    row's place in them): the order the group-by sums a vehicle's values in."""
     import numpy as np
 
     from engine.aggregator.partitions import rows_only
 
-    back = np.argsort(rows.column("raw_order").to_numpy())
+    back = np.argsort(order)
     can_id = _dictionary_codes(rows.column("can_id"), [int(c, 16) for c in _names(rows, "can_id")])
     values = np.empty((len(SIGNALS), rows.num_rows))
     for k, name in enumerate(SIGNALS):
