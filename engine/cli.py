@@ -340,7 +340,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from engine.lake import query
 
     settings = _settings(args)
-    columns, rows = query.run(settings.data_dir, args.sql)
+    columns, rows = query.run(settings.data_dir, args.sql, settings.storage_url)
     sys.stdout.write(query.render(columns, rows, args.format))
     return 0
 

@@ -8,7 +8,13 @@ Two views, both with the hour's partition columns (``year``, ``month``, ``day``,
 - ``parquet``: the compacted hours (``canpipe compact``): deduplicated, sorted by vehicle and time.
 
 Times are ``TIMESTAMPTZ`` in UTC. The connection is in memory and reads the files in place; nothing is
-written.
+written. Raw files are ``.jsonl`` or ``.jsonl.zst`` (DuckDB inflates zstd by the name); the ``parquet`` view
+holds an hour's main file and its late files (``engine.lake.pieces``), each record once.
+
+Over S3 (``CANPIPE_STORAGE_URL=s3://bucket/prefix``) the same views read the objects in place: through
+DuckDB's own ``httpfs`` extension when it loads (a secret from the standard credential chain, the endpoint
+and region of ``engine.storage.url``), else through s3fs (fsspec on aiobotocore, the SDK the rest of canpipe
+uses) registered as DuckDB's ``s3://`` file system. Which one is said on stderr.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
 from engine.lake.compact import PARQUET_DIR
 from engine.schema import SIGNALS
+from engine.storage.url import StorageURL, s3_endpoint, s3_region
 
 FORMATS = ("table", "csv", "json")
 _RAW_COLUMNS = {
@@ -38,24 +46,100 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def connect(data_dir: Path) -> Any:
-    """An in-memory DuckDB connection with the ``raw`` and ``parquet`` views over ``data_dir``."""
+class _Local:
+    """The lake on the local disk: globs answered by pathlib."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, pattern: str) -> str:
+        return str(self.root / pattern)
+
+    def any(self, pattern: str) -> bool:
+        return any(self.root.glob(pattern))
+
+
+class _S3:
+    """The lake in a bucket: ``s3://bucket/prefix/…`` globs, answered by the file system DuckDB reads with."""
+
+    def __init__(self, url: StorageURL, con: Any) -> None:
+        self.root = f"s3://{url.bucket}/{url.prefix}".rstrip("/")
+        self.fs = _attach_s3(con)
+
+    def path(self, pattern: str) -> str:
+        return f"{self.root}/{pattern}"
+
+    def any(self, pattern: str) -> bool:
+        if self.fs is None:  # httpfs: DuckDB's own glob
+            return False
+        return bool(self.fs.glob(self.path(pattern)[len("s3://") :]))
+
+
+def _attach_s3(con: Any) -> Any:
+    """Let ``con`` read ``s3://``: DuckDB's httpfs when it loads (None returned), else an s3fs file system
+    (returned, for the globs). Either way with the standard credential chain and canpipe's endpoint and region."""
+    import duckdb
+
+    endpoint, region = s3_endpoint(), s3_region()
+    try:
+        con.execute("LOAD httpfs")
+    except duckdb.Error as exc:
+        why = str(exc).splitlines()[0]
+    else:  # pragma: no cover - httpfs cannot be installed on the machine the tests run on (no extension download)
+        _httpfs_secret(con, endpoint, region)
+        print("query: reading S3 through DuckDB's httpfs", file=sys.stderr)
+        return None
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - the [lake] extra installs s3fs
+        raise ConfigError(
+            f"canpipe query over S3 needs DuckDB's httpfs ({why}) or s3fs: pip install 'canpipe[lake]'"
+        ) from None
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint,
+        client_kwargs={"region_name": region},
+        config_kwargs={"s3": {"addressing_style": "path"}} if endpoint else {},
+        skip_instance_cache=True,
+    )
+    con.register_filesystem(fs)
+    print(f"query: reading S3 through s3fs (DuckDB's httpfs is not available: {why})", file=sys.stderr)
+    return fs
+
+
+def _httpfs_secret(con: Any, endpoint: str | None, region: str) -> None:  # pragma: no cover - see above
+    """An httpfs secret: the standard credential chain, canpipe's region, and its endpoint when one is set."""
+    options = [f"REGION {_sql_string(region)}", "PROVIDER credential_chain"]
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options += [f"ENDPOINT {_sql_string(host.rstrip('/'))}", "URL_STYLE 'path'"]
+        options.append(f"USE_SSL {'true' if scheme == 'https' else 'false'}")
+    con.execute(f"CREATE SECRET canpipe_s3 (TYPE s3, {', '.join(options)})")
+
+
+def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
+    """An in-memory DuckDB connection with the ``raw`` and ``parquet`` views over the lake: ``data_dir``, or
+    ``storage`` when it is an S3 URL."""
     try:
         import duckdb
     except ImportError:  # pragma: no cover - the [lake] extra is installed with [test]
         raise ConfigError("canpipe query needs duckdb: pip install 'canpipe[lake]'") from None
-    data_dir = Path(data_dir).resolve()
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
+    lake: _Local | _S3 = _S3(storage, con) if storage is not None and storage.is_s3 else _Local(Path(data_dir))
     signals = ", ".join(f"payload.{name} AS {name}" for name in SIGNALS)
     parts = "NULL::BIGINT AS year, NULL::BIGINT AS month, NULL::BIGINT AS day, NULL::BIGINT AS hour"
-    raw_glob = data_dir / "raw" / _PARTS / "*.jsonl"
-    if any(data_dir.glob(f"raw/{_PARTS}/*.jsonl")):
+    raw_globs = [
+        lake.path(f"raw/{_PARTS}/{ext}") for ext in ("*.jsonl", "*.jsonl.zst") if lake.any(f"raw/{_PARTS}/{ext}")
+    ]
+    if raw_globs or isinstance(lake, _S3) and lake.fs is None:
+        if not raw_globs:  # httpfs globs itself: both kinds, a missing one is no error for a list of one
+            raw_globs = [lake.path(f"raw/{_PARTS}/*.jsonl*")]
         columns = "{" + ", ".join(f"{_sql_string(k)}: {_sql_string(v)}" for k, v in _RAW_COLUMNS.items()) + "}"
+        files = "[" + ", ".join(_sql_string(g) for g in raw_globs) + "]"
         con.execute(
             f"CREATE VIEW raw AS SELECT timestamp, vehicle_id, can_id, {signals}, ingest_received_at, "
             "year, month, day, hour "
-            f"FROM read_json({_sql_string(str(raw_glob))}, format = 'newline_delimited', columns = {columns}, "
+            f"FROM read_json({files}, format = 'newline_delimited', columns = {columns}, compression = 'auto', "
             "ignore_errors = true, hive_partitioning = true) WHERE vehicle_id IS NOT NULL"
         )
     else:  # no raw data yet: the same columns, no rows (a query still runs and says 0)
@@ -64,10 +148,10 @@ def connect(data_dir: Path) -> Any:
             f"CREATE VIEW raw AS SELECT NULL::TIMESTAMPTZ AS timestamp, NULL::VARCHAR AS vehicle_id, "
             f"NULL::VARCHAR AS can_id, {nulls}, NULL::TIMESTAMPTZ AS ingest_received_at, {parts} WHERE false"
         )
-    parquet_glob = data_dir / PARQUET_DIR / _PARTS / "*.parquet"
-    if any(data_dir.glob(f"{PARQUET_DIR}/{_PARTS}/*.parquet")):
+    parquet_glob = f"{PARQUET_DIR}/{_PARTS}/*.parquet"
+    if lake.any(parquet_glob) or isinstance(lake, _S3) and lake.fs is None:
         con.execute(
-            f"CREATE VIEW parquet AS SELECT * FROM read_parquet({_sql_string(str(parquet_glob))}, "
+            f"CREATE VIEW parquet AS SELECT * FROM read_parquet({_sql_string(lake.path(parquet_glob))}, "
             "hive_partitioning = true)"
         )
     else:
@@ -75,12 +159,12 @@ def connect(data_dir: Path) -> Any:
     return con
 
 
-def run(data_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """The column names and rows of ``sql`` over the lake; a ``ConfigError`` with DuckDB's message when the
-    SQL is wrong."""
+def run(data_dir: Path, sql: str, storage: StorageURL | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and rows of ``sql`` over the lake (``data_dir``, or ``storage`` when it is S3); a
+    ``ConfigError`` with DuckDB's message when the SQL is wrong."""
     import duckdb
 
-    con = connect(data_dir)
+    con = connect(data_dir, storage)
     try:
         cursor = con.execute(sql)
         if cursor.description is None:

@@ -1,0 +1,114 @@
+"""`canpipe query` over S3: a lake made locally (compact, a late file) put into a bucket on moto's S3 server,
+raw objects as .jsonl and .jsonl.zst, read in place; the answers equal the local query's and the aggregate."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+
+import boto3
+import pytest
+import zstandard
+from canpipe_testing import AWS_TEST_ENV, ROOT
+from test_lake import (
+    HOUR,
+    NEXT,
+    aggregates,
+    fleet,  # noqa: F401 - the fixture
+    fleet_records,
+    stored,
+    truth_rows,
+    write_raw,
+)
+
+from engine.lake import query
+from engine.lake.compact import compact_hour
+from engine.storage.url import parse_storage_url
+
+SQL = (
+    "SELECT vehicle_id, count(*) AS n, min(battery_soc) AS lo, max(battery_soc) AS hi, "
+    "round(sum(battery_voltage), 6) AS v, min(year), max(hour) FROM {view} GROUP BY vehicle_id ORDER BY vehicle_id"
+)
+
+
+@pytest.fixture
+def lake_in_bucket(fleet, moto_endpoint, monkeypatch):  # noqa: F811
+    """The fleet's first hour compacted, a late file beside it, and the whole tree put into a fresh bucket
+    under a prefix: every other raw file as .jsonl.zst (as CANPIPE_RAW_COMPRESSION=zstd writes them)."""
+    data_dir, _ = fleet
+    compact_hour(data_dir, HOUR)
+    write_raw(data_dir, "batch-0-early.jsonl", stored(fleet_records(HOUR, random.Random(2), 6), NEXT))
+    assert compact_hour(data_dir, HOUR).late
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    compressor = zstandard.ZstdCompressor()
+    zipped = 0
+    for n, path in enumerate(sorted(p for p in data_dir.rglob("*") if p.is_file())):
+        relative = path.relative_to(data_dir).as_posix()
+        if not relative.startswith(("raw/", "parquet/")):
+            continue
+        body = path.read_bytes()
+        if relative.startswith("raw/") and n % 2:
+            relative, body, zipped = relative + ".zst", compressor.compress(body), zipped + 1
+        client.put_object(Bucket=bucket, Key=f"fleet/{relative}", Body=body)
+    assert zipped
+    return data_dir, parse_storage_url(f"s3://{bucket}/fleet", data_dir)
+
+
+def test_query_over_s3_answers_as_the_local_lake_and_the_aggregate(lake_in_bucket, tmp_path_factory, capsys):
+    data_dir, url = lake_in_bucket
+    empty = tmp_path_factory.mktemp("scratch")  # nothing local: the views read the bucket
+    for view in ("parquet", "raw"):
+        local = query.run(data_dir, SQL.format(view=view))
+        remote = query.run(empty, SQL.format(view=view), url)
+        assert remote == local and len(remote[1]) == 5
+    assert "through s3fs" in capsys.readouterr().err
+    (count,) = query.run(empty, "SELECT count(*) FROM parquet", url)[1][0]
+    assert count == len(truth_rows(data_dir))
+    (raw,) = query.run(empty, "SELECT count(*) FROM raw", url)[1][0]
+    assert raw > count  # every copy, as written
+
+    doc = json.loads(aggregates(data_dir, [HOUR])[HOUR])
+    got = query.run(empty, "SELECT vehicle_id, count(*), max(battery_soc) FROM parquet GROUP BY 1 ORDER BY 1", url)
+    assert got[1] == [(v["vehicle_id"], v["message_count"], v["battery_soc"]["max"]) for v in doc["vehicles"]]
+
+
+def test_query_over_an_empty_bucket_answers_zero(moto_endpoint, monkeypatch, tmp_path):
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    url = parse_storage_url(f"s3://{bucket}", tmp_path)
+    assert query.run(tmp_path, "SELECT count(*) FROM raw", url)[1] == [(0,)]
+    assert query.run(tmp_path, "SELECT count(*) FROM parquet", url)[1] == [(0,)]
+
+
+def test_canpipe_query_over_s3_from_the_command_line(lake_in_bucket, tmp_path_factory):
+    data_dir, url = lake_in_bucket
+    scratch = tmp_path_factory.mktemp("scratch")
+    sql = "SELECT vehicle_id, count(*) AS n FROM parquet GROUP BY 1 ORDER BY 1"
+    env = os.environ | {
+        "CANPIPE_DATA_DIR": str(scratch),
+        "CANPIPE_STORAGE_URL": str(url),
+        "CANPIPE_LOG_FORMAT": "text",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "query", "--format", "csv", sql],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "query: reading S3 through s3fs" in done.stderr
+    assert done.stdout == query.render(*query.run(data_dir, sql), "csv")
