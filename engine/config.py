@@ -134,6 +134,7 @@ OTHER_NAMES = frozenset(
         "CANPIPE_NUM_VEHICLES",  # the simulated fleet of simulate and run (engine/cli.py)
         "CANPIPE_SAMPLING_RATE_MS",
         "CANPIPE_DURATION_SECONDS",
+        "CANPIPE_LAKE_FILE_BYTES",  # canpipe compact: the size an hour's Parquet file is split at (engine/lake)
     }
 )
 #: prefixes of the test suite's and benchmarks' own switches: not settings, never warned about

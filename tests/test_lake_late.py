@@ -27,6 +27,7 @@ from test_lake import (
 )
 
 from engine.aggregator import aggregate_hour, output_path
+from engine.errors import ConfigError
 from engine.lake import compact, query
 from engine.lake.compact import compact_hour, parquet_path, pending_hours
 
@@ -197,3 +198,45 @@ def test_a_damaged_piece_is_compacted_again_from_the_raw_files(fleet, damage):  
     result = compact_hour(data_dir, HOUR)
     assert not result.skipped and not result.late and late_files(data_dir) == []
     assert parquet_rows(parquet_path(data_dir, HOUR)) == truth_rows(data_dir)
+
+
+def test_a_large_hour_is_split_into_parts_at_the_size_target(fleet, monkeypatch, caplog):  # noqa: F811
+    """Past ``CANPIPE_LAKE_FILE_BYTES`` the main file is several parts, sorted on from one to the next, with
+    vehicles running on across them: the rows, the query and the aggregate are as with one file; fewer
+    parts later delete the extra ones, and a missing part is never read as the hour."""
+    data_dir, _ = fleet
+    monkeypatch.setattr(compact, "ROW_GROUP_ROWS", 20)
+    monkeypatch.setattr(compact, "file_bytes", lambda: 20_000)
+    result = compact_hour(data_dir, HOUR)
+    folder = parquet_path(data_dir, HOUR).parent
+    parts = sorted(folder.glob("part-*.parquet"))
+    assert len(parts) >= 2 and result.parquet_bytes == sum(p.stat().st_size for p in parts)
+    sizes = [p.stat().st_size for p in parts]
+    assert max(sizes) < 2 * min(sizes)  # even shares, no sliver at the end
+    rows = [row for k in range(len(parts)) for row in parquet_rows(folder / f"part-{k}.parquet")]
+    assert rows == truth_rows(data_dir)  # part after part: one sorted run
+    (count,) = query.run(data_dir, "SELECT count(*) FROM parquet")[1][0]
+    assert count == len(truth_rows(data_dir))
+    caplog.set_level(logging.INFO, logger="canpipe.lake")
+    assert aggregates(data_dir, [HOUR])[HOUR] == from_raw(data_dir) and from_lake(caplog) == {"2025-10-19T17"}
+    assert compact_hour(data_dir, HOUR).skipped
+
+    (folder / "part-1.parquet").unlink()  # a part lost: the hour is read from the raw files and compacted again
+    caplog.clear()
+    assert aggregates(data_dir, [HOUR])[HOUR] == from_raw(data_dir) and not from_lake(caplog)
+    assert pending_hours(data_dir, NEXT + dt.timedelta(minutes=10)) == [HOUR]
+    monkeypatch.setattr(compact, "file_bytes", lambda: 1 << 30)
+    assert not compact_hour(data_dir, HOUR).skipped
+    assert [p.name for p in folder.glob("*.parquet")] == ["part-0.parquet"]  # the extra parts are gone
+    assert parquet_rows(folder / "part-0.parquet") == truth_rows(data_dir)
+
+
+def test_the_file_size_target_is_a_setting(monkeypatch):
+    monkeypatch.setenv("CANPIPE_LAKE_FILE_BYTES", str(256 << 20))
+    assert compact.file_bytes() == 256 << 20
+    monkeypatch.delenv("CANPIPE_LAKE_FILE_BYTES")
+    assert compact.file_bytes() == 512 << 20
+    for bad in ("1000", "lots"):
+        monkeypatch.setenv("CANPIPE_LAKE_FILE_BYTES", bad)
+        with pytest.raises(ConfigError, match="CANPIPE_LAKE_FILE_BYTES"):
+            compact.file_bytes()

@@ -46,12 +46,15 @@ from engine.errors import ConfigError
 from engine.lake.pieces import (
     INPUTS_KEY,
     MAIN_NAME,
+    PARTS_KEY,
     RECORDS_KEY,
     REPORT_KEY,
+    Parts,
     Piece,
     covered,
     file_of,
     late_name,
+    part_paths,
     read_piece,
 )
 from engine.schema import SIGNALS
@@ -73,6 +76,10 @@ COMPRESSION = "zstd"
 # more than this many: a handful of small files costs a reader little, a merge costs a full compaction
 LATE_MAX_FRACTION = 0.1
 LATE_MAX_FILES = 8
+# an hour's main file is split into parts under this size (CANPIPE_LAKE_FILE_BYTES): issue 13's 128-512 MB, the
+# size Athena and Spark split a scan by and DuckDB reads with one thread a row group; zstd Parquet of these rows
+# is ~9 bytes a record, so an hour reaches it only past ~16,000 records/s
+FILE_BYTES = 512 << 20
 
 
 @dataclasses.dataclass
@@ -204,22 +211,23 @@ def hour_table(data_dir: Path, hour: dt.datetime, files: list[Path] | None = Non
     return HourTable(pa.Table.from_arrays(arrays, schema=schema()), report, records)
 
 
+def _writer_options() -> dict[str, Any]:
+    return {
+        "compression": COMPRESSION,
+        "use_dictionary": ["vehicle_id", "can_id"],
+        # raw_order rises within a vehicle's time line: deltas pack it in a few bits a row
+        "column_encoding": {"raw_order": "DELTA_BINARY_PACKED"},
+        "write_statistics": True,
+    }
+
+
 def _write_atomically(table: pa.Table, path: Path) -> None:
     _, pq = _pyarrow()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
     try:
         with open(tmp, "xb") as out:
-            pq.write_table(
-                table,
-                out,
-                compression=COMPRESSION,
-                row_group_size=ROW_GROUP_ROWS,
-                use_dictionary=["vehicle_id", "can_id"],
-                # raw_order rises within a vehicle's time line: deltas pack it in a few bits a row
-                column_encoding={"raw_order": "DELTA_BINARY_PACKED"},
-                write_statistics=True,
-            )
+            pq.write_table(table, out, row_group_size=ROW_GROUP_ROWS, **_writer_options())
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644 & ~_umask())
@@ -227,11 +235,76 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_bytes() -> int:
+    """``CANPIPE_LAKE_FILE_BYTES``: the size a compacted hour's file is split at (default 512 MiB)."""
+    text = os.environ.get("CANPIPE_LAKE_FILE_BYTES", "")
+    try:
+        value = int(text) if text else FILE_BYTES
+    except ValueError:
+        value = 0
+    if value < 1 << 20:
+        raise ConfigError(f"CANPIPE_LAKE_FILE_BYTES={text!r}: a size in bytes, at least 1 MiB (default {FILE_BYTES})")
+    return value
+
+
+def _write_parts(table: pa.Table, folder: Path) -> list[Path]:
+    """The hour's rows as ``part-0.parquet`` … in row groups of ``ROW_GROUP_ROWS``, split into as few files
+    as keep each under ``file_bytes()`` (even shares: an hour of 1.1 targets is two files of 0.55, not one
+    and a sliver), sorted on from one part to the next; each file written and fsynced under a temp name, then
+    renamed, part-0 last (it names how many parts there are), and parts beyond the new count deleted."""
+    _, pq = _pyarrow()
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = [table.slice(at, ROW_GROUP_ROWS) for at in range(0, table.num_rows, ROW_GROUP_ROWS)] or [table]
+    token = secrets.token_hex(6)
+    files: list[tuple[Path, Any, Any]] = []  # (temp path, file, writer)
+    written, part_bytes, share = 0, 0, float("inf")
+    try:
+        for k, group in enumerate(groups):
+            if not files or part_bytes >= share:
+                tmp = folder / f".part-{len(files)}.parquet.{token}"
+                out = open(tmp, "xb")  # noqa: SIM115 - closed below, after every part is written
+                files.append((tmp, out, pq.ParquetWriter(out, table.schema, **_writer_options())))
+                part_bytes = 0
+            files[-1][2].write_table(group, row_group_size=ROW_GROUP_ROWS)
+            out.flush()
+            size = os.fstat(out.fileno()).st_size
+            written, part_bytes = written + size - part_bytes, size
+            # the hour's size from the row groups so far; cut where even shares of it stay under the target
+            total = written / (k + 1) * len(groups)
+            average = written / (k + 1)
+            share = total / -(-total // file_bytes()) - average / 2
+        parts = msgspec.json.encode(Parts(len(files), token))
+        for _, out, writer in files:
+            writer.add_key_value_metadata({PARTS_KEY: parts})
+            writer.close()
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+        mode = 0o644 & ~_umask()
+        finals = [folder / f"part-{n}.parquet" for n in range(len(files))]
+        for (tmp, _, _), final in reversed(list(zip(files, finals))):
+            os.chmod(tmp, mode)
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, out, _ in files:
+            out.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    for stale in part_paths(folder)[len(finals) :]:  # from an earlier compaction with more parts
+        stale.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return finals
 
 
 def _umask() -> int:
@@ -240,7 +313,9 @@ def _umask() -> int:
     return mask
 
 
-def _write_piece(made: HourTable, inputs: list[InputFile], path: Path) -> pa.Table:
+def _write_piece(made: HourTable, inputs: list[InputFile], path: Path) -> tuple[pa.Table, list[Path]]:
+    """Write the rows with what they were made from: the main file (split at the size target) when ``path``
+    is the hour's ``part-0.parquet``, else one late file."""
     table = made.table.replace_schema_metadata(
         {
             INPUTS_KEY: msgspec.json.encode(inputs),
@@ -248,8 +323,10 @@ def _write_piece(made: HourTable, inputs: list[InputFile], path: Path) -> pa.Tab
             REPORT_KEY: msgspec.json.encode(made.report),
         }
     )
+    if path.name == PART_NAME:
+        return table, _write_parts(table, path.parent)
     _write_atomically(table, path)
-    return table
+    return table, [path]
 
 
 def _pieces(out: Path) -> tuple[Piece | None, list[Piece]]:
@@ -286,14 +363,15 @@ def compact_hour(data_dir: Path, hour: dt.datetime, *, force: bool = False) -> C
     if not inputs:
         raise ConfigError(f"no raw data for hour {hour_label(hour)}: nothing to compact")
     main, lates = _pieces(out)
-    if not force and _up_to_date(main, lates, inputs):
-        return CompactResult(hour_label(hour), out, -1, -1, -1, raw_bytes, out.stat().st_size, True)
+    if not force and main is not None and _up_to_date(main, lates, inputs):
+        size = sum(p.stat().st_size for p in [*(main.parts or []), *(p.path for p in lates)])
+        return CompactResult(hour_label(hour), out, -1, -1, -1, raw_bytes, size, True)
     if not force and main is not None:
         late = _late(data_dir, hour, main, lates, files, inputs)
         if late is not None:
             return late
     made = hour_table(data_dir, hour, files)
-    table = _write_piece(made, inputs, out)
+    table, written = _write_piece(made, inputs, out)
     for piece in lates:  # after the main file holds their rows: a crash between leaves overlap, never a gap
         piece.path.unlink(missing_ok=True)
     report = made.report
@@ -304,7 +382,7 @@ def compact_hour(data_dir: Path, hour: dt.datetime, *, force: bool = False) -> C
         sum(report.duplicates.values()),
         report.records,
         raw_bytes,
-        out.stat().st_size,
+        sum(p.stat().st_size for p in written),
         False,
         merged=len(lates),
     )
@@ -332,7 +410,7 @@ def _late(
         return None
     made = hour_table(data_dir, hour, [f for f, i in zip(files, inputs) if i.file not in known])
     late_rows = made.table.num_rows + sum(pq.ParquetFile(p.path).metadata.num_rows for p in lates)
-    if late_rows > LATE_MAX_FRACTION * pq.ParquetFile(main.path).metadata.num_rows:
+    if late_rows > LATE_MAX_FRACTION * sum(pq.ParquetFile(p).metadata.num_rows for p in main.parts or []):
         return None
     table = made.table
     if table.num_rows:
@@ -345,7 +423,10 @@ def _late(
         this = Piece(main.path, new, made.records, None)
         found = []
         for piece in pieces:
-            rows = pq.read_table(piece.path, columns=[*keys, "raw_order"], filters=[("vehicle_id", "in", vehicles)])
+            rows = pa.concat_tables(
+                pq.read_table(path, columns=[*keys, "raw_order"], filters=[("vehicle_id", "in", vehicles)])
+                for path in piece.parts or []
+            )
             hit = mine.join(rows, keys, join_type="inner")
             if not hit.num_rows:
                 continue

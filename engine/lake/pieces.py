@@ -32,8 +32,15 @@ if TYPE_CHECKING:
 INPUTS_KEY = b"canpipe.inputs"  # the raw files compacted: [{"file", "bytes"}] as JSON, in the file's metadata
 RECORDS_KEY = b"canpipe.records"  # records read from each of those files (copies included), a JSON list
 REPORT_KEY = b"canpipe.aggregate"  # ``HourReport`` as JSON: what the aggregate needs beyond the rows
+PARTS_KEY = b"canpipe.parts"  # {"count": n, "id": "..."}: the main file's parts, written by one compaction
 MAIN_NAME = "part-0.parquet"
+PART_PREFIX = "part-"
 LATE_PREFIX = "late-"
+
+
+class Parts(msgspec.Struct):
+    count: int
+    id: str
 
 
 @dataclasses.dataclass
@@ -44,15 +51,19 @@ class Piece:
     inputs: list[InputFile] | None
     records: list[int] | None
     report: bytes | None  # ``HourReport`` JSON, decoded by whoever needs it
-
-    @property
-    def is_late(self) -> bool:
-        return self.path.name.startswith(LATE_PREFIX)
+    # a main file split at the size target: ``part-0`` … ``part-<n-1>``, sorted on from one to the next;
+    # None when a part is missing, is left from another compaction, or one too many is there
+    parts: list[Path] | None = None
 
     @property
     def exact(self) -> bool:
         """Its metadata says how its rows sit in the raw files: it can be combined with other pieces."""
-        return self.inputs is not None and self.records is not None and len(self.records) == len(self.inputs)
+        return (
+            self.inputs is not None
+            and self.records is not None
+            and len(self.records) == len(self.inputs)
+            and self.parts is not None
+        )
 
 
 def late_name(inputs: list[InputFile]) -> str:
@@ -62,19 +73,46 @@ def late_name(inputs: list[InputFile]) -> str:
 
 
 def read_piece(path: Path) -> Piece:
-    """The piece's metadata (its footer only); OSError or ValueError (pyarrow's ArrowInvalid) when the file
-    cannot be read."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
+    """The piece's metadata (its footer only), and for a main file its parts; OSError or ValueError
+    (pyarrow's ArrowInvalid) when the file cannot be read."""
+    meta = _footer(path)
     inputs = meta.get(INPUTS_KEY)
     records = meta.get(RECORDS_KEY)
+    parts: list[Path] | None = [path]
+    if path.name.startswith(PART_PREFIX) and PARTS_KEY in meta:
+        parts = _parts(path, msgspec.json.decode(meta[PARTS_KEY], type=Parts))
     return Piece(
         path,
         msgspec.json.decode(inputs, type=list[InputFile]) if inputs else None,
         msgspec.json.decode(records, type=list[int]) if records else None,
         meta.get(REPORT_KEY),
+        parts,
     )
+
+
+def _footer(path: Path) -> dict[bytes, bytes]:
+    import pyarrow.parquet as pq
+
+    return dict(pq.read_metadata(path).metadata or {})
+
+
+def part_paths(folder: Path) -> list[Path]:
+    """The main file's parts in an hour's folder as they are, in part order."""
+    found = folder.glob(f"{PART_PREFIX}*.parquet") if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.stem[len(PART_PREFIX) :]) if p.stem[len(PART_PREFIX) :].isdigit() else -1)
+
+
+def _parts(first: Path, parts: Parts) -> list[Path] | None:
+    """Every part of the compaction that wrote ``first`` (part-0), or None when they are not all there, not
+    all of it, or more are."""
+    paths = part_paths(first.parent)
+    if [p.name for p in paths] != [f"{PART_PREFIX}{k}.parquet" for k in range(parts.count)]:
+        return None
+    for path in paths[1:]:
+        other = _footer(path).get(PARTS_KEY)
+        if other is None or msgspec.json.decode(other, type=Parts) != parts:
+            return None
+    return paths
 
 
 def late_paths(folder: Path) -> list[Path]:

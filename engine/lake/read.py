@@ -85,6 +85,10 @@ def _from_parquet(
         # made before the report was kept: only the raw files can say
         log.warning("%s has no canpipe.aggregate metadata: not used (compact the hour again)", path)
         return None
+    if main.parts is None:  # a part missing or left from another compaction: the rows are not one hour's
+        if not inputs:
+            raise ValueError(f"{path.parent}: the main file's parts do not match; compact the hour again")
+        return None
     if lates and not all(p.exact for p in pieces):
         if not inputs:
             raise ValueError(f"{path}: late files without their raw files' record counts; compact the hour again")
@@ -108,9 +112,9 @@ def _from_parquet(
         summary.corrupt_lines,
     )
     # ids and CAN ids read as dictionaries: one string per distinct value, not per row
-    source = pq.ParquetFile(path, read_dictionary=["vehicle_id", "can_id"])
+    sources = [pq.ParquetFile(part, read_dictionary=["vehicle_id", "can_id"]) for part in main.parts]
     late = [pq.read_table(p.path, read_dictionary=["vehicle_id", "can_id"]) for p in lates]
-    names = set(_names(source.read(columns=["vehicle_id"]), "vehicle_id"))
+    names = {n for source in sources for n in _names(source.read(columns=["vehicle_id"]), "vehicle_id")}
     for table in late:
         names.update(_names(table, "vehicle_id"))
     index = {name: k for k, name in enumerate(sorted(names))}
@@ -118,10 +122,10 @@ def _from_parquet(
     if lates:
         orders = global_order(pieces)
         late_rows = _with_order(late, orders[1:], index)
-        for rows, vehicle, order in _with_late(_whole_vehicles(source, index), orders[0], late_rows):
+        for rows, vehicle, order in _with_late(_whole_vehicles(sources, index), orders[0], late_rows):
             add_rows(_columns(rows, vehicle, order), totals)
     else:
-        for rows, vehicle in _whole_vehicles(source, index):
+        for rows, vehicle in _whole_vehicles(sources, index):
             add_rows(_columns(rows, vehicle, rows.column("raw_order").to_numpy()), totals)
     for name, copies in summary.duplicates.items():  # none left in the files: the compactions' count
         totals.duplicates[index[name]] = copies
@@ -171,20 +175,21 @@ def _with_late(
         yield late_rows.slice(taken), late_vehicle[taken:], late_order[taken:]
 
 
-def _whole_vehicles(source: pq.ParquetFile, index: dict[str, int]) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """The file's rows a row group at a time (bounded memory: ~1M rows), cut so that each piece holds every
-    row of its vehicles (the rows of the last vehicle of a group wait for the next group), with each row's
-    vehicle index."""
+def _whole_vehicles(sources: list[pq.ParquetFile], index: dict[str, int]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """The main file's rows (its parts one after the other) a row group at a time (bounded memory: ~1M rows),
+    cut so that each piece holds every row of its vehicles (the rows of the last vehicle of a group wait for
+    the next group, in the next part if need be), with each row's vehicle index."""
     import numpy as np
     import pyarrow as pa
 
+    groups = [(source, g) for source in sources for g in range(source.num_row_groups)]
     carry = None
-    for g in range(source.num_row_groups):
+    for n, (source, g) in enumerate(groups):
         rows = source.read_row_group(g)
         if carry is not None:
             rows = pa.concat_tables([carry, rows])
-        vehicle = _dictionary_codes(rows.column("vehicle_id"), [index[n] for n in _names(rows, "vehicle_id")])
-        if g + 1 < source.num_row_groups and rows.num_rows:
+        vehicle = _dictionary_codes(rows.column("vehicle_id"), [index[v] for v in _names(rows, "vehicle_id")])
+        if n + 1 < len(groups) and rows.num_rows:
             cut = int(np.searchsorted(vehicle, vehicle[-1]))  # sorted by vehicle: where the last one starts
             rows, carry, vehicle = rows.slice(0, cut), rows.slice(cut), vehicle[:cut]
         else:
