@@ -21,6 +21,7 @@ from test_lake import (
     fleet_records,
     from_lake,
     parquet_rows,
+    record,
     stored,
     truth_rows,
     write_raw,
@@ -240,3 +241,17 @@ def test_the_file_size_target_is_a_setting(monkeypatch):
         monkeypatch.setenv("CANPIPE_LAKE_FILE_BYTES", bad)
         with pytest.raises(ConfigError, match="CANPIPE_LAKE_FILE_BYTES"):
             compact.file_bytes()
+
+
+def test_late_rows_of_vehicles_the_main_file_does_not_hold(fleet, caplog):  # noqa: F811
+    """Vehicles first seen in a late file, sorting before, among and after the main file's: each rolled up
+    with all its rows, the aggregate byte-identical."""
+    data_dir, _ = fleet
+    compact_hour(data_dir, HOUR)
+    late = [record(i, vehicle, battery_soc=40 + i / 7) for i in range(3) for vehicle in ("AA-1", "EV-15", "ZZ-9")]
+    write_raw(data_dir, "batch-7-new.jsonl", stored(late, LATER))
+    assert compact_hour(data_dir, HOUR).late
+    caplog.set_level(logging.INFO, logger="canpipe.lake")
+    doc = aggregates(data_dir, [HOUR])[HOUR]
+    assert from_lake(caplog) == {"2025-10-19T17"} and doc == from_raw(data_dir)
+    assert {"AA-1", "EV-15", "ZZ-9"} <= {v["vehicle_id"] for v in json.loads(doc)["vehicles"]}
