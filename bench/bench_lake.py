@@ -1,4 +1,5 @@
-"""The lake: compaction throughput, and an hour's size and DuckDB scan time as JSONL, JSONL.zst and Parquet.
+"""The lake: compaction throughput, an hour's size and DuckDB scan time as JSONL, JSONL.zst and Parquet, and late
+data: a late batch to a late file against compacting the hour again.
 
     .venv/bin/python bench/bench_lake.py [--records 400000] [--vehicles 1000] [--rounds 3]
 
@@ -6,8 +7,13 @@ One hour is generated (bench/generate_hour.py, canpipe's own lines, 1 % duplicat
 ``engine.lake.compact`` (a fresh process's work, timed in process: the scan, dedup, sort and the Parquet
 write), and scanned by DuckDB (2 threads, the machine's cores) with one per-vehicle query over each form:
 the raw JSONL, the same files zstd-compressed (level 3, as a writer would), and the Parquet file. Best of
-``--rounds``, alternating. The guard in CI (quick mode, a small hour): Parquet is at least 5x smaller than
-the JSONL and DuckDB scans it at least 2x faster, same run.
+``--rounds``, alternating. Late data: a batch of 1 % more records (new keys, the same vehicles) lands in the
+compacted hour; ``compact`` writes its rows to a late file (the lake's keys of those vehicles read to
+deduplicate against) and is timed against the whole hour compacted again (what late data cost before, and
+what a merge costs), alternating; the aggregate's read of the hour from main + late file against from the
+merged file, and DuckDB's scan of main + late file. The guards in CI (quick mode, a small hour): Parquet is
+at least 5x smaller than the JSONL and DuckDB scans it at least 2x faster; the late file is written at least
+3x faster than the hour compacted again; same run.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import duckdb
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_hour import generate  # noqa: E402
 
+from engine.aggregator.hours import fingerprint, hour_inputs  # noqa: E402
 from engine.lake.compact import compact_hour  # noqa: E402
+from engine.lake.read import hour_totals  # noqa: E402
 
 HOUR = dt.datetime(2025, 10, 19, 17, tzinfo=dt.UTC)
 QUERY = "SELECT vehicle_id, count(*), min(battery_soc), max(battery_soc), avg(battery_voltage) FROM {src} GROUP BY 1"
@@ -90,7 +98,9 @@ def measure(records: int, vehicles: int, rounds: int) -> dict[str, object]:
                 answers[name] = sorted(con.execute(QUERY.format(src=src)).fetchall())
                 scan_s[name].append(time.perf_counter() - start)
         counts = {name: sum(row[1] for row in rows) for name, rows in answers.items()}
+        late = _late(data_dir, records, vehicles, rounds, con)
         return {
+            **late,
             "lines": lines,
             "records": result.rows,
             "compact_s": min(compact_s),
@@ -99,6 +109,65 @@ def measure(records: int, vehicles: int, rounds: int) -> dict[str, object]:
             "scan_s": {name: min(times) for name, times in scan_s.items()},
             "rows_scanned": counts,
         }
+
+
+def _late(data_dir: Path, records: int, vehicles: int, rounds: int, con: duckdb.DuckDBPyConnection) -> dict:
+    """A late batch of 1 % of the hour: to a late file, against the hour compacted again, alternating."""
+    with tempfile.TemporaryDirectory(prefix="canpipe-bench-late-") as tmp:
+        # half an hour later and 1 % of the records: other times, so other keys, of the same vehicles
+        lines = generate(
+            Path(tmp),
+            HOUR + dt.timedelta(minutes=30),
+            rate=1,
+            vehicles=vehicles,
+            duplicates=0,
+            seed=11,
+            records=max(1, records // 100),
+        )
+        late_raw = []
+        for k, path in enumerate(sorted((Path(tmp) / "raw").rglob("*.jsonl"))):
+            target = next((data_dir / "raw").rglob("*.jsonl")).parent / f"batch-9{k}-late.jsonl"
+            target.write_bytes(path.read_bytes())
+            late_raw.append(target)
+    aside = data_dir / "late-aside"
+    aside.mkdir()
+    late_s, full_s, read_late_s, read_merged_s, scan_s = [], [], [], [], []
+    for _ in range(rounds):
+        for path in late_raw:  # the hour compacted without the late batch, as before it came
+            path.rename(aside / path.name)
+        compact_hour(data_dir, HOUR, force=True)
+        for path in late_raw:
+            (aside / path.name).rename(path)
+        start = time.perf_counter()
+        result = compact_hour(data_dir, HOUR)
+        late_s.append(time.perf_counter() - start)
+        assert result.late, result
+        inputs = fingerprint(data_dir, hour_inputs(data_dir, HOUR))
+        start = time.perf_counter()
+        assert hour_totals(data_dir, HOUR, inputs) is not None
+        read_late_s.append(time.perf_counter() - start)
+        folder = result.path.parent
+        start = time.perf_counter()
+        con.execute(f"SELECT count(*), avg(battery_voltage) FROM read_parquet('{folder}/*.parquet')").fetchall()
+        scan_s.append(time.perf_counter() - start)
+        late_rows, late_bytes = result.rows, result.parquet_bytes
+        start = time.perf_counter()
+        merged = compact_hour(data_dir, HOUR, force=True)
+        full_s.append(time.perf_counter() - start)
+        assert merged.merged == 1, merged
+        start = time.perf_counter()
+        assert hour_totals(data_dir, HOUR, inputs) is not None
+        read_merged_s.append(time.perf_counter() - start)
+    return {
+        "late_lines": lines,
+        "late_rows": late_rows,
+        "late_bytes": late_bytes,
+        "late_s": min(late_s),
+        "recompact_s": min(full_s),
+        "read_late_s": min(read_late_s),
+        "read_merged_s": min(read_merged_s),
+        "scan_late_s": min(scan_s),
+    }
 
 
 def report(m: dict) -> str:
@@ -110,6 +179,13 @@ def report(m: dict) -> str:
     base = m["bytes"]["jsonl"]
     for name, size in m["bytes"].items():
         out.append(f"{name:<10} {size:>14,} {base / size:>10.1f} {m['scan_s'][name]:>14.4f}")
+    out += [
+        f"late batch: {m['late_lines']:,} lines -> late file of {m['late_rows']:,} rows, {m['late_bytes']:,} bytes",
+        f"  compact to a late file {m['late_s']:.3f} s; the hour compacted again {m['recompact_s']:.3f} s "
+        f"({m['recompact_s'] / m['late_s']:.1f}x)",
+        f"  aggregate's read of the hour: main + late file {m['read_late_s']:.3f} s, merged {m['read_merged_s']:.3f} s",
+        f"  DuckDB scan of main + late file {m['scan_late_s']:.4f} s (the main file alone above)",
+    ]
     return "\n".join(out)
 
 
@@ -120,6 +196,8 @@ def test_guard_parquet_smaller_and_faster_to_scan():
     assert m["rows_scanned"]["jsonl"] == m["lines"] and m["rows_scanned"]["parquet"] == m["records"]
     assert m["bytes"]["parquet"] * 5 <= m["bytes"]["jsonl"], m["bytes"]
     assert m["scan_s"]["parquet"] * 2 <= m["scan_s"]["jsonl"], m["scan_s"]
+    # a late batch costs a small file, not the hour again (before: every late batch rewrote the hour)
+    assert m["late_s"] * 3 <= m["recompact_s"], (m["late_s"], m["recompact_s"])
 
 
 def main() -> None:

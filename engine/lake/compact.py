@@ -417,25 +417,27 @@ def _late(
         import pyarrow.compute as pc
 
         keys = ["vehicle_id", "can_id", "timestamp"]
-        vehicles = pc.unique(table.column("vehicle_id")).to_pylist()
-        mine = table.select(keys).append_column("late_row", pa.array(np.arange(table.num_rows)))
         late_order = table.column("raw_order").to_numpy()
+        late_at = {key: k for k, key in enumerate(zip(*(_plain(table.column(c)) for c in keys)))}
+        instants = pc.unique(table.column("timestamp"))
         this = Piece(main.path, new, made.records, None)
         found = []
         for piece in pieces:
-            rows = pa.concat_tables(
-                pq.read_table(path, columns=[*keys, "raw_order"], filters=[("vehicle_id", "in", vehicles)])
-                for path in piece.parts or []
-            )
-            hit = mine.join(rows, keys, join_type="inner")
-            if not hit.num_rows:
-                continue
-            late_rows_hit = hit.column("late_row").to_numpy()
-            late_files = file_of(this, late_order[late_rows_hit])
-            lake_files = file_of(piece, hit.column("raw_order").to_numpy())
-            if any(a < b for a, b in zip(late_files, lake_files)):
-                return None  # the raw files keep the late copy, the lake an older one: merge
-            found.append(late_rows_hit)
+            for part in piece.parts or []:
+                # the lake rows at the late rows' instants (a hash lookup in C over the column), then the
+                # few of them compared whole: cheaper than a join or a filtered dataset read
+                rows = pq.ParquetFile(part, read_dictionary=keys[:2]).read(columns=[*keys, "raw_order"])
+                rows = rows.filter(pc.is_in(rows.column("timestamp"), value_set=instants))
+                candidates = zip(*(_plain(rows.column(c)) for c in [*keys, "raw_order"]))
+                hits = [(late_at[key[:3]], key[3]) for key in candidates if key[:3] in late_at]
+                if not hits:
+                    continue
+                late_rows_hit = np.array([h[0] for h in hits], dtype=np.int64)
+                late_files = file_of(this, late_order[late_rows_hit])
+                lake_files = file_of(piece, np.array([h[1] for h in hits], dtype=np.int64))
+                if any(a < b for a, b in zip(late_files, lake_files)):
+                    return None  # the raw files keep the late copy, the lake an older one: merge
+                found.append(late_rows_hit)
         if found:  # copies of records the lake holds: dropped here, counted as the aggregator counts them
             copies = np.unique(np.concatenate(found))
             keep = np.ones(table.num_rows, dtype=bool)
@@ -460,6 +462,14 @@ def _late(
         False,
         late=True,
     )
+
+
+def _plain(column: pa.ChunkedArray) -> list[Any]:
+    """A column as Python values, timestamps as integers (microseconds): fast to build and to hash."""
+    pa, _ = _pyarrow()
+    if pa.types.is_timestamp(column.type):
+        column = column.cast(pa.int64())
+    return list(column.to_pylist())
 
 
 def pending_hours(data_dir: Path, now: dt.datetime) -> list[dt.datetime]:
