@@ -7,55 +7,20 @@ as SQS answers a partial failure), or answer every call with 503 (an outage).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
-import aiohttp
 from aiohttp import web
-from canpipe_testing import free_port
+from http_proxy import ProxyBase
 
 
-class FaultProxy:
+class FaultProxy(ProxyBase):
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(upstream)
         self.fail_send = 0
         self.fail_delete = 0
         self.down = False
         self.calls: list[tuple[str, list[str]]] = []  # (action, entry bodies or receipts)
         self.failed: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        assert self._started.wait(10), "proxy did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._stop = asyncio.Event()
-        self._loop.run_until_complete(self._main())
-        self._loop.close()
-
-    async def _main(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        # a fresh upstream connection per request: moto closes idle keep-alive connections
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as self._session:
-            self._started.set()
-            await self._stop.wait()
-        await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         action = request.headers.get("X-Amz-Target", "").removeprefix("AmazonSQS.")
@@ -77,10 +42,7 @@ class FaultProxy:
             result: dict = {"Successful": [], "Failed": []}
             status, content_type = 200, "application/x-amz-json-1.0"
         else:
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            async with self._session.request(
-                request.method, self.upstream + request.path_qs, data=body, headers=headers
-            ) as upstream:
+            async with self.forward(request, body) as upstream:
                 raw, status = await upstream.read(), upstream.status
                 content_type = upstream.headers.get("Content-Type", "application/x-amz-json-1.0")
             if injected is None:
