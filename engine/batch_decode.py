@@ -60,6 +60,9 @@ def _batch_pattern(annotated: object) -> re.Pattern[str]:
     return re.compile(f"(?:{core}\n)*")
 
 
+# where the batch path starts to pay: one record costs ~9 us here against ~5 us through the exact door, the
+# checks' fixed cost is made up from about four records on (docs/benchmarks.md, "Receiver per record")
+BATCH_MIN_RECORDS = 4
 _VEHICLE_IDS = _batch_pattern(schema.VehicleId)
 _CAN_IDS = _batch_pattern(schema.CanId)
 _one = msgspec.json.Decoder(BatchRecord)
