@@ -112,3 +112,59 @@ def test_canpipe_query_over_s3_from_the_command_line(lake_in_bucket, tmp_path_fa
     assert done.returncode == 0, done.stderr
     assert "query: reading S3 through s3fs" in done.stderr
     assert done.stdout == query.render(*query.run(data_dir, sql), "csv")
+
+
+def test_compact_over_s3_writes_a_late_file_and_aggregate_over_s3_stays_the_local_bytes(
+    fleet,  # noqa: F811
+    moto_endpoint,
+    monkeypatch,
+    tmp_path_factory,
+):
+    """``canpipe compact`` over S3 (the hour mirrored, compacted in the cache, the new files put back): a late
+    raw object makes a late Parquet object beside the main one, not a new main one; ``aggregate`` over S3
+    then reads both and writes what the local aggregator writes from the raw files."""
+    data_dir, _ = fleet
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+
+    def put_raw() -> None:
+        for path in sorted((data_dir / "raw").rglob("*.jsonl")):
+            key = f"fleet/{path.relative_to(data_dir).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+    env = os.environ | {
+        "CANPIPE_DATA_DIR": str(tmp_path_factory.mktemp("jobs")),
+        "CANPIPE_STORAGE_URL": f"s3://{bucket}/fleet",
+        "CANPIPE_LOG_FORMAT": "text",
+    }
+
+    def canpipe(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def lake() -> dict[str, bytes]:
+        found = client.list_objects_v2(Bucket=bucket, Prefix="fleet/parquet/").get("Contents", [])
+        return {o["Key"].rsplit("/", 1)[1]: o["ETag"] for o in found}
+
+    put_raw()
+    canpipe("compact", "--hour", "2025-10-19T17")
+    first = lake()
+    assert list(first) == ["part-0.parquet"]
+    write_raw(data_dir, "batch-0-early.jsonl", stored(fleet_records(HOUR, random.Random(8), 6), NEXT))
+    put_raw()
+    assert "compacted 2025-10-19T17" in canpipe("compact", "--hour", "2025-10-19T17").stdout
+    second = lake()
+    assert second["part-0.parquet"] == first["part-0.parquet"] and len(second) == 2  # the main object untouched
+    assert [name for name in second if name.startswith("late-")]
+
+    done = canpipe("aggregate", "--hour", "2025-10-19T17")
+    assert "aggregating 2025-10-19T17 from" in done.stderr and "part-0.parquet" in done.stderr  # from the lake
+    got = client.get_object(Bucket=bucket, Key="fleet/aggregated/aggregated-2025-10-19T17.json")["Body"].read()
+    assert got == aggregates(data_dir, [HOUR])[HOUR]  # the local aggregator on the raw files
