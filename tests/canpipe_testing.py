@@ -31,11 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 class Proc:
     """A child ``python -m engine ...`` with its output captured to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, wrap: tuple[str, ...] = ()) -> None:
+        """``wrap``: a command that execs the rest (so ``pid`` is still the canpipe process), e.g. ``unshare``."""
         self.log = log
         self._out = open(log, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "engine", *args], env=env, stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT
+            [*wrap, sys.executable, "-m", "engine", *args],
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
 
     @property

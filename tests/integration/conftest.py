@@ -4,10 +4,12 @@ consumers' environment pointing at it, and consumer "hosts" (each its own local 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
+import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,16 +113,42 @@ def s3_env(env, sqs_env, s3_bucket) -> dict[str, str]:
     )
 
 
+@functools.cache
+def can_name_hosts() -> bool:
+    """Whether a child can get a host name of its own here: ``unshare -u`` (a UTS namespace; root, or user
+    namespaces allowed)."""
+    try:
+        probe = subprocess.run(["unshare", "-u", "hostname", "canpipe-probe"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def as_host(name: str) -> tuple[str, ...]:
+    """A command prefix running the rest with host name ``name`` (then exec'd: the PID stays the child's),
+    or nothing where host names cannot be set."""
+    if not can_name_hosts():
+        return ()
+    return ("unshare", "-u", "sh", "-c", 'hostname "$0" && exec "$@"', name)
+
+
 @pytest.fixture
-def host(start, tmp_path) -> Callable[..., Proc]:
-    """``host(env, name, **extra)``: a consumer "host", ``canpipe consume --workers 1`` with a local scratch dir
-    of its own (``CANPIPE_DATA_DIR``: metrics, the S3 cache). The host name in ``engine.consumer.writer_id``
-    is ``socket.gethostname()``, which no variable sets, so the hosts share this machine's name; an S3 object
-    is named by its content, not its writer, so nothing in the bucket depends on it."""
+def host(tmp_path) -> Iterator[Callable[..., Proc]]:
+    """``host(env, name, *args, **extra)``: a consumer "host" (``canpipe consume --workers 1``, or ``args``)
+    with a local scratch dir of its own (``CANPIPE_DATA_DIR``: metrics, the S3 cache) and, where
+    :func:`can_name_hosts`, the host name ``name`` (what ``engine.consumer.writer_id`` and a lease's owner
+    read: ``socket.gethostname()``, which no variable sets). Stopped by PID at the end."""
+    procs: list[Proc] = []
 
-    def _host(env: dict[str, str], name: str, **extra: str) -> Proc:
-        scratch = tmp_path / f"host-{name}"
+    def _host(env: dict[str, str], name: str, *args: str, **extra: str) -> Proc:
+        scratch = tmp_path / name
         scratch.mkdir(exist_ok=True)
-        return start(["consume", "--workers", "1"], env | {"CANPIPE_DATA_DIR": str(scratch)} | extra)
+        command = list(args) or ["consume", "--workers", "1"]
+        log = tmp_path / f"{name}-{command[0]}-{len(procs)}.log"
+        proc = Proc(command, env | {"CANPIPE_DATA_DIR": str(scratch)} | extra, log, wrap=as_host(name))
+        procs.append(proc)
+        return proc
 
-    return _host
+    yield _host
+    for proc in procs:
+        proc.stop()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from canpipe_testing import ROOT, key, make_record, post_json, queue_empty, queue_stats, wait_for
-from integration.conftest import Bucket
+from integration.conftest import Bucket, can_name_hosts
 from s3_proxy import S3FaultProxy
 
 from engine.schema import decode_records, encode_stored
@@ -52,7 +52,7 @@ def test_a_failing_put_keeps_the_messages_in_the_queue_and_no_object_until_s3_he
         env = s3_env | {"AWS_ENDPOINT_URL_S3": proxy.url}
         url = serve(env)
         proxy.fail_puts = math.inf  # every raw put answers 503 SlowDown, the SDK's retries too
-        consumer = host(env, "a")
+        consumer = host(env, "host-a")
         sent = post_requests(url, 5, 20)
         wait_for(lambda: proxy.count("PutObject", 503) >= 8, 30, "two failed attempts at the put")
         assert s3_bucket.keys("raw/") == [] and s3_bucket.open_uploads() == []
@@ -79,7 +79,7 @@ def test_a_put_whose_answer_is_lost_is_retried_into_the_same_single_object(
         env = s3_env | {"AWS_ENDPOINT_URL_S3": proxy.url}
         url = serve(env)
         proxy.lose_answers = 1  # stored by moto, then the connection closed before the 200 reaches the client
-        consumer = host(env, "a")
+        consumer = host(env, "host-a")
         sent = post_requests(url, 1, 30)
         wait_for(lambda: landed(s3_bucket, sent, queue_url), 30, "the batch in the bucket")
         assert consumer.stop() == 0, consumer.output()
@@ -96,7 +96,7 @@ def test_a_consumer_killed_between_put_and_delete_makes_at_most_a_duplicate_and_
     url = serve(s3_env)
     marker = tmp_path / "killed"
     fault = {"CANPIPE_FAULT_KILL_AT": "after_put", "CANPIPE_FAULT_ONCE": str(marker)}
-    consumer = host(s3_env, "a", **fault)
+    consumer = host(s3_env, "host-a", **fault)
     sent = post_requests(url, 6, 25)
     wait_for(marker.exists, 30, "the consumer killed right after a put")
     wait_for(lambda: landed(s3_bucket, sent, queue_url), 40, "the redelivery put and deleted")
@@ -147,7 +147,7 @@ HOUR = dt.datetime(2026, 3, 14, 15, tzinfo=dt.UTC)
 
 
 def test_two_aggregations_of_one_hour_at_once_one_runs_and_the_other_is_refused_by_the_lease(
-    start, s3_env, s3_bucket, tmp_path, env, moto_endpoint
+    host, s3_env, s3_bucket, tmp_path, env, moto_endpoint
 ):
     """The first run reads the hour's objects through a proxy that holds each GET 2 s, so it still holds
     the hour's lease when the second starts."""
@@ -164,12 +164,13 @@ def test_two_aggregations_of_one_hour_at_once_one_runs_and_the_other_is_refused_
     lease = f"{s3_bucket.prefix}/leases/aggregate/year={HOUR:%Y}/month={HOUR:%m}/day={HOUR:%d}/hour={HOUR:%H}.json"
     with S3FaultProxy(moto_endpoint) as proxy:
         proxy.delay_gets = 2.0
-        slow_env = s3_env | {"AWS_ENDPOINT_URL_S3": proxy.url, "CANPIPE_DATA_DIR": str(tmp_path / "host-a")}
-        slow = start(["aggregate", "--hour", label], slow_env)
+        slow = host(s3_env | {"AWS_ENDPOINT_URL_S3": proxy.url}, "host-a", "aggregate", "--hour", label)
         wait_for(lambda: s3_bucket.keys("leases/") == [lease], 30, "the first run to take the hour's lease")
         other = canpipe(s3_env | {"CANPIPE_DATA_DIR": str(tmp_path / "host-b")}, "aggregate", "--hour", label)
         assert other.returncode == 1, other.stdout + other.stderr
         assert "BUSY" in other.stderr and "running elsewhere" in other.stderr
+        if can_name_hosts():
+            assert "host-a-" in other.stderr  # the lease names its holder
         assert slow.popen.wait(60) == 0, slow.output()
     assert s3_bucket.keys("leases/") == []  # given back
     name = f"aggregated/aggregated-{label}.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from canpipe_testing import ROOT, key, make_record, on_disk, post_json, queue_counts, queue_empty, wait_for
-from integration.conftest import RAW_KEY, Bucket
+from integration.conftest import RAW_KEY, Bucket, can_name_hosts
 from test_lake import truth_rows
 
 pytestmark = pytest.mark.slow
@@ -61,18 +61,20 @@ def test_two_hosts_put_one_hour_into_one_bucket_as_the_local_run_writes_it(
     serve, start, host, s3_env, s3_bucket, env, tmp_path
 ):
     url = serve(s3_env)
-    plain = host(s3_env, "a")
+    plain = host(s3_env, "host-a")
     batches = requests(24, 40)
     resent = batches[3]  # a client retry of an accepted request: its records twice in the queue
     sent = post_all(url, batches[:8])  # host a alone: plain .jsonl objects
     wait_for(lambda: in_bucket(s3_bucket, sent), 30, "host a's objects")
-    zipped = host(s3_env, "b", CANPIPE_RAW_COMPRESSION="zstd")
+    zipped = host(s3_env, "host-b", CANPIPE_RAW_COMPRESSION="zstd")
     sent += post_all(url, [*batches[8:16], resent])  # both hosts at once
     wait_for(lambda: in_bucket(s3_bucket, sent), 30, "both hosts' objects")
     assert plain.stop() == 0, plain.output()
     sent += post_all(url, batches[16:])  # host b alone: .jsonl.zst objects
     wait_for(lambda: in_bucket(s3_bucket, sent) and queue_empty(s3_env["CANPIPE_QUEUE_URL"]), 30, "every record")
     assert zipped.stop() == 0, zipped.output()
+    if can_name_hosts():  # two hosts by name too: each consumer's writer id starts with its host's name
+        assert "consumer hosta-" in plain.output() and "consumer hostb-" in zipped.output()
 
     objects = s3_bucket.raw_objects()
     stored = [json.loads(line) for body in objects.values() for line in body.splitlines()]
@@ -168,7 +170,7 @@ def _parquet_rows(path: Path) -> list[tuple]:
 def test_at_low_rates_a_host_puts_one_object_per_hour_per_minute(serve, host, s3_env, s3_bucket):
     env = s3_env | {"CANPIPE_S3_OBJECT_SECONDS": "60"}  # the default
     url = serve(env)
-    consumer = host(env, "a")
+    consumer = host(env, "host-a")
     sent = []
     for batch in requests(10, 5):  # 50 records in 10 requests: far below 8 MiB
         sent += post_all(url, [batch])
