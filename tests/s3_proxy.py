@@ -3,7 +3,7 @@
 Point a client at ``proxy.url`` (``AWS_ENDPOINT_URL_S3``, path-style addressing as canpipe uses with an
 endpoint). Every request is forwarded unchanged (headers such as ``If-None-Match`` and ``ETag``, bodies
 streamed both ways), except for the writes of an object (PutObject, UploadPart, CompleteMultipartUpload)
-whose key contains ``match`` when told to:
+whose key contains ``match`` (``faulty`` narrows the operations) when told to:
 
 - ``fail_puts = N``: answer the next N with ``status`` (503 SlowDown, or 500 InternalError) without
   forwarding them; ``math.inf`` fails them until set back to 0. The client's own retries count, one each;
@@ -67,6 +67,7 @@ class S3FaultProxy(ProxyBase):
     def __init__(self, upstream: str, match: str = "/raw/") -> None:
         super().__init__(upstream)
         self.match = match
+        self.faulty = set(WRITES)  # the operations the fail/drop/lose budgets apply to
         self.fail_puts: float = 0
         self.status = 503
         self.drop_puts = 0
@@ -81,7 +82,7 @@ class S3FaultProxy(ProxyBase):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = operation(request)
         key = request.path.lstrip("/")
-        faulty = op in WRITES and self.match in request.path
+        faulty = op in self.faulty and self.match in request.path
         if faulty and self.fail_puts > 0:
             self.fail_puts -= 1
             await request.read()  # the client sent it whole; the answer is the error

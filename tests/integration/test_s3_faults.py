@@ -3,6 +3,7 @@ answer, a consumer killed between its put and its delete, and two aggregations o
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -14,7 +15,12 @@ from canpipe_testing import ROOT, key, make_record, post_json, queue_empty, queu
 from integration.conftest import Bucket, can_name_hosts
 from s3_proxy import S3FaultProxy
 
+from engine.errors import StorageError
 from engine.schema import decode_records, encode_stored
+from engine.storage import Hour
+from engine.storage import s3 as s3mod
+from engine.storage.s3 import S3Writer
+from engine.storage.url import parse_storage_url
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +187,38 @@ def test_two_aggregations_of_one_hour_at_once_one_runs_and_the_other_is_refused_
     again = canpipe(s3_env | {"CANPIPE_DATA_DIR": str(tmp_path / "host-b")}, "aggregate", "--hour", label)
     assert again.returncode == 0, again.stdout + again.stderr  # the lease given back: the hour can run again
     assert s3_bucket.get(f"{s3_bucket.prefix}/{name}") == (mirror / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("operation", "budget"),
+    [("UploadPart", "fail_puts"), ("UploadPart", "drop_puts"), ("CompleteMultipartUpload", "fail_puts")],
+)
+def test_a_multipart_put_that_fails_leaves_no_object_and_no_parts(
+    s3_bucket, moto_endpoint, monkeypatch, operation, budget
+):
+    """Above the multipart threshold (lowered here from 64 MiB) a failed part or completion aborts the upload:
+    nothing visible, nothing left to bill; the retry after the heal puts the object whole."""
+    monkeypatch.setattr(s3mod, "MULTIPART_ABOVE_BYTES", 1024 * 1024)
+    monkeypatch.setattr(s3mod, "PART_BYTES", 5 * 1024 * 1024)
+    lines = b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, b"x" * 200) for i in range(50_000))  # 11 MiB: 3 parts
+    url = parse_storage_url(s3_bucket.url, ROOT)
+
+    async def put() -> str:
+        writer = S3Writer(url)
+        try:
+            return (await writer.write(Hour(2026, 3, 14, 15), [lines], 1_773_500_400_000))[0]
+        finally:
+            await writer.close()
+
+    with S3FaultProxy(moto_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        proxy.faulty = {operation}
+        setattr(proxy, budget, math.inf)
+        with pytest.raises(StorageError, match="raw/year=2026"):
+            asyncio.run(put())
+        assert proxy.count(operation) >= 2  # the SDK retried before giving up
+        assert proxy.count("AbortMultipartUpload") == 1
+        assert s3_bucket.keys("raw/") == [] and s3_bucket.open_uploads() == []
+        setattr(proxy, budget, 0)
+        name = asyncio.run(put())
+    assert s3_bucket.get(url.key(name)) == lines and s3_bucket.open_uploads() == []
