@@ -10,7 +10,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Bucket:
     prefix: str
     client: Any
     endpoint: str
+    _seen: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def url(self) -> str:
@@ -49,11 +50,15 @@ class Bucket:
         return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
 
     def raw_objects(self) -> dict[str, bytes]:
-        """Every raw object's lines (a .jsonl.zst inflated), by key."""
+        """Every raw object's lines (a .jsonl.zst inflated), by key. Raw objects are create-only, so each is
+        fetched once (the tests poll this while the consumers put)."""
         out = {}
         for key in self.keys("raw/"):
-            body = self.get(key)
-            out[key] = zstandard.ZstdDecompressor().decompressobj().decompress(body) if key.endswith(".zst") else body
+            if key not in self._seen:
+                body = self.get(key)
+                zstd = zstandard.ZstdDecompressor()
+                self._seen[key] = zstd.decompressobj().decompress(body) if key.endswith(".zst") else body
+            out[key] = self._seen[key]
         return out
 
     def records(self) -> list[dict]:
