@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.config import Settings
 from engine.errors import CanpipeError, ConfigError
@@ -311,21 +312,33 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_compact(args: argparse.Namespace) -> int:
     from engine.lake.compact import compact_hour, pending_hours
+    from engine.lake.daily import DayResult, merge_day, pending_days
 
     settings = _settings(args)
     held: list[str] = []
+    results: list[Any]
     if settings.storage_url.is_s3:
         from engine import remote
 
         results, held = remote.compact(settings, args.hour, args.force)
     else:
-        hours = [args.hour] if args.hour else pending_hours(settings.data_dir, dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        hours = [args.hour] if args.hour else pending_hours(settings.data_dir, now)
         results = [compact_hour(settings.data_dir, hour, force=args.force) for hour in hours]
+        if not args.hour:  # then the closed days whose hours changed: merged into the day's file
+            results += [merge_day(settings.data_dir, day) for day in pending_days(settings.data_dir, now)]
     if not results and not held:
-        print("nothing to compact: every closed hour is compacted and unchanged since")
+        print("nothing to compact: every closed hour and day is compacted and unchanged since")
     for line in held:
         print(f"BUSY {line}", file=sys.stderr)
     for r in results:
+        if isinstance(r, DayResult):
+            if r.incomplete:
+                print(f"day {r.day} not merged: {r.incomplete}", file=sys.stderr)
+            elif not r.skipped:
+                where = r.paths[0].parent if r.paths else "-"
+                print(f"merged day {r.day}: {r.hours} hours, {r.rows} records -> {r.parquet_bytes} bytes in {where}")
+            continue
         if r.skipped:
             print(f"{r.hour}: up to date ({r.path})")
             continue

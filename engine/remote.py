@@ -86,7 +86,8 @@ def aggregate(settings: Settings, hour: dt.datetime | None) -> tuple[list[Any], 
 
 
 def compact(settings: Settings, hour: dt.datetime | None, force: bool) -> tuple[list[Any], list[str]]:
-    """``canpipe compact [--hour H] [--force]`` over S3, as ``aggregate``."""
+    """``canpipe compact [--hour H] [--force]`` over S3, as ``aggregate``; without ``--hour`` the closed days
+    are then merged (``engine.lake.daily``), each under a day lease."""
     from engine.lake.compact import compact_hour
 
     cache = cache_dir(settings)
@@ -96,10 +97,58 @@ def compact(settings: Settings, hour: dt.datetime | None, force: bool) -> tuple[
 
         if not aggregator.hour_inputs(cache, h.start):
             return None
-        return compact_hour(cache, h.start, force=force)
+        result = compact_hour(cache, h.start, force=force)
+        return None if result.skipped and hour is None else result  # the pending run says what it did
 
     hours = None if hour is None else [Hour.from_datetime(hour)]
-    return asyncio.run(_jobs(settings.storage_url, "compact", hours, lambda h: [], work, cache))
+
+    async def both() -> tuple[list[Any], list[str]]:
+        results, held = await _jobs(settings.storage_url, "compact", hours, lambda h: [], work, cache)
+        if hour is None:
+            days, busy = await _day_jobs(settings.storage_url, cache)
+            results, held = results + days, held + busy
+        return results, held
+
+    return asyncio.run(both())
+
+
+async def _day_jobs(url: StorageURL, cache: Path) -> tuple[list[Any], list[str]]:
+    """Merge every closed day whose hourly Parquet changed since its day file was made."""
+    from engine.lake.daily import CLOSED_AFTER as DAY_CLOSED_AFTER
+    from engine.lake.daily import DAILY_DIR, merge_day
+    from engine.storage.layout import hour_of_folder
+    from engine.storage.s3 import LeaseHeld, S3Store, day_prefix, run_hour_job
+
+    now = dt.datetime.now(UTC)
+    results, held = [], []
+    async with S3Store(url) as store:
+        days = set()
+        for name, _ in await store.list("parquet/"):
+            found = hour_of_folder(Path(name).parent)
+            if found is not None:
+                days.add(Hour(found.year, found.month, found.day, 0))
+        for first in sorted(days):
+            if first.start + dt.timedelta(days=1) + DAY_CLOSED_AFTER > now:
+                continue
+            date = first.start.date()
+            trees = [day_prefix("parquet", first), day_prefix(DAILY_DIR, first)]
+            try:
+                result = await run_hour_job(
+                    store,
+                    "compact-day",
+                    first,
+                    cache,
+                    [],
+                    functools.partial(merge_day, cache, date),
+                    trees=trees,
+                    raw=False,
+                )
+            except LeaseHeld as exc:
+                held.append(str(exc))
+                continue
+            if not result.skipped:
+                results.append(result)
+    return results, held
 
 
 def _has_parquet(cache: Path, hour: Hour) -> bool:

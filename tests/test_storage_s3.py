@@ -185,7 +185,13 @@ def test_an_hour_is_mirrored_into_a_local_tree_that_follows_the_bucket(bucket, t
             assert await materialize(store, [HOUR], tmp_path) > 0
             await store.delete(a[0])  # gone from the bucket: gone from the mirror
             await writer.write(HOUR, [lines(4, HOUR.start, 10)], 3)
-            await sync_down(store, HOUR, tmp_path, outputs=["aggregated/out.json", "aggregated/none.json"])
+            await sync_down(
+                store,
+                HOUR,
+                tmp_path,
+                outputs=["aggregated/out.json", "aggregated/none.json"],
+                trees=["parquet/year=2026/month=03/day=14/"],
+            )
             return hours
         finally:
             await writer.close()

@@ -28,6 +28,7 @@ from typing import Any
 
 from engine.errors import ConfigError
 from engine.lake.compact import PARQUET_DIR
+from engine.lake.daily import DAILY_DIR
 from engine.schema import SIGNALS
 from engine.storage.url import StorageURL, s3_endpoint, s3_region
 
@@ -156,6 +157,14 @@ def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
         )
     else:
         con.execute("CREATE VIEW parquet AS SELECT * FROM raw WHERE false")
+    daily_glob = f"{DAILY_DIR}/year=*/month=*/day=*/*.parquet"
+    if lake.any(daily_glob):  # closed days merged into few files (engine.lake.daily): the same rows, for scans
+        con.execute(
+            f"CREATE VIEW daily AS SELECT * FROM read_parquet({_sql_string(lake.path(daily_glob))}, "
+            "hive_partitioning = true)"
+        )
+    else:
+        con.execute("CREATE VIEW daily AS SELECT * FROM parquet WHERE false")
     return con
 
 

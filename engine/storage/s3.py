@@ -395,24 +395,13 @@ def _tree(root: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-async def sync_down(store: S3Store, hour: Hour, cache: Path, *, outputs: Sequence[str]) -> None:
-    """Make ``cache`` hold exactly the hour's raw objects (inflated), the Parquet of its day and the named
-    ``outputs`` (relative names, e.g. the hour's aggregate and manifest) as they are in the bucket."""
-    raw_folder = cache / hour_prefix("raw", hour)
-    listed = {
-        name[: -len(".zst")] if name.endswith(".jsonl.zst") else name
-        for name, _ in await store.list(hour_prefix("raw", hour))
-    }
-    for path in raw_folder.glob("*") if raw_folder.is_dir() else ():
-        if path.relative_to(cache).as_posix() not in listed:  # gone from the bucket (retention, a compaction)
+async def _mirror_tree(store: S3Store, cache: Path, prefix: str) -> None:
+    """Make ``cache/prefix`` hold exactly the objects under ``prefix`` (unchanged sizes are not fetched)."""
+    objects = dict(await store.list(prefix))
+    for path in (cache / prefix).rglob("*") if (cache / prefix).is_dir() else ():
+        if path.is_file() and path.relative_to(cache).as_posix() not in objects:
             path.unlink()
-    await materialize(store, [hour], cache, ("raw",))
-    day = hour_path(Path("parquet"), hour).parent.as_posix() + "/"
-    lake = {name: size for name, size in await store.list(day)}
-    for path in (cache / day).rglob("*") if (cache / day).is_dir() else ():
-        if path.is_file() and path.relative_to(cache).as_posix() not in lake:
-            path.unlink()
-    for name, size in lake.items():
+    for name, size in objects.items():
         local = cache / name
         if local.is_file() and local.stat().st_size == size:
             continue
@@ -420,6 +409,31 @@ async def sync_down(store: S3Store, hour: Hour, cache: Path, *, outputs: Sequenc
         if got is not None:
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(got[0])
+
+
+def day_prefix(kind: str, hour: Hour) -> str:
+    """``kind/year=…/month=…/day=…/``: the day of ``hour``."""
+    return hour_path(Path(kind), hour).parent.as_posix() + "/"
+
+
+async def sync_down(
+    store: S3Store, hour: Hour, cache: Path, *, outputs: Sequence[str], trees: Sequence[str], raw: bool = True
+) -> None:
+    """Make ``cache`` hold exactly the hour's raw objects (inflated, unless ``raw`` is false), every object
+    under each of ``trees`` (folders, e.g. the Parquet of the hour's day) and the named ``outputs`` (e.g. the
+    hour's aggregate and manifest) as they are in the bucket."""
+    if raw:
+        raw_folder = cache / hour_prefix("raw", hour)
+        listed = {
+            name[: -len(".zst")] if name.endswith(".jsonl.zst") else name
+            for name, _ in await store.list(hour_prefix("raw", hour))
+        }
+        for path in raw_folder.glob("*") if raw_folder.is_dir() else ():
+            if path.relative_to(cache).as_posix() not in listed:  # gone from the bucket (retention, a compaction)
+                path.unlink()
+        await materialize(store, [hour], cache, ("raw",))
+    for tree in trees:
+        await _mirror_tree(store, cache, tree)
     for name in outputs:
         local = cache / name
         got = await store.get(name)
@@ -430,21 +444,40 @@ async def sync_down(store: S3Store, hour: Hour, cache: Path, *, outputs: Sequenc
             local.write_bytes(got[0])
 
 
+def _stamps(cache: Path, trees: Sequence[str], outputs: Sequence[str]) -> dict[Path, tuple[int, int]]:
+    found: dict[Path, tuple[int, int]] = {}
+    for tree in trees:
+        found |= _tree(cache / tree)
+    for name in outputs:
+        path = cache / name
+        if path.is_file():
+            found[path] = (path.stat().st_size, path.stat().st_mtime_ns)
+    return found
+
+
 async def run_hour_job(
-    store: S3Store, job: str, hour: Hour, cache: Path, outputs: Sequence[str], work: Callable[[], T]
+    store: S3Store,
+    job: str,
+    hour: Hour,
+    cache: Path,
+    outputs: Sequence[str],
+    work: Callable[[], T],
+    *,
+    trees: Sequence[str] | None = None,
+    raw: bool = True,
 ) -> T:
     """``work()`` (the local command on ``cache``) for one hour, under the hour's ``job`` lease: the hour
-    mirrored down first, then every file it wrote or changed under ``parquet/<day>/`` and in ``outputs``
-    put back, and Parquet files it removed deleted from the bucket. LeaseHeld when another job has it."""
+    mirrored down first (its raw objects, each of ``trees``: by default the Parquet of its day, and
+    ``outputs``), then every file it wrote or changed in them put back, and files it removed deleted from the
+    bucket. LeaseHeld when another job has it."""
+    trees = [day_prefix("parquet", hour)] if trees is None else trees
     lease = Lease(store, job, hour)
     await lease.acquire()
     try:
-        await sync_down(store, hour, cache, outputs=outputs)
-        day = cache / hour_path(Path("parquet"), hour).parent
-        watched = [cache / name for name in outputs]
-        before = _tree(day) | {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in watched if p.is_file()}
+        await sync_down(store, hour, cache, outputs=outputs, trees=trees, raw=raw)
+        before = _stamps(cache, trees, outputs)
         result = await asyncio.to_thread(work)
-        after = _tree(day) | {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in watched if p.is_file()}
+        after = _stamps(cache, trees, outputs)
         # new files first, removed ones last: a reader listing meanwhile sees the old or both, never neither
         await upload(store, cache, sorted(p for p, stamp in after.items() if before.get(p) != stamp))
         for path in sorted(set(before) - set(after)):
