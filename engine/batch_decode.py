@@ -21,6 +21,7 @@ import operator
 import re
 
 import msgspec
+import numpy as np
 
 from engine import schema
 from engine.schema import UTC, CellTemp, CellVoltage, PackCurrent, PackVoltage, Timestamp
@@ -84,9 +85,9 @@ if (schema.SIGNALS[_VOLTAGE_MIN + 1], schema.SIGNALS[_TEMP_MIN + 1]) != ("cell_v
 def decode_batch(body: bytes, *, ndjson: bool) -> list[BatchRecord] | None:
     """The records of ``body`` (one object, an array, or NDJSON lines) when the exact door
     (``schema.decode_records``) would accept them, decoded in C and checked per batch; None when this path
-    cannot tell (escapes, nulls, carriage returns, any failed check): the caller takes the exact path then."""
-    # backslashes and nulls defeat the quote count below, \r splits NDJSON lines where msgspec does not
-    if b"\\" in body or b"null" in body or b"\r" in body:
+    cannot tell (escapes, carriage returns, any failed check): the caller takes the exact path then."""
+    # a backslash could hide a quote from the count below; \r splits NDJSON lines where msgspec does not
+    if b"\\" in body or b"\r" in body:
         return None
     try:
         if ndjson:
@@ -117,10 +118,20 @@ def decode_batch(body: bytes, *, ndjson: bool) -> list[BatchRecord] | None:
                 return None
         elif any(map(operator.gt, low, high)):
             return None
-    # as schema.check_unique_keys: 7 strings a record besides its payload's keys; a repeated key adds quotes
-    if body.count(b'"') != 2 * (7 * count + len(schema.SIGNALS) * count - nones):
+    # as schema.check_unique_keys: 7 strings a record besides its payload's keys. Every key in the body adds two
+    # quotes, every signal decoded as a number stands for one key: a repeated key or an explicit null (which
+    # check_unique_keys sends to its exact path) leaves more quotes than that, never fewer (no escapes here)
+    if count_byte(body, b'"') != 2 * (7 * count + len(schema.SIGNALS) * count - nones):
         return None
     return records
+
+
+def count_byte(data: bytes, byte: bytes) -> int:
+    """``data.count(byte)`` for one byte: vectorised by numpy past a few KB (``bytes.count`` compares a byte at a
+    time, ~20 us for a 100-record body; numpy ~4 us)."""
+    if len(data) < 4096:
+        return data.count(byte)
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == byte[0]))
 
 
 def stored_lines(records: list[BatchRecord], received_at: dt.datetime) -> bytes:

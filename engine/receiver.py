@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from engine import instruments as m
-from engine.batch_decode import BATCH_MIN_RECORDS, decode_batch, stored_lines
+from engine.batch_decode import BATCH_MIN_RECORDS, count_byte, decode_batch, stored_lines
 from engine.body import READ_ERRORS, content_coding, receive_body, within
 from engine.can.ingest import can_route
 from engine.config import Settings
@@ -354,7 +354,7 @@ class Ingest:
             return body_refusal(exc, settings)
         # a valid record holds exactly two '{' (strings are pattern-limited), so this bounds the records
         # before any of them is decoded: memory and time stay bounded by the limit, not by the body
-        braces = body.count(b"{")
+        braces = count_byte(body, b"{")
         if braces > 2 * receiver.max_records:
             return refuse(413, "too_many_records", f"more than {receiver.max_records} records in one request; split it")
         received_at = dt.datetime.now(UTC)

@@ -57,6 +57,7 @@ def exact(body: bytes, *, ndjson: bool) -> list[schema.Telemetry] | None:
         # frames carrying some signals only; a min without its max
         (ndjson([record(0, battery_soc=..., cell_temp_max=...), record(1, cell_voltage_max=...)]), True),
         (b" [] ", False),
+        (ndjson([{**record(0), "vehicle_id": "null-4"}, record(1)]), True),  # "null" in a value is no null
     ],
 )
 def test_common_bodies_take_the_batch_path_and_store_the_exact_bytes(body: bytes, is_ndjson: bool) -> None:
@@ -108,6 +109,9 @@ def test_random_bodies_never_accepted_by_the_batch_path_alone() -> None:
         ('"EV-', '"EV\\u000a'),
         ("+00:00", ""),
         ("}", "}\r"),
+        ('"battery_soc":', '"battery_soc":null,"battery_soc":'),
+        ('"battery_voltage":', '"battery_voltage":5,"battery_voltage":'),
+        ('"cell_temp_min":', '"cell_temp_max":null,"cell_temp_min":'),
     ]
     fast_count = 0
     for _ in range(1500):
