@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -15,7 +16,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.launch import free_port, healthy, wait_until  # noqa: F401 (the tests import them from here)
 from engine.queues import QueueAttributes, open_queue
@@ -293,3 +296,73 @@ def start_server(start, env: dict[str, str], port: int, workers: int = 2) -> Pro
     assert proc.popen.poll() is None, proc.output()
     wait_for(lambda: len(child_pids(proc.pid)) == workers, 30, f"{workers} receiver workers")
     return proc
+
+
+# <prefix>/raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<digest>.jsonl[.zst] (docs/adr/0002-s3-storage.md)
+RAW_KEY = re.compile(r"raw/year=(\d{4})/month=(\d\d)/day=(\d\d)/hour=(\d\d)/batch-(\d+)-([0-9a-f]{16})\.jsonl(\.zst)?")
+
+
+@dataclass
+class Bucket:
+    """A bucket on moto's server and the prefix canpipe writes under; read with boto3, straight from moto."""
+
+    name: str
+    prefix: str
+    client: Any
+    endpoint: str
+    _seen: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}/{self.prefix}"
+
+    def keys(self, kind: str = "") -> list[str]:
+        """Every object key (with the prefix) under ``<prefix>/<kind>``."""
+        found: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.name, Prefix=f"{self.prefix}/{kind}"
+        ):
+            found += [o["Key"] for o in page.get("Contents", ())]
+        return sorted(found)
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def raw_objects(self) -> dict[str, bytes]:
+        """Every raw object's lines (a .jsonl.zst inflated), by key. Raw objects are create-only, so each is
+        fetched once (the tests poll this while the consumers put)."""
+        import zstandard
+
+        out = {}
+        for key in self.keys("raw/"):
+            if key not in self._seen:
+                body = self.get(key)
+                zstd = zstandard.ZstdDecompressor()
+                self._seen[key] = zstd.decompressobj().decompress(body) if key.endswith(".zst") else body
+            out[key] = self._seen[key]
+        return out
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for body in self.raw_objects().values() for line in body.splitlines()]
+
+    def hours(self) -> list[dt.datetime]:
+        """The UTC hours holding raw objects."""
+        found = set()
+        for key in self.keys("raw/"):
+            match = RAW_KEY.search(key)
+            assert match, f"{key} is not named as the contract says"
+            y, mo, d, h = (int(g) for g in match.groups()[:4])
+            found.add(dt.datetime(y, mo, d, h, tzinfo=dt.UTC))
+        return sorted(found)
+
+    def mirror_raw(self, dest: Path) -> Path:
+        """The raw objects as a local data dir (same relative names, .zst inflated): the local run's input."""
+        for key, body in self.raw_objects().items():
+            relative = key[len(self.prefix) + 1 :].removesuffix(".zst")
+            path = dest / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+        return dest
+
+    def open_uploads(self) -> list[dict]:
+        return self.client.list_multipart_uploads(Bucket=self.name).get("Uploads", [])

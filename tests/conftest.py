@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
-from canpipe_testing import API_KEY, AWS_TEST_ENV, Proc, free_port, http, start_moto, stop_process, wait_until
+from canpipe_testing import API_KEY, AWS_TEST_ENV, Bucket, Proc, free_port, http, start_moto, stop_process, wait_until
 
 
 @pytest.fixture
@@ -86,3 +88,15 @@ def sqs_env(moto_endpoint, monkeypatch) -> dict[str, str]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     url = f"{moto_endpoint}/123456789012/canpipe-{uuid.uuid4().hex[:12]}"
     return AWS_TEST_ENV | {"CANPIPE_QUEUE_URL": url}
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> Bucket:
+    """A fresh bucket on the session's moto server; the AWS variables set for this process too."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    name = f"canpipe-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=AWS_TEST_ENV["AWS_REGION"])
+    client.create_bucket(Bucket=name)
+    return Bucket(name, "fleet", client, moto_endpoint)

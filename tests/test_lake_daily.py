@@ -9,11 +9,9 @@ import os
 import random
 import subprocess
 import sys
-import uuid
 
-import boto3
 import pyarrow.parquet as pq
-from canpipe_testing import AWS_TEST_ENV, ROOT
+from canpipe_testing import ROOT
 from test_lake import (
     HOUR,
     NEXT,
@@ -90,11 +88,9 @@ def test_the_daily_view_answers_as_the_hourly_lake(fleet):  # noqa: F811
     assert query.run(data_dir, sql.format("daily"))[1] == query.run(data_dir, sql.format("parquet"))[1]
 
 
-def test_canpipe_compact_merges_closed_days_locally_and_over_s3(fleet, moto_endpoint, tmp_path_factory):  # noqa: F811
+def test_canpipe_compact_merges_closed_days_locally_and_over_s3(fleet, s3_bucket, tmp_path_factory):  # noqa: F811
     data_dir, _ = fleet
-    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", **_keys())
-    client.create_bucket(Bucket=bucket)
+    bucket, client = s3_bucket.name, s3_bucket.client
     for path in sorted((data_dir / "raw").rglob("*.jsonl")):
         client.put_object(Bucket=bucket, Key=f"fleet/{path.relative_to(data_dir).as_posix()}", Body=path.read_bytes())
 
@@ -112,29 +108,16 @@ def test_canpipe_compact_merges_closed_days_locally_and_over_s3(fleet, moto_endp
 
     local = canpipe({"CANPIPE_DATA_DIR": str(data_dir)})
     assert "merged day 2025-10-19: 3 hours" in local.stdout
-    remote = canpipe(
-        AWS_TEST_ENV
-        | {
-            "AWS_ENDPOINT_URL_S3": moto_endpoint,
-            "CANPIPE_STORAGE_URL": f"s3://{bucket}/fleet",
-            "CANPIPE_DATA_DIR": str(tmp_path_factory.mktemp("jobs")),
-        }
-    )
+
+    def over_s3() -> subprocess.CompletedProcess:  # each run a host of its own: an empty cache
+        scratch = str(tmp_path_factory.mktemp("jobs"))
+        return canpipe({"CANPIPE_STORAGE_URL": f"s3://{bucket}/fleet", "CANPIPE_DATA_DIR": scratch})
+
+    remote = over_s3()
     assert "merged day 2025-10-19: 3 hours" in remote.stdout, remote.stdout + remote.stderr
     key = "fleet/parquet-daily/year=2025/month=10/day=19/part-0.parquet"
     got = tmp_path_factory.mktemp("got") / "part-0.parquet"
     got.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     assert day_rows(got.parent) == day_rows(daily_folder(data_dir, DAY))  # the same rows as the local lake's
-    again = canpipe(
-        AWS_TEST_ENV
-        | {
-            "AWS_ENDPOINT_URL_S3": moto_endpoint,
-            "CANPIPE_STORAGE_URL": f"s3://{bucket}/fleet",
-            "CANPIPE_DATA_DIR": str(tmp_path_factory.mktemp("jobs")),
-        }
-    )
+    again = over_s3()
     assert "nothing to compact" in again.stdout  # compacting twice changes nothing, from another host too
-
-
-def _keys() -> dict[str, str]:
-    return {"aws_access_key_id": AWS_TEST_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": "testing"}

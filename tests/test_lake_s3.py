@@ -36,19 +36,14 @@ SQL = (
 
 
 @pytest.fixture
-def lake_in_bucket(fleet, moto_endpoint, monkeypatch):  # noqa: F811
+def lake_in_bucket(fleet, s3_bucket):  # noqa: F811
     """The fleet's first hour compacted, a late file beside it, and the whole tree put into a fresh bucket
     under a prefix: every other raw file as .jsonl.zst (as CANPIPE_RAW_COMPRESSION=zstd writes them)."""
     data_dir, _ = fleet
     compact_hour(data_dir, HOUR)
     write_raw(data_dir, "batch-0-early.jsonl", stored(fleet_records(HOUR, random.Random(2), 6), NEXT))
     assert compact_hour(data_dir, HOUR).late
-    for name, value in AWS_TEST_ENV.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
-    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=bucket)
+    bucket, client = s3_bucket.name, s3_bucket.client
     compressor = zstandard.ZstdCompressor()
     zipped = 0
     for n, path in enumerate(sorted(p for p in data_dir.rglob("*") if p.is_file())):
@@ -116,20 +111,14 @@ def test_canpipe_query_over_s3_from_the_command_line(lake_in_bucket, tmp_path_fa
 
 def test_compact_over_s3_writes_a_late_file_and_aggregate_over_s3_stays_the_local_bytes(
     fleet,  # noqa: F811
-    moto_endpoint,
-    monkeypatch,
+    s3_bucket,
     tmp_path_factory,
 ):
     """``canpipe compact`` over S3 (the hour mirrored, compacted in the cache, the new files put back): a late
     raw object makes a late Parquet object beside the main one, not a new main one; ``aggregate`` over S3
     then reads both and writes what the local aggregator writes from the raw files."""
     data_dir, _ = fleet
-    for name, value in AWS_TEST_ENV.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
-    bucket = f"canpipe-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=bucket)
+    bucket, client = s3_bucket.name, s3_bucket.client
 
     def put_raw() -> None:
         for path in sorted((data_dir / "raw").rglob("*.jsonl")):

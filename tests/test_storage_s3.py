@@ -8,10 +8,8 @@ import dataclasses
 import datetime as dt
 import json
 import time
-import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 import zstandard
 from canpipe_testing import AWS_TEST_ENV, make_record
@@ -30,15 +28,9 @@ HOUR = Hour(2026, 3, 14, 15)
 
 
 @pytest.fixture
-def bucket(moto_endpoint, monkeypatch):
-    """A fresh bucket on the session's moto server, and the AWS variables pointing at it."""
-    for name, value in AWS_TEST_ENV.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
-    name = f"canpipe-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    return name, client
+def bucket(s3_bucket):
+    """A fresh bucket on the session's moto server (``s3_bucket``), as (name, boto3 client)."""
+    return s3_bucket.name, s3_bucket.client
 
 
 def keys(client, bucket: str) -> dict[str, bytes]:

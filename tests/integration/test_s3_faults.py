@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from canpipe_testing import ROOT, key, make_record, post_json, queue_empty, queue_stats, wait_for
-from integration.conftest import Bucket, can_name_hosts
+from canpipe_testing import ROOT, Bucket, key, make_record, post_json, queue_empty, queue_stats, wait_for
+from integration.conftest import can_name_hosts
 from s3_proxy import S3FaultProxy
 
 from engine.errors import StorageError

@@ -13,8 +13,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from canpipe_testing import ROOT, key, make_record, on_disk, post_json, queue_counts, queue_empty, wait_for
-from integration.conftest import RAW_KEY, Bucket, can_name_hosts
+from canpipe_testing import (
+    RAW_KEY,
+    ROOT,
+    Bucket,
+    key,
+    make_record,
+    on_disk,
+    post_json,
+    queue_counts,
+    queue_empty,
+    wait_for,
+)
+from integration.conftest import can_name_hosts
 from test_lake import truth_rows
 
 pytestmark = pytest.mark.slow
