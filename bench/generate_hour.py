@@ -10,7 +10,8 @@ records is duplicated (some in other files, as redelivery does), and files rotat
 (the receiver's exact bytes), ``ms`` / ``s`` (timestamps in milliseconds / whole seconds), ``offset``
 (``+00:00`` instead of ``Z``), ``keys`` (other key order), ``spaces`` (a space after ``:`` and ``,``),
 ``absent`` (every signal listed, ``null`` where the frame does not carry it, some carried ones left out),
-``extra`` (an unknown field on every line: corrupt by contract, the door refuses unknown fields), or
+``extra`` (fields the record does not have on every line, at the top and in the payload: the aggregator
+ignores them, as DuckDB's ``read_json`` with explicit columns does; the door would refuse them), or
 ``mixed`` (each line one of these at random, 1 % with an unknown field).
 
     python bench/generate_hour.py DATA_DIR --rate 500 --vehicles 1000 --duplicates 0.01 [--hour 2025-10-19T17]
@@ -74,6 +75,7 @@ def render(record: dict, shape: str, rng: np.random.Generator) -> bytes:
         }
     elif shape == "extra":
         out["source"] = "logger-7"
+        out["payload"] = {**out["payload"], "coolant_temp": 21.5}
     return _encoder.encode(out) + b"\n"
 
 

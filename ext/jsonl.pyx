@@ -3,8 +3,11 @@
 
 The fast path reads a stored record as any writer may render it: keys in any order, JSON whitespace,
 timestamps with 0 to 6 fraction digits and ``Z`` or a ``+HH:MM`` offset, signals absent or ``null``, the
-optional ``dbc`` of a record decoded from a CAN frame. A key the schema does not have makes the line corrupt on the spot (the twin refuses it whatever else the
-line holds). Any other deviation (escapes, a key seen twice, 7+ fraction digits, a number JSON would not
+optional ``dbc`` of a record decoded from a CAN frame. A key the schema does not have, at the top or in the
+payload: with ``extra="refuse"`` (the consumer's check of stored lines) the line is corrupt on the spot (the
+twin refuses it whatever else the line holds); with ``extra="skip"`` (the aggregator, reading any writer's
+lines) its value, any JSON value, is skipped unread (a string with an escape or a non-ASCII byte, nesting
+past 64 levels or a number the fast path does not read goes to the twin). Any other deviation (escapes, a key seen twice, 7+ fraction digits, a number JSON would not
 accept, a CAN id other than ``0x`` + 1..8 hex digits...) goes to the pure-Python twin for that one line,
 so both implementations accept and reject exactly the same lines.
 """
@@ -295,10 +298,49 @@ cdef inline int after_value(const char* p, Py_ssize_t* i, Py_ssize_t end) noexce
     return -1
 
 
-cdef inline int payload(const char* p, Py_ssize_t* i, Py_ssize_t end, double* v) noexcept nogil:
+DEF MAX_SKIP_DEPTH = 64
+
+
+cdef int skip_value(const char* p, Py_ssize_t* i, Py_ssize_t end, int depth) noexcept nogil:
+    """Past one JSON value of a field the schema does not have (``extra="skip"``): ROW, i past it; ASK_TWIN
+    for what the fast path does not check itself (escapes and non-ASCII in strings, which the twin
+    decodes for their UTF-8; a number outside its grammar or range; nesting past MAX_SKIP_DEPTH)."""
+    cdef Py_ssize_t j, at, n
+    cdef double ignored
+    cdef char c
+    cdef int more
+    if i[0] >= end or depth > MAX_SKIP_DEPTH:
+        return ASK_TWIN
+    c = p[i[0]]
+    if c == 34:  # a string of printable ASCII
+        return ROW if printable_string(p, i, end) else ASK_TWIN
+    if c == 123 or c == 91:  # an object or an array
+        i[0] = skip_space(p, i[0] + 1, end)
+        if i[0] < end and p[i[0]] == c + 2:  # } is { + 2, ] is [ + 2
+            i[0] += 1
+            return ROW
+        while True:
+            if c == 123 and key_at(p, i, end, &at, &n) != ROW:
+                return ASK_TWIN
+            if skip_value(p, i, end, depth + 1) != ROW:
+                return ASK_TWIN
+            i[0] = skip_space(p, i[0], end)
+            if i[0] < end and p[i[0]] == 44:
+                i[0] = skip_space(p, i[0] + 1, end)
+            elif i[0] < end and p[i[0]] == c + 2:
+                i[0] += 1
+                return ROW
+            else:
+                return ASK_TWIN
+    if expect(p, i, end, b"null", 4) or expect(p, i, end, b"true", 4) or expect(p, i, end, b"false", 5):
+        return ROW
+    return ROW if number(p, i, end, &ignored) else ASK_TWIN
+
+
+cdef inline int payload(const char* p, Py_ssize_t* i, Py_ssize_t end, double* v, bint skip_extra) noexcept nogil:
     """The payload object at p[i]: signals in any order, ``null`` or a number each. A key that is no
-    signal makes the line corrupt (the stored-record schema has no such field); a key seen twice, a
-    value of another type, anything unusual: ASK_TWIN."""
+    signal makes the line corrupt (the stored-record schema has no such field), or with ``skip_extra``
+    its value is skipped; a key seen twice, a value of another type, anything unusual: ASK_TWIN."""
     cdef Py_ssize_t at, n
     cdef int s, k, key, guess = 0, more, seen = 0
     if i[0] >= end or p[i[0]] != 123:
@@ -322,8 +364,17 @@ cdef inline int payload(const char* p, Py_ssize_t* i, Py_ssize_t end, double* v)
                 if NAME_LEN[s] == n and memcmp(p + at, NAMES[s], n) == 0:
                     key = s
                     break
-            if key < 0:  # no such signal: the twin refuses the line whatever else it holds
+            if key < 0 and not skip_extra:  # no such signal: the twin refuses the line whatever else it holds
                 return CORRUPT
+            if key < 0:
+                if skip_value(p, i, end, 1) != ROW:
+                    return ASK_TWIN
+                more = after_value(p, i, end)
+                if more < 0:
+                    return ASK_TWIN
+                if more == 0:
+                    return ROW
+                continue
         guess = key + 1
         if seen & (1 << key):
             return ASK_TWIN
@@ -398,10 +449,11 @@ cdef inline bint can_id(const char* p, Py_ssize_t* i, Py_ssize_t end, long long*
 
 
 cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, HourCache* client_hour,
-                HourCache* ingest_hour) noexcept nogil:
+                HourCache* ingest_hour, bint skip_extra) noexcept nogil:
     """One line as any writer may render a stored record: keys in any order, JSON whitespace, timestamps
     with 0 to 6 fraction digits and ``Z`` or an offset, signals absent or ``null``. A key the schema does
-    not have makes the line corrupt, as the twin finds it; any other shape is for the twin (ASK_TWIN)."""
+    not have makes the line corrupt, as the twin finds it, or with ``skip_extra`` its value is skipped; any
+    other shape is for the twin (ASK_TWIN)."""
     cdef Py_ssize_t i = skip_space(p, start, end), at, n
     cdef int key, seen = 0, more, s, guess = K_TIMESTAMP
     cdef bint ok
@@ -419,8 +471,17 @@ cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, Hour
             if key_at(p, &i, end, &at, &n) != ROW:
                 return ASK_TWIN
             key = record_key(p + at, n)
-            if key < 0:  # no such field: the twin refuses the line whatever else it holds
+            if key < 0 and not skip_extra:  # no such field: the twin refuses the line whatever else it holds
                 return CORRUPT
+            if key < 0:
+                if skip_value(p, &i, end, 1) != ROW:
+                    return ASK_TWIN
+                more = after_value(p, &i, end)
+                if more < 0:
+                    return ASK_TWIN
+                if more == 0:
+                    break
+                continue
         guess = (key + 1) % 5
         if seen & (1 << key):
             return ASK_TWIN
@@ -436,7 +497,7 @@ cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, Hour
         elif key == K_DBC:
             ok = printable_string(p, &i, end)  # kept in raw data only; null or anything else: the twin
         else:
-            s = payload(p, &i, end, r.v)
+            s = payload(p, &i, end, r.v, skip_extra)
             if s != ROW:
                 return s
             ok = True
@@ -452,12 +513,14 @@ cdef int record(const char* p, Py_ssize_t start, Py_ssize_t end, Record* r, Hour
     return ROW
 
 
-def parse_lines(const unsigned char[::1] data, dict vehicles):
-    """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied."""
+def parse_lines(const unsigned char[::1] data, dict vehicles, str extra="refuse"):
+    """``data``: any buffer (bytes, a memoryview of an mmap) of whole lines; nothing is copied. ``extra``:
+    "refuse" (a field the stored record does not have makes the line corrupt) or "skip" (ignored)."""
     cdef Py_ssize_t size = data.shape[0]
     cdef const char* p = NULL
+    cdef bint skip_extra = _jsonl_py.skips_extra(extra)
     if size == 0:
-        return _jsonl_py.parse_lines(b"", vehicles)
+        return _jsonl_py.parse_lines(b"", vehicles, extra)
     p = <const char*>&data[0]
     cdef Py_ssize_t capacity = 1, at = 0
     cdef const char* found
@@ -504,7 +567,7 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
         if blank:
             start = end + 1
             continue
-        verdict = record(p, start, end, &r, &client_hour, &ingest_hour)
+        verdict = record(p, start, end, &r, &client_hour, &ingest_hour, skip_extra)
         if verdict == ROW:
             # vehicle index, once the line is known good (the twin adds no vehicle for a bad line): a
             # direct-mapped cache keyed by the id's FNV-1a hash, verified byte for byte; only a miss builds
@@ -537,7 +600,7 @@ def parse_lines(const unsigned char[::1] data, dict vehicles):
             bad.append(number_of_line)
         else:
             # a shape the fast path does not read: the reference decides, for this one line
-            one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles)
+            one = _jsonl_py.parse_lines(bytes(data[start:end]), vehicles, extra)
             if one.bad_lines:
                 bad.append(number_of_line)
             elif len(one.can_id):

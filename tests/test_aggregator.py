@@ -385,9 +385,10 @@ def test_bad_lines_are_reported_and_skipped_and_the_hour_is_aggregated(tmp_path,
 
 
 def test_a_writer_the_door_would_refuse_is_counted_listed_to_100_and_logged_in_bounded_lines(tmp_path, scanner, caplog):
-    # an unknown field on every line: corrupt by contract, and 250 of them must not mean 250 log lines
+    # a CAN id the door refuses (0X...) on every line: corrupt, and 250 of them must not mean 250 log lines
     good = fleet(vehicles=2, per_vehicle=10)
-    foreign = [line.replace(b"}\n", b',"source":"logger-7"}\n') for line in fleet(seed=9)[:250]]
+    foreign = [line.replace(b'"can_id":"0x', b'"can_id":"0X') for line in fleet(seed=9)[:250]]
+    assert all(b'"0X' in line for line in foreign)
     path = write(tmp_path, good + foreign)
     doc = run(tmp_path)
     rel = path.relative_to(tmp_path / "raw")
@@ -413,6 +414,31 @@ def test_other_writers_lines_aggregate_to_the_same_bytes_as_the_receivers(tmp_pa
     write(ours, lines)
     write(theirs, [_as_other_writer(line, k) for k, line in enumerate(lines)])
     run(ours), run(theirs)
+    assert aggregator.output_path(theirs, HOUR).read_bytes() == aggregator.output_path(ours, HOUR).read_bytes()
+    assert_aggregate_matches(theirs, HOUR)
+
+
+EXTRA_VALUES = ['"logger-7"', "17", "-1.5e3", "null", "true", "false", '{"a":[1,{"b":null}]}', "[]", "{}", '"é"']
+EXTRA_VALUES += ['"a\\"b"', "1e400", "[" * 80 + "]" * 80]  # an escape, a number past float, deep nesting: the twin
+
+
+def _with_extra_fields(line: bytes, k: int) -> bytes:
+    """``line`` with fields the stored record does not have, at the top and in the payload, as other tools
+    add them (a source, a sequence number, a nested object...)."""
+    value = EXTRA_VALUES[k % len(EXTRA_VALUES)].encode()
+    line = line.replace(b'"payload":{', b'"payload":{"coolant_temp":' + value + b",", 1) if k % 2 else line
+    return line.replace(b"}\n", b',"source":' + value + b"}\n") if k % 3 else b'{"seq":' + value + b"," + line[1:]
+
+
+def test_unknown_fields_are_ignored_and_the_hour_aggregates_to_the_same_bytes(tmp_path, scanner):
+    lines = fleet(vehicles=4, per_vehicle=60)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    write(ours, lines)
+    foreign = [_with_extra_fields(line, k) for k, line in enumerate(lines)]
+    assert all(a != b for a, b in zip(lines, foreign))
+    write(theirs, foreign)
+    run(ours)
+    assert run(theirs)["input"]["corrupt_lines"] == 0
     assert aggregator.output_path(theirs, HOUR).read_bytes() == aggregator.output_path(ours, HOUR).read_bytes()
     assert_aggregate_matches(theirs, HOUR)
 

@@ -315,6 +315,110 @@ RFC3339_EDGES = [
 SCANNER_CASES = CORPUS + RFC3339_EDGES
 
 
+# with extra="skip" (the aggregator reading any writer's lines) a field the stored record does not have is
+# ignored, whatever its JSON value, at the top or in the payload; the line must still be JSON and UTF-8
+# throughout (tests/test_aggregator_truth.py holds the ground truth to the same verdicts)
+SKIPPED = {
+    "deep nesting in an unknown field": None,
+    "unknown field": (0x132, 50.5),
+    "unknown signal": (0x132, 1.0),
+    "non-UTF-8 in an unknown field": None,
+    "an unknown field first": (0x132, 50.5),
+    "an unknown field, spaces": (0x132, 50.5),
+    "an unknown escaped field": (0x132, 50.5),
+    "an unknown signal, other order": (0x132, None),
+}
+EXTRA_VALUES = [
+    (b'"logger-7"', True),
+    (b'""', True),
+    (b"17", True),
+    (b"-1.5e3", True),
+    (b"1e400", True),  # JSON grammar; only a signal must be finite
+    (b"null", True),
+    (b"true", True),
+    (b"false", True),
+    (b'{"a":[1,{"b":null}],"c":{}}', True),
+    (b'{ "a" : [ 1 , 2 ] }', True),
+    (b"[]", True),
+    (b'[1,"x",[2.5,[]]]', True),
+    (b"[" * 80 + b"]" * 80, True),  # past the fast path's depth: the twin
+    ('"é"'.encode(), True),
+    (b'"a\\"b\\u00e9"', True),
+    (b'"\\ud800"', False),  # a lone surrogate: no text (the door refuses it too)
+    (b'"\xff"', False),
+    (b'"\x01"', False),
+    (b'"abc', False),
+    (b"[1,]", False),
+    (b"[1 2]", False),
+    (b'{"a" 1}', False),
+    (b"{1:2}", False),
+    (b'{"a":1,}', False),
+    (b"01", False),
+    (b"-", False),
+    (b"nul", False),
+    (b"NaN", False),
+    (b"", False),
+]
+EXTRA_FIELD_CASES = [
+    *[(f"top-level {v!r}", stored(extra=b',"source":' + v), (0x132, 50.5) if ok else None) for v, ok in EXTRA_VALUES],
+    *[
+        (
+            f"payload {v!r}",
+            stored(payload=b'{"coolant_temp":' + v + b',"battery_soc":50.5}'),
+            (0x132, 50.5) if ok else None,
+        )
+        for v, ok in EXTRA_VALUES
+    ],
+    ("first, spaces", written(lead=b'{ "seq" : [ 1 ] , ', open=False, sep=b" , ", colon=b" : "), (0x132, 50.5)),
+    ("several, twice", stored(extra=b',"x":1,"x":"2","y":{}'), (0x132, 50.5)),
+    ("named like a field, in the payload", stored(payload=b'{"battery_soc":50.5,"can_id":"0x7"}'), (0x132, 50.5)),
+]
+SKIP_CASES = [(case, line, SKIPPED.get(case, want)) for case, line, want in SCANNER_CASES] + EXTRA_FIELD_CASES
+
+
+def _assert_scanned(cols, case, expected):
+    if expected is None:
+        assert cols.bad_lines == [1] and len(cols.can_id) == 0, f"{case}: should be a corrupt line"
+        return
+    can_id, soc = expected
+    assert cols.bad_lines == [] and cols.can_id.tolist() == [can_id], case
+    if soc is None:
+        assert math.isnan(cols.values[0, 0])
+    else:
+        assert cols.values[0, 0] == soc and math.copysign(1, cols.values[0, 0]) == math.copysign(1, soc)
+
+
+@pytest.mark.parametrize("case, line, expected", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
+def test_scanner_skipping_unknown_fields(parse, case, line, expected):
+    _assert_scanned(parse(line + b"\n", {}, "skip"), case, expected)
+
+
+@pytest.mark.parametrize("case, line, expected", EXTRA_FIELD_CASES, ids=[c[0] for c in EXTRA_FIELD_CASES])
+def test_scanner_refusing_unknown_fields_by_default(parse, case, line, expected):
+    # the consumer's check of what it stores: an unknown field makes the line corrupt, whatever its value
+    _assert_scanned(parse(line + b"\n", {}), case, None)
+    _assert_scanned(parse(line + b"\n", {}, "refuse"), case, None)
+
+
+def test_the_scanner_names_its_modes(parse):
+    with pytest.raises(ValueError, match="extra must be one of"):
+        parse(stored() + b"\n", {}, "ignore")
+
+
+@pytest.mark.skipif(
+    jsonl.IMPLEMENTATION != "c", reason="compiled scanner not selected (CANPIPE_NO_EXTENSIONS=1, or not built)"
+)
+def test_scanner_twins_agree_on_the_whole_corpus_skipping_unknown_fields():
+    data = b"\n".join(line for _, line, _ in SKIP_CASES) + b"\n"
+    results = [(impl, {}) for impl in (jsonl.parse_lines, _jsonl_py.parse_lines)]
+    a, b = (impl(data, vehicles, "skip") for impl, vehicles in results)
+    assert results[0][1] == results[1][1] and a.bad_lines == b.bad_lines and a.lines == b.lines == len(SKIP_CASES)
+    assert a.bad_lines == [n for n, (_, _, want) in enumerate(SKIP_CASES, 1) if want is None]
+    for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.values.tobytes() == b.values.tobytes()
+
+
 @pytest.mark.parametrize("case, line, expected", SCANNER_CASES, ids=[c[0] for c in SCANNER_CASES])
 def test_scanner_edge_case(parse, case, line, expected):
     cols = parse(line + b"\n", {})
@@ -426,6 +530,13 @@ def test_scanner_twins_agree_on_any_writers_lines(records):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert a.values.tobytes() == b.values.tobytes()
     assert a.timestamp_us.tolist() == [r["us"] - r["us"] % 10 ** (6 - r["fraction"]) for r in records if not r["extra"]]
+    # the aggregator's mode: the unknown field is ignored, every line is a row, on both twins alike
+    a, b = (impl(data, {}, "skip") for impl in (jsonl.parse_lines, _jsonl_py.parse_lines))
+    assert a.bad_lines == b.bad_lines == [] and len(a.can_id) == len(records)
+    for name in ("timestamp_us", "ingest_us", "vehicle", "can_id"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.values.tobytes() == b.values.tobytes()
+    assert a.timestamp_us.tolist() == [r["us"] - r["us"] % 10 ** (6 - r["fraction"]) for r in records]
 
 
 # --- one signal list: the schema's, the scanner twins' and the compiled fast path's ---------------------

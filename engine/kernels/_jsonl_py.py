@@ -6,8 +6,10 @@ columns: client timestamp and ingest time (int64 microseconds since the epoch), 
 (float64, NaN where absent). Lines that are not valid stored records are returned by number (1-based,
 within ``data``) and contribute no row: whatever a line holds, it never raises. A valid CAN id is the
 schema's ``0x`` + 1..8 hex digits (not ``10``, ``0x1_0``, ``0X10`` or 17 digits); a non-finite number
-(``1e400``) or a field the stored-record schema does not have makes the line corrupt, as the door would
-have refused it.
+(``1e400``) makes the line corrupt, as the door would have refused it. A field the stored-record schema
+does not have (at the top or in the payload) makes the line corrupt with ``extra="refuse"`` (the consumer's
+check of what it stores) and is ignored with ``extra="skip"`` (the aggregator reading any writer's lines;
+the line must still be valid JSON and UTF-8 throughout).
 """
 
 from __future__ import annotations
@@ -36,30 +38,43 @@ MICROSECOND = dt.timedelta(microseconds=1)
 CAN_ID = re.compile(r"0x[0-9A-Fa-f]{1,8}")  # the schema's pattern, matched whole (``int(x, 16)`` takes more)
 
 
-# no range checks here: stored lines were validated at the door; but the shape is exact (no unknown field,
-# which the door refuses and which msgspec would skip unread, invalid UTF-8 included), so that the twins
-# and any other reader agree on what a record is; gc=False keeps millions of them cheap
-_Payload = msgspec.defstruct(
-    "_Payload", [(name, float | None, None) for name in SIGNALS], gc=False, forbid_unknown_fields=True
-)
+# no range checks here: stored lines were validated at the door; but the shape is exact (with "refuse", no
+# unknown field, which the door refuses; with "skip", an unknown field's value is skipped by msgspec, which
+# reads past invalid UTF-8 in it: parse_lines checks that), so that the twins and any other reader agree on
+# what a record is; gc=False keeps millions of them cheap
+def _payload_type(forbid_unknown_fields: bool) -> Any:
+    fields = [(name, float | None, None) for name in SIGNALS]
+    return msgspec.defstruct("_Payload", fields, gc=False, forbid_unknown_fields=forbid_unknown_fields)
 
 
-_Line = msgspec.defstruct(
-    "_Line",
-    [
-        ("timestamp", dt.datetime),
-        ("vehicle_id", str),
-        ("can_id", str),
-        ("payload", _Payload),
-        ("ingest_received_at", dt.datetime),
-        ("dbc", str | None, None),  # a record decoded from a CAN frame: its DBC's hash, kept in raw data only
-    ],
-    gc=False,
-    forbid_unknown_fields=True,
-)
+def _line_type(payload: Any, forbid_unknown_fields: bool) -> Any:
+    return msgspec.defstruct(
+        "_Line",
+        [
+            ("timestamp", dt.datetime),
+            ("vehicle_id", str),
+            ("can_id", str),
+            ("payload", payload),
+            ("ingest_received_at", dt.datetime),
+            ("dbc", str | None, None),  # a record decoded from a CAN frame: its DBC's hash, kept in raw data only
+        ],
+        gc=False,
+        forbid_unknown_fields=forbid_unknown_fields,
+    )
 
 
-_decoder = msgspec.json.Decoder(_Line)
+_Payload = _payload_type(forbid_unknown_fields=True)
+_Line = _line_type(_Payload, forbid_unknown_fields=True)
+_LineSkippingExtra = _line_type(_payload_type(forbid_unknown_fields=False), forbid_unknown_fields=False)
+EXTRA = ("refuse", "skip")  # what a field the stored record does not have does to its line
+_decoders = {"refuse": msgspec.json.Decoder(_Line), "skip": msgspec.json.Decoder(_LineSkippingExtra)}
+
+
+def skips_extra(extra: str) -> bool:
+    """``extra`` checked: True for "skip", False for "refuse"."""
+    if extra not in EXTRA:
+        raise ValueError(f"extra must be one of {EXTRA}, not {extra!r}")
+    return extra == "skip"
 
 
 class Columns(msgspec.Struct):
@@ -76,7 +91,9 @@ def _micros(moment: dt.datetime) -> int:
     return (moment - EPOCH) // MICROSECOND
 
 
-def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
+def parse_lines(data: bytes | memoryview, vehicles: dict[str, int], extra: str = "refuse") -> Columns:
+    skip_extra = skips_extra(extra)
+    decoder = _decoders[extra]
     data = bytes(data)
     rows = []
     bad = []
@@ -85,7 +102,9 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int]) -> Columns:
         if not line.strip():
             continue
         try:
-            record: Any = _decoder.decode(line)  # a defstruct: its fields are not visible to mypy
+            record: Any = decoder.decode(line)  # a defstruct: its fields are not visible to mypy
+            if skip_extra and not line.isascii():
+                line.decode()  # msgspec skips an unknown field's string unread: its UTF-8 is checked here
             if not CAN_ID.fullmatch(record.can_id):
                 raise ValueError("can_id is not 0x + 1..8 hex digits")
             if record.timestamp.tzinfo is None or record.ingest_received_at.tzinfo is None:
