@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -27,6 +25,8 @@ class ApiKey:
 
 def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
     """Parse ``key_id:secret,key_id:secret``; only SHA-256 digests of the secrets are kept."""
+    from hashlib import sha256  # here, not at start-up: OpenSSL's load costs every command 5-10 ms
+
     keys = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key_id, sep, secret = item.partition(":")
@@ -36,7 +36,7 @@ def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
             # 'ops : s3cret' would silently make the id 'ops ' and the secret ' s3cret'
             raise ConfigError(f"CANPIPE_API_KEYS: no spaces around ':' (key id {key_id.strip()!r})")
         # UTF-8, as clients send it: the receiver compares the header's raw bytes
-        keys.append(ApiKey(key_id, hashlib.sha256(secret.encode()).digest()))
+        keys.append(ApiKey(key_id, sha256(secret.encode()).digest()))
     ids = [k.key_id for k in keys]
     if len(set(ids)) != len(ids):
         raise ConfigError("CANPIPE_API_KEYS: key ids must be unique")
@@ -152,7 +152,9 @@ def unknown_names(env: Mapping[str, str] | None = None) -> list[str]:
             continue
         # compared without the common prefix, which would make any two names look alike
         suffix = name.removeprefix("CANPIPE_")
-        near = difflib.get_close_matches(suffix, [k.removeprefix("CANPIPE_") for k in known], n=1, cutoff=0.6)
+        from difflib import get_close_matches  # only for a variable canpipe does not know
+
+        near = get_close_matches(suffix, [k.removeprefix("CANPIPE_") for k in known], n=1, cutoff=0.6)
         hint = f"; did you mean CANPIPE_{near[0]}?" if near else ""
         warnings.append(f"{name} is not a canpipe setting and is ignored{hint}")
     return warnings

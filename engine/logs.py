@@ -19,8 +19,6 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from engine.errors import ConfigError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -30,7 +28,15 @@ FORMATS = ("json", "text")
 QUIET_LIBRARIES = ("aiobotocore", "botocore", "boto3", "urllib3", "asyncio")
 # the attributes every LogRecord has; anything else on a record came in through ``extra``
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-_encoder = msgspec.json.Encoder(enc_hook=str)  # an extra field of any type renders as its str()
+_encoders: list[Any] = []  # msgspec's Encoder, built by the first JSON event: --help and text logs never load msgspec
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    if not _encoders:
+        import msgspec
+
+        _encoders.append(msgspec.json.Encoder(enc_hook=str))  # an extra field of any type renders as its str()
+    return _encoders[0].encode(event)  # type: ignore[no-any-return]
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -58,7 +64,7 @@ class JsonFormatter(logging.Formatter):
             event["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         elif record.stack_info:
             event["stack"] = record.stack_info
-        return _encoder.encode(event).decode()
+        return _encode(event).decode()
 
 
 class TextFormatter(logging.Formatter):

@@ -555,6 +555,10 @@ def test_canpipe_aggregate_starts_without_numpy_and_never_loads_the_servers_libr
     for argv in (["aggregate", "--help"], ["aggregate", "--data-dir", str(tmp_path)]):
         modules = _loaded_by_cli(*argv)
         assert "numpy" not in modules and not modules & set(HEAVY), (argv, sorted(modules & {"numpy", *HEAVY}))
+    # --help (any command's, from the shared start-up: engine, cli, config, logs) loads neither msgspec (the
+    # JSON log encoder is built by the first JSON event) nor OpenSSL's hashlib nor difflib
+    modules = _loaded_by_cli("aggregate", "--help")
+    assert not modules & {"msgspec", "hashlib", "_hashlib", "difflib"}, sorted(modules)
     write(tmp_path, fleet(vehicles=2, per_vehicle=5))
     modules = _loaded_by_cli("aggregate", "--data-dir", str(tmp_path), "--hour", HOUR.strftime("%Y-%m-%dT%H"))
     assert aggregator.output_path(tmp_path, HOUR).exists()
