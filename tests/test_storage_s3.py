@@ -267,7 +267,9 @@ def test_a_consumer_holds_records_to_the_object_size_then_puts_and_deletes(bucke
     took, objects = consume_until(settings, bodies, client, name, lambda objects: len(objects) >= 1)
     assert took < 20
     written = b"".join(objects.values())
-    assert len(objects) == 1 and size // 2 <= len(written) < size  # one object at the size trigger, not per message
+    # put at the size trigger (the timer is 10 min away), as one object: not one per message, not before half
+    # the backlog was held (all of it, when the receives outran the flush on a loaded machine)
+    assert len(objects) == 1 and size // 2 <= len(written) <= size
     assert set(written.splitlines()) <= set(b"".join(bodies).splitlines())
 
 
