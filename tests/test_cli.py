@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from canpipe_testing import make_record, modules_loaded_by, post_json, queue_stats
+from canpipe_testing import AWS_TEST_ENV, make_record, modules_loaded_by, post_json, queue_stats
 
 from engine.cli import main
 
@@ -28,6 +28,18 @@ def test_run_drives_the_whole_pipeline_and_reports(env, data_dir):
         assert f"\n{stage} " in out
     assert str(data_dir / "raw") in out
     assert list((data_dir / "raw").glob("year=*/month=*/day=*/hour=*/batch-*.jsonl"))
+
+
+def test_run_on_an_s3_storage_root_reads_its_records_back_from_the_bucket(env, data_dir, s3_bucket):
+    s3 = env | AWS_TEST_ENV | {"CANPIPE_STORAGE_URL": s3_bucket.url, "AWS_ENDPOINT_URL_S3": s3_bucket.endpoint}
+    s3 |= {"CANPIPE_RAW_COMPRESSION": "zstd"}
+    done = canpipe("run", "--data-dir", str(data_dir), "--duration", "2", "--vehicles", "3", "--rate-ms", "100", env=s3)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "missing 0" in done.stdout and f"storage {s3_bucket.url}" in done.stdout
+    accepted = int(done.stdout.split("accepted ", 1)[1].split(",", 1)[0])
+    assert accepted > 0 and len(s3_bucket.records()) >= accepted  # in the bucket, not on the local disk
+    assert all(key.endswith(".jsonl.zst") for key in s3_bucket.keys("raw/"))
+    assert not list(data_dir.glob("raw/**/*.jsonl"))
 
 
 def test_the_command_loads_only_settings_and_errors_until_a_command_runs():
