@@ -92,6 +92,18 @@ def test_check_passes_and_fails_with_reasons(env, data_dir, capsys, monkeypatch)
     assert "FAIL CANPIPE_DATA_DIR" in capsys.readouterr().out
 
 
+def test_check_lists_the_bucket_of_an_s3_storage_root(env, capsys, monkeypatch, s3_bucket):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CANPIPE_STORAGE_URL", s3_bucket.url)
+    assert main(["check"]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    monkeypatch.setenv("CANPIPE_STORAGE_URL", f"s3://{s3_bucket.name}-gone/fleet")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL CANPIPE_STORAGE_URL: s3://{s3_bucket.name}-gone/fleet is not usable" in out and "NoSuchBucket" in out
+
+
 def test_queue_admin_commands(env, data_dir, capsys, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
