@@ -19,24 +19,26 @@ from __future__ import annotations
 import datetime as dt
 import operator
 import re
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 
 from engine import schema
-from engine.schema import UTC, CellTemp, CellVoltage, PackCurrent, PackVoltage, Timestamp
+from engine.schema import UTC, Timestamp
 
-
-class BatchPayload(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """``schema.Payload`` without its ``__post_init__`` (min <= max, at least one signal: checked per batch)."""
-
-    battery_soc: schema.SOC | None = None
-    battery_voltage: PackVoltage | None = None
-    battery_current: PackCurrent | None = None
-    cell_voltage_min: CellVoltage | None = None
-    cell_voltage_max: CellVoltage | None = None
-    cell_temp_min: CellTemp | None = None
-    cell_temp_max: CellTemp | None = None
+# ``schema.Payload`` without its ``__post_init__`` (min <= max, at least one signal: checked per batch); made
+# from Payload's own fields, so the two can never disagree on a signal, its range or its default
+if TYPE_CHECKING:  # the same fields, for the type checker
+    BatchPayload = schema.Payload
+else:
+    BatchPayload = msgspec.defstruct(
+        "BatchPayload",
+        [(f.name, f.type, f.default) for f in msgspec.structs.fields(schema.Payload)],
+        module=__name__,
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+    )
 
 
 class BatchRecord(msgspec.Struct, forbid_unknown_fields=True):
