@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -543,8 +544,10 @@ HEAVY = ("asyncio", "starlette", "granian", "aiobotocore", "botocore", "uvloop",
 
 
 def _loaded_by_cli(*argv: str) -> set[str]:
+    # without coverage's subprocess measurement (CI's --cov): it loads hashlib and more into the child itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
     done = subprocess.run(
-        [sys.executable, "-c", LOADED_BY_CLI, *argv], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", LOADED_BY_CLI, *argv], capture_output=True, text=True, timeout=60, check=True, env=env
     )
     return set(done.stdout.rsplit("loaded:", 1)[1].split())
 
