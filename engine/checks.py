@@ -129,8 +129,11 @@ def run_checks(settings: Settings, *, serving: bool = True, queue: bool = True, 
         problems.append(f"CANPIPE_DATA_DIR: {settings.data_dir} is not writable: {why}")
     if queue and (why := _queue_problem(settings.queue_url)) is not None:
         problems.append(f"CANPIPE_QUEUE_URL: queue {settings.queue_url} is not reachable: {why}")
-    if queue and settings.storage_url.is_s3 and (why := _storage_problem(settings)) is not None:
-        problems.append(f"CANPIPE_STORAGE_URL: {settings.storage_url} is not usable: {why}")
+    if settings.storage_url.is_s3:
+        if importlib.util.find_spec("aiobotocore") is None:  # said at start-up, not as a crash loop of workers
+            problems.append(f"CANPIPE_STORAGE_URL: {settings.storage_url} is S3, which needs pip install 'canpipe[s3]'")
+        elif queue and (why := _storage_problem(settings)) is not None:
+            problems.append(f"CANPIPE_STORAGE_URL: {settings.storage_url} is not usable: {why}")
     if os.environ.get("CANPIPE_REQUIRE_COMPILED", "") == "1":
         missing = [name for name, (impl, _) in kernel_implementations().items() if impl != "c"]
         if missing:

@@ -160,4 +160,5 @@ def run(url: str, interval_s: float = 1.0) -> int:
         return 0
     finally:
         if saved is not None:
-            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+            # TCSANOW: TCSADRAIN would wait for the screen to drain, forever when the terminal stopped reading
+            termios.tcsetattr(sys.stdin, termios.TCSANOW, saved)

@@ -73,7 +73,8 @@ def test_the_default_install_leaves_sqs_to_its_extra_and_test_keeps_every_extra(
     extras = project["optional-dependencies"]
     assert names(extras["sqs"]) == {"aiobotocore"} and {"duckdb", "pyarrow"} <= names(extras["lake"])
     assert {"cantools", "python-can"} <= names(extras["can"]) and {"locust"} <= names(extras["load"])
-    assert "canpipe[sqs,lake,can,load]" in extras["test"], "CI (pip install -e .[test]) must test every extra"
+    assert {"aiobotocore", "zstandard"} <= names(extras["s3"])
+    assert "canpipe[sqs,s3,lake,can,load]" in extras["test"], "CI (pip install -e .[test]) must test every extra"
 
 
 BLOCK_AIOBOTOCORE = "import sys; sys.modules['aiobotocore'] = None; "  # what an install without [sqs] looks like
@@ -100,6 +101,17 @@ def test_an_sqs_url_without_aiobotocore_says_how_to_install_it(tmp_path, command
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT, env=clean_env())
     assert done.returncode != 0
     assert "pip install 'canpipe[sqs]'" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["consume"], ["check", "--consumer-only"]])
+def test_an_s3_storage_url_without_aiobotocore_says_how_to_install_it(tmp_path, command):
+    code = BLOCK_AIOBOTOCORE + "from engine.cli import main; sys.exit(main())"
+    args = [sys.executable, "-c", code, *command, "--data-dir", str(tmp_path)]
+    env = clean_env() | {"CANPIPE_STORAGE_URL": "s3://telemetry/fleet"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert done.returncode != 0
+    assert "pip install 'canpipe[s3]'" in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -204,7 +216,7 @@ def test_the_wheel_built_from_the_sdist_installs_and_runs(sdist, tmp_path):
     assert {"engine/py.typed", "engine/can/data/canpipe_bms.dbc"} <= names
     assert f"canpipe-{VERSION}.dist-info/licenses/LICENSE" in names
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: aiobotocore")]
-    assert requires and all('extra == "sqs"' in line for line in requires), requires
+    assert requires and all('extra == "sqs"' in line or 'extra == "s3"' in line for line in requires), requires
 
     env = fresh_venv(tmp_path / "venv", wheel)
     shutil.rmtree(source / "engine")  # the tests below must import the installed package, not the sources
