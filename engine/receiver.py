@@ -37,7 +37,7 @@ from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.door import JSON_MEDIA, NDJSON_MEDIA, Refusal, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
-from engine.lifetime import exit_with_parent
+from engine.lifetime import exit_with_parent, keep_early_stop
 from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
@@ -445,6 +445,7 @@ def worker_app() -> Starlette:
     """The app of one Granian worker (``engine.receiver:worker_app``): ``create_app`` from the environment,
     in a process that ends with its server, so a server killed with SIGKILL leaves no worker on the port."""
     exit_with_parent()
+    keep_early_stop()
     settings = Settings.from_env()
     metrics_dir = settings.data_dir / "metrics"
     try:

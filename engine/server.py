@@ -16,6 +16,8 @@ from engine.errors import CanpipeError
 from engine.queues import refuse_broken_queue
 
 RESPAWN_INTERVAL_S = 0.5  # a worker that dies is replaced after this
+# a worker still draining this long after SIGTERM is killed: a stop is bounded (systemd's TimeoutStopSec is 30 s)
+WORKERS_KILL_TIMEOUT_S = 20
 LISTEN_BACKLOG = 2048  # connections the kernel queues while every worker is busy
 
 
@@ -76,6 +78,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         log_dictconfig=logs.dictconfig(level, fmt),
         respawn_failed_workers=True,  # a worker that dies is replaced; without it Granian shuts the server down
         respawn_interval=RESPAWN_INTERVAL_S,
+        workers_kill_timeout=WORKERS_KILL_TIMEOUT_S,
     ).serve()
 
 

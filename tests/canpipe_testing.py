@@ -218,6 +218,15 @@ def child_pids(pid: int) -> set[int]:
         return set()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (exited, not yet reaped by whoever adopted it) counts as ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def children(pid: int) -> set[int]:
     """The consumer worker processes of a supervisor (not multiprocessing's resource tracker)."""
     pids = child_pids(pid)
