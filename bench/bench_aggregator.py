@@ -88,7 +88,7 @@ def measure(script: str, *args: str) -> dict:
 @pytest.mark.skipif(extensions_disabled(), reason="CANPIPE_NO_EXTENSIONS=1: the guard is for the compiled scanner")
 def test_guard_aggregator_vs_duckdb(hour_dir):
     ours, duck = [], []
-    for _ in range(3 if RATE <= 500 else 1):
+    for _ in range(5 if RATE <= 500 else 1):
         ours.append(measure(OURS, str(hour_dir)))
         duck.append(measure(DUCK, str(hour_dir), str(ROOT / "bench")))
     best_ours = min(ours, key=lambda r: r["seconds"])
@@ -100,9 +100,10 @@ def test_guard_aggregator_vs_duckdb(hour_dir):
         f"peak RSS {peak:.0f} MB; DuckDB {best_duck['seconds']:.2f} s, peak RSS "
         f"{max(r['peak_rss_mb'] for r in duck):.0f} MB; canpipe is {ratio:.2f}x DuckDB's speed"
     )
-    # CI guard at the quick size, below the measured ratio so noise does not fail it; the target
-    # (faster than DuckDB at 1.8 M and 18 M records, under 1 GB) is checked in the full runs
-    assert ratio >= 0.7, f"aggregator at {ratio:.2f}x DuckDB's speed (guard 0.7x)"
+    # CI guard at the quick size, below the measured ratio so noise does not fail it (0.73-0.87 on a quiet
+    # machine, 0.61-0.68 in loaded CI runs); with the compiled kernels lost it is ~0.2 (4.6x slower). The
+    # target (faster than DuckDB at 1.8 M and 18 M records, under 1 GB) is checked in the full runs
+    assert ratio >= 0.5, f"aggregator at {ratio:.2f}x DuckDB's speed (guard 0.5x)"
     assert peak < 1024, f"peak RSS {peak:.0f} MB"
 
 
