@@ -1,38 +1,42 @@
-"""Process lifetime: a worker process must not outlive the server that started it.
+"""Process lifetime: a worker process must not outlive the server that started it, and a stop sent while it
+starts must not be lost.
 
 Granian's workers are child processes. When the main process is killed with SIGKILL it cannot stop them,
 and they would go on serving the port (they hold it with SO_REUSEPORT) with no one to restart or stop
 them, so a restarted ``canpipe serve`` would share the port with orphans. On Linux the kernel can send a
-signal to a child when its parent dies (``PR_SET_PDEATHSIG``); SIGTERM makes the worker drain as on a
-normal shutdown. Nobody is left to bound that drain (Granian's main process would, on a normal stop), so a
-watcher thread blocked on the parent's pidfd kills the worker if it is still there ``grace_s`` after the
-parent died: a drain stuck behind clients that keep their connections busy cannot keep the port.
+signal to a child when its parent dies (``PR_SET_PDEATHSIG``). That signal is SIGKILL: a SIGTERM asks Granian
+to drain, and a Granian worker can hang in its stop with the interpreter lock held (seen here: workers
+orphaned for half an hour, their own watchdog thread unable to run), so nothing inside the worker can be
+relied on to end it. Requests in flight get a connection error and are retried by their clients; a 202 is
+only ever sent after the queue has the records, so nothing accepted is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
-import select
 import signal
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 log = logging.getLogger("canpipe.lifetime")
 
 PR_SET_PDEATHSIG = 1
-DRAIN_GRACE_S = 5.0  # in-flight requests take milliseconds; a drain still running after this is stuck
+SERVE_AFTER_STARTUP_S = 0.2  # Granian calls its server's serve() right after the app's start-up returns
 
 
-def exit_with_parent(sig: int = signal.SIGTERM, grace_s: float = DRAIN_GRACE_S) -> bool:
+def exit_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies; True when it is armed.
 
     Linux only (elsewhere a no-op returning False). The signal is tied to the parent *thread* that forked
     this process, so call it only in processes started from their parent's main thread (Granian's and
-    multiprocessing's workers are). ``grace_s`` after the parent died the process is killed if still alive.
+    multiprocessing's workers are).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -41,66 +45,56 @@ def exit_with_parent(sig: int = signal.SIGTERM, grace_s: float = DRAIN_GRACE_S) 
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:  # pragma: no cover - prctl does not fail here
         log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
         return False
-    watcher = threading.Thread(target=_kill_after_parent, args=(parent, grace_s), name="canpipe-parent", daemon=True)
-    watcher.start()
     if os.getppid() != parent:  # the parent died before the request was armed
         os.kill(os.getpid(), sig)
     return True
 
 
-def _kill_after_parent(parent: int, grace_s: float) -> None:
-    """Block until ``parent`` has ended, give the drain ``grace_s``, then SIGKILL this process."""
-    try:
-        pidfd = os.pidfd_open(parent)
-    except OSError:  # pragma: no cover - kernels before 5.3, or the parent already gone
-        while os.getppid() == parent:
-            time.sleep(0.5)
-    else:
-        try:  # a pidfd is readable once the process it refers to has ended
-            while os.getppid() == parent and not select.select([pidfd], [], [], 5.0)[0]:
-                pass
-        finally:
-            os.close(pidfd)
-    time.sleep(grace_s)
-    log.error("the server died %.0f s ago and this worker is still draining: killing it", grace_s)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def keep_early_stop() -> None:
-    """Keep a SIGTERM or SIGINT that arrives while this Granian worker starts, and send it again once Granian
-    listens for it.
+def keep_early_stop() -> Callable[[], None]:
+    """Keep a SIGTERM or SIGINT that arrives while this Granian worker starts; call what it returns once the
+    app's start-up is done.
 
     Granian forks its workers with the main process's handlers, which only set a flag in the worker's copy of
-    the server, and installs the worker's own on its event loop after the app is loaded. A stop in between (a
-    server stopped just after its start) was lost and the worker served on until killed (found as a 40 s stop
-    in the tests). Called while the app loads: records such a signal, and a thread sends it again as soon as
-    the handlers are no longer this one's.
+    the server, and installs the worker's own after the app is loaded; one that is set before its server runs
+    is not seen either. A stop in that window (a server stopped just after its start) was lost and the
+    worker served on until killed (found as a 40 s stop in the tests). So: a stop that came while the app's
+    modules were imported ends this worker here, before it serves anything; one that comes while the app
+    is built is recorded and sent again once, after the start-up, when Granian's server runs.
     """
-    got: list[int] = []
     stops = (signal.SIGTERM, signal.SIGINT)
+    for sig in stops:
+        inherited = getattr(signal.getsignal(sig), "__self__", None)
+        if getattr(inherited, "interrupt_signal", False) is True:
+            log.info("a stop arrived while this worker started: it ends before serving")
+            raise SystemExit(0)
+    got: list[int] = []
+    started = threading.Event()
 
     def record(signum: int, frame: object) -> None:
         got.append(signum)
 
     for sig in stops:
-        # one that came before (while the app's modules were imported) set the flag of the forked copy of
-        # Granian's server that the inherited handler belongs to
-        inherited = getattr(signal.getsignal(sig), "__self__", None)
-        if getattr(inherited, "interrupt_signal", False) is True and not got:
-            got.append(signal.SIGTERM)
         signal.signal(sig, record)
 
     def send_again() -> None:
-        deadline = time.monotonic() + 60.0
-        while any(signal.getsignal(sig) is record for sig in stops) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not got:
+        if not started.wait(60.0) or not got:
             return
+        time.sleep(SERVE_AFTER_STARTUP_S)
         log.info("a stop arrived while this worker started: stopping now")
-        # Granian's handler is in place, but one sent before its server runs (during the app's lifespan
-        # start-up) is lost too: sent again until the process ends (a stop already under way ignores it)
-        while True:
-            os.kill(os.getpid(), got[0])
-            time.sleep(0.5)
+        os.kill(os.getpid(), got[0])
 
     threading.Thread(target=send_again, name="canpipe-early-stop", daemon=True).start()
+    return started.set
+
+
+def after_startup(app: Any, done: Callable[[], None]) -> None:
+    """Call ``done`` when the Starlette ``app``'s lifespan start-up has finished."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            done()
+            yield state
+
+    app.router.lifespan_context = lifespan

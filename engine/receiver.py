@@ -37,7 +37,7 @@ from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.door import JSON_MEDIA, NDJSON_MEDIA, Refusal, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
-from engine.lifetime import exit_with_parent, keep_early_stop
+from engine.lifetime import after_startup, exit_with_parent, keep_early_stop
 from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
@@ -443,14 +443,18 @@ def create_app(
 
 def worker_app() -> Starlette:
     """The app of one Granian worker (``engine.receiver:worker_app``): ``create_app`` from the environment,
-    in a process that ends with its server, so a server killed with SIGKILL leaves no worker on the port."""
+    in a process that ends with its server, so a server killed with SIGKILL leaves no worker on the port, and
+    that stops when told to while it starts (engine/lifetime.py)."""
     exit_with_parent()
-    keep_early_stop()
+    started = keep_early_stop()
     settings = Settings.from_env()
     metrics_dir = settings.data_dir / "metrics"
     try:
         metrics_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.warning("no metrics snapshots (%s): /metrics shows this worker only", exc)
-        return create_app(settings)
-    return create_app(settings, metrics_dir=metrics_dir)
+        app = create_app(settings)
+    else:
+        app = create_app(settings, metrics_dir=metrics_dir)
+    after_startup(app, started)
+    return app
