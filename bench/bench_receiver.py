@@ -10,7 +10,8 @@ Three servers, each with one worker on 127.0.0.1, driven in turn (alternating, s
 - **seed**: ``bench/anchors/seed_app.py``, FastAPI + pydantic on uvicorn, validating and answering 202 (the
   seed's stack; no queue at all).
 
-Then the receiver alone with 100-record NDJSON bodies (``wrk -c16``): accepted records/s.
+Then the receiver alone (no consumer) and the bare app with 100-record NDJSON bodies (``wrk -c16``): accepted
+records/s; the bare app's is the ceiling of HTTP, Starlette and msgspec on this box, queue and disk left out.
 
     flock /tmp/canpipe-bench.lock .venv/bin/python bench/bench_receiver.py --seconds 8 --rounds 3
 
@@ -166,9 +167,10 @@ def compare(seconds: float, rounds: int, *, seed: bool = True, batched: bool = T
                     results.setdefault(name, []).append(stats["per_s"])
                     print(f"{name:>8}: {stats['per_s']:>9,.0f} req/s  P50 {stats['p50_us'] / 1000:.2f} ms", flush=True)
                 if batched:
-                    stats = drive(urls["receiver"], hundred, seconds, 16)
-                    results.setdefault("receiver x100", []).append(stats["per_s"] * 100)
-                    print(f"receiver x100: {stats['per_s'] * 100:>9,.0f} records/s (NDJSON, -c16)", flush=True)
+                    for name in ("receiver", "bare"):
+                        stats = drive(urls[name], hundred, seconds, 16)
+                        results.setdefault(f"{name} x100", []).append(stats["per_s"] * 100)
+                        print(f"{name} x100: {stats['per_s'] * 100:>9,.0f} records/s (NDJSON, -c16)", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return results
