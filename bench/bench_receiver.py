@@ -15,8 +15,9 @@ records/s; the bare app's is the ceiling of HTTP, Starlette and msgspec on this 
 
     flock /tmp/canpipe-bench.lock .venv/bin/python bench/bench_receiver.py --seconds 8 --rounds 3
 
-The CI guard (quick mode, ``test_guard_receiver_vs_bare``) runs receiver and bare for 2 s each, three times
-alternating, and asks that the receiver's best run keeps at least ``GUARD_RATIO`` of the bare app's best.
+The CI guard (quick mode, ``test_guard_receiver_vs_bare``) runs receiver and bare for 2 s each, four rounds
+alternating, and asks that in its best round the receiver keeps at least ``GUARD_RATIO`` of the bare app's
+requests/s.
 """
 
 from __future__ import annotations
@@ -181,12 +182,15 @@ def test_guard_receiver_vs_bare():
     requests/s, same Granian, same run."""
     if WRK is None:
         pytest.fail("wrk is not installed (apt-get install wrk): the receiver guard drives the servers with it")
-    results = compare(2.0, 3, seed=False, batched=False)
-    ratio = max(results["receiver"]) / max(results["bare"])
-    print(f"\nreceiver / bare: {ratio:.2f} ({results})")
+    results = compare(2.0, 4, seed=False, batched=False)
+    # each round runs the two back to back: on a host whose load drifts (CI measured bare at 1,545-3,321 req/s
+    # across three rounds of one run) the best round's ratio compares like with like, the best of each side does not
+    pairs = [receiver / bare for receiver, bare in zip(results["receiver"], results["bare"])]
+    ratio = max(pairs)
+    print(f"\nreceiver / bare, by round: {', '.join(f'{r:.2f}' for r in pairs)} ({results})")
     assert ratio >= GUARD_RATIO, (
-        f"receiver {max(results['receiver']):,.0f} req/s is {ratio:.2f} of the bare app's {max(results['bare']):,.0f}, "
-        f"under {GUARD_RATIO}: the request path lost an optimisation?"
+        f"receiver / bare at best {ratio:.2f} over {len(pairs)} rounds ({results}), under {GUARD_RATIO}: "
+        "the request path lost an optimisation?"
     )
 
 
