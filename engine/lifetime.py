@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -40,7 +41,10 @@ def exit_with_parent(sig: int = signal.SIGKILL) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    # the pid multiprocessing recorded at the fork: a parent that died while this process was still importing
+    # has already been replaced by init in getppid(), and would not be seen as gone
+    spawner = multiprocessing.parent_process()
+    parent = spawner.pid if spawner is not None and spawner.pid else os.getppid()
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:  # pragma: no cover - prctl does not fail here
         log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))

@@ -77,7 +77,7 @@ def test_kill_9_of_the_whole_receiver_under_load_loses_no_accepted_record(start,
     # its workers die with it: no orphan keeps answering on the port with nobody to stop it
     # (a zombie is an exited worker: whoever adopted it reaps it when it will)
     wait_for(lambda: not any(process_alive(pid) for pid in workers), 15, "the workers to exit")
-    assert port_closed(port)
+    wait_for(lambda: port_closed(port), 15, "nobody to answer on the port")
     at_kill = fleet.accepted
     start_server(start, fault_env, port)  # the operator (or systemd) restarts it; clients retry
     wait_for(lambda: fleet.accepted >= at_kill + 500, 30, "records accepted after the restart")
