@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from canpipe_testing import ROOT, free_port, wait_for
+from canpipe_testing import ROOT, free_port, process_alive, wait_for
 
 README = ROOT / "README.md"
 INTERACTIVE = ("canpipe top",)  # run until they have drawn a screen, then interrupted like a person would
@@ -214,7 +214,7 @@ def output_of(shell: Shell) -> str:
 
 def started(output: str, pid: int) -> bool:
     """A daemon has logged its start-up line (canpipe serve and consume log 'canpipe <version> ...')."""
-    return os.path.exists(f"/proc/{pid}") and re.search(r"canpipe \d+\.\d+\.\d+ (serve|consume)", output) is not None
+    return process_alive(pid) and re.search(r"canpipe \d+\.\d+\.\d+ (serve|consume)", output) is not None
 
 
 def stop_background(shell: Shell, pids: list[int]) -> list[int]:
