@@ -128,6 +128,22 @@ def modules_loaded_by(module: str) -> set[str]:
     return set(loaded.stdout.split())
 
 
+def consumers_polling(data_dir: Path) -> int:
+    """How many consumer processes are up and polling their queue, from their metrics snapshots (written
+    every second): on SQS one counts once it has made its first ReceiveMessage call (its client is built)."""
+    from engine.metrics import Metrics
+
+    polling = 0
+    for path in (data_dir / "metrics").glob("consumer-*.metrics"):
+        try:
+            snapshot = Metrics.from_bytes(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        calls = {labels: n for (name, labels), n in snapshot.values.items() if name == "canpipe_sqs_requests_total"}
+        polling += not calls or calls.get(("ReceiveMessage",), 0) > 0
+    return polling
+
+
 def wait_for(condition: Callable[[], object], timeout: float, message: str = "condition") -> None:
     assert wait_until(condition, timeout, 0.05), f"timed out after {timeout} s waiting for {message}"
 
