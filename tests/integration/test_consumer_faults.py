@@ -285,19 +285,22 @@ def test_poison_message_is_dead_lettered_without_stopping_anything_and_redriven_
 # --- 6. duplicate delivery -----------------------------------------------------------------------------------
 
 
-def stop_outside_a_write(pid: int, data_dir: Path) -> bool:
-    """SIGSTOP ``pid`` while it holds no write lock on the queue (else let it go on and say False)."""
+def stop_holding_a_batch(pid: int, data_dir: Path) -> bool:
+    """SIGSTOP ``pid`` while it holds received messages and no write lock on the queue (else let it go on and
+    say False): stopped just after its delete it would hold nothing, and nothing would be redelivered."""
     os.kill(pid, signal.SIGSTOP)
     probe = sqlite3.connect(data_dir / "queue.db", timeout=0.2, isolation_level=None)
     try:
         probe.execute("BEGIN IMMEDIATE")
         probe.execute("ROLLBACK")
-        return True
+        if queue_counts(data_dir)[1] > 0:
+            return True
     except sqlite3.OperationalError:
-        os.kill(pid, signal.SIGCONT)
-        return False
+        pass
     finally:
         probe.close()
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, start, env, data_dir):
@@ -306,11 +309,11 @@ def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, sta
     holding = {"CANPIPE_BATCH_SECONDS": "3", "CANPIPE_BATCH_RECORDS": "100000"}  # the first holds its batches long
     first = start(["consume", "--workers", "1"], env | holding)
     fleet = Fleet(url, vehicles=10, rate_ms=50, duration_s=8, seed=61).start()
-    wait_for(lambda: children(first.pid) and queue_counts(data_dir)[1] > 0, 30, "the first supervisor holding a batch")
+    wait_for(lambda: children(first.pid), 30, "the first supervisor's worker")
     (stalled,) = children(first.pid)
     # a stalled worker: no heartbeat, its batch outlives the visibility timeout. Stopped outside a queue
     # transaction: one frozen inside it would hold the embedded queue's write lock (see docs/reliability.md)
-    wait_for(lambda: stop_outside_a_write(stalled, data_dir), 30, "the worker stopped outside a queue transaction")
+    wait_for(lambda: stop_holding_a_batch(stalled, data_dir), 30, "the worker stopped holding a batch, not writing")
     try:
         second = start(["consume", "--workers", "1"], env)
         # 2 s of visibility plus the second supervisor's start; generous for a loaded CI machine
