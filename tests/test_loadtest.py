@@ -50,7 +50,12 @@ def test_cli_writes_report_and_chart(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "end_to_end" in report and "| locust |" in report
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "/ingest [batch 10]" in (tmp_path / "locust_stats.csv").read_text()
-    assert code == 0, report
+    # the exit code says whether every target was met, as the report's table does; on a starved CI host a
+    # 3 s run can miss a latency target (ingest P95 162 ms once), which is the report's to say, not a bug
+    met = [row.split("|")[2].strip() for row in report.splitlines() if row.startswith("| ")]
+    met = [cell for cell in met if cell in ("yes", "no")]
+    assert len(met) == 5, report
+    assert code == (0 if set(met) == {"yes"} else 1), report
 
 
 def test_tune_compares_consumer_counts_and_recommends_one(tmp_path: Path) -> None:
