@@ -27,6 +27,11 @@ KERNELS = ["histogram", "groupby", "jsonl", "candecode"]
 class OptionalBuildExt(build_ext):
     """Builds every kernel it can; the ones it cannot are named at the end, or fail the build when required."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:  # the kernels compile one per core (-O3 takes ~15 s a kernel here)
+            self.parallel = os.cpu_count() or 1
+
     def run(self):
         self.not_built = {}  # extension name -> why
         try:
@@ -67,6 +72,7 @@ def extensions():
     ]
     return cythonize(
         modules,
+        nthreads=os.cpu_count() or 1,
         language_level=3,
         annotate=os.environ.get("CANPIPE_CYTHON_ANNOTATE") == "1",
         compiler_directives={"boundscheck": DEBUG, "wraparound": False, "cdivision": True, "linetrace": DEBUG},
