@@ -171,6 +171,28 @@ def test_query_answers_equal_the_aggregate(hour_dir):
     assert query.run(hour_dir, "SELECT DISTINCT year, month, day, hour FROM parquet")[1] == [(2025, 10, 19, 17)]
 
 
+def test_partition_columns_are_integers_also_in_the_first_hours_days_and_months(tmp_path):
+    """DuckDB keeps a partition value with a leading zero ("07") as text: without declared types, every view's
+    hour, day and month were VARCHAR from 00:00 to 09:59 (and in days and months 01-09), BIGINT otherwise, so a
+    query that worked at 17:00 failed at 07:00. Here an early hour and a late one, in every view."""
+    from engine.lake.daily import merge_day
+
+    early, late = dt.datetime(2026, 1, 5, 7, tzinfo=dt.UTC), dt.datetime(2026, 1, 5, 23, tzinfo=dt.UTC)
+    for hour in (early, late):
+        records = [make_record(i, vehicle_id="EV-1") for i in range(3)]
+        for i, r in enumerate(records):
+            r["timestamp"] = (hour + dt.timedelta(seconds=i)).isoformat().replace("+00:00", "Z")
+        write_raw(tmp_path, "batch-1-a.jsonl", stored(records, hour + dt.timedelta(minutes=1)), hour)
+        compact_hour(tmp_path, hour)
+    merge_day(tmp_path, early.date())
+    for view in ("raw", "parquet", "daily"):
+        sql = f"SELECT DISTINCT printf('%04d-%02d-%02d', year, month, day), typeof(month), typeof(day) FROM {view}"
+        assert query.run(tmp_path, sql)[1] == [("2026-01-05", "BIGINT", "BIGINT")], view
+    for view in ("raw", "parquet"):
+        sql = f"SELECT DISTINCT hour, typeof(hour) FROM {view} ORDER BY hour"
+        assert query.run(tmp_path, sql)[1] == [(7, "BIGINT"), (23, "BIGINT")], view
+
+
 def test_query_on_an_empty_lake_answers_zero_and_bad_sql_is_a_clear_error(tmp_path):
     assert query.run(tmp_path, "SELECT count(*) FROM raw")[1] == [(0,)]
     assert query.run(tmp_path, "SELECT count(*) FROM parquet")[1] == [(0,)]

@@ -41,6 +41,10 @@ _RAW_COLUMNS = {
     "ingest_received_at": "TIMESTAMPTZ",
 }
 _PARTS = "year=*/month=*/day=*/hour=*"
+# the partition columns are integers whatever their values: DuckDB's own inference keeps a value with a leading
+# zero ("07") as text, so hour, day and month would be VARCHAR in 00-09 and BIGINT otherwise
+_HOUR_TYPES = "hive_types = {'year': BIGINT, 'month': BIGINT, 'day': BIGINT, 'hour': BIGINT}"
+_DAY_TYPES = "hive_types = {'year': BIGINT, 'month': BIGINT, 'day': BIGINT}"
 
 
 def _sql_string(text: str) -> str:
@@ -141,7 +145,7 @@ def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
             f"CREATE VIEW raw AS SELECT timestamp, vehicle_id, can_id, {signals}, ingest_received_at, "
             "year, month, day, hour "
             f"FROM read_json({files}, format = 'newline_delimited', columns = {columns}, compression = 'auto', "
-            "ignore_errors = true, hive_partitioning = true) WHERE vehicle_id IS NOT NULL"
+            f"ignore_errors = true, hive_partitioning = true, {_HOUR_TYPES}) WHERE vehicle_id IS NOT NULL"
         )
     else:  # no raw data yet: the same columns, no rows (a query still runs and says 0)
         nulls = ", ".join(f"NULL::DOUBLE AS {name}" for name in SIGNALS)
@@ -153,7 +157,7 @@ def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
     if lake.any(parquet_glob) or isinstance(lake, _S3) and lake.fs is None:
         con.execute(
             f"CREATE VIEW parquet AS SELECT * FROM read_parquet({_sql_string(lake.path(parquet_glob))}, "
-            "hive_partitioning = true)"
+            f"hive_partitioning = true, {_HOUR_TYPES})"
         )
     else:
         con.execute("CREATE VIEW parquet AS SELECT * FROM raw WHERE false")
@@ -161,7 +165,7 @@ def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
     if lake.any(daily_glob):  # closed days merged into few files (engine.lake.daily): the same rows, for scans
         con.execute(
             f"CREATE VIEW daily AS SELECT * FROM read_parquet({_sql_string(lake.path(daily_glob))}, "
-            "hive_partitioning = true)"
+            f"hive_partitioning = true, {_DAY_TYPES})"
         )
     else:
         con.execute("CREATE VIEW daily AS SELECT * FROM parquet WHERE false")
