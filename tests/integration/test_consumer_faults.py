@@ -34,6 +34,7 @@ from canpipe_testing import (
     queue_empty,
     queue_stats,
     wait_for,
+    wait_until,
 )
 from canpipe_truth import assert_aggregate_matches
 
@@ -317,10 +318,13 @@ def test_visibility_expiry_with_two_supervisors_gives_duplicates_only(serve, sta
     try:
         second = start(["consume", "--workers", "1"], env)
         # 2 s of visibility plus the second supervisor's start; generous for a loaded CI machine
-        wait_for(
+        redelivered = wait_until(
             lambda: read_snapshots(data_dir / "metrics").counters["canpipe_consumer_redelivered_messages_total"] > 0,
             60,
-            "the second supervisor to receive the stalled batch again",
+        )
+        assert redelivered, (
+            f"the second supervisor did not receive the stalled batch again within 60 s; queue {queue_counts(data_dir)}"
+            f"\n--- first:\n{first.output()[-3000:]}\n--- second:\n{second.output()[-3000:]}"
         )
     finally:
         os.kill(stalled, signal.SIGCONT)  # it wakes up and writes its (now duplicate) batch too
