@@ -65,26 +65,33 @@ class Proc:
         return code
 
 
-def start_moto(port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
-    """moto's server (SQS and S3 over real HTTP) on 127.0.0.1:port, returned once it answers; its output goes to
-    ``log``. Stop it with :func:`stop_process`."""
+def start_answering(args: list[str], log: Path, answers: Callable[[], bool], timeout: float = 60.0) -> subprocess.Popen:
+    """``args`` started with its output going to ``log``, returned once ``answers()`` (a request to it that
+    raises OSError until it listens). Stop it with :func:`stop_process`."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
         try:
-            return http("GET", f"http://127.0.0.1:{port}/moto-api/", timeout=1)[0] < 500
+            return answers()
         except OSError:
             return proc.poll() is not None
 
     if not wait_until(ready, timeout) or proc.poll() is not None:
         stop_process(proc)
-        raise AssertionError(f"moto did not start on port {port}:\n{log.read_text(errors='replace')}")
+        raise AssertionError(f"{' '.join(args)} did not start:\n{log.read_text(errors='replace')}")
     return proc
+
+
+def start_moto(port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """moto's server (SQS and S3 over real HTTP) on 127.0.0.1:port, returned once it answers; its output goes to
+    ``log``. Stop it with :func:`stop_process`."""
+    return start_answering(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        log,
+        lambda: http("GET", f"http://127.0.0.1:{port}/moto-api/", timeout=1)[0] < 500,
+        timeout,
+    )
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
-from canpipe_testing import free_port, http, stop_process, wait_until
+from canpipe_testing import free_port, http, start_answering, stop_process
 
 from engine.schema import Telemetry
 from engine.simulator import PackModel, Simulator, describe
@@ -82,26 +82,15 @@ def receiver_base(tmp_path_factory):
     """A real HTTP server in its own process on 127.0.0.1 (tests/slow_receiver.py): ``{base}/slow`` answers
     202 after 200 ms, ``{base}/fast`` at once. Stopped by its PID."""
     port = free_port()
-    log = tmp_path_factory.mktemp("slow-receiver") / "out.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "slow_receiver.py"), str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return http("POST", f"{base}/fast/ingest", b"{}", timeout=1)[0] == 202
-        except OSError:
-            return proc.poll() is not None
-
-    try:
-        assert wait_until(ready, 30) and proc.poll() is None, log.read_text(errors="replace")
-        yield base
-    finally:
-        stop_process(proc)
+    proc = start_answering(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "slow_receiver.py"), str(port)],
+        tmp_path_factory.mktemp("slow-receiver") / "out.log",
+        lambda: http("POST", f"{base}/fast/ingest", b"{}", timeout=1)[0] == 202,
+        30,
+    )
+    yield base
+    stop_process(proc)
 
 
 @pytest.fixture
