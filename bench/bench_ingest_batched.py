@@ -309,13 +309,14 @@ def test_guard_batched_ingest():
     """CI guard (quick mode), same run: (1) with 100-record requests the whole pipeline gets >= 8x more
     records per second durably to disk than it accepts with single-record requests (the single-record
     durable figure would carry the 2 s batch timer of the last partial batch; measured 10-25x); (2) the consumer's
-    parse is >= 3x faster than its exact per-record path (measured 5-8x); (3) below.
+    parse is >= 2.5x faster than its exact per-record path (measured 3.6-4.2x with coverage paused, 1x if
+    ext/jsonl is not compiled); (3) below.
 
     (1) catches a receiver or consumer that went per-record Python on the batched path (the single-record
     run is bound by per-request cost, which that barely moves); (2) catches the consumer's C path alone,
     which (1) cannot: in the pipeline the receiver sets the pace and the consumer has 2-3x headroom; (3) the
-    receiver's per-batch decode (engine.batch_decode) is >= 1.4x its exact door on 100-record bodies (measured
-    1.7-2.1x), which fails if /ingest's batches went back to record-by-record validation."""
+    receiver's per-batch decode (engine.batch_decode) is >= 1.3x its exact door on 100-record bodies (measured
+    1.6-2.1x, 1x record by record), which fails if /ingest's batches went back to record-by-record validation."""
     if WRK is None:
         pytest.fail("wrk is not installed (apt-get install wrk): the batched-ingest guard needs it (.ci/run)")
     single = run_once(records=1, seconds=3)
@@ -334,8 +335,8 @@ def test_guard_batched_ingest():
         f"batched {batched.durable_per_s:,.0f} records/s durable, under 8x single-record "
         f"{single.accepted_per_s:,.0f} accepted: a per-record path fell back to Python?"
     )
-    assert speedup >= 3, f"the consumer's parse is only {speedup:.1f}x its exact path: is ext/jsonl compiled?"
-    assert door >= 1.4, f"the receiver's batch path is only {door:.1f}x its exact door: engine.batch_decode lost?"
+    assert speedup >= 2.5, f"the consumer's parse is only {speedup:.1f}x its exact path: is ext/jsonl compiled?"
+    assert door >= 1.3, f"the receiver's batch path is only {door:.1f}x its exact door: engine.batch_decode lost?"
 
 
 def main() -> int:
