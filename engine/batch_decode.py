@@ -4,8 +4,9 @@
 as msgspec decodes it, which costs a Python regex call per string and a Python ``__post_init__`` per
 record (with the duplicate-key count, ~5 us a record). Here msgspec decodes structs that carry only the
 checks msgspec does in C (types, ranges, the timestamp's offset, unknown fields), and the rest runs once
-per request over whole columns: one regex over the joined vehicle ids and one over the CAN ids, the
-payload rules on the columns of ``astuple``, the duplicate-key quote count. ``decode_batch`` returns None
+per request: one regex over the joined vehicle ids and one over the CAN ids, the payload rules (and the
+client timestamps, read for the clock check and the ingest latency) in one C loop over the records
+(``engine.kernels.jsonl.check_records``), the duplicate-key quote count. ``decode_batch`` returns None
 whenever it is not sure (anything it does not check, or any check that fails); the caller then takes the
 exact path, which accepts or names the first bad field as before. So the fast path accepts exactly a
 subset of what the exact door accepts, and every refusal and its message comes from the exact door.
@@ -19,12 +20,13 @@ from __future__ import annotations
 import datetime as dt
 import operator
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 import numpy as np
 
 from engine import schema
+from engine.kernels.jsonl import check_records
 from engine.schema import UTC, Timestamp
 
 # ``schema.Payload`` without its ``__post_init__`` (min <= max, at least one signal: checked per batch); made
@@ -73,21 +75,49 @@ _many = msgspec.json.Decoder(list[BatchRecord])
 _encoder = msgspec.json.Encoder()
 _vehicle_id_of = operator.attrgetter("vehicle_id")
 _can_id_of = operator.attrgetter("can_id")
-_payload_of = operator.attrgetter("payload")
-_received_of = operator.attrgetter("ingest_received_at")
-_astuple = msgspec.structs.astuple
-_NO_SIGNAL = (None,) * len(schema.SIGNALS)
-_VOLTAGE_MIN = schema.SIGNALS.index("cell_voltage_min")
-_TEMP_MIN = schema.SIGNALS.index("cell_temp_min")
 _UNSURE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
-if (schema.SIGNALS[_VOLTAGE_MIN + 1], schema.SIGNALS[_TEMP_MIN + 1]) != ("cell_voltage_max", "cell_temp_max"):
-    raise RuntimeError("schema.SIGNALS: each min is expected right before its max")  # pragma: no cover
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
+class Batch(NamedTuple):
+    """A request's records as the batch path decoded and checked them."""
+
+    records: list[BatchRecord]
+    stamps_us: np.ndarray  # each record's client timestamp, int64 microseconds since the epoch (exact)
+    utc: bool  # every timestamp in UTC; else ``schema.check_clock`` normalises them before they are stored
+    earliest_us: int  # the earliest and the latest of them (0 for no records)
+    latest_us: int
+
+    def within(self, now: dt.datetime, *, max_future_s: float, max_age_s: float) -> bool:
+        """True when every timestamp is in UTC and within ``schema.check_clock``'s bounds around ``now``, decided
+        on the integer microseconds, so exactly where check_clock decides; else check_clock names the first
+        record out of bounds or normalises the offsets."""
+        if not self.utc:
+            return False
+        now_us = micros(now)
+        # timedelta rounds the seconds to microseconds as check_clock's bounds do
+        ahead = dt.timedelta(seconds=max_future_s) // _MICROSECOND
+        behind = dt.timedelta(seconds=max_age_s) // _MICROSECOND
+        return now_us - behind <= self.earliest_us and self.latest_us <= now_us + ahead
+
+
+def micros(moment: dt.datetime) -> int:
+    """``moment`` (aware) as integer microseconds since the epoch."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def decode_batch(body: bytes, *, ndjson: bool) -> list[BatchRecord] | None:
     """The records of ``body`` (one object, an array, or NDJSON lines) when the exact door
     (``schema.decode_records``) would accept them, decoded in C and checked per batch; None when this path
     cannot tell (escapes, carriage returns, any failed check): the caller takes the exact path then."""
+    batch = decode_checked(body, ndjson=ndjson)
+    return None if batch is None else batch.records
+
+
+def decode_checked(body: bytes, *, ndjson: bool) -> Batch | None:
+    """``decode_batch`` with the records' client timestamps, read in the same pass (the receiver's clock check
+    and its ingest-stage latency use them without a Python call per record)."""
     # a backslash could hide a quote from the count below; \r splits NDJSON lines where msgspec does not
     if b"\\" in body or b"\r" in body:
         return None
@@ -102,30 +132,24 @@ def decode_batch(body: bytes, *, ndjson: bool) -> list[BatchRecord] | None:
         return None
     count = len(records)
     if not count:
-        return records
-    if list(map(_received_of, records)).count(None) != count:
-        return None
+        return Batch(records, np.empty(0, np.int64), True, 0, 0)
     for values, pattern in ((map(_vehicle_id_of, records), _VEHICLE_IDS), (map(_can_id_of, records), _CAN_IDS)):
         joined = "\n".join(values) + "\n"
         if joined.count("\n") != count or pattern.fullmatch(joined) is None:
             return None
-    payloads = list(map(_astuple, map(_payload_of, records)))
-    if _NO_SIGNAL in payloads:
+    # in one C loop (engine.kernels.jsonl): no client-sent ingest_received_at, a signal in every payload, each
+    # cell min <= its max where both are present; the absent signals counted, the timestamps read
+    stamps_us = np.empty(count, np.int64)
+    checked = check_records(records, stamps_us)
+    if checked is None:
         return None
-    columns = list(zip(*payloads))
-    nones = sum(column.count(None) for column in columns)
-    for low, high in (columns[_VOLTAGE_MIN], columns[_VOLTAGE_MIN + 1]), (columns[_TEMP_MIN], columns[_TEMP_MIN + 1]):
-        if None in low or None in high:  # frames with some signals only: pairs with both present
-            if any(a > b for a, b in zip(low, high) if a is not None and b is not None):
-                return None
-        elif any(map(operator.gt, low, high)):
-            return None
+    nones, utc, earliest_us, latest_us = checked
     # as schema.check_unique_keys: 7 strings a record besides its payload's keys. Every key in the body adds two
     # quotes, every signal decoded as a number stands for one key: a repeated key or an explicit null (which
     # check_unique_keys sends to its exact path) leaves more quotes than that, never fewer (no escapes here)
     if count_byte(body, b'"') != 2 * (7 * count + len(schema.SIGNALS) * count - nones):
         return None
-    return records
+    return Batch(records, stamps_us, utc, earliest_us, latest_us)
 
 
 def count_byte(data: bytes, byte: bytes) -> int:

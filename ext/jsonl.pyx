@@ -12,6 +12,11 @@ accept, a CAN id other than ``0x`` + 1..8 hex digits...) goes to the pure-Python
 so both implementations accept and reject exactly the same lines.
 """
 
+from cpython.datetime cimport (
+    PyDateTime_CheckExact, PyDateTime_DATE_GET_HOUR, PyDateTime_DATE_GET_MICROSECOND, PyDateTime_DATE_GET_MINUTE,
+    PyDateTime_DATE_GET_SECOND, PyDateTime_GET_DAY, PyDateTime_GET_MONTH, PyDateTime_GET_YEAR, datetime_tzinfo,
+    import_datetime,
+)
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport NAN, isfinite
 from libc.stdlib cimport strtod
@@ -616,3 +621,66 @@ def parse_lines(const unsigned char[::1] data, dict vehicles, str extra="refuse"
         can_id=can_arr[:rows].copy(), values=np.ascontiguousarray(values_arr[:, :rows]), bad_lines=bad,
         lines=capacity - 1,
     )
+
+
+# ---- the receiver's per-record checks of a decoded batch (engine.batch_decode) ----
+
+import_datetime()
+import datetime as _dt
+
+cdef object _UTC = _dt.timezone.utc
+_SIGNAL_NAMES = tuple(_jsonl_py.SIGNALS)  # attribute names of a decoded payload, in column order
+cdef Py_ssize_t V_MIN = _jsonl_py.SIGNALS.index("cell_voltage_min")
+cdef Py_ssize_t T_MIN = _jsonl_py.SIGNALS.index("cell_temp_min")
+if (_jsonl_py.SIGNALS[V_MIN + 1], _jsonl_py.SIGNALS[T_MIN + 1]) != ("cell_voltage_max", "cell_temp_max"):
+    raise ImportError("ext/jsonl.pyx: each cell minimum is expected right before its maximum in SIGNALS")
+
+
+def check_records(list records, long long[::1] stamps_us):
+    """Compiled twin of ``_jsonl_py.check_records``: one C loop over the records, an attribute read per field."""
+    cdef Py_ssize_t count = len(records), i, k, present, nones = 0
+    cdef double v[MAX_SIGNALS]
+    cdef bint has[MAX_SIGNALS]
+    cdef bint utc = True
+    cdef long long us, low = 0, high = 0
+    cdef tuple names = _SIGNAL_NAMES
+    cdef object record, payload, value, stamp
+    if stamps_us.shape[0] < count:
+        raise ValueError(f"stamps_us holds {stamps_us.shape[0]} values, {count} records")
+    for i in range(count):
+        record = records[i]
+        if record.ingest_received_at is not None:
+            return None
+        payload = record.payload
+        present = 0
+        for k in range(N_SIGNALS):
+            value = getattr(payload, <str>names[k])
+            has[k] = value is not None
+            if has[k]:
+                v[k] = value
+                present += 1
+        if present == 0:
+            return None
+        nones += N_SIGNALS - present
+        if has[V_MIN] and has[V_MIN + 1] and v[V_MIN] > v[V_MIN + 1]:
+            return None
+        if has[T_MIN] and has[T_MIN + 1] and v[T_MIN] > v[T_MIN + 1]:
+            return None
+        stamp = record.timestamp
+        if PyDateTime_CheckExact(stamp) and datetime_tzinfo(stamp) is _UTC:
+            us = (
+                days_from_civil(PyDateTime_GET_YEAR(stamp), PyDateTime_GET_MONTH(stamp), PyDateTime_GET_DAY(stamp))
+                * 86400
+                + PyDateTime_DATE_GET_HOUR(stamp) * 3600
+                + PyDateTime_DATE_GET_MINUTE(stamp) * 60
+                + PyDateTime_DATE_GET_SECOND(stamp)
+            ) * 1000000 + PyDateTime_DATE_GET_MICROSECOND(stamp)
+        else:  # an offset other than UTC: the receiver normalises these records; exact here, one call each
+            utc = False
+            us = _jsonl_py._micros(stamp)
+        stamps_us[i] = us
+        if i == 0 or us < low:
+            low = us
+        if i == 0 or us > high:
+            high = us
+    return nones, utc, low, high

@@ -147,3 +147,23 @@ def test_a_schema_pattern_of_another_form_is_refused_at_import() -> None:
         batch_decode._batch_pattern(typing.Annotated[str, msgspec.Meta(pattern="^a|b$")])
     with pytest.raises(RuntimeError, match="excludes newlines"):
         batch_decode._batch_pattern(typing.Annotated[str, msgspec.Meta(pattern=r"^\s+$(?!\n)")])
+
+
+@pytest.mark.parametrize("bound", ["ahead", "behind"])
+@pytest.mark.parametrize("nudge_us", [-1, 0, 1])
+def test_the_batch_clock_check_decides_exactly_where_check_clock_does(bound: str, nudge_us: int) -> None:
+    """To the microsecond at both bounds, with bounds given in fractional seconds."""
+    ahead_s, behind_s = 300.0000015, 86400.25
+    edge = NOW + dt.timedelta(seconds=ahead_s) if bound == "ahead" else NOW - dt.timedelta(seconds=behind_s)
+    records = [record(i) for i in range(5)]
+    records[2]["timestamp"] = (edge + dt.timedelta(microseconds=nudge_us)).isoformat()
+    batch = batch_decode.decode_checked(ndjson(records), ndjson=True)
+    assert batch is not None
+    try:
+        schema.check_clock(exact(ndjson(records), ndjson=True), NOW, max_future_s=ahead_s, max_age_s=behind_s)
+    except schema.SkewError:
+        accepted = False
+    else:
+        accepted = True
+    assert batch.within(NOW, max_future_s=ahead_s, max_age_s=behind_s) is accepted
+    assert accepted is ((nudge_us <= 0) if bound == "ahead" else (nudge_us >= 0))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import engine.kernels
-from engine import schema
+from engine import batch_decode, schema
 from engine.aggregator import partitions
 from engine.kernels import _jsonl_py, _select, histogram, jsonl
 from engine.kernels.histogram import LatencyHistogram, PyLatencyHistogram
@@ -562,3 +562,75 @@ SIGNAL_VALUES = {
     "cell_temp_min": 21.5,
     "cell_temp_max": 24.0,
 }
+
+
+# ---- the receiver's batch checks (engine.batch_decode): check_records on both kernels ----
+
+OFFSETS = [dt.UTC, dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-5, minutes=-30))]
+signal_value = st.one_of(st.none(), st.floats(-500, 500, allow_nan=False), st.integers(-500, 500))
+batch_record = st.builds(
+    lambda stamp, offset, values, received: batch_decode.BatchRecord(
+        stamp.replace(tzinfo=dt.UTC).astimezone(offset),
+        "EV-1",
+        "0x1",
+        batch_decode.BatchPayload(**dict(zip(schema.SIGNALS, values))),
+        received,
+    ),
+    st.datetimes(dt.datetime(1970, 1, 2), dt.datetime(2200, 1, 1)),
+    st.sampled_from(OFFSETS),
+    st.lists(signal_value, min_size=len(schema.SIGNALS), max_size=len(schema.SIGNALS)),
+    st.one_of(st.none(), st.none(), st.none(), st.just("2026-01-01T00:00:00Z")),
+)
+
+
+def reference_check(records: list) -> tuple[int, bool, int, int] | None:
+    """What check_records must answer, record by record, in plain Python."""
+    nones = 0
+    for record in records:
+        values = [getattr(record.payload, name) for name in schema.SIGNALS]
+        if record.ingest_received_at is not None or values.count(None) == len(values):
+            return None
+        for low, high in (("cell_voltage_min", "cell_voltage_max"), ("cell_temp_min", "cell_temp_max")):
+            a, b = getattr(record.payload, low), getattr(record.payload, high)
+            if a is not None and b is not None and a > b:
+                return None
+        nones += values.count(None)
+    micros = [(record.timestamp - _jsonl_py.EPOCH) // _jsonl_py.MICROSECOND for record in records]
+    utc = all(record.timestamp.tzinfo is dt.UTC for record in records)
+    return nones, utc, min(micros, default=0), max(micros, default=0)
+
+
+@pytest.fixture(scope="module", params=["c", "py"])
+def check(request):
+    if request.param == "c" and jsonl.IMPLEMENTATION != "c":
+        pytest.skip("compiled kernel not selected (CANPIPE_NO_EXTENSIONS=1, or not built)")
+    return jsonl.check_records if request.param == "c" else _jsonl_py.check_records
+
+
+@settings(max_examples=300, deadline=None)
+@given(records=st.lists(batch_record, max_size=12))
+def test_batch_checks_answer_as_the_record_by_record_reference_on_both_kernels(check, records):
+    stamps = np.full(len(records) + 1, -1, np.int64)
+    expected = reference_check(records)
+    assert check(records, stamps) == expected
+    if expected is not None:
+        micros = [(r.timestamp - _jsonl_py.EPOCH) // _jsonl_py.MICROSECOND for r in records]
+        assert stamps[: len(records)].tolist() == micros and stamps[-1] == -1
+
+
+def test_batch_checks_refuse_each_rule_on_both_kernels(check):
+    def one(**payload: float | None) -> list:
+        values = dict.fromkeys(schema.SIGNALS, 1.0) | payload
+        return [batch_decode.BatchRecord(HOUR_START, "EV-1", "0x1", batch_decode.BatchPayload(**values))]
+
+    stamps = np.empty(1, np.int64)
+    assert check(one(), stamps) == (0, True, stamps[0], stamps[0])
+    assert check(one(cell_voltage_min=3.9, cell_voltage_max=3.8), stamps) is None
+    assert check(one(cell_temp_min=30.0, cell_temp_max=20.0, cell_voltage_min=None), stamps) is None
+    assert check(one(cell_temp_min=30.0, cell_temp_max=None), stamps) == (1, True, stamps[0], stamps[0])
+    assert check(one(**dict.fromkeys(schema.SIGNALS)), stamps) is None
+    sent = one()
+    sent[0].ingest_received_at = "2026-01-01T00:00:00Z"
+    assert check(sent, stamps) is None
+    with pytest.raises(ValueError):  # more records than room for their timestamps
+        check(one() + one(), stamps)

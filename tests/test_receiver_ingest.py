@@ -142,3 +142,41 @@ def test_a_batch_is_decoded_per_batch_and_stored_as_the_exact_door_stores_it(tmp
         assert stored == schema.encode_stored(schema.decode_records(body, ndjson=True), moment)
         response = client.post("/ingest", content=json.dumps(records[:3]), headers=JSON)
         assert response.status_code == 202 and len(exact_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "shift", "message"), [(7, dt.timedelta(hours=1), "ahead of"), (3, -dt.timedelta(days=8), "old")]
+)
+def test_a_batch_with_one_clock_out_of_bounds_is_422_naming_that_record(tmp_path, where, shift, message):
+    """The batch path decides the clock on its C-read timestamps; the record out of bounds is named as the exact
+    door names it, and nothing is queued."""
+    records = [make_record(i) for i in range(10)]
+    records[where]["timestamp"] = (dt.datetime.now(dt.UTC) + shift).isoformat()
+    body = "".join(json.dumps(r) + "\n" for r in records)
+    with serve(tmp_path) as client:
+        response = client.post("/ingest", content=body, headers=JSON | {"Content-Type": "application/x-ndjson"})
+        assert response.status_code == 422
+        (error,) = response.json()["errors"]
+        assert error["path"] == f"$[{where}].timestamp" and message in error["message"]
+        assert client.queued() == []
+
+
+def test_a_batch_with_utc_offsets_is_stored_in_utc_and_its_latency_recorded(tmp_path):
+    from engine import schema
+
+    records = [make_record(i) for i in range(10)]
+    for r in records[::2]:  # every other record at +02:00, the same instants
+        moment = dt.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))
+        r["timestamp"] = moment.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+    body = json.dumps(records).encode()
+    with serve(tmp_path) as client:
+        assert client.post("/ingest", content=body, headers=JSON).status_code == 202
+        (stored,) = client.queued()
+        lines = [json.loads(line) for line in stored.splitlines()]
+        assert all(line["timestamp"].endswith("Z") for line in lines)
+        moment = dt.datetime.fromisoformat(lines[0]["ingest_received_at"].replace("Z", "+00:00"))
+        expected = schema.decode_records(body, ndjson=False)
+        schema.check_clock(expected, moment, max_future_s=300, max_age_s=86400)
+        assert stored == schema.encode_stored(expected, moment)
+        lag = client.app.state.receiver.own_metrics().histogram(m.LATENCY, stage="ingest")
+        assert lag.count == 10 and 0 <= lag.quantile(0.5) < 60_000

@@ -1,4 +1,9 @@
+from typing import Any
+
+import numpy as np
+
 from engine.kernels._jsonl_py import Columns
 
 def parse_lines(data: bytes | memoryview, vehicles: dict[str, int], extra: str = "refuse") -> Columns: ...
 def signals() -> tuple[str, ...]: ...
+def check_records(records: list[Any], stamps_us: np.ndarray) -> tuple[int, bool, int, int] | None: ...
