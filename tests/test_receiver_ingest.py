@@ -180,3 +180,38 @@ def test_a_batch_with_utc_offsets_is_stored_in_utc_and_its_latency_recorded(tmp_
         assert stored == schema.encode_stored(expected, moment)
         lag = client.app.state.receiver.own_metrics().histogram(m.LATENCY, stage="ingest")
         assert lag.count == 10 and 0 <= lag.quantile(0.5) < 60_000
+
+
+def test_ingest_keeps_the_app_contract_around_its_shortcut(tmp_path, monkeypatch):
+    """POST /ingest skips Starlette's router: the route still answers 405 to GET, an unexpected error is still a
+    500, and a request under a root_path or an app given middleware still reaches the endpoint."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from engine import receiver
+
+    body = json.dumps(make_record(0))
+    with serve(tmp_path) as client:
+        assert client.get("/ingest", headers=JSON).status_code == 405
+        assert client.post("/ingest", content=body, headers=JSON).status_code == 202
+    seen = []
+
+    async def note(request, call_next):
+        seen.append(request.url.path)
+        return await call_next(request)
+
+    settings = Settings.from_env({"CANPIPE_DATA_DIR": str(tmp_path / "m"), "CANPIPE_API_KEYS": KEY})
+    app = create_app(settings, open_queue(settings.queue_url))
+    app.add_middleware(BaseHTTPMiddleware, dispatch=note)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.post("/ingest", content=body, headers=JSON).status_code == 202
+        assert seen == ["/ingest"], "the app's middleware was skipped"
+    with TestClient(create_app(settings, open_queue(settings.queue_url)), root_path="/edge") as client:
+        assert client.post("/edge/ingest", content=body, headers=JSON).status_code == 202
+
+    async def broken(self, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(receiver.Receiver, "admit", broken)
+    with TestClient(create_app(settings, open_queue(settings.queue_url)), raise_server_exceptions=False) as client:
+        response = client.post("/ingest", content=body, headers=JSON)
+        assert (response.status_code, response.text) == (500, "Internal Server Error")
