@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import select
 import shutil
+import signal
 import sys
 import termios
 import time
@@ -140,6 +141,9 @@ def run(url: str, interval_s: float = 1.0) -> int:
     previous: Scrape | None = None
     previous_at = 0.0
     down_since: str | None = None
+    # Ctrl-C quits even when started with SIGINT ignored (nohup, a background job of a script): Python installs
+    # its KeyboardInterrupt handler only where the signal was at its default
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if tty_in:
             tty.setcbreak(sys.stdin.fileno())
@@ -159,6 +163,7 @@ def run(url: str, interval_s: float = 1.0) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGINT, interrupt)
         if saved is not None:
             # TCSANOW: TCSADRAIN would wait for the screen to drain, forever when the terminal stopped reading
             termios.tcsetattr(sys.stdin, termios.TCSANOW, saved)

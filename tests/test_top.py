@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from canpipe_testing import ROOT, make_record, post_json, wait_for
 
 from engine import top
@@ -72,11 +73,13 @@ def _read_until(fd: int, pattern: str, timeout_s: float) -> str:
     return seen.decode(errors="replace")
 
 
-def _top_in_a_terminal(url: str) -> tuple[subprocess.Popen, int]:
+def _top_in_a_terminal(url: str, *, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", "top", "--url", url, "--interval", "0.5"],
         stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT, start_new_session=True,
+        # as started by nohup or as a background job of a script: SIGINT ignored, inherited
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )  # fmt: skip
     os.close(terminal)
     return proc, controller
@@ -100,8 +103,9 @@ def test_top_in_a_terminal_redraws_and_quits_on_q(serve, env):
         os.close(controller)
 
 
-def test_top_says_unreachable_keeps_retrying_and_exits_0_on_ctrl_c():
-    proc, controller = _top_in_a_terminal("http://127.0.0.1:9/metrics")
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["plain", "sigint-ignored-by-the-parent"])
+def test_top_says_unreachable_keeps_retrying_and_exits_0_on_ctrl_c(sigint_ignored):
+    proc, controller = _top_in_a_terminal("http://127.0.0.1:9/metrics", sigint_ignored=sigint_ignored)
     try:
         screen = _read_until(controller, r"(?s)unreachable since.*unreachable since", 30)
         assert screen.count("unreachable since") >= 2, screen
