@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 
 from engine import schema
-from engine.kernels.jsonl import check_records
+from engine.kernels.jsonl import MICROSECOND, check_records, micros
 from engine.schema import UTC, Timestamp
 
 # ``schema.Payload`` without its ``__post_init__`` (min <= max, at least one signal: checked per batch); made
@@ -76,8 +76,6 @@ _encoder = msgspec.json.Encoder()
 _vehicle_id_of = operator.attrgetter("vehicle_id")
 _can_id_of = operator.attrgetter("can_id")
 _UNSURE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = dt.timedelta(microseconds=1)
 
 
 class Batch(NamedTuple):
@@ -97,14 +95,9 @@ class Batch(NamedTuple):
             return False
         now_us = micros(now)
         # timedelta rounds the seconds to microseconds as check_clock's bounds do
-        ahead = dt.timedelta(seconds=max_future_s) // _MICROSECOND
-        behind = dt.timedelta(seconds=max_age_s) // _MICROSECOND
+        ahead = dt.timedelta(seconds=max_future_s) // MICROSECOND
+        behind = dt.timedelta(seconds=max_age_s) // MICROSECOND
         return now_us - behind <= self.earliest_us and self.latest_us <= now_us + ahead
-
-
-def micros(moment: dt.datetime) -> int:
-    """``moment`` (aware) as integer microseconds since the epoch."""
-    return (moment - _EPOCH) // _MICROSECOND
 
 
 def decode_batch(body: bytes, *, ndjson: bool) -> list[BatchRecord] | None:

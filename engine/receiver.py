@@ -32,12 +32,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import instruments as m
-from engine.batch_decode import BATCH_MIN_RECORDS, count_byte, decode_checked, micros, stored_lines
+from engine.batch_decode import BATCH_MIN_RECORDS, count_byte, decode_checked, stored_lines
 from engine.body import READ_ERRORS, content_coding, receive_body, within
 from engine.can.ingest import can_route
 from engine.config import Settings
 from engine.door import JSON_MEDIA, NDJSON_MEDIA, Refusal, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
+from engine.kernels.jsonl import micros
 from engine.lifetime import after_startup, exit_with_parent, keep_early_stop
 from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
 from engine.openapi import openapi_document

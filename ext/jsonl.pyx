@@ -677,7 +677,7 @@ def check_records(list records, long long[::1] stamps_us):
             ) * 1000000 + PyDateTime_DATE_GET_MICROSECOND(stamp)
         else:  # an offset other than UTC: the receiver normalises these records; exact here, one call each
             utc = False
-            us = _jsonl_py._micros(stamp)
+            us = _jsonl_py.micros(stamp)
         stamps_us[i] = us
         if i == 0 or us < low:
             low = us

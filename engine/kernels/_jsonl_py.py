@@ -87,7 +87,8 @@ class Columns(msgspec.Struct):
     lines: int  # newline-terminated lines in the input (blank ones included)
 
 
-def _micros(moment: dt.datetime) -> int:
+def micros(moment: dt.datetime) -> int:
+    """``moment`` (aware) as integer microseconds since the epoch, exactly."""
     return (moment - EPOCH) // MICROSECOND
 
 
@@ -121,8 +122,8 @@ def parse_lines(data: bytes | memoryview, vehicles: dict[str, int], extra: str =
         index = vehicles.setdefault(record.vehicle_id, len(vehicles))
         rows.append(
             (
-                _micros(record.timestamp),
-                _micros(record.ingest_received_at),
+                micros(record.timestamp),
+                micros(record.ingest_received_at),
                 index,
                 can,
                 signals,
@@ -167,7 +168,7 @@ def check_records(records: list[Any], stamps_us: np.ndarray) -> tuple[int, bool,
         if any(a > b for a, b in zip(low, high) if a is not None and b is not None):
             return None
     stamps = [record.timestamp for record in records]
-    micros = list(map(_micros, stamps))
-    stamps_us[:count] = micros
+    exact = list(map(micros, stamps))
+    stamps_us[:count] = exact
     utc = {stamp.tzinfo for stamp in stamps} <= {dt.UTC}
-    return sum(column.count(None) for column in columns), utc, min(micros, default=0), max(micros, default=0)
+    return sum(column.count(None) for column in columns), utc, min(exact, default=0), max(exact, default=0)
