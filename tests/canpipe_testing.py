@@ -85,9 +85,10 @@ def start_answering(args: list[str], log: Path, answers: Callable[[], bool], tim
 
 def start_moto(port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
     """moto's server (SQS and S3 over real HTTP) on 127.0.0.1:port, returned once it answers; its output goes to
-    ``log``. Stop it with :func:`stop_process`."""
+    ``log``. Stop it with :func:`stop_process`. It runs through ``moto_server.py``, which closes moto's race
+    that lets two concurrent receives take one message."""
     return start_answering(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).with_name("moto_server.py")), "-H", "127.0.0.1", "-p", str(port)],
         log,
         lambda: http("GET", f"http://127.0.0.1:{port}/moto-api/", timeout=1)[0] < 500,
         timeout,
