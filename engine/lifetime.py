@@ -91,6 +91,49 @@ def keep_early_stop() -> Callable[[], None]:
     return started.set
 
 
+def keep_stop_between_loop_runs() -> bool:
+    """Keep a SIGTERM or SIGINT that reaches this Granian worker while its event loop is paused; call before
+    Granian sets its worker's signals (in the app factory). True when in place.
+
+    Granian registers its stop with ``loop.add_signal_handler`` before the app's start-up, runs the start-up
+    in one ``run_until_complete``, starts its server, and runs the loop again until told to stop. uvloop
+    listens to signals only while the loop runs: between the two runs it gives the wakeup fd back, so a
+    signal in that window (the few ms Granian takes to start its server) only lands in uvloop's Python-level
+    handler, which records it for a wakeup that never comes. The worker then served on until killed 20 s
+    later (CI, 1 run in ~60 here, at "Started worker-N"). So the Python-level handler also queues the stop
+    on the loop, which runs it when the loop next runs; and Granian's stop event is set once however many
+    ways a signal arrives (its channel holds one: a third set would block the main thread).
+    """
+    try:
+        import granian._signals as granian_signals
+    except ImportError:  # pragma: no cover - granian is a dependency of serve
+        return False
+    set_loop_signals = getattr(granian_signals, "set_loop_signals", None)
+    if set_loop_signals is None or getattr(set_loop_signals, "keeps_stops", False):  # pragma: no cover
+        return False
+
+    def set_loop_signals_keeping_stops(loop: Any) -> Any:
+        event = set_loop_signals(loop)
+        stopping: list[bool] = []
+
+        def stop(*_: object) -> None:
+            if not stopping:
+                stopping.append(True)
+                event.set()
+
+        def on_signal(signum: int, frame: object) -> None:  # runs whether or not the loop does
+            loop.call_soon_threadsafe(stop)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)  # in place of Granian's, which sets its event every time
+            signal.signal(sig, on_signal)  # after add_signal_handler, which installs uvloop's own
+        return event
+
+    set_loop_signals_keeping_stops.keeps_stops = True  # type: ignore[attr-defined]
+    granian_signals.set_loop_signals = set_loop_signals_keeping_stops
+    return True
+
+
 def after_startup(app: Any, done: Callable[[], None]) -> None:
     """Call ``done`` when the Starlette ``app``'s lifespan start-up has finished."""
     inner = app.router.lifespan_context

@@ -39,7 +39,7 @@ from engine.config import Settings
 from engine.door import JSON_MEDIA, NDJSON_MEDIA, Refusal, body_refusal, refuse, retry_after
 from engine.errors import QueueError, QueueSaturated
 from engine.kernels.jsonl import micros
-from engine.lifetime import after_startup, exit_with_parent, keep_early_stop
+from engine.lifetime import after_startup, exit_with_parent, keep_early_stop, keep_stop_between_loop_runs
 from engine.metrics import CONTENT_TYPE, Metrics, read_snapshots, render, write_snapshot
 from engine.openapi import openapi_document
 from engine.publisher import Publisher
@@ -500,6 +500,7 @@ def worker_app() -> Starlette:
     that stops when told to while it starts (engine/lifetime.py)."""
     exit_with_parent()
     started = keep_early_stop()
+    keep_stop_between_loop_runs()
     settings = Settings.from_env()
     metrics_dir = settings.data_dir / "metrics"
     try:

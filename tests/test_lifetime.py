@@ -59,3 +59,45 @@ def test_sigterm_while_the_workers_start_stops_the_server_at_once(start, env, mo
     assert server.stop(signal.SIGTERM, timeout=WORKERS_KILL_TIMEOUT_S + 10) == 0, server.output()
     # not the kill timeout's doing: every worker stopped when told
     assert time.monotonic() - stopping < WORKERS_KILL_TIMEOUT_S / 2, server.output()
+
+
+def test_a_stop_between_two_runs_of_the_event_loop_stops_the_worker_once(monkeypatch):
+    # Granian runs a worker's loop once for the app's start-up and again while serving; uvloop hears signals only
+    # while it runs, so a SIGTERM in between (as the server starts) was recorded and never acted on
+    import asyncio
+
+    import granian._signals as granian_signals
+    import uvloop
+
+    from engine.lifetime import keep_stop_between_loop_runs
+
+    stops: list[int] = []
+
+    class StopEvent:  # Granian's WorkerSignal, counted
+        def set(self) -> None:
+            stops.append(1)
+
+    monkeypatch.setattr(granian_signals, "WorkerSignal", StopEvent)
+    monkeypatch.setattr(granian_signals, "set_loop_signals", granian_signals.set_loop_signals)  # undone after
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    loop = uvloop.new_event_loop()
+
+    async def until_stopped(n: int, within_s: float) -> None:
+        deadline = time.monotonic() + within_s
+        while len(stops) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        assert keep_stop_between_loop_runs()
+        granian_signals.set_loop_signals(loop)
+        loop.run_until_complete(asyncio.sleep(0))  # the start-up's run
+        os.kill(os.getpid(), signal.SIGTERM)  # while the loop is paused: the server is starting
+        loop.run_until_complete(until_stopped(1, 5.0))  # serving
+        assert stops == [1]
+        os.kill(os.getpid(), signal.SIGTERM)  # a second stop while serving: Granian's event is set once only
+        loop.run_until_complete(until_stopped(2, 0.5))  # the loop handles a signal in ms
+        assert stops == [1]
+    finally:
+        loop.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
