@@ -100,9 +100,9 @@ def keep_stop_between_loop_runs() -> bool:
     listens to signals only while the loop runs: between the two runs it gives the wakeup fd back, so a
     signal in that window (the few ms Granian takes to start its server) only lands in uvloop's Python-level
     handler, which records it for a wakeup that never comes. The worker then served on until killed 20 s
-    later (CI, 1 run in ~60 here, at "Started worker-N"). So the Python-level handler also queues the stop
-    on the loop, which runs it when the loop next runs; and Granian's stop event is set once however many
-    ways a signal arrives (its channel holds one: a third set would block the main thread).
+    later (once in CI; 2 runs in 60 here, stopped at "Started worker-N"). So the Python-level handler also
+    queues the stop on the loop, which runs it when the loop next runs; and Granian's stop event is set once
+    however many ways a signal arrives (its channel holds one: a third set would block the main thread).
     """
     try:
         import granian._signals as granian_signals
