@@ -38,7 +38,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wrk import WRK, run_wrk  # noqa: E402
+from wrk import WRK, run_wrk, tree_cpu_s  # noqa: E402
 
 from engine.launch import free_port, healthy, queue_empty, start_command, stop, wait_until  # noqa: E402
 from engine.metrics import read_snapshots  # noqa: E402
@@ -183,11 +183,12 @@ def run_once(*, body: str = "ndjson", records: int = RECORDS_PER_BODY, seconds: 
     )
 
 
-def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float]:
+def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float, float]:
     """The consumer alone: fill a fresh queue through the receiver (wrk, 100-record NDJSON, ``seconds``), stop
     the receiver, then time one consumer process from its start until the queue is empty and every record
-    is on disk. (records, seconds, receiver-alone accepted records/s): the seconds count from the consumer's
-    first written batch (its start-up, ~1 s, left out); the last figure is the fill, no consumer running."""
+    is on disk. (records, seconds, receiver-alone accepted records/s, the consumer's CPU seconds): the seconds
+    count from the consumer's first written batch (its start-up, ~1 s, left out), the CPU over the same span, of
+    the consumer's processes (supervisor and worker); the third figure is the fill, no consumer running."""
     if WRK is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk); the batched-ingest benchmark drives with it")
     data_dir = Path(tempfile.mkdtemp(prefix="canpipe-drain-"))
@@ -218,10 +219,11 @@ def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float]:
         consumer = start_command(["consume", "--workers", "1"], env)
         if not wait_until(lambda: written(data_dir) > 0, 60, 0.01):  # the clock starts at the first batch
             raise RuntimeError("the consumer wrote nothing within 60 s")
-        start, first = time.monotonic(), written(data_dir)
+        start, first, cpu_before = time.monotonic(), written(data_dir), tree_cpu_s(consumer.pid)
         if not wait_until(lambda: queue_empty(queue_url), 120, 0.02):
             raise RuntimeError("the consumer did not drain the queue within 120 s")
         drain_s = time.monotonic() - start
+        cpu_s = tree_cpu_s(consumer.pid) - cpu_before
         stop(consumer)
         records = lines_on_disk(data_dir) - first
     finally:
@@ -229,7 +231,7 @@ def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float]:
         if consumer is not None:
             stop(consumer)
     shutil.rmtree(data_dir, ignore_errors=True)
-    return records, drain_s, alone
+    return records, drain_s, alone, cpu_s
 
 
 def consumer_parse_speedup(messages: int = 100) -> float:
@@ -349,10 +351,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.drain:
         for _ in range(args.runs):
-            records, drain_s, alone = drain_once(seconds=args.duration)
+            records, drain_s, alone, cpu_s = drain_once(seconds=args.duration)
             print(
                 f"receiver alone (no consumer) accepted {alone:,.0f} records/s; consumer alone: {records:,} "
-                f"records drained and on disk in {drain_s:.2f} s: {records / drain_s:,.0f} records/s",
+                f"records drained and on disk in {drain_s:.2f} s: {records / drain_s:,.0f} records/s, "
+                f"CPU {1e6 * cpu_s / max(1, records):.1f} us a record",
                 flush=True,
             )
     bodies = ("ndjson", "array") if args.body == "both" else (args.body,)

@@ -86,10 +86,16 @@ def write_script(folder: Path, key: str, records: int) -> Path:
     return script
 
 
-def drive(url: str, script: Path, seconds: float, connections: int) -> dict:
-    """One wrk run against ``url``/ingest; wrk's counts as a dict (requests, duration_us, non2xx, ...)."""
-    stats = run_wrk(url + "/ingest", script, seconds, connections)
+def drive(url: str, script: Path, seconds: float, connections: int, server: int | None = None) -> dict:
+    """One wrk run against ``url``/ingest; wrk's counts as a dict (requests, duration_us, non2xx, ...), with
+    ``per_s`` (2xx answers a second) and, given the server's pid, ``cpu_us`` (its CPU per 2xx answer) and
+    ``wrk_us`` (wrk's)."""
+    stats = run_wrk(url + "/ingest", script, seconds, connections, server=server)
+    answered = max(1, stats["requests"] - stats["non2xx"])
     stats["per_s"] = (stats["requests"] - stats["non2xx"]) / (stats["duration_us"] / 1e6)
+    stats["wrk_us"] = 1e6 * stats["wrk_cpu_s"] / answered
+    if server is not None:
+        stats["cpu_us"] = 1e6 * stats["server_cpu_s"] / answered
     return stats
 
 
@@ -113,8 +119,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def servers(folder: Path, key: str, *, seed: bool = True) -> Iterator[dict[str, str]]:
-    """The receiver, the bare app and (``seed``) the seed stack, each on its own port; their URLs by name."""
+def servers(folder: Path, key: str, *, seed: bool = True) -> Iterator[dict[str, tuple[str, int]]]:
+    """The receiver, the bare app and (``seed``) the seed stack, each on its own port; their URLs and pids by
+    name."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH)])}
     receiver_env = env | {
         "CANPIPE_DATA_DIR": str(folder / "data"),
@@ -142,14 +149,16 @@ def servers(folder: Path, key: str, *, seed: bool = True) -> Iterator[dict[str, 
         for name, url in urls.items():
             if not wait_until(lambda url=url: healthy(url), 30):
                 raise RuntimeError(f"{name} did not become healthy within 30 s")
-        yield urls
+        yield {name: (url, procs[name].pid) for name, url in urls.items()}
     finally:
         for name, proc in procs.items():
             stop(proc) if name == "receiver" else _stop(proc)
 
 
 def compare(seconds: float, rounds: int, *, seed: bool = True, batched: bool = True) -> dict[str, list[float]]:
-    """``rounds`` rounds of each server in turn; requests/s per server (and records/s of 100-record bodies)."""
+    """``rounds`` rounds of each server in turn; requests/s per server (and records/s of 100-record bodies),
+    and under ``<name> cpu`` each server's CPU microseconds a request (a record with 100-record bodies), under
+    ``<name> wrk`` wrk's."""
     if WRK is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk): this benchmark drives the servers with it")
     folder = Path(tempfile.mkdtemp(prefix="canpipe-bench-receiver-"))
@@ -157,21 +166,34 @@ def compare(seconds: float, rounds: int, *, seed: bool = True, batched: bool = T
     single, hundred = write_script(folder, key, 1), write_script(folder, key, 100)
     results: dict[str, list[float]] = {}
     try:
-        with servers(folder, key, seed=seed) as urls:
-            for url in urls.values():  # warm-up: imports, first connections, SQLite's first commits
+        with servers(folder, key, seed=seed) as running:
+            for url, _ in running.values():  # warm-up: imports, first connections, SQLite's first commits
                 drive(url, single, 1, 32)
             for _ in range(rounds):
-                for name, url in urls.items():
-                    stats = drive(url, single, seconds, 32)
+                for name, (url, pid) in running.items():
+                    stats = drive(url, single, seconds, 32, pid)
                     if stats["non2xx"] or stats["socket_errors"]:
                         raise RuntimeError(f"{name}: {stats['non2xx']} non-2xx, {stats['socket_errors']} socket errors")
                     results.setdefault(name, []).append(stats["per_s"])
-                    print(f"{name:>8}: {stats['per_s']:>9,.0f} req/s  P50 {stats['p50_us'] / 1000:.2f} ms", flush=True)
+                    results.setdefault(f"{name} cpu", []).append(stats["cpu_us"])
+                    results.setdefault(f"{name} wrk", []).append(stats["wrk_us"])
+                    print(
+                        f"{name:>8}: {stats['per_s']:>9,.0f} req/s  P50 {stats['p50_us'] / 1000:.2f} ms  "
+                        f"CPU {stats['cpu_us']:,.0f} us a request (wrk {stats['wrk_us']:,.0f} us)",
+                        flush=True,
+                    )
                 if batched:
                     for name in ("receiver", "bare"):
-                        stats = drive(urls[name], hundred, seconds, 16)
+                        url, pid = running[name]
+                        stats = drive(url, hundred, seconds, 16, pid)
                         results.setdefault(f"{name} x100", []).append(stats["per_s"] * 100)
-                        print(f"{name} x100: {stats['per_s'] * 100:>9,.0f} records/s (NDJSON, -c16)", flush=True)
+                        results.setdefault(f"{name} x100 cpu", []).append(stats["cpu_us"] / 100)
+                        results.setdefault(f"{name} x100 wrk", []).append(stats["wrk_us"] / 100)
+                        print(
+                            f"{name} x100: {stats['per_s'] * 100:>9,.0f} records/s (NDJSON, -c16)  "
+                            f"CPU {stats['cpu_us'] / 100:.1f} us a record (wrk {stats['wrk_us'] / 100:.1f} us)",
+                            flush=True,
+                        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return results
@@ -208,14 +230,21 @@ def main() -> int:
     print()
     for name, values in results.items():
         values = sorted(values)
-        unit = "records/s" if "x100" in name else "req/s"
-        print(f"{name:>14}: {values[0]:>9,.0f} .. {values[-1]:>9,.0f} {unit} (median {values[len(values) // 2]:,.0f})")
-    receiver = sorted(results["receiver"])[len(results["receiver"]) // 2]
+        unit = "records/s" if name.endswith("x100") else "req/s"
+        if name.endswith(("cpu", "wrk")):
+            unit = "us of CPU a record" if "x100" in name else "us of CPU a request"
+        print(f"{name:>18}: {values[0]:>9,.1f} .. {values[-1]:>9,.1f} {unit} (median {median(values):,.1f})")
     for name in ("bare", "seed"):
         if name in results:
-            anchor = sorted(results[name])[len(results[name]) // 2]
-            print(f"receiver / {name}: {receiver / anchor:.2f} (medians)")
+            print(
+                f"receiver / {name}: {median(results['receiver']) / median(results[name]):.2f} req/s, "
+                f"{median(results['receiver cpu']) / median(results[f'{name} cpu']):.2f} CPU a request (medians)"
+            )
     return 0
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 if __name__ == "__main__":

@@ -33,26 +33,6 @@ from wrk import run_wrk  # noqa: E402
 from engine.launch import free_port, healthy, start_command, stop, wait_until  # noqa: E402
 
 
-def tree_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` and its children, in seconds."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    pids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    ticks = 0
-    for each in pids:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def worker_of(pid: int) -> int:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -102,9 +82,8 @@ def main() -> int:
                 + ["--threads", "--nonblocking", "-o", str(args.py_spy)],
                 stdout=subprocess.DEVNULL,
             )
-        before = tree_cpu_s(server.pid)
-        stats = run_wrk(url + "/ingest", script, args.seconds, args.connections)
-        cpu_s = tree_cpu_s(server.pid) - before
+        stats = run_wrk(url + "/ingest", script, args.seconds, args.connections, server=server.pid)
+        cpu_s = stats["server_cpu_s"]
         if spy is not None:
             spy.wait()
     finally:
