@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import re
 import signal
@@ -156,11 +157,16 @@ def wait_for(condition: Callable[[], object], timeout: float, message: str = "co
     assert wait_until(condition, timeout, 0.05), f"timed out after {timeout} s waiting for {message}"
 
 
-def make_record(index: int = 0, vehicle_id: str = "EV-00001", **payload: float) -> dict:
-    """A valid seed-shaped record, timestamped now (distinct per index)."""
-    import datetime as dt
+_STAMPS = itertools.count()
 
+
+def make_record(index: int = 0, vehicle_id: str = "EV-00001", **payload: float) -> dict:
+    """A valid seed-shaped record, timestamped ``index`` ms before now (older as the index grows), and distinct
+    from the 999 records made before it: the microseconds below the millisecond count the calls, so two records
+    of one vehicle never share a timestamp when the clock moves exactly ``j - i`` ms between making ``i`` and ``j``
+    (which made one CI run's 4,000 records 3,999 distinct ones)."""
     moment = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=index)
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000 + next(_STAMPS) % 1000)
     return {
         "timestamp": moment.isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "vehicle_id": vehicle_id,
