@@ -154,18 +154,21 @@ def test_late_files_are_merged_past_the_count_or_share_of_the_hour(fleet, monkey
 
 def test_a_late_file_left_beside_a_merged_main_file_is_not_counted_twice(fleet, caplog):  # noqa: F811
     """A merge writes the main file, then deletes the late files; interrupted between the two (or a reader
-    of S3 listing while the job uploads), main and late file hold the same rows: the aggregate does not
-    combine them, and the next compaction removes the late file."""
+    of S3 listing while the job uploads), main and late file hold the same rows: neither the aggregate nor the
+    query's parquet view combines them, and the next compaction removes the late file."""
     data_dir, _ = fleet
     compact_hour(data_dir, HOUR)
     write_raw(data_dir, "batch-0-early.jsonl", stored(fleet_records(HOUR, random.Random(9), 10), LATER))
     late = compact_hour(data_dir, HOUR).path
     kept = late.read_bytes()
     compact_hour(data_dir, HOUR, force=True)
+    main_rows = len(parquet_rows(parquet_path(data_dir, HOUR)))
     late.write_bytes(kept)  # as an interrupted merge leaves it
     caplog.set_level(logging.INFO, logger="canpipe.lake")
 
     assert aggregates(data_dir, [HOUR])[HOUR] == from_raw(data_dir) and not from_lake(caplog)
+    # the query's parquet view leaves the merged late file out: each record once
+    assert query.run(data_dir, "SELECT count(*) FROM parquet")[1][0] == (main_rows,)
     assert pending_hours(data_dir, NEXT + dt.timedelta(minutes=10)) == [HOUR]
     assert compact_hour(data_dir, HOUR).merged == 1 and late_files(data_dir) == []
     caplog.clear()

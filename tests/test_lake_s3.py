@@ -76,6 +76,24 @@ def test_query_over_s3_answers_as_the_local_lake_and_the_aggregate(lake_in_bucke
     assert got[1] == [(v["vehicle_id"], v["message_count"], v["battery_soc"]["max"]) for v in doc["vehicles"]]
 
 
+def test_query_over_s3_leaves_out_a_late_object_its_merged_main_object_holds(
+    lake_in_bucket,
+    s3_bucket,
+    tmp_path_factory,
+):
+    """A merge over S3 puts the new main object, then deletes the late objects; stopped between the two, the
+    bucket holds both: the parquet view counts each record once, as the local lake after the merge does."""
+    data_dir, url = lake_in_bucket
+    main = compact_hour(data_dir, HOUR, force=True).path  # the merge, made locally
+    key = f"fleet/{main.relative_to(data_dir).as_posix()}"
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=key, Body=main.read_bytes())  # the late object stays
+    listed = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name, Prefix=key.rsplit("/", 1)[0])["Contents"]
+    assert any("/late-" in o["Key"] for o in listed)
+    empty = tmp_path_factory.mktemp("scratch")
+    assert query.run(empty, "SELECT count(*) FROM parquet", url)[1] == [(len(truth_rows(data_dir)),)]
+    assert query.run(empty, SQL.format(view="parquet"), url) == query.run(data_dir, SQL.format(view="parquet"))
+
+
 def test_query_over_an_empty_bucket_answers_zero(moto_endpoint, monkeypatch, tmp_path):
     for name, value in AWS_TEST_ENV.items():
         monkeypatch.setenv(name, value)

@@ -9,7 +9,9 @@ Two views, both with the hour's partition columns (``year``, ``month``, ``day``,
 
 Times are ``TIMESTAMPTZ`` in UTC. The connection is in memory and reads the files in place; nothing is
 written. Raw files are ``.jsonl`` or ``.jsonl.zst`` (DuckDB inflates zstd by the name); the ``parquet`` view
-holds an hour's main file and its late files (``engine.lake.pieces``), each record once.
+holds an hour's main file and its late files (``engine.lake.pieces``), each record once: a late file whose raw
+files the main file was also made from (left by a merge that stopped between writing the main file and
+deleting the late files, until the next ``canpipe compact`` deletes it) is left out of the view.
 
 Over S3 (``CANPIPE_STORAGE_URL=s3://bucket/prefix``) the same views read the objects in place: through
 DuckDB's own ``httpfs`` extension when it loads (a secret from the standard credential chain, the endpoint
@@ -29,6 +31,7 @@ from typing import Any
 from engine.errors import ConfigError
 from engine.lake.compact import PARQUET_DIR
 from engine.lake.daily import DAILY_DIR
+from engine.lake.pieces import INPUTS_KEY, LATE_PREFIX, MAIN_NAME
 from engine.schema import SIGNALS
 from engine.storage.url import StorageURL, s3_endpoint, s3_region
 
@@ -63,6 +66,12 @@ class _Local:
     def any(self, pattern: str) -> bool:
         return any(self.root.glob(pattern))
 
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(str(p) for p in self.root.glob(pattern))
+
+    def footer(self, path: str) -> dict[bytes, bytes] | None:
+        return _footer(path)
+
 
 class _S3:
     """The lake in a bucket: ``s3://bucket/prefix/…`` globs, answered by the file system DuckDB reads with."""
@@ -78,6 +87,47 @@ class _S3:
         if self.fs is None:  # httpfs: DuckDB's own glob
             return False
         return bool(self.fs.glob(self.path(pattern)[len("s3://") :]))
+
+    def glob(self, pattern: str) -> list[str]:
+        if self.fs is None:  # pragma: no cover - httpfs: no listing here, DuckDB globs itself
+            return []
+        return sorted(f"s3://{key}" for key in self.fs.glob(self.path(pattern)[len("s3://") :]))
+
+    def footer(self, path: str) -> dict[bytes, bytes] | None:
+        with self.fs.open(path[len("s3://") :], "rb") as file:
+            return _footer(file)
+
+
+def _footer(source: Any) -> dict[bytes, bytes] | None:
+    """A Parquet file's key-value metadata; None when it cannot be read (a reader does not fail on it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return dict(pq.read_metadata(source).metadata or {})
+    except (OSError, ValueError):
+        return None
+
+
+def _merged_late_files(lake: _Local | _S3, files: list[str]) -> set[str]:
+    """The late files among ``files`` whose raw files their hour's main file was also made from: their rows are
+    in the main file (a merge wrote it, then stopped before deleting them). Only the footers of hours with late
+    files are read."""
+    import msgspec
+
+    from engine.aggregator.hours import InputFile
+
+    def inputs(path: str) -> set[str]:
+        raw = (lake.footer(path) or {}).get(INPUTS_KEY)
+        return {i.file for i in msgspec.json.decode(raw, type=list[InputFile])} if raw else set()
+
+    merged: set[str] = set()
+    present = set(files)
+    for late in files:
+        folder, _, name = late.rpartition("/")
+        main = f"{folder}/{MAIN_NAME}"
+        if name.startswith(LATE_PREFIX) and main in present and inputs(late) & inputs(main):
+            merged.add(late)
+    return merged
 
 
 def _attach_s3(con: Any) -> Any:
@@ -155,9 +205,13 @@ def connect(data_dir: Path, storage: StorageURL | None = None) -> Any:
         )
     parquet_glob = f"{PARQUET_DIR}/{_PARTS}/*.parquet"
     if lake.any(parquet_glob) or isinstance(lake, _S3) and lake.fs is None:
+        hour_files = lake.glob(parquet_glob)
+        merged = _merged_late_files(lake, hour_files)
+        source = _sql_string(lake.path(parquet_glob))
+        if merged:  # the hours' files named one by one, without the late files a merged main file holds
+            source = "[" + ", ".join(_sql_string(f) for f in hour_files if f not in merged) + "]"
         con.execute(
-            f"CREATE VIEW parquet AS SELECT * FROM read_parquet({_sql_string(lake.path(parquet_glob))}, "
-            f"hive_partitioning = true, {_HOUR_TYPES})"
+            f"CREATE VIEW parquet AS SELECT * FROM read_parquet({source}, hive_partitioning = true, {_HOUR_TYPES})"
         )
     else:
         con.execute("CREATE VIEW parquet AS SELECT * FROM raw WHERE false")
