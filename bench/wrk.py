@@ -7,35 +7,21 @@ The Lua scripts of the benchmarks end with a ``done`` function that prints one `
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import shutil
 import subprocess
 from pathlib import Path
 
+from loadtest.cpu import cpu_seconds, tree
+
 WRK = shutil.which("wrk")
 MISSING = "wrk is not installed: apt-get install wrk (.ci/run installs it)"
 
 
 def tree_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` and its children (a server and its workers), in seconds."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    pids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    ticks = 0
-    for each in pids:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """utime + stime of ``pid`` and its descendants (a server and its workers), in seconds."""
+    return cpu_seconds(tree(pid))
 
 
 def run_wrk(url: str, script: Path, seconds: float, connections: int, *, server: int | None = None) -> dict:
