@@ -125,22 +125,28 @@ def written(data_dir: Path) -> int:
     return int(read_snapshots(data_dir / "metrics").counters.get(WRITTEN, 0))
 
 
-def run_once(*, body: str = "ndjson", records: int = RECORDS_PER_BODY, seconds: float = 10.0) -> Result:
-    """One fresh pipeline, one wrk run, drained and counted."""
+def _fresh(prefix: str, records: int, *, array: bool) -> tuple[Path, int, str, str, dict[str, str], Path]:
+    """A fresh data dir with its embedded queue and a wrk script posting ``records``-record bodies under a new
+    key: (data dir, port, receiver URL, queue URL, environment of the canpipe commands, script)."""
     if WRK is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk); the batched-ingest benchmark drives with it")
-    data_dir = Path(tempfile.mkdtemp(prefix="canpipe-batched-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     key = f"bench:{secrets.token_hex(8)}"
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     queue_url = f"sqlite:///{data_dir / 'queue.db'}"
     env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_API_KEYS": key, "CANPIPE_QUEUE_URL": queue_url}
     script = data_dir / "post.lua"
     script.write_text(
         LUA.replace("__RECORDS__", str(records))
-        .replace("__ARRAY__", "true" if body == "array" else "false")
+        .replace("__ARRAY__", "true" if array else "false")
         .replace("__KEY__", key)
     )
+    return data_dir, port, f"http://127.0.0.1:{port}", queue_url, env, script
+
+
+def run_once(*, body: str = "ndjson", records: int = RECORDS_PER_BODY, seconds: float = 10.0) -> Result:
+    """One fresh pipeline, one wrk run, drained and counted."""
+    data_dir, port, url, queue_url, env, script = _fresh("canpipe-batched-", records, array=body == "array")
     server = start_command(["serve", "--port", str(port), "--workers", "1"], env)
     consumer = start_command(["consume", "--workers", "1"], env)
     try:
@@ -189,18 +195,7 @@ def drain_once(*, seconds: float = 5.0) -> tuple[int, float, float, float]:
     is on disk. (records, seconds, receiver-alone accepted records/s, the consumer's CPU seconds): the seconds
     count from the consumer's first written batch (its start-up, ~1 s, left out), the CPU over the same span, of
     the consumer's processes (supervisor and worker); the third figure is the fill, no consumer running."""
-    if WRK is None:
-        raise RuntimeError("wrk is not installed (apt-get install wrk); the batched-ingest benchmark drives with it")
-    data_dir = Path(tempfile.mkdtemp(prefix="canpipe-drain-"))
-    key = f"bench:{secrets.token_hex(8)}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    queue_url = f"sqlite:///{data_dir / 'queue.db'}"
-    env = os.environ | {"CANPIPE_DATA_DIR": str(data_dir), "CANPIPE_API_KEYS": key, "CANPIPE_QUEUE_URL": queue_url}
-    script = data_dir / "post.lua"
-    script.write_text(
-        LUA.replace("__RECORDS__", str(RECORDS_PER_BODY)).replace("__ARRAY__", "false").replace("__KEY__", key)
-    )
+    data_dir, port, url, queue_url, env, script = _fresh("canpipe-drain-", RECORDS_PER_BODY, array=False)
     server = start_command(["serve", "--port", str(port), "--workers", "1"], env)
     consumer = None
     try:
