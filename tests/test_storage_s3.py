@@ -21,7 +21,17 @@ from engine.queues import open_queue
 from engine.schema import decode_records, encode_stored
 from engine.storage import Hour
 from engine.storage import s3 as s3mod
-from engine.storage.s3 import Lease, LeaseHeld, S3Store, S3Writer, decompress, materialize, raw_hours, sync_down
+from engine.storage.s3 import (
+    Lease,
+    LeaseHeld,
+    S3Store,
+    S3Writer,
+    decompress,
+    materialize,
+    raw_hours,
+    run_hour_job,
+    sync_down,
+)
 from engine.storage.url import parse_storage_url, s3_client_kwargs
 
 HOUR = Hour(2026, 3, 14, 15)
@@ -225,6 +235,75 @@ def test_one_job_per_hour_holds_the_lease_and_an_expired_one_is_taken_over(bucke
 
     held, after = run(go())
     assert held["owner"] == "host-c" and after is None
+
+
+def _job(store: S3Store, cache: Path, hold_s: float, lease_s: float):
+    """run_hour_job of an aggregate-like job that holds the hour ``hold_s`` and writes one output."""
+
+    def work() -> str:
+        time.sleep(hold_s)
+        out = cache / "aggregated/out.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"{}")
+        return "done"
+
+    return run_hour_job(store, "aggregate", HOUR, cache, ["aggregated/out.json"], work, trees=[], lease_s=lease_s)
+
+
+def test_a_running_job_renews_its_lease_past_its_lifetime(bucket, tmp_path):
+    """A job that takes longer than its lease's lifetime keeps it: another host is refused all along, the
+    output is put, and the lease given back."""
+    name, client = bucket
+
+    async def go():
+        async with S3Store(url_of(name)) as store:
+            job = asyncio.ensure_future(_job(store, tmp_path, hold_s=5.0, lease_s=2.0))
+            deadline = time.monotonic() + 10
+            while await store.get(Lease(store, "aggregate", HOUR).name) is None:  # the job has taken its lease
+                assert time.monotonic() < deadline, "the job never took its lease"
+                await asyncio.sleep(0.02)
+            taken = refused = time.monotonic()
+            while not job.done():  # without renewals the lease would be taken over 2 s after it was taken
+                other = Lease(store, "aggregate", HOUR, ttl_s=2.0, owner="host-b")
+                try:
+                    await other.acquire()
+                except LeaseHeld as exc:
+                    assert "running elsewhere" in str(exc)
+                    refused = time.monotonic()
+                    await asyncio.sleep(0.2)
+                    continue
+                await other.release()  # free only once the job gave it back, as it ends (or it raises here)
+                break
+            return await job, refused - taken
+
+    result, refused_for = run(go())
+    assert result == "done" and refused_for > 4.0  # twice the lease's lifetime
+    found = keys(client, name)
+    assert found["fleet/aggregated/out.json"] == b"{}"
+    assert not [k for k in found if "/leases/" in k]  # given back
+
+
+def test_a_job_whose_lease_was_taken_over_puts_nothing_and_leaves_the_new_holders_lease(bucket, tmp_path):
+    """Another job holds the lease by the time this one's work ends (S3 refused its renewals past the lease's
+    lifetime; here another owner's lease put over it): the job raises LeaseHeld, puts no output and does not
+    delete the new holder's lease."""
+    name, client = bucket
+
+    async def go():
+        async with S3Store(url_of(name)) as store:
+            job = asyncio.ensure_future(_job(store, tmp_path, hold_s=2.0, lease_s=0.9))
+            other = Lease(store, "aggregate", HOUR, ttl_s=60, owner="host-b")
+            deadline = time.monotonic() + 10
+            while await store.get(other.name) is None:  # the job has taken its lease
+                assert time.monotonic() < deadline, "the job never took its lease"
+                await asyncio.sleep(0.02)
+            assert await store.put(other.name, other._body(), create_only=False)  # as a takeover leaves it
+            with pytest.raises(LeaseHeld, match="another job took it"):
+                await job
+            return json.loads((await store.get(other.name))[0])["owner"]
+
+    assert run(go()) == "host-b"
+    assert "fleet/aggregated/out.json" not in keys(client, name)
 
 
 # --- the consumer putting objects ------------------------------------------------------------------

@@ -329,18 +329,24 @@ class LeaseHeld(StorageError):
     """Another job holds the hour's lease."""
 
 
+LEASE_S = 900.0  # a lease's lifetime; a running job renews it every third of that
+
+
 @dataclass
 class Lease:
     """A lease object ``leases/<job>/year=…/hour=HH.json``: taken with a create-only put, taken over with a
-    put conditional on the expired lease's ETag, given back by deleting it. Why an object and not a
-    conditional put of the output: a job's output is several objects (the aggregate and its manifest, or
-    Parquet files and the late files they replace), which no single conditional put can guard."""
+    put conditional on the expired lease's ETag, renewed by its holder with a put conditional on its own ETag
+    (``keep``), given back by deleting it. Why an object and not a conditional put of the output: a job's
+    output is several objects (the aggregate and its manifest, or Parquet files and the late files they
+    replace), which no single conditional put can guard."""
 
     store: S3Store
     job: str
     hour: Hour
-    ttl_s: float = 900.0
+    ttl_s: float = LEASE_S
     owner: str = ""
+    etag: str | None = None  # of the lease object as this holder last put it
+    lost: bool = False  # a renewal found another job holding it: this job must put nothing more
 
     @property
     def name(self) -> str:
@@ -355,14 +361,25 @@ class Lease:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ttl_s)
         return json.dumps({"owner": self.owner, "expires_at": expires.isoformat(timespec="milliseconds")}).encode()
 
+    async def _held(self) -> bool:
+        """Whether the lease object names this holder; its ETag kept for the next renewal."""
+        got = await self.store.get(self.name)
+        if got is None:
+            return False
+        data, self.etag = got
+        try:
+            return bool(json.loads(data).get("owner") == self.owner)
+        except (ValueError, AttributeError):
+            return False
+
     async def acquire(self) -> None:
         """Take the lease, or raise LeaseHeld naming its holder and expiry."""
         self.owner = self.owner or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        if await self.store.put(self.name, self._body()):
+        if await self.store.put(self.name, self._body()) and await self._held():
             return
         got = await self.store.get(self.name)
         if got is None:  # given back meanwhile: try once more
-            if await self.store.put(self.name, self._body()):
+            if await self.store.put(self.name, self._body()) and await self._held():
                 return
             raise LeaseHeld(f"{self.label} is running elsewhere (lease {self.name})")
         data, etag = got
@@ -376,11 +393,48 @@ class Lease:
                 f"{self.label} is running elsewhere: {held.get('owner')} holds its lease until "
                 f"{expires.isoformat()} ({self.name})"
             )
-        if not await self.store.put(self.name, self._body(), if_match=etag):  # someone took it over first
+        if not (await self.store.put(self.name, self._body(), if_match=etag) and await self._held()):
             raise LeaseHeld(f"{self.label}: its expired lease was taken over by another job")
         log.warning("took over the expired lease %s of %s", self.name, held.get("owner"), extra={"stage": "storage"})
 
+    async def renew(self) -> bool:
+        """Push the expiry on by ``ttl_s``; False when the lease is no longer this holder's (it expired and
+        another job took it over). StorageError when S3 does not answer: the next renewal tries again."""
+        if not (self.etag is not None and await self.store.put(self.name, self._body(), if_match=self.etag)):
+            # the ETag moved: another job's lease now, or still ours under an ETag a failed read did not give us
+            if not (await self._held() and await self.store.put(self.name, self._body(), if_match=self.etag)):
+                self.lost = True
+                return False
+        if not await self._held():
+            self.lost = True
+            return False
+        return True
+
+    async def keep(self) -> None:
+        """Renew every third of ``ttl_s`` while the job runs (cancel it when the job ends); a lease found
+        taken sets ``lost`` and ends the renewals."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                if not await self.renew():
+                    log.error(
+                        "lost the lease %s while %s ran: another job holds it; this one puts nothing more",
+                        self.name,
+                        self.label,
+                        extra={"stage": "storage"},
+                    )
+                    return
+            except StorageError as exc:
+                log.warning("could not renew the lease %s (retrying): %s", self.name, exc, extra={"stage": "storage"})
+
+    def check(self) -> None:
+        """Raise LeaseHeld when the lease was lost: the job must not put or delete anything."""
+        if self.lost:
+            raise LeaseHeld(f"{self.label}: its lease ran out while it ran and another job took it; nothing put")
+
     async def release(self) -> None:
+        if self.lost:  # another job's lease now: not ours to delete
+            return
         with contextlib.suppress(StorageError):
             await self.store.delete(self.name)
 
@@ -465,23 +519,31 @@ async def run_hour_job(
     *,
     trees: Sequence[str] | None = None,
     raw: bool = True,
+    lease_s: float = LEASE_S,
 ) -> T:
     """``work()`` (the local command on ``cache``) for one hour, under the hour's ``job`` lease: the hour
     mirrored down first (its raw objects, each of ``trees``: by default the Parquet of its day, and
     ``outputs``), then every file it wrote or changed in them put back, and files it removed deleted from the
-    bucket. LeaseHeld when another job has it."""
+    bucket. LeaseHeld when another job has it, or took it over while this one ran (the lease is renewed every
+    third of ``lease_s``; lost only when S3 refused the renewals that long): then nothing more is put."""
     trees = [day_prefix("parquet", hour)] if trees is None else trees
-    lease = Lease(store, job, hour)
+    lease = Lease(store, job, hour, ttl_s=lease_s)
     await lease.acquire()
+    keeper = asyncio.get_running_loop().create_task(lease.keep())  # however long the hour takes
     try:
         await sync_down(store, hour, cache, outputs=outputs, trees=trees, raw=raw)
         before = _stamps(cache, trees, outputs)
         result = await asyncio.to_thread(work)
         after = _stamps(cache, trees, outputs)
+        lease.check()
         # new files first, removed ones last: a reader listing meanwhile sees the old or both, never neither
         await upload(store, cache, sorted(p for p, stamp in after.items() if before.get(p) != stamp))
         for path in sorted(set(before) - set(after)):
+            lease.check()
             await store.delete(path.relative_to(cache).as_posix())
         return result
     finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         await lease.release()
