@@ -335,17 +335,16 @@ LEASE_S = 900.0  # a lease's lifetime; a running job renews it every third of th
 @dataclass
 class Lease:
     """A lease object ``leases/<job>/year=…/hour=HH.json``: taken with a create-only put, taken over with a
-    put conditional on the expired lease's ETag, renewed by its holder with a put conditional on its own ETag
-    (``keep``), given back by deleting it. Why an object and not a conditional put of the output: a job's
-    output is several objects (the aggregate and its manifest, or Parquet files and the late files they
-    replace), which no single conditional put can guard."""
+    put conditional on the expired lease's ETag, renewed by its holder with a put conditional on the ETag of
+    the lease it read as its own (``keep``), given back by deleting it. Why an object and not a conditional
+    put of the output: a job's output is several objects (the aggregate and its manifest, or Parquet files
+    and the late files they replace), which no single conditional put can guard."""
 
     store: S3Store
     job: str
     hour: Hour
     ttl_s: float = LEASE_S
     owner: str = ""
-    etag: str | None = None  # of the lease object as this holder last put it
     lost: bool = False  # a renewal found another job holding it: this job must put nothing more
 
     @property
@@ -361,25 +360,14 @@ class Lease:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ttl_s)
         return json.dumps({"owner": self.owner, "expires_at": expires.isoformat(timespec="milliseconds")}).encode()
 
-    async def _held(self) -> bool:
-        """Whether the lease object names this holder; its ETag kept for the next renewal."""
-        got = await self.store.get(self.name)
-        if got is None:
-            return False
-        data, self.etag = got
-        try:
-            return bool(json.loads(data).get("owner") == self.owner)
-        except (ValueError, AttributeError):
-            return False
-
     async def acquire(self) -> None:
         """Take the lease, or raise LeaseHeld naming its holder and expiry."""
         self.owner = self.owner or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        if await self.store.put(self.name, self._body()) and await self._held():
+        if await self.store.put(self.name, self._body()):
             return
         got = await self.store.get(self.name)
         if got is None:  # given back meanwhile: try once more
-            if await self.store.put(self.name, self._body()) and await self._held():
+            if await self.store.put(self.name, self._body()):
                 return
             raise LeaseHeld(f"{self.label} is running elsewhere (lease {self.name})")
         data, etag = got
@@ -393,22 +381,23 @@ class Lease:
                 f"{self.label} is running elsewhere: {held.get('owner')} holds its lease until "
                 f"{expires.isoformat()} ({self.name})"
             )
-        if not (await self.store.put(self.name, self._body(), if_match=etag) and await self._held()):
+        if not await self.store.put(self.name, self._body(), if_match=etag):  # someone took it over first
             raise LeaseHeld(f"{self.label}: its expired lease was taken over by another job")
         log.warning("took over the expired lease %s of %s", self.name, held.get("owner"), extra={"stage": "storage"})
 
     async def renew(self) -> bool:
-        """Push the expiry on by ``ttl_s``; False when the lease is no longer this holder's (it expired and
-        another job took it over). StorageError when S3 does not answer: the next renewal tries again."""
-        if not (self.etag is not None and await self.store.put(self.name, self._body(), if_match=self.etag)):
-            # the ETag moved: another job's lease now, or still ours under an ETag a failed read did not give us
-            if not (await self._held() and await self.store.put(self.name, self._body(), if_match=self.etag)):
-                self.lost = True
-                return False
-        if not await self._held():
-            self.lost = True
-            return False
-        return True
+        """Push the expiry on by ``ttl_s``: read the lease, and when it names this holder put it again on
+        condition of the ETag read (another job taking it over in between makes the put fail). False, and
+        ``lost``, when it is no longer this holder's; StorageError when S3 does not answer (retried)."""
+        got = await self.store.get(self.name)
+        try:
+            ours = got is not None and json.loads(got[0]).get("owner") == self.owner
+        except (ValueError, AttributeError):
+            ours = False
+        if got is not None and ours and await self.store.put(self.name, self._body(), if_match=got[1]):
+            return True
+        self.lost = True
+        return False
 
     async def keep(self) -> None:
         """Renew every third of ``ttl_s`` while the job runs (cancel it when the job ends); a lease found
