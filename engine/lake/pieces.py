@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 
@@ -75,7 +75,7 @@ def late_name(inputs: list[InputFile]) -> str:
 def read_piece(path: Path) -> Piece:
     """The piece's metadata (its footer only), and for a main file its parts; OSError or ValueError
     (pyarrow's ArrowInvalid) when the file cannot be read."""
-    meta = _footer(path)
+    meta = footer(path)
     inputs = meta.get(INPUTS_KEY)
     records = meta.get(RECORDS_KEY)
     parts: list[Path] | None = [path]
@@ -90,10 +90,17 @@ def read_piece(path: Path) -> Piece:
     )
 
 
-def _footer(path: Path) -> dict[bytes, bytes]:
+def footer(source: Path | BinaryIO) -> dict[bytes, bytes]:
+    """A Parquet file's key-value metadata, from its path or an open file (an S3 object)."""
     import pyarrow.parquet as pq
 
-    return dict(pq.read_metadata(path).metadata or {})
+    return dict(pq.read_metadata(source).metadata or {})
+
+
+def input_names(meta: dict[bytes, bytes]) -> set[str]:
+    """The raw files a piece was made from (its ``INPUTS_KEY``), by name; empty when the footer does not say."""
+    inputs = meta.get(INPUTS_KEY)
+    return {i.file for i in msgspec.json.decode(inputs, type=list[InputFile])} if inputs else set()
 
 
 def part_paths(folder: Path) -> list[Path]:
@@ -109,7 +116,7 @@ def _parts(first: Path, parts: Parts) -> list[Path] | None:
     if [p.name for p in paths] != [f"{PART_PREFIX}{k}.parquet" for k in range(parts.count)]:
         return None
     for path in paths[1:]:
-        other = _footer(path).get(PARTS_KEY)
+        other = footer(path).get(PARTS_KEY)
         if other is None or msgspec.json.decode(other, type=Parts) != parts:
             return None
     return paths

@@ -22,6 +22,7 @@ uses) registered as DuckDB's ``s3://`` file system. Which one is said on stderr.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 from engine.errors import ConfigError
 from engine.lake.compact import PARQUET_DIR
 from engine.lake.daily import DAILY_DIR
-from engine.lake.pieces import INPUTS_KEY, LATE_PREFIX, MAIN_NAME
+from engine.lake.pieces import LATE_PREFIX, MAIN_NAME, footer, input_names
 from engine.schema import SIGNALS
 from engine.storage.url import StorageURL, s3_endpoint, s3_region
 
@@ -69,8 +70,8 @@ class _Local:
     def glob(self, pattern: str) -> list[str]:
         return sorted(str(p) for p in self.root.glob(pattern))
 
-    def footer(self, path: str) -> dict[bytes, bytes] | None:
-        return _footer(path)
+    def footer(self, path: str) -> dict[bytes, bytes]:
+        return footer(Path(path))
 
 
 class _S3:
@@ -93,32 +94,22 @@ class _S3:
             return []
         return sorted(f"s3://{key}" for key in self.fs.glob(self.path(pattern)[len("s3://") :]))
 
-    def footer(self, path: str) -> dict[bytes, bytes] | None:
+    def footer(self, path: str) -> dict[bytes, bytes]:
         with self.fs.open(path[len("s3://") :], "rb") as file:
-            return _footer(file)
-
-
-def _footer(source: Any) -> dict[bytes, bytes] | None:
-    """A Parquet file's key-value metadata; None when it cannot be read (a reader does not fail on it)."""
-    import pyarrow.parquet as pq
-
-    try:
-        return dict(pq.read_metadata(source).metadata or {})
-    except (OSError, ValueError):
-        return None
+            return footer(file)
 
 
 def _merged_late_files(lake: _Local | _S3, files: list[str]) -> set[str]:
     """The late files among ``files`` whose raw files their hour's main file was also made from: their rows are
     in the main file (a merge wrote it, then stopped before deleting them). Only the footers of hours with late
     files are read."""
-    import msgspec
 
-    from engine.aggregator.hours import InputFile
-
+    @functools.cache  # an hour's main file once, however many late files it has
     def inputs(path: str) -> set[str]:
-        raw = (lake.footer(path) or {}).get(INPUTS_KEY)
-        return {i.file for i in msgspec.json.decode(raw, type=list[InputFile])} if raw else set()
+        try:
+            return input_names(lake.footer(path))
+        except (OSError, ValueError):  # unreadable: left in the view, where DuckDB says what is wrong with it
+            return set()
 
     merged: set[str] = set()
     present = set(files)
