@@ -144,6 +144,16 @@ class Supervisor:
         self._started[index] = time.monotonic()
         return proc
 
+    def _repair(self) -> None:
+        """A worker died: cut its torn tail and remove its empty file now, not at the next worker's start,
+        which a stop during the restart's backoff may never come to."""
+        if self.settings.storage_url.is_s3:
+            return  # an S3 object is put whole or not at all
+        try:
+            repair_torn_tails(self.settings.data_dir / "raw")
+        except OSError as exc:  # the next worker's start tries again
+            log.warning("could not repair the raw files: %s", exc, extra={"stage": "storage"})
+
     def stop(self, *_: object) -> None:
         self._stopping = True
 
@@ -171,6 +181,7 @@ class Supervisor:
                         extra={"stage": "consumer", "pid": proc.pid, "exit_code": proc.exitcode},
                     )
                     restart_at[index] = now + delay
+                    self._repair()
                 elif now >= restart_at[index]:
                     del restart_at[index]
                     self._procs[index] = self._spawn(index)
@@ -209,6 +220,8 @@ class Supervisor:
                 )
                 proc.kill()
                 proc.join()
+        if any(proc.exitcode for proc in self._procs):
+            self._repair()
         # a slot waiting for its restart has had its crash logged already; the exit code is about the drain
         codes = [proc.exitcode for index, proc in enumerate(self._procs) if index not in self._restart_at]
         # A worker ended by our SIGTERM's default action was still starting: once it runs, its handler turns

@@ -100,13 +100,40 @@ def test_torn_tail_is_cut_and_live_files_are_left_alone(tmp_path):
     live_writer.close()
 
 
-def test_file_with_no_complete_line_is_emptied(tmp_path):
+def test_a_dead_writers_file_with_no_complete_line_is_removed(tmp_path):
     directory = hour_path(tmp_path / "raw", HOUR)
     directory.mkdir(parents=True)
-    path = directory / "batch-1-x.jsonl"
-    path.write_bytes(b"x" * 200_000)
-    assert repair_torn_tails(tmp_path / "raw") == [(path, 200_000)]
-    assert path.read_bytes() == b""
+    torn = directory / "batch-1-x.jsonl"
+    torn.write_bytes(b"x" * 200_000)  # killed in its first write
+    empty = directory / "batch-2-y.jsonl"
+    empty.touch()  # killed between the create and the first write
+    held = PartitionWriter(tmp_path, "live")._open(HOUR, [])  # a live writer's file, not yet written
+    assert repair_torn_tails(tmp_path / "raw") == [(torn, 200_000), (empty, 0)]
+    assert list(iter_raw_files(tmp_path / "raw")) == [held.path]
+    os.close(held.fd)
+
+
+def test_a_repair_that_removes_a_new_file_before_its_writer_locks_it_loses_nothing(tmp_path, monkeypatch):
+    """Another worker's start-up repair can take a new file between its create and its writer's lock, find
+    it empty and remove it; the writer must then write to a file on a path, not to the removed one."""
+    flock = fcntl.flock
+    raced: list[tuple] = []
+    repairing = []
+
+    def flock_after_a_repair(fd, operation):
+        if not repairing:  # the writer's lock of its new file: a repair gets there first
+            repairing.append(fd)
+            raced.extend(repair_torn_tails(tmp_path / "raw"))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_repair)
+    writer = PartitionWriter(tmp_path, "w")
+    path = writer.append(HOUR, lines(3))
+    writer.close()
+    assert [removed for removed, _ in raced] != [path]
+    assert len(raced) == 1 and not raced[0][0].exists()
+    assert path.read_bytes() == b"".join(lines(3))
+    assert list(iter_raw_files(tmp_path / "raw")) == [path]
 
 
 def test_writer_holds_an_exclusive_lock(tmp_path):

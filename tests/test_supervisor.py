@@ -20,6 +20,14 @@ def test_restart_backoff_doubles_while_crashing_and_starts_over_after_a_healthy_
     assert backoff.delay_s(ran_s=1.0) == 1.0
 
 
+def dead(pid: int) -> bool:
+    """Whether ``pid`` has died (a zombie waiting for its parent, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def sigterm_pending(pid: int) -> bool:
     """Whether a SIGTERM waits to be delivered to ``pid`` (the process-wide pending mask in /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -64,3 +72,27 @@ def test_a_worker_crashing_three_times_in_a_row_is_restarted_after_growing_delay
     assert delays == [0.5, 1.0, 2.0], consumers.output()
     assert all(waited >= delay for waited, delay in zip(waited_s, delays)), (waited_s, delays)
     assert "3 restarts" in consumers.output()
+
+
+def test_a_dead_workers_files_are_repaired_even_when_the_stop_comes_before_its_restart(start, env, data_dir):
+    """kill -9 leaves a torn tail or an empty file; the supervisor repairs them when it reaps the dead
+    worker, not only at the next worker's start, which a stop during the restart's backoff never comes to."""
+    consumers = start(["consume", "--workers", "1"], env)
+    wait_for(lambda: len(children(consumers.pid)) == 1, 30, "a consumer process spawned")
+    wait_for((data_dir / "metrics").is_dir, 30, "the worker past its own start-up repair")
+    hour = data_dir / "raw/year=2026/month=01/day=02/hour=03"
+    hour.mkdir(parents=True)
+    torn, empty = hour / "batch-1-dead.jsonl", hour / "batch-2-dead.jsonl"
+    torn.write_bytes(b'{"whole":1}\n{"to')  # as a killed writer leaves them
+    empty.touch()
+    (worker,) = children(consumers.pid)
+    consumers.popen.send_signal(signal.SIGSTOP)  # so that the stop surely comes before the restart
+    try:
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: dead(worker), 10, "the worker dead")
+        consumers.popen.send_signal(signal.SIGTERM)
+    finally:
+        consumers.popen.send_signal(signal.SIGCONT)
+    assert consumers.stop() == 0, consumers.output()
+    assert "1 restarts pending" in consumers.output()  # no worker started after the kill
+    assert torn.read_bytes() == b'{"whole":1}\n' and not empty.exists(), consumers.output()

@@ -4,8 +4,9 @@ and read back (the hours, an hour's files, complete lines).
 Layout (``engine.storage.layout``): ``raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<writer>.jsonl``.
 One writer per file (the writer id is unique per process and the file is created with O_EXCL and held
 under flock), a file is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a
-torn tail left by a crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up. Storage
-knows nothing of the queue.
+torn tail left by a crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up, and
+removes a file left with no complete line (a writer killed between its file's create and first write).
+Storage knows nothing of the queue.
 
 A failed append leaves nothing behind: a file created by the attempt is removed (and folders it created,
 if empty); an older file is cut back to its last good size and closed. A file whose write or fsync failed
@@ -127,11 +128,23 @@ class PartitionWriter:
             path = directory / f"batch-{stamp}-{self.writer_id}.jsonl"
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
-                break
             except FileExistsError:
                 stamp += 1  # two rotations within one millisecond
+                continue
+            try:
+                # Blocking: between the create and this lock, another worker's start-up repair may hold
+                # the new (empty) file for a moment, and remove it as a dead writer's empty file.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink:
+                    break
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            os.close(fd)  # removed under us: what went into it would be on no path; take a new name
+            stamp += 1
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _fsync_dir(directory)
         except OSError:
             os.close(fd)
@@ -241,7 +254,9 @@ def complete_end(data: bytes | mmap.mmap, start: int = 0, stop: int | None = Non
 
 
 def repair_torn_tails(raw_dir: Path) -> list[tuple[Path, int]]:
-    """Cut the incomplete last line of every file no live writer holds; return (path, bytes cut)."""
+    """Cut the incomplete last line of every file no live writer holds, and remove a file that holds no
+    complete line (a writer killed between creating its file and its first write leaves it empty); return
+    (path, bytes cut) of each file cut or removed."""
     repaired = []
     for path in iter_raw_files(raw_dir):
         try:
@@ -255,10 +270,17 @@ def repair_torn_tails(raw_dir: Path) -> list[tuple[Path, int]]:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     continue  # a live writer owns it
                 raise
-            size = os.fstat(fd).st_size
-            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-                continue
+            stat = os.fstat(fd)
+            size = stat.st_size
+            if not stat.st_nlink or (size and os.pread(fd, 1, size - 1) == b"\n"):
+                continue  # removed by another worker's repair while we waited, or whole
             keep = _last_newline_end(fd, size)
+            if keep == 0:  # nothing to keep: no empty file is left behind
+                os.unlink(path)
+                _fsync_dir(path.parent)
+                repaired.append((path, size))
+                log.warning("removed %s: no complete line (%d bytes cut)", path, size, extra={"stage": "storage"})
+                continue
             os.ftruncate(fd, keep)
             os.fsync(fd)
             repaired.append((path, size - keep))
