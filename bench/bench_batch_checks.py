@@ -63,8 +63,14 @@ def test_check_records_twin(benchmark, data):
 
 
 def test_guard_batch_checks(data):
-    """CI guard: the compiled checks >= 3x their twin (measured 4-5.5x; 1x if the kernel is lost)."""
-    twin_s, c_s, speedup = ratio(lambda: run(_jsonl_py.check_records, data), lambda: run(jsonl.check_records, data))
+    """CI guard: the compiled checks >= 3x their twin (measured 4-5.5x; 1x if the kernel is lost).
+
+    Best of 15 interleaved pairs: one compiled pass is only 3 ms, and a CI run once read 2.4x from five
+    (the compiled side at 383 ns a record against 133-154 here, alone or beside a 3M-object heap).
+    """
+    twin_s, c_s, speedup = ratio(
+        lambda: run(_jsonl_py.check_records, data), lambda: run(jsonl.check_records, data), repeats=15
+    )
     per = BATCHES * RECORDS
     print(f"batch checks: compiled {c_s / per * 1e9:.0f} ns a record, twin {twin_s / per * 1e9:.0f} ns; {speedup:.1f}x")
     assert speedup >= 3, f"compiled check_records only {speedup:.1f}x its twin (guard 3x): is ext/jsonl compiled?"
