@@ -132,8 +132,8 @@ class PartitionWriter:
                 stamp += 1  # two rotations within one millisecond
                 continue
             try:
-                # Blocking: between the create and this lock, another worker's start-up repair may hold
-                # the new (empty) file for a moment, and remove it as a dead writer's empty file.
+                # Blocking: between the create and this lock, a repair (another worker's start-up, or the
+                # supervisor's after a death) may hold the new, empty file for a moment and remove it.
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.fstat(fd).st_nlink:
                     break
