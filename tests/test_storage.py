@@ -100,16 +100,47 @@ def test_torn_tail_is_cut_and_live_files_are_left_alone(tmp_path):
     live_writer.close()
 
 
-def test_a_dead_writers_file_with_no_complete_line_is_removed(tmp_path):
+def test_file_with_no_complete_line_is_emptied(tmp_path):
     directory = hour_path(tmp_path / "raw", HOUR)
     directory.mkdir(parents=True)
-    torn = directory / "batch-1-x.jsonl"
-    torn.write_bytes(b"x" * 200_000)  # killed in its first write
-    empty = directory / "batch-2-y.jsonl"
+    path = directory / "batch-1-x.jsonl"
+    path.write_bytes(b"x" * 200_000)
+    assert repair_torn_tails(tmp_path / "raw") == [(path, 200_000)]
+    assert path.read_bytes() == b""
+
+
+def test_a_new_file_shows_only_once_its_first_batch_is_fsynced(tmp_path, monkeypatch):
+    """Killed between its file's create and its first batch's fsync, a writer leaves no raw file (no empty
+    one, none with a batch whose messages are still in the queue), only a partial file the repair removes."""
+    writer = PartitionWriter(tmp_path, "w")
+    fsynced = []
+
+    def fsync_and_look(fd):
+        os.fdatasync(fd)
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):  # the first batch's fsync, not a folder's
+            fsynced.append(list(iter_raw_files(tmp_path / "raw")))
+
+    monkeypatch.setattr(os, "fsync", fsync_and_look)
+    path = writer.append(HOUR, lines(2))
+    monkeypatch.undo()
+    assert fsynced[0] == []  # at the first batch's fsync, nothing to list yet
+    assert list(iter_raw_files(tmp_path / "raw")) == [path] and path.read_bytes() == b"".join(lines(2))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
+    writer.append(HOUR, lines(1, 2))  # later batches go to the named file
+    writer.close()
+    assert path.read_bytes() == b"".join(lines(3))
+
+
+def test_a_dead_writers_partial_file_is_removed_and_a_live_ones_kept(tmp_path):
+    directory = hour_path(tmp_path / "raw", HOUR)
+    directory.mkdir(parents=True)
+    empty, torn = directory / "batch-1-x.partial", directory / "batch-2-y.partial"
     empty.touch()  # killed between the create and the first write
-    held = PartitionWriter(tmp_path, "live")._open(HOUR, [])  # a live writer's file, not yet written
-    assert repair_torn_tails(tmp_path / "raw") == [(torn, 200_000), (empty, 0)]
-    assert list(iter_raw_files(tmp_path / "raw")) == [held.path]
+    unacknowledged = b'{"i":0}\n{"i":1,"pa'  # killed before the first batch's fsync: not deleted from the queue
+    torn.write_bytes(unacknowledged)
+    held = PartitionWriter(tmp_path, "live")._open(HOUR, [])  # a live writer's new file, not yet written
+    assert repair_torn_tails(tmp_path / "raw") == [(empty, 0), (torn, len(unacknowledged))]
+    assert list(directory.iterdir()) == [held.partial]
     os.close(held.fd)
 
 
@@ -130,10 +161,10 @@ def test_a_repair_that_removes_a_new_file_before_its_writer_locks_it_loses_nothi
     writer = PartitionWriter(tmp_path, "w")
     path = writer.append(HOUR, lines(3))
     writer.close()
-    assert [removed for removed, _ in raced] != [path]
-    assert len(raced) == 1 and not raced[0][0].exists()
+    assert len(raced) == 1 and raced[0][0].suffix == ".partial" and not raced[0][0].exists()
     assert path.read_bytes() == b"".join(lines(3))
     assert list(iter_raw_files(tmp_path / "raw")) == [path]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_writer_holds_an_exclusive_lock(tmp_path):
@@ -211,7 +242,7 @@ def test_failed_fsync_of_a_new_file_leaves_no_file(tmp_path, monkeypatch):
     real = os.fsync
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):  # data files fail, folders do not
+        if os.readlink(f"/proc/self/fd/{fd}").endswith((".jsonl", ".partial")):  # data files fail, folders do not
             raise OSError(5, "Input/output error")
         real(fd)
 
@@ -263,6 +294,7 @@ def test_disk_full_leaves_no_empty_files_and_whole_batches_only(tiny_tmpfs):
     files = list(iter_raw_files(tiny_tmpfs / "raw"))
     assert failed and written
     assert all(f.stat().st_size > 0 for f in files), "an empty file was left behind"
+    assert not list((tiny_tmpfs / "raw").glob("*/*/*/*/*.partial")), "a partial file was left behind"
     assert sum(f.read_bytes().count(b"\n") for f in files) == written
     assert all(f.read_bytes().endswith(b"\n") for f in files)
 

@@ -75,16 +75,16 @@ def test_a_worker_crashing_three_times_in_a_row_is_restarted_after_growing_delay
 
 
 def test_a_dead_workers_files_are_repaired_even_when_the_stop_comes_before_its_restart(start, env, data_dir):
-    """kill -9 leaves a torn tail or an empty file; the supervisor repairs them when it reaps the dead
+    """kill -9 leaves a torn tail or a partial file; the supervisor repairs them when it reaps the dead
     worker, not only at the next worker's start, which a stop during the restart's backoff never comes to."""
     consumers = start(["consume", "--workers", "1"], env)
     wait_for(lambda: len(children(consumers.pid)) == 1, 30, "a consumer process spawned")
     wait_for((data_dir / "metrics").is_dir, 30, "the worker past its own start-up repair")
     hour = data_dir / "raw/year=2026/month=01/day=02/hour=03"
     hour.mkdir(parents=True)
-    torn, empty = hour / "batch-1-dead.jsonl", hour / "batch-2-dead.jsonl"
+    torn, partial = hour / "batch-1-dead.jsonl", hour / "batch-2-dead.partial"
     torn.write_bytes(b'{"whole":1}\n{"to')  # as a killed writer leaves them
-    empty.touch()
+    partial.touch()
     (worker,) = children(consumers.pid)
     consumers.popen.send_signal(signal.SIGSTOP)  # so that the stop surely comes before the restart
     try:
@@ -95,4 +95,4 @@ def test_a_dead_workers_files_are_repaired_even_when_the_stop_comes_before_its_r
         consumers.popen.send_signal(signal.SIGCONT)
     assert consumers.stop() == 0, consumers.output()
     assert "1 restarts pending" in consumers.output()  # no worker started after the kill
-    assert torn.read_bytes() == b'{"whole":1}\n' and not empty.exists(), consumers.output()
+    assert torn.read_bytes() == b'{"whole":1}\n' and not partial.exists(), consumers.output()

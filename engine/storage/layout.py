@@ -14,6 +14,9 @@ from typing import NamedTuple
 from engine.schema import UTC
 
 RAW_FILE_GLOB = "*.jsonl"  # in an hour folder: what a writer creates (batch-<unix_ms>-<writer>.jsonl)
+# a new file until its first batch is fsynced (then renamed to .jsonl); no reader lists it, not even *.jsonl*
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_FILE_GLOB = "*" + PARTIAL_SUFFIX
 HOUR_FOLDER_GLOB = "year=*/month=*/day=*/hour=*"
 
 

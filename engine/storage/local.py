@@ -4,8 +4,10 @@ and read back (the hours, an hour's files, complete lines).
 Layout (``engine.storage.layout``): ``raw/year=YYYY/month=MM/day=DD/hour=HH/batch-<unix_ms>-<writer>.jsonl``.
 One writer per file (the writer id is unique per process and the file is created with O_EXCL and held
 under flock), a file is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a
-torn tail left by a crash is never glued onto; ``repair_torn_tails`` cuts such tails at start-up, and
-removes a file left with no complete line (a writer killed between its file's create and first write).
+torn tail left by a crash is never glued onto. A new file is written as ``batch-...partial`` and takes its
+``.jsonl`` name (``rename``, folder fsynced) only once its first batch is fsynced: a raw file never shows
+empty, and readers never list a first batch that was not acknowledged. ``repair_torn_tails`` (at a worker's
+start-up, and in the supervisor when a worker dies) removes a dead writer's partial file and cuts torn tails.
 Storage knows nothing of the queue.
 
 A failed append leaves nothing behind: a file created by the attempt is removed (and folders it created,
@@ -29,7 +31,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from engine.errors import StorageError
-from engine.storage.layout import HOUR_FOLDER_GLOB, RAW_FILE_GLOB, Hour, hour_of_folder, hour_path
+from engine.storage.layout import (
+    HOUR_FOLDER_GLOB,
+    PARTIAL_FILE_GLOB,
+    PARTIAL_SUFFIX,
+    RAW_FILE_GLOB,
+    Hour,
+    hour_of_folder,
+    hour_path,
+)
 
 log = logging.getLogger("canpipe.storage")
 
@@ -100,10 +110,12 @@ def _writev_all(fd: int, buffers: Sequence[Buffer]) -> int:
 
 
 class _OpenFile:
-    __slots__ = ("fd", "path", "size")
+    """``path`` is the file's name once its first batch is in; until then it is written as ``partial``."""
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self.fd, self.path, self.size = fd, path, 0
+    __slots__ = ("fd", "path", "partial", "size")
+
+    def __init__(self, fd: int, path: Path, partial: Path | None) -> None:
+        self.fd, self.path, self.partial, self.size = fd, path, partial, 0
 
 
 class PartitionWriter:
@@ -126,34 +138,32 @@ class PartitionWriter:
         stamp = time.time_ns() // 1_000_000
         while True:
             path = directory / f"batch-{stamp}-{self.writer_id}.jsonl"
+            partial = path.with_suffix(PARTIAL_SUFFIX)
+            if path.exists():  # two rotations within one millisecond (the writer id is this process's own)
+                stamp += 1
+                continue
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
             except FileExistsError:
-                stamp += 1  # two rotations within one millisecond
+                stamp += 1
                 continue
             try:
                 # Blocking: between the create and this lock, a repair (another worker's start-up, or the
-                # supervisor's after a death) may hold the new, empty file for a moment and remove it.
+                # supervisor's after a death) may hold the new file for a moment and remove it as a dead
+                # writer's partial file.
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.fstat(fd).st_nlink:
                     break
             except OSError:
                 os.close(fd)
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
+                    os.unlink(partial)
                 raise
             os.close(fd)  # removed under us: what went into it would be on no path; take a new name
             stamp += 1
-        try:
-            _fsync_dir(directory)
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
         if len(self._files) >= MAX_OPEN_HOURS:
             self._close_hour(min(self._files))
-        handle = self._files[hour] = _OpenFile(fd, path)
+        handle = self._files[hour] = _OpenFile(fd, path, partial)
         return handle
 
     def _close_hour(self, hour: Hour) -> None:
@@ -179,6 +189,10 @@ class PartitionWriter:
             _writev_all(handle.fd, buffers)
             fault_point("after_writev")
             _fsync_data(handle.fd)
+            if handle.partial is not None:  # the first batch is in: the file takes its name, durably
+                os.rename(handle.partial, handle.path)
+                handle.partial = None
+                _fsync_dir(handle.path.parent)
         except OSError as exc:
             self._discard(hour, handle, new, created_dirs)
             raise StorageError(f"append to {hour_path(self.raw_dir, hour)} failed: {exc}") from exc
@@ -192,7 +206,7 @@ class PartitionWriter:
             try:
                 if new:
                     try:
-                        os.unlink(handle.path)
+                        os.unlink(handle.partial or handle.path)
                     except OSError:
                         os.ftruncate(handle.fd, 0)  # cannot remove it: an empty file at least holds no partial batch
                     else:
@@ -253,40 +267,55 @@ def complete_end(data: bytes | mmap.mmap, start: int = 0, stop: int | None = Non
     return start if cut < 0 else cut + 1
 
 
+@contextlib.contextmanager
+def _unheld(path: Path) -> Iterator[int | None]:
+    """``path`` opened and locked when no live writer holds it (None when one does, or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                yield None  # a live writer owns it
+                return
+            raise
+        yield fd if os.fstat(fd).st_nlink else None  # or another repair removed it while we opened it
+    finally:
+        os.close(fd)
+
+
 def repair_torn_tails(raw_dir: Path) -> list[tuple[Path, int]]:
-    """Cut the incomplete last line of every file no live writer holds, and remove a file that holds no
-    complete line (a writer killed between creating its file and its first write leaves it empty); return
-    (path, bytes cut) of each file cut or removed."""
+    """Repair what dead writers left, leaving alone every file a live writer holds (under flock): remove each
+    partial file (a first batch that was never named, so never acknowledged: its messages are still in the
+    queue), and cut the incomplete last line of every raw file. Return (path, bytes removed or cut)."""
     repaired = []
-    for path in iter_raw_files(raw_dir):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    continue  # a live writer owns it
-                raise
-            stat = os.fstat(fd)
-            size = stat.st_size
-            if not stat.st_nlink or (size and os.pread(fd, 1, size - 1) == b"\n"):
-                continue  # removed by another worker's repair while we waited, or whole
-            keep = _last_newline_end(fd, size)
-            if keep == 0:  # nothing to keep: no empty file is left behind
-                os.unlink(path)
-                _fsync_dir(path.parent)
-                repaired.append((path, size))
-                log.warning("removed %s: no complete line (%d bytes cut)", path, size, extra={"stage": "storage"})
+    for path in sorted(Path(raw_dir).glob(f"{HOUR_FOLDER_GLOB}/{PARTIAL_FILE_GLOB}")):
+        with _unheld(path) as fd:
+            if fd is None:
                 continue
+            size = os.fstat(fd).st_size
+            os.unlink(path)
+            _fsync_dir(path.parent)
+            repaired.append((path, size))
+            log.warning(
+                "removed %s, a dead writer's unnamed first batch (%d bytes)", path, size, extra={"stage": "storage"}
+            )
+    for path in iter_raw_files(raw_dir):
+        with _unheld(path) as fd:
+            if fd is None:
+                continue
+            size = os.fstat(fd).st_size
+            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+                continue
+            keep = _last_newline_end(fd, size)
             os.ftruncate(fd, keep)
             os.fsync(fd)
             repaired.append((path, size - keep))
             log.warning("repaired torn tail of %s: cut %d bytes", path, size - keep, extra={"stage": "storage"})
-        finally:
-            os.close(fd)
     return repaired
 
 
