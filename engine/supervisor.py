@@ -61,8 +61,7 @@ async def _consume(settings: Settings) -> Consumer:
 
         writer = S3Writer(settings.storage_url, compression=settings.raw_compression)
         await writer.store.check()  # a missing bucket or no credentials: said now, not at the first put
-    else:
-        repair_torn_tails(settings.data_dir / "raw")
+    else:  # what a dead writer left is repaired by the supervisor, before any worker starts and at each death
         writer = PartitionWriter(settings.data_dir, wid, rotate_bytes=settings.rotate_bytes)
     metrics_dir = settings.data_dir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +144,9 @@ class Supervisor:
         return proc
 
     def _repair(self) -> None:
-        """A worker died: cut its torn tail and remove its empty file now, not at the next worker's start,
-        which a stop during the restart's backoff may never come to."""
+        """Cut the torn tails and remove the partial files dead writers left: once before any worker starts
+        (a crash of a previous supervisor, or of the host), and as soon as a worker dies, not at its
+        replacement's start, which a stop during the restart's backoff may never come to."""
         if self.settings.storage_url.is_s3:
             return  # an S3 object is put whole or not at all
         try:
@@ -160,6 +160,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        self._repair()
         self._procs = [self._spawn(index) for index in range(self.workers)]
         backoff = [RestartBackoff(self.healthy_s) for _ in range(self.workers)]
         restart_at = self._restart_at  # slot -> when its dead worker is replaced (the others go on)

@@ -79,7 +79,7 @@ def test_a_dead_workers_files_are_repaired_even_when_the_stop_comes_before_its_r
     worker, not only at the next worker's start, which a stop during the restart's backoff never comes to."""
     consumers = start(["consume", "--workers", "1"], env)
     wait_for(lambda: len(children(consumers.pid)) == 1, 30, "a consumer process spawned")
-    wait_for((data_dir / "metrics").is_dir, 30, "the worker past its own start-up repair")
+    wait_for((data_dir / "metrics").is_dir, 30, "a worker started, so past the supervisor's start-up repair")
     hour = data_dir / "raw/year=2026/month=01/day=02/hour=03"
     hour.mkdir(parents=True)
     torn, partial = hour / "batch-1-dead.jsonl", hour / "batch-2-dead.partial"
@@ -96,3 +96,16 @@ def test_a_dead_workers_files_are_repaired_even_when_the_stop_comes_before_its_r
     assert consumers.stop() == 0, consumers.output()
     assert "1 restarts pending" in consumers.output()  # no worker started after the kill
     assert torn.read_bytes() == b'{"whole":1}\n' and not partial.exists(), consumers.output()
+
+
+def test_what_a_crashed_supervisor_left_is_repaired_before_any_worker_starts(start, env, data_dir):
+    hour = data_dir / "raw/year=2026/month=01/day=02/hour=03"
+    hour.mkdir(parents=True)
+    torn, partial = hour / "batch-1-dead.jsonl", hour / "batch-2-dead.partial"
+    torn.write_bytes(b'{"whole":1}\n{"to')  # the host or the whole consume tree killed mid-write
+    partial.write_bytes(b'{"never":"acknowledged"}\n')
+    consumers = start(["consume", "--workers", "1"], env)
+    wait_for(lambda: len(children(consumers.pid)) == 1, 30, "a consumer process spawned")
+    assert torn.read_bytes() == b'{"whole":1}\n' and not partial.exists(), consumers.output()
+    assert consumers.stop() == 0, consumers.output()
+    assert "repaired torn tail" in consumers.output() and "unnamed first batch" in consumers.output()

@@ -7,7 +7,7 @@
 - reading: ``raw_hours`` (the hours holding raw files), ``raw_files`` (an hour's files, by name),
   ``iter_raw_files`` (all of them) and ``read_complete_lines`` (a file's bytes up to its last newline, so
   a torn tail is never read as a record; ``complete_end`` cuts a mapped file's chunks the same way);
-- recovery: ``repair_torn_tails`` at a writer's start-up.
+- recovery: ``repair_torn_tails``, run by the consumers' supervisor before its workers start and when one dies.
 
 ``local`` is the filesystem backend (the only one today; an S3 backend will sit beside it). Storage knows
 nothing of delivery: not the queue, not the consumer, not the receiver.

@@ -6,8 +6,8 @@ One writer per file (the writer id is unique per process and the file is created
 under flock), a file is rotated at ``rotate_bytes``, and a new writer never appends to an old file, so a
 torn tail left by a crash is never glued onto. A new file is written as ``batch-...partial`` and takes its
 ``.jsonl`` name (``rename``, folder fsynced) only once its first batch is fsynced: a raw file never shows
-empty, and readers never list a first batch that was not acknowledged. ``repair_torn_tails`` (at a worker's
-start-up, and in the supervisor when a worker dies) removes a dead writer's partial file and cuts torn tails.
+empty, and readers never list a first batch that was not acknowledged. ``repair_torn_tails`` (run by the
+supervisor before its workers start and when one dies) removes a dead writer's partial file and cuts torn tails.
 Storage knows nothing of the queue.
 
 A failed append leaves nothing behind: a file created by the attempt is removed (and folders it created,
