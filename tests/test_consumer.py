@@ -107,8 +107,9 @@ def test_count_trigger_flushes_without_waiting_for_the_timer(harness, data_dir):
     h.send(stored(60, now), stored(60, now, 60))
     took = h.run_until(lambda: len(on_disk(data_dir)) == 120)
     assert took < 10
-    # the consumer counts a batch after its delete returns: wait for the count, not for the queue to empty
-    h.run_until(lambda: h.consumer.metrics.counters["canpipe_consumer_records_written_total"] == 120)
+    # the written records are counted before the deletes, the deleted messages after them: wait for those
+    h.run_until(lambda: h.consumer.metrics.counters["canpipe_consumer_messages_deleted_total"] == 2)
+    assert h.consumer.metrics.counters["canpipe_consumer_records_written_total"] == 120
     assert h.stats() == (0, 0, 0)
 
 
@@ -117,7 +118,8 @@ def test_timer_trigger_fires_with_no_new_arrivals(harness, data_dir):
     h.send(stored(5, dt.datetime.now(UTC)))
     took = h.run_until(lambda: len(on_disk(data_dir)) == 5)
     assert 0.7 <= took < 5  # held for the timer, then written though nothing else arrived
-    h.run_until(lambda: h.consumer.metrics.counters["canpipe_consumer_records_written_total"] == 5)
+    h.run_until(lambda: h.consumer.metrics.counters["canpipe_consumer_messages_deleted_total"] == 1)
+    assert h.consumer.metrics.counters["canpipe_consumer_records_written_total"] == 5
     assert h.stats() == (0, 0, 0)
     summary = h.consumer.metrics.summary("end_to_end")
     assert summary["count"] == 5 and summary["p50"] >= 700
